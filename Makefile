@@ -1,0 +1,40 @@
+# oxford-ir: every target that runs code depends on the virtual environment.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the package with the dev extras
+
+test: $(STAMP) ## run the fast test suite (CPU, a few minutes)
+	$(PY) -m pytest
+
+test-full: $(STAMP) ## run every test, the slow ones too
+	$(PY) -m pytest -m ""
+
+lint: $(STAMP) ## ruff check and format check
+	$(VENV)/bin/ruff check oxford_ir tests experiments
+	$(VENV)/bin/ruff format --check oxford_ir tests experiments
+
+data: $(STAMP) ## write the synthetic benchmark to data/synthetic
+	$(VENV)/bin/oxford-ir-data synthetic --root data/synthetic
+
+eval: $(STAMP) ## evaluate a model (default: pretrained-free raw pixels on the synthetic benchmark); ARGS="..." for overrides
+	$(VENV)/bin/oxford-ir-eval $(ARGS)
+
+clean: ## remove run outputs and caches (keeps .venv and data/)
+	rm -rf outputs multirun logs wandb .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+.PHONY: help install test test-full lint data eval clean

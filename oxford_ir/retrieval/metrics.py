@@ -1,0 +1,139 @@
+"""The Oxford / Paris evaluation protocol, reimplemented exactly.
+
+Same inputs and outputs as ``compute_map`` of the public Revisited Oxford/Paris
+evaluation code (Radenovic et al., CVPR 2018): ``ranks`` is an (n_db, n_queries)
+integer array whose column ``q`` lists database indices best first; each ground
+truth entry holds ``ok`` (positives) and optionally ``junk`` index lists.
+
+- junk images are removed from the ranking before AP is computed (positions of
+  positives are shifted down by the number of junk images ranked above them);
+- AP integrates precision over recall with the trapezoid rule of that code;
+- P@k caps k at the position of the last positive, as that code does;
+- queries without positives get NaN and are left out of the means.
+
+The loops of the reference are vectorised per query; ``tests/retrieval`` checks
+the result against a literal copy of the published code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+DEFAULT_KAPPAS: tuple[int, ...] = (1, 5, 10)
+
+#: Revisited Oxford/Paris protocols: which ground-truth lists are positive and which are ignored.
+REVISITED_PROTOCOLS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "E": (("easy",), ("junk", "hard")),
+    "M": (("easy", "hard"), ("junk",)),
+    "H": (("hard",), ("junk", "easy")),
+}
+
+
+def compute_ap(positions: np.ndarray, n_positives: int) -> float:
+    """AP of one query from the 0-based, junk-shifted, sorted positions of its retrieved positives.
+
+    Trapezoid rule of the published code: at the j-th positive (rank r) precision
+    goes from j / r (1 when r == 0) to (j + 1) / (r + 1), and recall rises by
+    1 / n_positives. Positives that never appear in ``positions`` contribute 0.
+    """
+    positions = np.asarray(positions, dtype=np.float64)
+    if n_positives <= 0:
+        raise ValueError("compute_ap needs at least one positive")
+    j = np.arange(len(positions), dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision_0 = np.where(positions == 0, 1.0, j / np.where(positions == 0, 1.0, positions))
+    precision_1 = (j + 1.0) / (positions + 1.0)
+    return float(np.sum((precision_0 + precision_1) / 2.0) / n_positives)
+
+
+def _positions(column: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Sorted 0-based positions in ``column`` of the database indices in ``indices``."""
+    return np.flatnonzero(np.isin(column, indices))
+
+
+def compute_map(
+    ranks: np.ndarray,
+    gnd: Sequence[Mapping[str, Sequence[int]]],
+    kappas: Sequence[int] = DEFAULT_KAPPAS,
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean average precision and mean precision at k, as the published ``compute_map``.
+
+    Returns ``(mAP, aps, mpr, prs)``: the mean AP over queries that have positives,
+    per-query AP (NaN where a query has none), mean P@k for each k in ``kappas``
+    and per-query P@k (n_queries x len(kappas)). All values lie in [0, 1].
+    """
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2:
+        raise ValueError(f"ranks must be (n_db, n_queries), got shape {ranks.shape}")
+    n_queries = len(gnd)
+    if ranks.shape[1] != n_queries:
+        raise ValueError(
+            f"ranks has {ranks.shape[1]} query columns but the ground truth has {n_queries} queries; "
+            "pass ranks of shape (n_db, n_queries)"
+        )
+    kappas = [int(k) for k in kappas]
+    aps = np.full(n_queries, np.nan)
+    prs = np.full((n_queries, len(kappas)), np.nan)
+    for q, entry in enumerate(gnd):
+        positives = np.unique(np.asarray(entry["ok"], dtype=np.int64))
+        if positives.size == 0:
+            continue
+        junk = np.unique(np.asarray(entry.get("junk", ()), dtype=np.int64))
+        column = ranks[:, q]
+        pos = _positions(column, positives)
+        junk_pos = _positions(column, junk)
+        # shift each positive up by the number of junk images ranked before it
+        pos = pos - np.searchsorted(junk_pos, pos)
+        aps[q] = compute_ap(pos, positives.size)
+        pos_1 = pos + 1
+        for i, k in enumerate(kappas):
+            kq = min(int(pos_1.max()), k) if pos_1.size else k
+            prs[q, i] = np.count_nonzero(pos_1 <= kq) / kq
+    valid = ~np.isnan(aps)
+    if not valid.any():
+        return float("nan"), aps, np.full(len(kappas), np.nan), prs
+    return float(aps[valid].mean()), aps, prs[valid].mean(axis=0), prs
+
+
+def revisited_gnd(gnd: Sequence[Mapping[str, Sequence[int]]], protocol: str) -> list[dict[str, np.ndarray]]:
+    """Map Revisited ground truth (``easy``/``hard``/``junk``) to ``ok``/``junk`` for protocol E, M or H."""
+    try:
+        positive_keys, ignored_keys = REVISITED_PROTOCOLS[protocol]
+    except KeyError:
+        raise ValueError(f"unknown revisited protocol {protocol!r}; use one of E, M, H") from None
+
+    def gather(entry: Mapping[str, Sequence[int]], keys: tuple[str, ...]) -> np.ndarray:
+        return np.concatenate([np.asarray(entry.get(key, ()), dtype=np.int64) for key in keys])
+
+    return [{"ok": gather(entry, positive_keys), "junk": gather(entry, ignored_keys)} for entry in gnd]
+
+
+def evaluate_ranks(
+    ranks: np.ndarray,
+    gnd: Sequence[Mapping[str, Sequence[int]]],
+    protocol: str,
+    kappas: Sequence[int] = DEFAULT_KAPPAS,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Evaluate a ranking under the ``original`` or ``revisited`` protocol.
+
+    Returns a flat dict of metrics (``mAP``, ``mP@k`` for the original protocol;
+    ``E/mAP``, ``M/mAP``, ``H/mAP``, ``E/mP@k``, ... for the revisited one) and
+    the per-query AP arrays under the same prefixes (``AP`` or ``E/AP``, ...).
+    """
+    if protocol == "original":
+        settings = {"": gnd}
+    elif protocol == "revisited":
+        settings = {f"{p}/": revisited_gnd(gnd, p) for p in REVISITED_PROTOCOLS}
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}; use 'original' or 'revisited'")
+    metrics: dict[str, float] = {}
+    per_query: dict[str, np.ndarray] = {}
+    for prefix, setting in settings.items():
+        m_ap, aps, mpr, _ = compute_map(ranks, setting, kappas)
+        metrics[f"{prefix}mAP"] = m_ap
+        for k, value in zip(kappas, mpr):
+            metrics[f"{prefix}mP@{k}"] = float(value)
+        per_query[f"{prefix}AP"] = aps
+    return metrics, per_query
