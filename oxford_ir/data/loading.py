@@ -1,0 +1,166 @@
+"""``load_benchmark``: a benchmark name and a data folder in, a validated :class:`Benchmark` out.
+
+Oxford5k and Revisited Oxford share one folder (``oxford5k/``), Paris6k and Revisited
+Paris another (``paris6k/``), the offline synthetic benchmark a third; the name picks
+the protocol and which ground truth to read. Missing images are an error unless the
+caller asks for the subset on disk, because a silently smaller benchmark gives numbers
+that look comparable with published ones and are not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+from oxford_ir.data.benchmark import Benchmark
+from oxford_ir.data.ground_truth import (
+    GT_JSON_NAME,
+    GT_TEXT_FOLDERS,
+    IMAGE_FOLDER,
+    GroundTruth,
+    read_ground_truth,
+)
+from oxford_ir.errors import ConfigError, DataError, GroundTruthError
+
+
+class BenchmarkSpec(NamedTuple):
+    """Where a benchmark lives and how it is evaluated."""
+
+    folder: str
+    protocol: str
+    pickle_stem: str
+
+
+#: benchmark name -> (dataset folder, protocol, stem of its gnd pickle)
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    "oxford5k": BenchmarkSpec("oxford5k", "original", "gnd_oxford5k"),
+    "roxford5k": BenchmarkSpec("oxford5k", "revisited", "gnd_roxford5k"),
+    "paris6k": BenchmarkSpec("paris6k", "original", "gnd_paris6k"),
+    "rparis6k": BenchmarkSpec("paris6k", "revisited", "gnd_rparis6k"),
+    "synthetic": BenchmarkSpec("synthetic", "original", "gnd_synthetic"),
+    "rsynthetic": BenchmarkSpec("synthetic", "revisited", "gnd_rsynthetic"),
+}
+
+_MISSING_NAMES_SHOWN = 5
+
+
+def available_benchmarks(root: str | Path | None = None) -> list[str]:
+    """Registered benchmark names; with ``root``, only those whose ground truth is found there."""
+    if root is None:
+        return list(BENCHMARKS)
+    found = []
+    for name in BENCHMARKS:
+        try:
+            find_ground_truth(name, dataset_dir(name, root))
+        except (DataError, GroundTruthError):
+            continue
+        found.append(name)
+    return found
+
+
+def benchmark_spec(name: str) -> BenchmarkSpec:
+    """The registry entry of ``name``; an unknown name raises :class:`ConfigError` listing the known ones."""
+    try:
+        return BENCHMARKS[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}") from None
+
+
+def dataset_dir(name: str, root: str | Path) -> Path:
+    """The dataset folder of ``name``: ``root/<folder>`` when it is a directory, else ``root`` itself."""
+    spec = benchmark_spec(name)
+    root = Path(root).expanduser()
+    nested = root / spec.folder
+    if nested.is_dir():
+        return nested
+    if root.is_dir():
+        return root
+    raise DataError(f"{name}: dataset folder not found: neither {nested} nor {root} exists. {_fix(name, nested)}")
+
+
+def find_ground_truth(name: str, folder: Path) -> Path:
+    """The ground truth of ``name`` in its dataset folder, in order of preference.
+
+    Original protocol: ``gnd_<name>.pkl``, else a gt text folder (``gt_files_170407/``,
+    ``gt_files/``), else ``groundtruth.json``. Revisited: ``gnd_r<name>.pkl`` only.
+    """
+    spec = benchmark_spec(name)
+    # (path, is a folder), in order of preference
+    candidates = [(folder / f"{spec.pickle_stem}.pkl", False)]
+    if spec.protocol == "original":
+        candidates += [(folder / sub, True) for sub in GT_TEXT_FOLDERS] + [(folder / GT_JSON_NAME, False)]
+    for path, is_folder in candidates:
+        if path.is_dir() if is_folder else path.is_file():
+            return path
+    looked_for = ", ".join(path.name + ("/" if is_folder else "") for path, is_folder in candidates)
+    raise GroundTruthError(
+        f"{name}: no ground truth in {folder}: looked for {looked_for}. {_fix(name, folder)}, "
+        "or pass gt_file=<path to a .pkl, .json or gt text folder>"
+    )
+
+
+def load_benchmark(
+    name: str,
+    root: str | Path,
+    allow_missing_images: bool = False,
+    gt_file: str | Path | None = None,
+) -> Benchmark:
+    """Load benchmark ``name`` (see :data:`BENCHMARKS`) from ``root``, validated.
+
+    ``root`` is the dataset folder itself or a data folder holding ``<folder>/``.
+    ``gt_file`` overrides the ground-truth discovery of :func:`find_ground_truth`; its
+    protocol must be the benchmark's. When database or query images are missing from
+    ``<folder>/jpg``, raises :class:`DataError`, or, with ``allow_missing_images``, returns
+    the benchmark restricted to the images present (warned, ``is_subset`` set).
+    """
+    spec = benchmark_spec(name)
+    folder = dataset_dir(name, root)
+    source = Path(gt_file).expanduser() if gt_file is not None else find_ground_truth(name, folder)
+    truth = read_ground_truth(source, dataset_dir=folder)
+    if truth.protocol != spec.protocol:
+        other = [n for n, s in BENCHMARKS.items() if s.folder == spec.folder and s.protocol == truth.protocol]
+        raise GroundTruthError(
+            f"{source}: holds {truth.protocol}-protocol ground truth, but {name} uses the {spec.protocol} protocol; "
+            + (f"load it as {other[0]!r} or " if other else "")
+            + f"give {name}'s own ground truth"
+        )
+    benchmark = _benchmark(name, folder, truth).validate()
+    missing = benchmark.missing_images()
+    if not missing:
+        return benchmark
+    if allow_missing_images:
+        return benchmark.restrict_to_available()
+    total = len(dict.fromkeys([*benchmark.imlist, *benchmark.qimlist]))
+    shown = ", ".join(p.name for p in missing[:_MISSING_NAMES_SHOWN])
+    more = ", ..." if len(missing) > _MISSING_NAMES_SHOWN else ""
+    raise DataError(
+        f"{name}: {len(missing)} of {total} database and query images are missing from {benchmark.image_dir} "
+        f"({shown}{more}). {_fix(name, folder)}, or pass allow_missing_images=true to evaluate on the images "
+        "present (a subset whose numbers are not comparable with published ones)"
+    )
+
+
+def _benchmark(name: str, folder: Path, truth: GroundTruth) -> Benchmark:
+    return Benchmark(
+        name=name,
+        root=folder,
+        protocol=truth.protocol,
+        imlist=truth.imlist,
+        qimlist=truth.qimlist,
+        gnd=truth.gnd,
+        source=truth.source,
+        image_dir=folder / IMAGE_FOLDER,
+        query_landmarks=truth.query_landmarks,
+    )
+
+
+def _fix(name: str, folder: Path) -> str:
+    """How to get the data of ``name`` into ``folder`` (a dataset folder, or the data folder meant to hold it)."""
+    spec = BENCHMARKS[name]
+    dataset = folder if folder.name == spec.folder else folder / spec.folder
+    if spec.folder == "synthetic":
+        return (
+            f"Write the synthetic benchmark with oxford_ir.data.synthetic.write_synthetic_benchmark({str(dataset)!r}) "
+            "(oxford-ir-eval writes it when absent)"
+        )
+    return f"Download it with `oxford-ir-data download {spec.folder} --root {dataset.parent}`"
