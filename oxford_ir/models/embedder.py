@@ -1,0 +1,64 @@
+"""The embedding network: backbone -> global pooling -> optional learned projection -> L2 normalisation.
+
+One module with one set of weights embeds every image; the Siamese / triplet setup is this same network
+applied to anchors, positives and negatives, so there is nothing to tie or copy between branches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from oxford_ir.errors import ConfigError
+
+
+class Embedder(nn.Module):
+    """Images (B x 3 x H x W, ImageNet-normalised) -> L2-normalised embeddings (B x ``embedding_dim``).
+
+    ``projection_dim`` (or ``whitening=True``, which keeps the pooled dimension) adds a learned affine map
+    between two L2 normalisations, the end-to-end learned whitening of cnnimageretrieval-pytorch
+    (``norm(whiten(norm(pool(x))))``).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        pooling: nn.Module,
+        projection_dim: int | None = None,
+        whitening: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+        channels = getattr(backbone, "out_channels", None)
+        if channels is None:
+            raise ConfigError(f"backbone {type(backbone).__name__} has no out_channels attribute")
+        spatial_size = getattr(backbone, "out_size", None)
+        output_dim = getattr(pooling, "output_dim", None)
+        self.pooled_dim = int(output_dim(channels, spatial_size)) if output_dim is not None else int(channels)
+        if projection_dim is not None and int(projection_dim) < 1:
+            raise ConfigError(f"projection_dim={projection_dim}: must be a positive number of dimensions or null")
+        if projection_dim is not None or whitening:
+            out = self.pooled_dim if projection_dim is None else int(projection_dim)
+            self.projection: nn.Linear | None = nn.Linear(self.pooled_dim, out, bias=True)
+        else:
+            self.projection = None
+        self.embedding_dim = self.projection.out_features if self.projection is not None else self.pooled_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.pooling(self.backbone(images))
+        if self.projection is not None:
+            x = self.projection(F.normalize(x, dim=1))
+        return F.normalize(x, dim=1)
+
+    @property
+    def power(self) -> float:
+        """Exponent of the generalised mean that combines scales in multi-scale extraction.
+
+        The pooling's power (GeM: p) as in cnnimageretrieval-pytorch; 1 with a projection, whose outputs
+        can be negative (a fractional power of those is undefined), as the published code does too.
+        """
+        if self.projection is not None:
+            return 1.0
+        return float(getattr(self.pooling, "power", 1.0))
