@@ -12,7 +12,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,optuna,slurm]'
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install the package with the dev extras
@@ -27,14 +27,20 @@ lint: $(STAMP) ## ruff check and format check
 	$(VENV)/bin/ruff check oxford_ir tests experiments
 	$(VENV)/bin/ruff format --check oxford_ir tests experiments
 
+train: $(STAMP) ## the main job: train the quickstart on the synthetic benchmark (CPU, a few minutes); ARGS="..." adds overrides
+	$(VENV)/bin/oxford-ir-train experiment=quickstart $(ARGS)
+
+sweep: $(STAMP) ## a Hydra multirun grid over margin and miner on the quickstart, one W&B group
+	$(VENV)/bin/oxford-ir-train hparams_search=grid experiment=quickstart $(ARGS)
+
+eval: $(STAMP) ## evaluate a model with the published protocol; ARGS="benchmarks=[roxford5k] ..." for overrides
+	$(VENV)/bin/oxford-ir-eval $(ARGS)
+
 data: $(STAMP) ## write the synthetic benchmark to data/synthetic
 	$(VENV)/bin/oxford-ir-data synthetic --root data/synthetic
-
-eval: $(STAMP) ## evaluate a model (default: pretrained-free raw pixels on the synthetic benchmark); ARGS="..." for overrides
-	$(VENV)/bin/oxford-ir-eval $(ARGS)
 
 clean: ## remove run outputs and caches (keeps .venv and data/)
 	rm -rf outputs multirun logs wandb .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help install test test-full lint data eval clean
+.PHONY: help install test test-full lint train sweep eval data clean

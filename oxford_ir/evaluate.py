@@ -1,0 +1,115 @@
+"""``oxford-ir-eval``: embed each benchmark's database and queries, rank, print the protocol's table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from oxford_ir.data.loading import BENCHMARKS, load_benchmark
+from oxford_ir.errors import ConfigError, exit_on_user_error
+from oxford_ir.retrieval.extraction import extract_benchmark
+from oxford_ir.retrieval.ranking import rank_database
+from oxford_ir.retrieval.report import format_table
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; anything else as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"extraction.device={name!r} is not a device; use auto, cpu or cuda[:N]") from None
+
+
+def prepare_benchmark_data(name: str, data_dir: Path, download: bool) -> None:
+    """Write the synthetic benchmark when absent; download a real one when asked to."""
+    folder = BENCHMARKS[name][0]
+    if folder == "synthetic":
+        from oxford_ir.data.synthetic import write_synthetic_benchmark
+
+        write_synthetic_benchmark(data_dir / folder)
+    elif download:
+        from oxford_ir.data.download import download_dataset
+
+        download_dataset(folder, data_dir)
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    benchmark_names: list[str],
+    data_dir: Path,
+    *,
+    image_size: int,
+    scales: list[float],
+    allow_missing_images: bool = False,
+    kappas: tuple[int, ...] = (1, 5, 10),
+    **extract_kwargs: Any,
+) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """Evaluate ``model`` on each benchmark; returns ``{name: metrics}`` and ``{name: subset note}``."""
+    results, notes = {}, {}
+    for name in benchmark_names:
+        benchmark = load_benchmark(name, data_dir, allow_missing_images=allow_missing_images)
+        db, queries = extract_benchmark(model, benchmark, image_size, scales=scales, **extract_kwargs)
+        results[name] = benchmark.evaluate(rank_database(db, queries), kappas=kappas)
+        notes[name] = benchmark.subset_note
+        log.info("%s: %d database images, %d queries", name, benchmark.n_db, benchmark.n_queries)
+    return results, notes
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Evaluate the configured model on ``cfg.benchmarks``; returns flat metrics and the objects used."""
+    names = list(cfg.benchmarks)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if not names or unknown:
+        raise ConfigError(f"benchmarks={names}: unknown {unknown}; choose from {sorted(BENCHMARKS)}")
+    data_dir = Path(cfg.paths.data_dir)
+    for name in names:
+        prepare_benchmark_data(name, data_dir, bool(cfg.download))
+    model = hydra.utils.instantiate(cfg.embedder)
+    ex = cfg.extraction
+    results, notes = evaluate_model(
+        model,
+        names,
+        data_dir,
+        image_size=int(ex.image_size),
+        scales=[float(s) for s in ex.scales],
+        allow_missing_images=bool(cfg.allow_missing_images),
+        kappas=tuple(int(k) for k in cfg.kappas),
+        batch_size=int(ex.batch_size),
+        num_workers=int(ex.num_workers),
+        device=resolve_device(str(ex.device)),
+        progress=True,
+    )
+    table = format_table(results, notes, cfg.kappas)
+    print(table)
+    flat = {f"{name}/{key}": value for name, metrics in results.items() for key, value in metrics.items()}
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps({"metrics": flat, "notes": notes}, indent=2))
+    os.replace(tmp, output_dir / "metrics.json")
+    (output_dir / "table.txt").write_text(table + "\n")
+    return flat, {"model": model, "results": results, "table": table}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@exit_on_user_error
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; returns the mean mAP over benchmarks and protocols (for sweepers)."""
+    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+    flat, _ = evaluate(cfg)
+    maps = [v for k, v in flat.items() if k.endswith("mAP")]
+    return sum(maps) / len(maps)
+
+if __name__ == "__main__":
+    main()
