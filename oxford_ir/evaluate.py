@@ -31,13 +31,17 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"extraction.device={name!r} is not a device; use auto, cpu or cuda[:N]") from None
 
 
-def prepare_benchmark_data(name: str, data_dir: Path, download: bool) -> None:
+def prepare_benchmark_data(name: str, data_dir: Path, download: bool, synthetic: dict | None = None) -> None:
     """Write the synthetic benchmark when absent; download a real one when asked to."""
     folder = BENCHMARKS[name][0]
     if folder == "synthetic":
-        from oxford_ir.data.synthetic import write_synthetic_benchmark
+        from oxford_ir.data.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
 
-        write_synthetic_benchmark(data_dir / folder)
+        settings = dict(synthetic or {})
+        preset = settings.pop("preset", "default")
+        if preset not in SYNTHETIC_PRESETS:
+            raise ConfigError(f"synthetic.preset={preset!r}: choose one of {sorted(SYNTHETIC_PRESETS)}")
+        write_synthetic_benchmark(data_dir / folder, **{**SYNTHETIC_PRESETS[preset], **settings})
     elif download:
         from oxford_ir.data.download import download_dataset
 
@@ -74,7 +78,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise ConfigError(f"benchmarks={names}: unknown {unknown}; choose from {sorted(BENCHMARKS)}")
     data_dir = Path(cfg.paths.data_dir)
     for name in names:
-        prepare_benchmark_data(name, data_dir, bool(cfg.download))
+        prepare_benchmark_data(name, data_dir, bool(cfg.download), OmegaConf.to_container(cfg.get("synthetic") or {}))
     model = hydra.utils.instantiate(cfg.embedder)
     ex = cfg.extraction
     results, notes = evaluate_model(
