@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from oxford_ir.data.loading import BENCHMARKS, load_benchmark
+from oxford_ir.config import CONFIG_DIR
 from oxford_ir.errors import ConfigError, exit_on_user_error
 from oxford_ir.retrieval.extraction import extract_benchmark
 from oxford_ir.retrieval.ranking import rank_database
@@ -106,7 +107,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return flat, {"model": model, "results": results, "table": table}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the mean mAP over benchmarks and protocols (for sweepers)."""

@@ -82,11 +82,11 @@ def test_unknown_benchmark_is_a_config_error(tmp_path):
 
 
 def test_missing_real_dataset_is_one_clear_line(tmp_path):
-    """No images, no ground truth: the command names the folder and the download command, no traceback."""
+    """The console script, run from another folder: one line naming the download command, no traceback."""
     result = subprocess.run(
-        [sys.executable, "-m", "oxford_ir.evaluate", "benchmarks=[roxford5k]", "backbone=raw_pixels",
+        [str(Path(sys.executable).parent / "oxford-ir-eval"), "benchmarks=[roxford5k]", "backbone=raw_pixels",
          "pooling=flatten", f"paths.data_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
