@@ -218,7 +218,7 @@ class ScratchCNN(Backbone):
                     nn.Conv2d(previous, width, kernel_size=3, padding=1, bias=False),
                     nn.BatchNorm2d(width),
                     nn.ReLU(inplace=True),
-                    nn.MaxPool2d(2),
+                    nn.MaxPool2d(2, ceil_mode=True),  # any input size, even a tiny query crop
                 )
             )
             previous = width

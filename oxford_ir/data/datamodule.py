@@ -1,0 +1,504 @@
+"""The LightningDataModule of retrieval training: class-balanced P x K batches, and the benchmark to evaluate.
+
+Training batches hold ``classes_per_batch`` (P) landmarks x ``images_per_class`` (K) augmented crops, plus
+``distractors_per_batch`` distractor images with labels of their own (extra negatives), drawn by
+:class:`ClassBalancedSampler`. Validation (and test) is the whole evaluation benchmark: two loaders,
+``[database, queries]``, of images that keep their aspect ratio (queries cropped to their box), batched as
+lists by :func:`~oxford_ir.data.collate.collate_variable_size`; the LightningModule embeds them and
+evaluates with the published protocol.
+
+Image sizes: ``image_size`` is the side of the square training crops and ``eval_image_size`` the long side
+of evaluation images. cnnimageretrieval-pytorch trains at 362 and tests at 1024 (published numbers);
+smaller values here are for speed.
+
+Under DDP, each process draws its own share of the training batches (see :class:`ClassBalancedSampler`);
+Lightning gives the two evaluation loaders a ``DistributedSampler`` (it pads with repeated images), and the
+index returned with each image lets the module gather the embeddings and drop the repeats.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from oxford_ir.data.augmentation import Augmentation
+from oxford_ir.data.benchmark import Benchmark
+from oxford_ir.data.collate import collate_variable_size
+from oxford_ir.data.datasets import ImageListDataset
+from oxford_ir.data.images import load_image
+from oxford_ir.data.loading import benchmark_spec, load_benchmark
+from oxford_ir.data.splits import SPLIT_KINDS, TrainSplit, build_split, full_ground_truth
+from oxford_ir.errors import ConfigError, DataError
+
+_SHOWN = 5
+
+
+class _Cycle:
+    """Endless draws without replacement: items come in shuffled rounds, and no draw repeats an item."""
+
+    def __init__(self, items: np.ndarray, rng: np.random.Generator) -> None:
+        self.items = np.asarray(items, dtype=np.int64)
+        self.rng = rng
+        self.queue = self.items[:0]
+
+    def take(self, n: int) -> np.ndarray:
+        if len(self.queue) >= n:
+            out, self.queue = self.queue[:n], self.queue[n:]
+            return out
+        head = self.queue
+        fresh = self.rng.permutation(self.items)
+        # what is left of the last round goes first; its items go to the end of the new round, not into this draw
+        taken = np.isin(fresh, head)
+        fresh = np.concatenate([fresh[~taken], fresh[taken]])
+        need = n - len(head)
+        self.queue = fresh[need:]
+        return np.concatenate([head, fresh[:need]])
+
+
+class ClassBalancedSampler(DistributedSampler):
+    """Indices whose consecutive chunks of ``batch_size`` are class-balanced batches, P classes x K images + D.
+
+    Each batch holds ``classes_per_batch`` distinct classes of ``classes`` with ``images_per_class`` distinct
+    images each (classes grouped, in draw order), then ``distractors_per_batch`` distinct indices of
+    ``distractors``. Classes, the images of each class and distractors are each drawn in shuffled rounds
+    without replacement, so over an epoch every class and image comes up about equally often. Use it as a
+    DataLoader's ``sampler`` with ``batch_size=sampler.batch_size, drop_last=True``
+    (as pytorch-metric-learning's ``MPerClassSampler``).
+
+    Reproducible: the batches of an epoch are a function of ``(seed, epoch)`` only (``set_epoch``), so a
+    resumed run draws exactly what an uninterrupted one would.
+
+    Distributed: every process computes the same ``num_batches x num_replicas`` batches of the epoch and
+    keeps those at positions ``rank, rank + num_replicas, ...``: ``num_batches`` per process (steps per
+    epoch do not depend on the number of processes), disjoint across processes. ``num_replicas`` and
+    ``rank`` default to those of ``torch.distributed`` when it is initialised, read when iterating. It
+    subclasses ``DistributedSampler`` because that is how Lightning (``use_distributed_sampler=True``)
+    recognises a sampler that already shards itself: it then neither wraps nor replaces it, and calls
+    ``set_epoch`` at every epoch. ``DistributedSampler.__init__`` is deliberately not called (it requires an
+    initialised process group and a dataset).
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        classes: Sequence[int] | np.ndarray,
+        classes_per_batch: int,
+        images_per_class: int,
+        num_batches: int,
+        *,
+        distractors: Sequence[int] | np.ndarray = (),
+        distractors_per_batch: int = 0,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        labels = np.asarray(labels, dtype=np.int64)
+        self.classes = np.unique(np.asarray(classes, dtype=np.int64))
+        self.classes_per_batch = _positive_int(classes_per_batch, "classes_per_batch")
+        self.images_per_class = _positive_int(images_per_class, "images_per_class")
+        self.num_batches = _positive_int(num_batches, "batches_per_epoch")
+        self.distractors = np.asarray(distractors, dtype=np.int64)
+        self.distractors_per_batch = _non_negative_int(distractors_per_batch, "distractors_per_batch")
+        self.seed = _non_negative_int(seed, "seed")
+        self.members = {int(c): np.flatnonzero(labels == c) for c in self.classes}
+        if len(self.classes) < self.classes_per_batch:
+            raise ConfigError(
+                f"classes_per_batch={self.classes_per_batch} but only {len(self.classes)} classes to draw from; "
+                f"lower classes_per_batch to at most {len(self.classes)}"
+            )
+        small = {c: len(m) for c, m in self.members.items() if len(m) < self.images_per_class}
+        if small:
+            shown = ", ".join(f"label {c}: {n}" for c, n in list(small.items())[:_SHOWN])
+            raise ConfigError(
+                f"images_per_class={self.images_per_class} but {len(small)} classes have fewer images ({shown}); "
+                "lower images_per_class or leave those classes out"
+            )
+        if len(np.unique(self.distractors)) < self.distractors_per_batch:
+            raise ConfigError(
+                f"distractors_per_batch={self.distractors_per_batch} but only {len(np.unique(self.distractors))} "
+                "distractor images; lower distractors_per_batch (0 disables them) or use_distractors=true"
+            )
+        self._num_replicas = num_replicas
+        self._rank = rank
+        self.epoch = 0
+        # attributes DistributedSampler users may read
+        self.shuffle = True
+        self.drop_last = True
+        self.dataset = None
+
+    @property
+    def train_classes(self) -> np.ndarray:
+        """The landmark labels the sampler draws from (classes with at least K images present)."""
+        self._require(self._train_split, "fit")
+        return self._train_classes
+
+    @property
+    def batch_size(self) -> int:
+        return self.classes_per_batch * self.images_per_class + self.distractors_per_batch
+
+    @property
+    def num_replicas(self) -> int:
+        if self._num_replicas is not None:
+            return int(self._num_replicas)
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return int(self._rank)
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def global_batches(self, epoch: int) -> np.ndarray:
+        """All ``num_batches * num_replicas`` batches of ``epoch`` (every process computes the same)."""
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        class_cycle = _Cycle(self.classes, rng)
+        image_cycles = {c: _Cycle(m, rng) for c, m in self.members.items()}
+        distractor_cycle = _Cycle(np.unique(self.distractors), rng) if self.distractors_per_batch else None
+        batches = np.empty((self.num_batches * self.num_replicas, self.batch_size), dtype=np.int64)
+        for b in range(len(batches)):
+            parts = [image_cycles[int(c)].take(self.images_per_class) for c in class_cycle.take(self.classes_per_batch)]
+            if distractor_cycle is not None:
+                parts.append(distractor_cycle.take(self.distractors_per_batch))
+            batches[b] = np.concatenate(parts)
+        return batches
+
+    def batches(self, epoch: int | None = None) -> np.ndarray:
+        """This process's ``num_batches x batch_size`` indices of ``epoch`` (default: the current one)."""
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} is outside [0, {self.num_replicas})")
+        return self.global_batches(self.epoch if epoch is None else epoch)[self.rank :: self.num_replicas]
+
+    def __iter__(self):
+        return iter(self.batches().ravel().tolist())
+
+    def __len__(self) -> int:
+        return self.num_batches * self.batch_size
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(P={self.classes_per_batch} of {len(self.classes)} classes, "
+            f"K={self.images_per_class}, distractors={self.distractors_per_batch} of {len(self.distractors)}, "
+            f"{self.num_batches} batches, seed={self.seed})"
+        )
+
+
+class TrainImageDataset(Dataset):
+    """``(augmented image tensor, label)`` for each training image."""
+
+    def __init__(self, paths: Sequence[str | Path], labels: Sequence[int] | np.ndarray, transform) -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        self.paths = [Path(p) for p in paths]
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(load_image(self.paths[index])), int(self.labels[index])
+
+
+class RetrievalDataModule(pl.LightningDataModule):
+    """Training and evaluation data of one benchmark and split (see the module doc and ``conf/data``).
+
+    Args:
+        data_dir: folder holding the dataset folders (``oxford5k/``, ``paris6k/``, ``synthetic/``), or a
+            dataset folder itself.
+        benchmark: the training benchmark (oxford5k, roxford5k, paris6k, rparis6k, synthetic, rsynthetic).
+        split: ``seed``, ``landmarks`` or ``cross`` (:mod:`oxford_ir.data.splits`).
+        eval_benchmark: the benchmark evaluated; default ``benchmark``; required (and different) for ``cross``.
+        held_out_landmarks / n_held_out: the held-out landmarks of the ``landmarks`` split.
+        image_size: side of the square training crops.
+        eval_image_size: long side of evaluation images (only downscaled; None keeps the original size).
+        eval_scales: scales of multi-scale evaluation, for whoever embeds (the loaders give scale 1; the
+            module has its own ``model.eval_scales``, which conf/data mirrors here).
+        classes_per_batch / images_per_class: P and K of the training batches.
+        batches_per_epoch: training batches per epoch and process; None: enough to show each
+            landmark image about once.
+        use_distractors / distractors_per_batch: add distractor images, each its own label, to every batch.
+        eval_batch_size: images per evaluation batch.
+        allow_missing_images: train and evaluate on the images present (a subset) instead of failing.
+        download: fetch a missing real dataset in ``prepare_data`` (needs internet).
+        seed: of the held-out draw and of the batches.
+        augmentation: overrides of :class:`~oxford_ir.data.augmentation.Augmentation`.
+        synthetic: parameters of ``write_synthetic_benchmark`` (``seed``, ``n_landmarks``, ...).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        benchmark: str = "synthetic",
+        split: str = "seed",
+        eval_benchmark: str | None = None,
+        held_out_landmarks: Sequence[str] | None = None,
+        n_held_out: int | None = None,
+        image_size: int = 224,
+        eval_image_size: int | None = 362,
+        eval_scales: Sequence[float] = (1.0,),
+        classes_per_batch: int = 8,
+        images_per_class: int = 4,
+        batches_per_epoch: int | None = None,
+        use_distractors: bool = True,
+        distractors_per_batch: int = 0,
+        eval_batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        allow_missing_images: bool = False,
+        download: bool = False,
+        seed: int = 0,
+        augmentation: Mapping[str, Any] | None = None,
+        synthetic: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        data_dir = str(data_dir)
+        held_out_landmarks = None if held_out_landmarks is None else [str(n) for n in _plain(held_out_landmarks)]
+        eval_scales = [float(s) for s in _plain(eval_scales)]
+        augmentation = dict(_plain(augmentation) or {})
+        synthetic = dict(_plain(synthetic) or {})
+        # not logged: the run's config is, and Lightning refuses to log a key (seed, eval_scales) that the
+        # module's hyperparameters hold with another value
+        self.save_hyperparameters(logger=False)
+
+        if split not in SPLIT_KINDS:
+            raise ConfigError(f"data.split={split!r} is unknown; choose one of {', '.join(SPLIT_KINDS)}")
+        benchmark_spec(benchmark)
+        if eval_benchmark is not None:
+            benchmark_spec(eval_benchmark)
+        if split == "cross" and (eval_benchmark is None or eval_benchmark == benchmark):
+            raise ConfigError(
+                f"data.split=cross trains on {benchmark} and evaluates on another dataset: set data.eval_benchmark "
+                "(e.g. benchmark=paris6k eval_benchmark=roxford5k)"
+            )
+        for name, value in (("image_size", image_size), ("classes_per_batch", classes_per_batch)):
+            _positive_int(value, name)
+        _positive_int(images_per_class, "images_per_class")
+        _positive_int(eval_batch_size, "eval_batch_size")
+        _non_negative_int(num_workers, "num_workers")
+        _non_negative_int(distractors_per_batch, "distractors_per_batch")
+        _non_negative_int(seed, "seed")
+        if eval_image_size is not None:
+            _positive_int(eval_image_size, "eval_image_size")
+        if batches_per_epoch is not None:
+            _positive_int(batches_per_epoch, "batches_per_epoch")
+        if not eval_scales or not all(s > 0 and math.isfinite(s) for s in eval_scales):
+            raise ConfigError(f"data.eval_scales must be a non-empty list of positive numbers, got {eval_scales}")
+        if distractors_per_batch and not use_distractors:
+            raise ConfigError(
+                f"data.distractors_per_batch={distractors_per_batch} needs data.use_distractors=true "
+                "(or set distractors_per_batch=0)"
+            )
+        self.augmentation = Augmentation.from_config(augmentation)
+        self.data_dir = Path(data_dir).expanduser()
+        self.eval_benchmark_name = eval_benchmark or benchmark
+        self.eval_scales = tuple(eval_scales)
+        self._split: TrainSplit | None = None
+        self._train_split: TrainSplit | None = None
+        self._train_classes: np.ndarray | None = None
+
+    # -- preparing and loading ------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Write the synthetic benchmark, or download a real dataset when ``download`` and it is incomplete."""
+        for name in dict.fromkeys([self.hparams.benchmark, self.eval_benchmark_name]):
+            folder = benchmark_spec(name).folder
+            target = self.data_dir if self.data_dir.name == folder else self.data_dir / folder
+            if folder == "synthetic":
+                from oxford_ir.data.synthetic import write_synthetic_benchmark
+
+                write_synthetic_benchmark(target, **self.hparams.synthetic)
+            elif self.hparams.download:
+                from oxford_ir.data.download import download_dataset, is_complete
+
+                if not is_complete(target):
+                    download_dataset(folder, target.parent)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the benchmarks and build the split (once); for fitting, check the training images."""
+        if self._split is None:
+            hp = self.hparams
+            train_loaded = self._load(hp.benchmark)
+            eval_loaded = (
+                train_loaded if self.eval_benchmark_name == hp.benchmark else self._load(self.eval_benchmark_name)
+            )
+            self._split = build_split(
+                hp.split,
+                full_ground_truth(train_loaded),
+                eval_loaded,
+                # the held-out settings mean nothing to the other splits: ignored, so that data.split=seed
+                # can be set on top of a config made for the landmarks split
+                held_out_landmarks=hp.held_out_landmarks if hp.split == "landmarks" else None,
+                n_held_out=hp.n_held_out if hp.split == "landmarks" else None,
+                seed=hp.seed,
+                use_distractors=hp.use_distractors,
+            )
+        if stage in (None, "fit") and self._train_split is None:
+            self._train_split = self._available(self._split)
+            self._train_classes = self._train_split.classes_for_batches(
+                self.hparams.classes_per_batch, self.hparams.images_per_class
+            )
+            if self.hparams.distractors_per_batch > self._train_split.num_distractors:
+                raise ConfigError(
+                    f"data.distractors_per_batch={self.hparams.distractors_per_batch} but the {self._split.kind} "
+                    f"split of {self.hparams.benchmark} has {self._train_split.num_distractors} distractor images; "
+                    "lower distractors_per_batch (0 disables them)"
+                )
+
+    def _load(self, name: str) -> Benchmark:
+        return load_benchmark(name, self.data_dir, allow_missing_images=self.hparams.allow_missing_images)
+
+    def _available(self, split: TrainSplit) -> TrainSplit:
+        missing = split.missing_images()
+        if not missing:
+            return split
+        if not self.hparams.allow_missing_images:
+            shown = ", ".join(str(p) for p in missing[:_SHOWN])
+            raise DataError(
+                f"{len(missing)} of {len(split)} training images of {split.train_benchmark} are missing ({shown}); "
+                "download the dataset (data.download=true) or set data.allow_missing_images=true to train on the "
+                "images present"
+            )
+        return split.restrict_to_available()
+
+    # -- what the module and callbacks read -----------------------------------------------------
+    @property
+    def split(self) -> TrainSplit:
+        """The split with its full ground truth (before missing images are dropped)."""
+        return self._require(self._split)
+
+    @property
+    def train_split(self) -> TrainSplit:
+        """The split as trained on: images present on disk only."""
+        return self._require(self._train_split, "fit")
+
+    @property
+    def eval_benchmark(self) -> Benchmark:
+        """The benchmark evaluated during validation and test."""
+        return self.split.eval_benchmark
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        """Label of each training image (landmark classes first, then one label per distractor)."""
+        return self.train_split.labels
+
+    @property
+    def num_classes(self) -> int:
+        """Number of distinct training labels: landmark classes plus one per distractor."""
+        return self.train_split.num_classes
+
+    @property
+    def train_classes(self) -> np.ndarray:
+        """The landmark labels the sampler draws from (classes with at least K images present)."""
+        self._require(self._train_split, "fit")
+        return self._train_classes
+
+    @property
+    def batch_size(self) -> int:
+        """Images per training batch: P x K + distractors."""
+        hp = self.hparams
+        return hp.classes_per_batch * hp.images_per_class + hp.distractors_per_batch
+
+    def _require(self, value, stage: str | None = None):
+        if value is None:
+            call = f"setup({stage!r})" if stage else "setup()"
+            raise RuntimeError(f"{type(self).__name__}: call {call} first (the Trainer does it before using the data)")
+        return value
+
+    # -- loaders ----------------------------------------------------------------------------------
+    def train_sampler(self) -> ClassBalancedSampler:
+        hp = self.hparams
+        split = self.train_split
+        classes = self.train_classes
+        if hp.batches_per_epoch is not None:
+            num_batches = hp.batches_per_epoch
+        else:
+            n_images = int(np.isin(split.labels, classes).sum())
+            num_batches = max(1, math.ceil(n_images / (hp.classes_per_batch * hp.images_per_class)))
+        return ClassBalancedSampler(
+            split.labels,
+            classes,
+            hp.classes_per_batch,
+            hp.images_per_class,
+            num_batches,
+            distractors=np.flatnonzero(split.is_distractor) if hp.distractors_per_batch else (),
+            distractors_per_batch=hp.distractors_per_batch,
+            seed=hp.seed,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Batches ``(images B x 3 x S x S, labels B)``, B = P x K + distractors, S = ``image_size``."""
+        hp = self.hparams
+        split = self.train_split
+        sampler = self.train_sampler()
+        dataset = TrainImageDataset(split.paths, split.labels, self.augmentation.transform(hp.image_size))
+        return DataLoader(
+            dataset,
+            batch_size=sampler.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory,
+            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """``[database, queries]`` of the evaluation benchmark, in benchmark order, as (image list, indices)."""
+        benchmark = self.eval_benchmark
+        size = self.hparams.eval_image_size
+        database = ImageListDataset(benchmark.db_paths, size)
+        queries = ImageListDataset(benchmark.query_paths, size, bboxes=benchmark.query_bboxes)
+        return [self._eval_loader(database), self._eval_loader(queries)]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            dataset,
+            batch_size=hp.eval_batch_size,
+            shuffle=False,
+            collate_fn=collate_variable_size,
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory,
+            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+        )
+
+    def __repr__(self) -> str:
+        description = self._split.description if self._split is not None else "not set up"
+        return f"{type(self).__name__}({description})"
+
+
+def _plain(value: Any) -> Any:
+    """A Hydra/OmegaConf container as plain Python (lists, dicts), anything else unchanged."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return value
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"data.{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _non_negative_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ConfigError(f"data.{name} must be a non-negative integer, got {value!r}")
+    return int(value)

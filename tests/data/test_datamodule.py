@@ -1,0 +1,514 @@
+"""RetrievalDataModule and ClassBalancedSampler: balanced, reproducible, sharded batches; evaluation loaders."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import OmegaConf
+from PIL import Image
+from torch.utils.data.distributed import DistributedSampler
+
+from oxford_ir.data.augmentation import Augmentation, train_transform
+from oxford_ir.data.collate import collate_variable_size
+from oxford_ir.data.datamodule import ClassBalancedSampler, RetrievalDataModule
+from oxford_ir.data.loading import load_benchmark
+from oxford_ir.data.splits import full_ground_truth
+from oxford_ir.data.synthetic import SYNTHETIC_DEFAULTS, write_synthetic_benchmark
+from oxford_ir.errors import ConfigError, DataError
+
+REPO = Path(__file__).resolve().parents[2]
+#: 5 landmarks x (2 queries + 6 photos, 1 of them junk) + 8 distractors, 64 px
+TINY = {
+    "seed": 0,
+    "n_landmarks": 5,
+    "images_per_landmark": 6,
+    "queries_per_landmark": 2,
+    "hard_per_landmark": 1,
+    "junk_per_landmark": 1,
+    "n_distractors": 8,
+    "image_size": 64,
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_synthetic_benchmark(root / "synthetic", **TINY)
+    return root
+
+
+def make(data_dir: Path, **overrides) -> RetrievalDataModule:
+    kwargs = {
+        "data_dir": data_dir,
+        "benchmark": "synthetic",
+        "split": "seed",
+        "image_size": 32,
+        "eval_image_size": 48,
+        "classes_per_batch": 3,
+        "images_per_class": 2,
+        "distractors_per_batch": 2,
+        "eval_batch_size": 4,
+        "seed": 7,
+        "synthetic": TINY,
+        **overrides,
+    }
+    return RetrievalDataModule(**kwargs)
+
+
+def check_batch(batch: np.ndarray, labels: np.ndarray, n_classes: int, p: int, k: int, d: int) -> None:
+    """One batch: P distinct landmark classes x K distinct images each, then D distinct distractors."""
+    assert len(batch) == p * k + d and len(set(batch.tolist())) == len(batch)
+    landmark = labels[batch[: p * k]]
+    assert (landmark < n_classes).all()
+    counts = Counter(landmark.tolist())
+    assert len(counts) == p and set(counts.values()) == {k}
+    assert (labels[batch[p * k :]] >= n_classes).all()
+
+
+# -- the sampler ------------------------------------------------------------------------------------------
+
+LABELS = np.array([0] * 5 + [1] * 3 + [2] * 4 + [3] * 6 + [4] * 2 + list(range(5, 12)))
+DISTRACTORS = np.arange(20, 27)
+
+
+def sampler(**overrides) -> ClassBalancedSampler:
+    kwargs = {
+        "labels": LABELS,
+        "classes": [0, 1, 2, 3],  # class 4 has only 2 images: not drawn with K=3
+        "classes_per_batch": 3,
+        "images_per_class": 3,
+        "num_batches": 10,
+        "distractors": DISTRACTORS,
+        "distractors_per_batch": 2,
+        "seed": 0,
+        **overrides,
+    }
+    return ClassBalancedSampler(**kwargs)
+
+
+def test_every_batch_is_p_classes_by_k_images_plus_distractors() -> None:
+    s = sampler()
+    assert s.batch_size == 11 and len(s) == 110
+    batches = s.batches(0)
+    assert batches.shape == (10, 11)
+    for batch in batches:
+        check_batch(batch, LABELS, 5, 3, 3, 2)
+        assert 4 not in LABELS[batch]
+    assert list(s) == batches.ravel().tolist()
+
+
+def test_draws_are_balanced_over_an_epoch() -> None:
+    batches = sampler(num_batches=12).batches(0)
+    per_class = Counter(LABELS[batches[:, :9]].ravel().tolist())
+    # 12 batches x 3 classes over 4 classes in rounds: each class 9 times, i.e. 27 images
+    assert per_class == {0: 27, 1: 27, 2: 27, 3: 27}
+    # images of a class come in rounds too: counts differ by at most one
+    per_image = Counter(batches[:, :9].ravel().tolist())
+    for c in range(4):
+        seen = [per_image[i] for i in np.flatnonzero(np.equal(LABELS, c))]
+        assert max(seen) - min(seen) <= 1
+    seen = [Counter(batches[:, 9:].ravel().tolist())[i] for i in DISTRACTORS]
+    assert max(seen) - min(seen) <= 1 and sum(seen) == 24
+
+
+def test_reproducible_for_a_seed_and_epoch() -> None:
+    a, b = sampler(), sampler()
+    assert np.array_equal(a.batches(0), b.batches(0))
+    a.set_epoch(3)
+    assert np.array_equal(np.array(list(a)).reshape(10, 11), b.batches(3))
+    assert not np.array_equal(b.batches(0), b.batches(1))
+    assert not np.array_equal(sampler(seed=1).batches(0), b.batches(0))
+
+
+def test_shards_by_rank() -> None:
+    single = sampler(num_replicas=1, rank=0)
+    ranks = [sampler(num_replicas=3, rank=r) for r in range(3)]
+    assert all(len(r) == len(single) for r in ranks)  # steps per epoch do not depend on the world size
+    global_batches = ranks[0].global_batches(2)
+    assert global_batches.shape == (30, 11)
+    for r, s in enumerate(ranks):
+        s.set_epoch(2)
+        assert np.array_equal(np.array(list(s)).reshape(10, 11), global_batches[r::3])
+    # the first ten global batches are what a single process draws
+    assert np.array_equal(single.batches(2), global_batches[:10])
+    assert isinstance(single, DistributedSampler)
+
+
+def test_sampler_refuses_impossible_batches() -> None:
+    with pytest.raises(ConfigError, match=r"images_per_class=3 but 1 classes have fewer images \(label 4: 2\)"):
+        sampler(classes=[0, 1, 2, 4])
+    with pytest.raises(ConfigError, match="classes_per_batch=5 but only 4 classes"):
+        sampler(classes_per_batch=5)
+    with pytest.raises(ConfigError, match="distractors_per_batch=8 but only 7 distractor images"):
+        sampler(distractors_per_batch=8)
+    with pytest.raises(ConfigError, match="batches_per_epoch must be a positive integer"):
+        sampler(num_batches=0)
+    assert sampler(distractors=(), distractors_per_batch=0).batch_size == 9
+
+
+# -- the data module --------------------------------------------------------------------------------------
+
+
+def test_prepare_data_writes_the_synthetic_benchmark(tmp_path: Path) -> None:
+    dm = make(tmp_path)
+    dm.prepare_data()
+    assert (tmp_path / "synthetic" / "gnd_synthetic.pkl").is_file()
+    assert len(list((tmp_path / "synthetic" / "jpg").glob("*.jpg"))) == 5 * 8 + 8
+
+
+def test_setup_and_training_batches(data_dir: Path) -> None:
+    dm = make(data_dir)
+    dm.setup("fit")
+    split = dm.train_split
+    assert dm.num_classes == 5 + 8 and split.num_landmark_classes == 5
+    assert np.array_equal(dm.train_labels, split.labels)
+    assert dm.eval_benchmark.name == "synthetic" and dm.eval_benchmark.n_queries == 10
+    assert not {p.stem for p in split.paths} & set(dm.eval_benchmark.qimlist)
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, ClassBalancedSampler) and loader.batch_size == 3 * 2 + 2
+    # default length: about one pass over the 25 landmark images, ceil(25 / (3 x 2)) batches
+    assert len(loader) == math.ceil(25 / 6)
+    images, labels = next(iter(loader))
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.dtype == torch.long
+    first = loader.sampler.batches(0)[0]
+    assert labels.tolist() == split.labels[first].tolist()
+    check_batch(first, split.labels, 5, 3, 2, 2)
+    # normalised: roughly zero-centred values, well outside [0, 1]
+    assert images.min() < 0 < images.max()
+
+
+def test_landmarks_split_through_the_module(data_dir: Path) -> None:
+    dm = make(data_dir, split="landmarks", held_out_landmarks=["landmark_02"])
+    dm.setup("fit")
+    assert "landmark_02" not in dm.train_split.label_names
+    assert set(dm.eval_benchmark.query_landmarks) == {"landmark_02"}
+    assert dm.eval_benchmark.n_db == 48  # the full database
+
+
+def test_held_out_settings_are_ignored_by_the_other_splits(data_dir: Path) -> None:
+    dm = make(data_dir, split="seed", n_held_out=2)
+    dm.setup("validate")
+    assert dm.split.held_out_landmarks == () and dm.eval_benchmark.n_queries == 10
+
+
+def test_val_loaders_cover_every_image_once_in_order(data_dir: Path) -> None:
+    dm = make(data_dir)
+    dm.setup("validate")
+    benchmark = dm.eval_benchmark
+    database, queries = dm.val_dataloader()
+    seen = []
+    for images, indices in database:
+        assert isinstance(images, list) and indices.dtype == torch.long
+        for image, index in zip(images, indices.tolist(), strict=True):
+            with Image.open(benchmark.db_paths[index]) as original:
+                w, h = original.size
+            assert max(image.shape[1:]) == min(48, max(w, h))
+        seen += indices.tolist()
+    assert seen == list(range(benchmark.n_db))
+    seen = []
+    for images, indices in queries:
+        for image, index in zip(images, indices.tolist(), strict=True):
+            # by hand: PIL crops at the rounded box, then the crop keeps the scale of the whole image
+            with Image.open(benchmark.query_paths[index]) as original:
+                full_long = max(original.size)
+            x1, y1, x2, y2 = (round(v) for v in benchmark.query_bboxes[index])
+            crop_w, crop_h = x2 - x1, y2 - y1
+            target = 48 * max(crop_w, crop_h) / full_long
+            long_side = min(max(crop_w, crop_h), math.floor(target))
+            short_side = long_side * min(crop_w, crop_h) / max(crop_w, crop_h)
+            got_long, got_short = max(image.shape[1:]), min(image.shape[1:])
+            assert got_long == long_side and abs(got_short - short_side) <= 1
+            assert (image.shape[2] >= image.shape[1]) == (crop_w >= crop_h)
+        seen += indices.tolist()
+    assert seen == list(range(benchmark.n_queries))
+    test_database, test_queries = dm.test_dataloader()
+    assert [i.tolist() for _, i in test_queries] == [i.tolist() for _, i in queries]
+
+
+def test_collate_variable_size() -> None:
+    a, b = torch.zeros(3, 4, 5), torch.ones(3, 6, 2)
+    images, indices = collate_variable_size([(a, 3), (b, 9)])
+    assert images[0] is a and images[1] is b and indices.tolist() == [3, 9] and indices.dtype == torch.long
+    with pytest.raises(TypeError, match="batch item 1: expected a C x H x W tensor"):
+        collate_variable_size([(a, 0), (torch.zeros(4, 5), 1)])
+    with pytest.raises(ValueError, match="empty batch"):
+        collate_variable_size([])
+
+
+# -- errors -------------------------------------------------------------------------------------------
+
+
+def test_k_too_large_names_the_classes(data_dir: Path) -> None:
+    dm = make(data_dir, images_per_class=6)
+    with pytest.raises(ConfigError) as error:
+        dm.setup("fit")
+    message = str(error.value)
+    assert "images_per_class=6" in message and "landmark_00: 5" in message
+    assert "lower images_per_class to at most 5" in message
+
+
+def test_unknown_landmark(data_dir: Path) -> None:
+    dm = make(data_dir, split="landmarks", held_out_landmarks=["eiffel"])
+    with pytest.raises(ConfigError, match=r"unknown landmark\(s\) 'eiffel'.*landmark_00, landmark_01"):
+        dm.setup("fit")
+
+
+def test_too_few_classes(data_dir: Path) -> None:
+    dm = make(data_dir, split="landmarks", n_held_out=3, classes_per_batch=3)
+    with pytest.raises(ConfigError, match="only 2 have that many.*lower classes_per_batch to at most 2"):
+        dm.setup("fit")
+
+
+def test_too_many_distractors(data_dir: Path) -> None:
+    dm = make(data_dir, distractors_per_batch=9)
+    with pytest.raises(ConfigError, match="distractors_per_batch=9 but .* has 8 distractor images"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"split": "cross"}, "split=cross trains on synthetic and evaluates on another dataset"),
+        ({"split": "disjoint"}, "data.split='disjoint' is unknown"),
+        ({"benchmark": "holidays"}, "unknown benchmark 'holidays'"),
+        ({"use_distractors": False}, "distractors_per_batch=2 needs data.use_distractors=true"),
+        ({"augmentation": {"flip": 0.5}}, r"unknown augmentation parameter\(s\) \['flip'\]"),
+        ({"augmentation": {"scale": [0.5, 0.2]}}, "augmentation.scale must be"),
+        ({"image_size": 0}, "data.image_size must be a positive integer"),
+        ({"eval_scales": [1.0, -0.5]}, "eval_scales must be a non-empty list of positive numbers"),
+    ],
+)
+def test_config_errors(data_dir: Path, overrides: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        make(data_dir, **overrides)
+
+
+def test_missing_training_images(data_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    dm = make(copy)
+    dm.setup("validate")
+    n_training = len(dm.split)
+    victim = dm.split.paths[0]
+    (copy / "synthetic" / "jpg" / victim.name).unlink()
+    with pytest.raises(DataError, match=r"1 of \d+ database and query images are missing .* allow_missing_images=true"):
+        make(copy).setup("fit")
+    dm = make(copy, allow_missing_images=True)
+    with pytest.warns(UserWarning):
+        dm.setup("fit")
+    assert victim.name not in {p.name for p in dm.train_split.paths}
+    assert len(dm.train_split) == n_training - 1
+    assert dm.eval_benchmark.is_subset and dm.eval_benchmark.n_db == 47
+
+
+def test_before_setup(data_dir: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"call setup\('fit'\) first"):
+        _ = make(data_dir).train_labels
+
+
+# -- augmentation -----------------------------------------------------------------------------------
+
+
+def test_train_transform() -> None:
+    image = Image.new("RGB", (120, 80), (200, 100, 50))
+    out = train_transform(40, {"brightness": 0, "contrast": 0, "saturation": 0, "hue": 0})(image)
+    assert out.shape == (3, 40, 40)
+    # a uniform image stays uniform: the ImageNet-normalised colour, whatever the crop and flip
+    expected = (torch.tensor([200, 100, 50]) / 255 - torch.tensor(Augmentation().mean)) / torch.tensor(
+        Augmentation().std
+    )
+    assert torch.allclose(out.mean(dim=(1, 2)), expected, atol=1e-5)
+    steps = [
+        type(t).__name__
+        for t in Augmentation(hflip=0, brightness=0, contrast=0, saturation=0, hue=0).transform(8).transforms
+    ]
+    assert steps == ["RandomResizedCrop", "ToTensor", "Normalize"]
+    crop = Augmentation(scale=(0.3, 0.6)).transform(16).transforms[0]
+    assert crop.scale == (0.3, 0.6) and crop.size == (16, 16)
+
+
+# -- real data and the real framework -------------------------------------------------------------------
+
+
+@pytest.mark.shared_data
+def test_real_paris_subset_landmarks_split(paris_root: Path) -> None:
+    dm = RetrievalDataModule(
+        data_dir=paris_root,
+        benchmark="rparis6k",
+        split="landmarks",
+        held_out_landmarks=["eiffel"],
+        allow_missing_images=True,
+        image_size=48,
+        eval_image_size=64,
+        classes_per_batch=4,
+        images_per_class=2,
+        batches_per_epoch=1,
+        distractors_per_batch=0,
+        seed=0,
+    )
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        dm.setup("fit")
+    split = dm.train_split
+    assert "eiffel" not in split.label_names
+    assert all(p.is_file() for p in split.paths)
+    # brute force on the full ground truth: no training image is a positive or junk of an eiffel query
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = full_ground_truth(load_benchmark("rparis6k", paris_root, allow_missing_images=True))
+    eiffel = set()
+    for q, landmark in enumerate(full.query_landmarks):
+        if landmark == "eiffel":
+            for i in [*full.positives(q), *full.gnd[q]["junk"]]:
+                eiffel.add(full.imlist[i])
+    names = {p.stem for p in split.paths}
+    assert names and not names & eiffel
+    assert not any(n.startswith("paris_eiffel_") for n in names)
+    # landmarks on disk: defense, invalides, louvre, moulinrouge (50 images each in ../shared)
+    drawn = sorted({split.label_names[c] for c in dm.train_classes})
+    assert drawn == ["defense", "invalides", "louvre", "moulinrouge"]
+    assert set(dm.eval_benchmark.query_landmarks) == {"eiffel"} and dm.eval_benchmark.n_db == 238
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (8, 3, 48, 48) and len(set(labels.tolist())) == 4
+
+
+class _Recorder(pl.LightningModule):
+    """Records the labels of every training batch; learns nothing."""
+
+    def __init__(self, seed: int = 1, eval_scales: tuple[float, ...] = (1.0, 0.5)) -> None:
+        super().__init__()
+        # hyperparameters the data module holds too, with other values: logging must not refuse them
+        self.save_hyperparameters()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        self.seen.append(labels.tolist())
+        return (images.mean() * self.weight).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_lightning_sets_the_epoch_and_keeps_the_sampler(data_dir: Path, tmp_path: Path) -> None:
+    dm = make(data_dir, batches_per_epoch=2)
+    module = _Recorder()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        limit_val_batches=0,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=dm)
+    assert isinstance(trainer.train_dataloader.sampler, ClassBalancedSampler)
+    labels = dm.train_labels
+    expected = [labels[b].tolist() for epoch in (0, 1) for b in dm.train_sampler().batches(epoch)]
+    assert module.seen == expected
+    assert module.seen[:2] != module.seen[2:]
+
+
+def test_configs_instantiate(tmp_path: Path) -> None:
+    names = sorted(p.stem for p in (REPO / "conf" / "data").glob("*.yaml"))
+    assert names == ["oxford5k", "paris6k", "paris_to_oxford", "roxford5k", "rparis6k", "synthetic"]
+    for name in names:
+        cfg = OmegaConf.create(
+            {
+                "paths": {"data_dir": str(tmp_path)},
+                "seed": 3,
+                "data": OmegaConf.load(REPO / "conf" / "data" / f"{name}.yaml"),
+            }
+        )
+        dm = instantiate(cfg.data)
+        assert isinstance(dm, RetrievalDataModule) and dm.data_dir == tmp_path and dm.hparams.seed == 3
+        assert isinstance(dm.hparams.augmentation, dict) and isinstance(dm.hparams.eval_scales, list)
+    mirrored = OmegaConf.create(
+        {
+            "paths": {"data_dir": "d"},
+            "seed": 0,
+            "model": {"eval_scales": [1.0, 0.5]},
+            "data": OmegaConf.load(REPO / "conf" / "data" / "synthetic.yaml"),
+        }
+    )
+    assert instantiate(mirrored.data).eval_scales == (1.0, 0.5)
+    # the quickstart benchmark is the documented default one
+    assert OmegaConf.to_container(mirrored.data.synthetic) == {"seed": 0, **SYNTHETIC_DEFAULTS}
+    cross = instantiate(
+        OmegaConf.create(
+            {"paths": {"data_dir": "d"}, "seed": 0, "data": OmegaConf.load(REPO / "conf/data/paris_to_oxford.yaml")}
+        ).data
+    )
+    assert cross.hparams.split == "cross" and cross.eval_benchmark_name == "roxford5k"
+
+
+class _RankRecorder(_Recorder):
+    """Writes the labels each process trained on to ``<folder>/rank<r>.json``."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def on_train_end(self) -> None:
+        import json
+
+        (Path(self.folder) / f"rank{self.global_rank}.json").write_text(json.dumps(self.seen))
+
+
+@pytest.mark.slow  # 10-20 s: two spawned processes import torch and Lightning
+def test_ddp_processes_draw_disjoint_shares(data_dir: Path, tmp_path: Path) -> None:
+    """Real DDP (two CPU processes, gloo): Lightning keeps the sampler and each process trains its own share."""
+    import json
+
+    dm = make(data_dir, batches_per_epoch=3)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        use_distributed_sampler=True,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(_RankRecorder(str(tmp_path)), datamodule=dm)
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    dm.setup("fit")
+    labels = dm.train_labels
+    split = dm.train_split
+    reference = ClassBalancedSampler(
+        labels,
+        dm.train_classes,
+        3,
+        2,
+        3,
+        distractors=np.flatnonzero(split.is_distractor),
+        distractors_per_batch=2,
+        seed=7,
+        num_replicas=2,
+    )
+    for rank in range(2):
+        expected = [labels[b].tolist() for epoch in (0, 1) for b in reference.global_batches(epoch)[rank::2]]
+        assert seen[rank] == expected
