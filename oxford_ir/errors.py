@@ -46,8 +46,22 @@ def exit_on_user_error(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except OxfordIRError as error:
-            print(f"error: {error}", file=sys.stderr)
+        except Exception as error:
+            cause = user_error_in(error)
+            if cause is None:
+                raise
+            print(f"error: {cause}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def user_error_in(error: BaseException) -> OxfordIRError | None:
+    """The :class:`OxfordIRError` behind ``error``, also when a library wrapped it (Hydra's instantiate does)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OxfordIRError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

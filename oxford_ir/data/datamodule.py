@@ -180,8 +180,21 @@ class ClassBalancedSampler(DistributedSampler):
             raise ValueError(f"rank {self.rank} is outside [0, {self.num_replicas})")
         return self.global_batches(self.epoch if epoch is None else epoch)[self.rank :: self.num_replicas]
 
+    def draw_seeds(self, epoch: int | None = None) -> np.ndarray:
+        """A seed per drawn image, aligned with :meth:`batches`: the augmentation of each draw.
+
+        Augmentations seeded by (seed, epoch, position) make training a pure function of the
+        epoch, so a run resumed from ``last.ckpt`` sees exactly the crops an uninterrupted one
+        sees, whatever the global random state or the number of workers.
+        """
+        epoch = self.epoch if epoch is None else int(epoch)
+        rng = np.random.default_rng([self.seed, epoch, 0x5EED])
+        seeds = rng.integers(0, 2**62, size=(self.num_batches * self.num_replicas, self.batch_size), dtype=np.int64)
+        return seeds[self.rank :: self.num_replicas]
+
     def __iter__(self):
-        return iter(self.batches().ravel().tolist())
+        """``(image index, augmentation seed)`` pairs, batch after batch."""
+        return iter(zip(self.batches().ravel().tolist(), self.draw_seeds().ravel().tolist()))
 
     def __len__(self) -> int:
         return self.num_batches * self.batch_size
@@ -207,8 +220,15 @@ class TrainImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_image(self.paths[index])), int(self.labels[index])
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """``item`` is an index, or ``(index, seed)`` from :class:`ClassBalancedSampler` (seeded augmentation)."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image = load_image(self.paths[index])
+        if seed is None:
+            return self.transform(image), int(self.labels[index])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), int(self.labels[index])
 
 
 class RetrievalDataModule(pl.LightningDataModule):

@@ -185,6 +185,13 @@ def _download_imagenet(weights_enum: type[torchvision.models.WeightsEnum], arch:
     return fetch
 
 
+def _no_imagenet(member: str) -> Any:
+    raise ConfigError(
+        f"weights={member}: the scratch CNN has no ImageNet weights; use weights=none (random) "
+        "or weights=/path/to/file.pth (a ScratchCNN state dict)"
+    )
+
+
 def _init_conv(module: nn.Module) -> None:
     if isinstance(module, nn.Conv2d):
         nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -204,6 +211,7 @@ class ScratchCNN(Backbone):
         self,
         channels: tuple[int, ...] | list[int] = (32, 64, 128, 256),
         in_channels: int = 3,
+        weights: str | Path | None = None,
         freeze: bool = False,
         frozen_stages: int = 0,
     ) -> None:
@@ -226,6 +234,7 @@ class ScratchCNN(Backbone):
         self.channels = channels
         self.out_channels = channels[-1]
         self.apply(_init_conv)
+        self._load_weights(weights, _no_imagenet)
         self._apply_freeze_options(freeze, frozen_stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

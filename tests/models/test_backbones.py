@@ -241,3 +241,13 @@ def test_resnet50_stem_is_the_first_stage() -> None:
 def test_too_many_frozen_stages_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"frozen_stages=4: ScratchCNN has 3 stages"):
         ScratchCNN(channels=(4, 4, 4), frozen_stages=4)
+
+
+def test_scratch_cnn_loads_its_own_state_dict_and_has_no_imagenet_weights(tmp_path):
+    source = ScratchCNN(channels=(4, 8))
+    torch.save(source.state_dict(), tmp_path / "scratch.pth")
+    loaded = ScratchCNN(channels=(4, 8), weights=str(tmp_path / "scratch.pth"))
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with pytest.raises(ConfigError, match="no ImageNet weights"):
+        ScratchCNN(channels=(4, 8), weights="imagenet")

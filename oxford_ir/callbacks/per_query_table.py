@@ -1,0 +1,47 @@
+"""Log the per-query AP of every protocol as a table after each full evaluation."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+from lightning.pytorch.loggers import WandbLogger
+
+
+def per_query_rows(evaluation: dict) -> tuple[list[str], list[list]]:
+    """Columns and rows: query name, landmark, number of positives, then AP per protocol."""
+    benchmark = evaluation["benchmark"]
+    per_query = evaluation["per_query"]
+    keys = sorted(per_query)
+    landmarks = benchmark.query_landmarks or [""] * benchmark.n_queries
+    columns = ["query", "landmark", "positives", *keys]
+    rows = []
+    for q, name in enumerate(benchmark.qimlist):
+        values = [None if np.isnan(per_query[k][q]) else round(float(per_query[k][q]), 6) for k in keys]
+        rows.append([name, landmarks[q], int(benchmark.positives(q).size), *values])
+    return columns, rows
+
+
+class PerQueryTableCallback(pl.Callback):
+    """Per-query AP as a W&B table (``val/per_query_ap``) and a CSV under ``<run>/per_query_ap/``."""
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        evaluation = getattr(pl_module, "last_evaluation", None)
+        if trainer.sanity_checking or not evaluation or not trainer.is_global_zero:
+            return
+        columns, rows = per_query_rows(evaluation)
+        folder = Path(trainer.default_root_dir) / "per_query_ap"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"epoch{trainer.current_epoch:03d}_step{trainer.global_step:06d}.csv"
+        tmp = target.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            writer.writerows(rows)
+        os.replace(tmp, target)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key="val/per_query_ap", columns=columns, data=rows, step=trainer.global_step)

@@ -1,0 +1,43 @@
+"""Log a grid of fixed queries and their top-k results after each full evaluation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import WandbLogger
+
+from oxford_ir.retrieval.visualize import fixed_query_indices, render_retrieval_grid
+
+
+class RetrievalGridCallback(pl.Callback):
+    """Query + top-k results, framed green / red / grey for positive / negative / junk.
+
+    Written as a PNG under ``<run>/retrieval_grids/`` with any logger, and as a W&B image
+    (key ``val/retrieval_grid``) when W&B is on. Skips the sanity check and evaluations that
+    did not cover the whole benchmark.
+    """
+
+    def __init__(self, num_queries: int = 4, top_k: int = 8, thumbnail_size: int = 128) -> None:
+        self.num_queries = num_queries
+        self.top_k = top_k
+        self.thumbnail_size = thumbnail_size
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        evaluation = getattr(pl_module, "last_evaluation", None)
+        if trainer.sanity_checking or not evaluation or not trainer.is_global_zero:
+            return
+        benchmark = evaluation["benchmark"]
+        queries = fixed_query_indices(benchmark.n_queries, self.num_queries)
+        grid = render_retrieval_grid(benchmark, evaluation["ranks"], queries, self.top_k, self.thumbnail_size)
+        folder = Path(trainer.default_root_dir) / "retrieval_grids"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"epoch{trainer.current_epoch:03d}_step{trainer.global_step:06d}.png"
+        tmp = target.with_suffix(".tmp.png")
+        grid.save(tmp)
+        os.replace(tmp, target)
+        captions = ", ".join(benchmark.qimlist[q] for q in queries)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="val/retrieval_grid", images=[grid], caption=[captions], step=trainer.global_step)

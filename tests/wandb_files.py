@@ -1,0 +1,51 @@
+"""Reading what W&B wrote offline: the records of a ``run-<id>.wandb`` file.
+
+The file is W&B's transaction log (what ``wandb sync`` uploads): a 7-byte header, then
+LevelDB-style 32 KiB blocks of chunks (crc32, length, type FULL/FIRST/MIDDLE/LAST), each
+record a serialised ``wandb_internal_pb2.Record``. wandb >= 0.2x dropped its Python reader.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+BLOCK = 32768
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_records(path: Path) -> list:
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    pos, pending, raw = HEADER, b"", []
+    while pos + HEADER <= len(data):
+        space = BLOCK - pos % BLOCK
+        if space < HEADER:
+            pos += space
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        pos += HEADER
+        if kind == 0 and length == 0:  # zero padding to the end of the block
+            pos += space - HEADER
+            continue
+        chunk = data[pos : pos + length]
+        pos += length
+        if kind == FULL:
+            raw.append(chunk)
+        elif kind == FIRST:
+            pending = chunk
+        elif kind == MIDDLE:
+            pending += chunk
+        elif kind == LAST:
+            raw.append(pending + chunk)
+            pending = b""
+    records = []
+    for chunk in raw:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(chunk)
+        records.append(record)
+    return records
