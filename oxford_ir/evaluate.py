@@ -12,8 +12,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from oxford_ir.data.loading import BENCHMARKS, load_benchmark
 from oxford_ir.config import CONFIG_DIR
+from oxford_ir.data.loading import BENCHMARKS, load_benchmark
 from oxford_ir.errors import ConfigError, exit_on_user_error
 from oxford_ir.retrieval.extraction import extract_benchmark
 from oxford_ir.retrieval.ranking import rank_database
@@ -80,7 +80,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     data_dir = Path(cfg.paths.data_dir)
     for name in names:
         prepare_benchmark_data(name, data_dir, bool(cfg.download), OmegaConf.to_container(cfg.get("synthetic") or {}))
-    model = hydra.utils.instantiate(cfg.embedder)
+    if cfg.get("ckpt_path"):
+        from oxford_ir.models.module import load_retrieval_checkpoint
+
+        model = load_retrieval_checkpoint(cfg.ckpt_path).embedder
+    else:
+        model = hydra.utils.instantiate(cfg.embedder)
     ex = cfg.extraction
     results, notes = evaluate_model(
         model,
@@ -115,6 +120,7 @@ def main(cfg: DictConfig) -> float:
     flat, _ = evaluate(cfg)
     maps = [v for k, v in flat.items() if k.endswith("mAP")]
     return sum(maps) / len(maps)
+
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,6 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning.pytorch as pl

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
 from oxford_ir.config import CONFIG_DIR
-from oxford_ir.errors import ConfigError, exit_on_user_error
+from oxford_ir.errors import exit_on_user_error
 from oxford_ir.models.module import load_retrieval_checkpoint
 from oxford_ir.retrieval.report import format_table
 from oxford_ir.run import (

@@ -64,7 +64,10 @@ def test_raw_pixels_on_synthetic_match_a_hand_computation(tmp_path, capsys):
             gt = pickle.load(handle)
         db = np.stack([raw_pixels_by_hand(root / "jpg" / f"{n}.jpg") for n in gt["imlist"]])
         queries = np.stack(
-            [raw_pixels_by_hand(root / "jpg" / f"{n}.jpg", g["bbx"]) for n, g in zip(gt["qimlist"], gt["gnd"])]
+            [
+                raw_pixels_by_hand(root / "jpg" / f"{n}.jpg", g["bbx"])
+                for n, g in zip(gt["qimlist"], gt["gnd"], strict=True)
+            ]
         )
         ranks = np.argsort(-(db @ queries.T), axis=0, kind="stable")
         for prefix in prefixes:
@@ -91,3 +94,19 @@ def test_missing_real_dataset_is_one_clear_line(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "error:" in result.stderr and "oxford-ir-data download" in result.stderr
+
+
+def test_evaluates_a_training_checkpoint_like_the_training_run(tmp_path):
+    """oxford-ir-eval ckpt_path=... gives the numbers the training run logged for that checkpoint."""
+    from oxford_ir.train import train
+    from tests.test_train import TINY, TINY_SCRATCH, TINY_SYNTHETIC, compose_train
+
+    cfg = compose_train(tmp_path, *TINY, *TINY_SCRATCH, "logger=none", "trainer.max_epochs=1", "test=false")
+    metrics, _ = train(cfg)
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    eval_cfg = compose_eval(
+        tmp_path, f"ckpt_path={checkpoint}", "benchmarks=[synthetic]", "extraction.image_size=64",
+        "synthetic.preset=default", *(f"+synthetic.{k}={v}" for k, v in TINY_SYNTHETIC.items()),
+    )  # fmt: skip
+    flat, _ = evaluate(eval_cfg)
+    assert flat["synthetic/mAP"] == pytest.approx(metrics["val/synthetic/mAP"], abs=1e-6)

@@ -115,18 +115,18 @@ def test_train_logs_mining_statistics_and_writes_checkpoints(tmp_path, capsys):
     assert len(triplets) == 6 and all(t >= 0 for t in triplets)
     assert 0.0 <= metrics["final/val/mAP"] <= 1.0
     # grids and per-query tables are written with any logger: two epochs, then the best checkpoint's evaluation
-    assert len(list((run / "retrieval_grids").glob("*.png"))) == 3
-    assert len(list((run / "per_query_ap").glob("*.csv"))) == 3
+    assert len(list((run / "retrieval_grids").glob("epoch*.png"))) == 2
+    assert len(list((run / "retrieval_grids").glob("validate_*.png"))) == 1
+    assert len(list((run / "per_query_ap").glob("epoch*.csv"))) == 2
     out = capsys.readouterr().out
     assert "After training (best checkpoint)" in out and str(run) in out
 
 
-@pytest.mark.slow
 def test_training_learns_on_the_synthetic_benchmark(tmp_path):
     """The quickstart recipe, shortened: validation mAP clearly above the untrained network's.
 
-    Measured when written (seed 42, default synthetic benchmark, 6 epochs x 20 batches):
-    untrained M/mAP ~0.37, trained ~0.6 (see the closing note of the training issue).
+    Measured when written (seed 42, the default synthetic benchmark, Revisited Medium mAP,
+    6 epochs x 20 batches, ~35 s on 2 cores): untrained 0.2415, trained 0.6358.
     """
     cfg = compose_train(
         tmp_path, "experiment=quickstart", "logger=csv", "trainer.max_epochs=6", "data.batches_per_epoch=20",
@@ -159,7 +159,9 @@ def test_resume_continues_the_same_run_exactly(tmp_path):
     assert a["epoch"] == b["epoch"]
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
-    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+    for sa, sb in zip(
+        a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(), strict=True
+    ):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"])
 
 
@@ -261,3 +263,27 @@ def test_wandb_offline_run_files_hold_metrics_images_table_and_group(tmp_path):
         assert tables and "AP" in json.loads(tables[0].read_text())["columns"][-1]
     assert len(ids) == 2
     assert groups == {"sweep"}
+
+
+def test_optuna_sweep_runs_trials_and_reports_the_best(tmp_path):
+    """hparams_search=optuna: a real Optuna study over margin, lr and miner, maximising val/mAP."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    result = cli(
+        "hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+        *TINY, *TINY_SCRATCH, "logger=none", "trainer.max_epochs=1", "test=false",
+        f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
+    assert set(summary.best_params) == {"loss.margin", "optimizer.lr", "miner"}
+    assert 0.0 < summary.best_value <= 1.0
+    assert len(list((tmp_path / "sweep").glob("[0-9]*/checkpoints/last.ckpt"))) == 2
+
+
+def test_grid_search_config_sweeps_margin_and_miner(tmp_path):
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=grid"], return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert dict(cfg.hydra.sweeper.params) == {"loss.margin": "0.05,0.1,0.2", "miner": "batch_hard,triplet_semihard"}
+    assert cfg.optimized_metric == "val/mAP"

@@ -10,6 +10,8 @@ import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.loggers import WandbLogger
 
+from oxford_ir.callbacks import artifact_stem
+
 
 def per_query_rows(evaluation: dict) -> tuple[list[str], list[list]]:
     """Columns and rows: query name, landmark, number of positives, then AP per protocol."""
@@ -35,7 +37,7 @@ class PerQueryTableCallback(pl.Callback):
         columns, rows = per_query_rows(evaluation)
         folder = Path(trainer.default_root_dir) / "per_query_ap"
         folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"epoch{trainer.current_epoch:03d}_step{trainer.global_step:06d}.csv"
+        target = folder / f"{artifact_stem(trainer)}.csv"
         tmp = target.with_suffix(".tmp")
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)

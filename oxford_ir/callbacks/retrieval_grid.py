@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
 
+from oxford_ir.callbacks import artifact_stem
 from oxford_ir.retrieval.visualize import fixed_query_indices, render_retrieval_grid
 
 
@@ -33,7 +34,7 @@ class RetrievalGridCallback(pl.Callback):
         grid = render_retrieval_grid(benchmark, evaluation["ranks"], queries, self.top_k, self.thumbnail_size)
         folder = Path(trainer.default_root_dir) / "retrieval_grids"
         folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"epoch{trainer.current_epoch:03d}_step{trainer.global_step:06d}.png"
+        target = folder / f"{artifact_stem(trainer)}.png"
         tmp = target.with_suffix(".tmp.png")
         grid.save(tmp)
         os.replace(tmp, target)

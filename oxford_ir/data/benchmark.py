@@ -147,7 +147,7 @@ class Benchmark:
         remap[keep_db] = np.arange(len(keep_db))
         new_gnd, new_q, new_landmarks = [], [], []
         landmarks = self.query_landmarks or [""] * self.n_queries
-        for name, entry, landmark in zip(self.qimlist, self.gnd, landmarks):
+        for name, entry, landmark in zip(self.qimlist, self.gnd, landmarks, strict=True):
             if name not in present:
                 continue
             new_entry = dict(entry)

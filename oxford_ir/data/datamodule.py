@@ -194,7 +194,7 @@ class ClassBalancedSampler(DistributedSampler):
 
     def __iter__(self):
         """``(image index, augmentation seed)`` pairs, batch after batch."""
-        return iter(zip(self.batches().ravel().tolist(), self.draw_seeds().ravel().tolist()))
+        return iter(zip(self.batches().ravel().tolist(), self.draw_seeds().ravel().tolist(), strict=True))
 
     def __len__(self) -> int:
         return self.num_batches * self.batch_size

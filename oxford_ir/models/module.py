@@ -623,6 +623,17 @@ def _read_checkpoint(path: Path, map_location: Any) -> dict:
     return checkpoint
 
 
+def _without_pretrained_weights(embedder: Any) -> Any:
+    """The embedder config with ``backbone.weights: none``: the checkpoint's state dict replaces them anyway,
+    so rebuilding never downloads ImageNet weights or needs the local weights file of the training machine."""
+    if not isinstance(embedder, dict) or not isinstance(embedder.get("backbone"), dict):
+        return embedder
+    backbone = embedder["backbone"]
+    if "weights" not in backbone:
+        return embedder
+    return {**embedder, "backbone": {**backbone, "weights": "none"}}
+
+
 def load_retrieval_checkpoint(
     path: str | Path, map_location: Any = "cpu", *, expected: RetrievalModule | None = None
 ) -> RetrievalModule:
@@ -653,6 +664,7 @@ def load_retrieval_checkpoint(
             )
     accepted = set(inspect.signature(RetrievalModule.__init__).parameters) - {"self"}
     kwargs = {k: v for k, v in hparams.items() if k in accepted}
+    kwargs["embedder"] = _without_pretrained_weights(kwargs.get("embedder"))
     try:
         module = RetrievalModule(**kwargs)
     except OxfordIRError as error:

@@ -133,7 +133,7 @@ def evaluate_ranks(
     for prefix, setting in settings.items():
         m_ap, aps, mpr, _ = compute_map(ranks, setting, kappas)
         metrics[f"{prefix}mAP"] = m_ap
-        for k, value in zip(kappas, mpr):
+        for k, value in zip(kappas, mpr, strict=True):
             metrics[f"{prefix}mP@{k}"] = float(value)
         per_query[f"{prefix}AP"] = aps
     return metrics, per_query

@@ -48,7 +48,7 @@ def render_retrieval_grid(
             query_image = query_image.crop(tuple(int(round(v)) for v in bbx))
         grid.paste(_thumbnail(query_image, thumbnail_size, COLOURS["query"], border), (0, row * thumbnail_size))
         indices = [int(i) for i in ranks[:top_k, q]]
-        for col, (index, label) in enumerate(zip(indices, result_labels(benchmark, q, indices)), start=1):
+        for col, (index, label) in enumerate(zip(indices, result_labels(benchmark, q, indices), strict=True), start=1):
             image = load_image(benchmark.image_path(benchmark.imlist[index]))
             thumb = _thumbnail(image, thumbnail_size, COLOURS[label], border)
             ImageDraw.Draw(thumb).text((border + 2, border + 1), str(col), fill=(255, 255, 0))

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data.distributed import DistributedSampler
 
+from oxford_ir.callbacks.distributed import SpawnedProcessGroupTeardown
 from oxford_ir.data.augmentation import Augmentation, train_transform
 from oxford_ir.data.collate import collate_variable_size
 from oxford_ir.data.datamodule import ClassBalancedSampler, RetrievalDataModule
@@ -415,6 +416,7 @@ def test_lightning_sets_the_epoch_and_keeps_the_sampler(data_dir: Path, tmp_path
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
+        callbacks=[SpawnedProcessGroupTeardown()],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -490,6 +492,7 @@ def test_ddp_processes_draw_disjoint_shares(data_dir: Path, tmp_path: Path) -> N
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
+        callbacks=[SpawnedProcessGroupTeardown()],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

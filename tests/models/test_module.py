@@ -21,6 +21,7 @@ from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+from oxford_ir.callbacks.distributed import SpawnedProcessGroupTeardown
 from oxford_ir.data.benchmark import Benchmark
 from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.errors import CheckpointError, ConfigError, DataError
@@ -728,7 +729,12 @@ def test_two_processes_gather_the_full_benchmark(tmp_path):
     datamodule = StandInDataModule(write_benchmark(tmp_path, distractors=1), eval_batch_size=2)  # 13: padded
     single = pl.Trainer(logger=False, **TRAINER_KWARGS)
     single.validate(make_module(), datamodule=datamodule, verbose=False)
-    multi = pl.Trainer(logger=False, **{**TRAINER_KWARGS, "devices": 2}, strategy="ddp_spawn")
+    multi = pl.Trainer(
+        logger=False,
+        **{**TRAINER_KWARGS, "devices": 2},
+        strategy="ddp_spawn",
+        callbacks=[SpawnedProcessGroupTeardown()],
+    )
     multi.validate(make_module(), datamodule=datamodule, verbose=False)
     assert set(multi.callback_metrics) == set(single.callback_metrics)
     for key, value in single.callback_metrics.items():

@@ -23,7 +23,7 @@ def compute_ap(ranks, nres):
     return ap
 
 
-def compute_map(ranks, gnd, kappas=[]):  # noqa: B006 - verbatim
+def compute_map(ranks, gnd, kappas=[]):
     map = 0.0
     nq = len(gnd)
     aps = np.zeros(nq)
