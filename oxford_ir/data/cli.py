@@ -135,7 +135,8 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from oxford_ir.data.verify import load_listed_benchmark, verify_benchmark
+    from oxford_ir.data.loading import load_listed_benchmark
+    from oxford_ir.data.verify import verify_benchmark
 
     benchmark = load_listed_benchmark(args.benchmark, args.root, gt_file=args.gt_file)
     report = verify_benchmark(benchmark, workers=args.workers, progress=not args.no_progress)

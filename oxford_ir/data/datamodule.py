@@ -136,12 +136,6 @@ class ClassBalancedSampler(DistributedSampler):
         self.dataset = None
 
     @property
-    def train_classes(self) -> np.ndarray:
-        """The landmark labels the sampler draws from (classes with at least K images present)."""
-        self._require(self._train_split, "fit")
-        return self._train_classes
-
-    @property
     def batch_size(self) -> int:
         return self.classes_per_batch * self.images_per_class + self.distractors_per_batch
 

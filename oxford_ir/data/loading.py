@@ -99,6 +99,25 @@ def find_ground_truth(name: str, folder: Path) -> Path:
     )
 
 
+def load_listed_benchmark(name: str, root: str | Path, gt_file: str | Path | None = None) -> Benchmark:
+    """Benchmark ``name`` with every image its ground truth lists, on disk or not (validated indices).
+
+    What :func:`load_benchmark` starts from; ``oxford-ir-data verify`` uses it to report what is missing.
+    """
+    spec = benchmark_spec(name)
+    folder = dataset_dir(name, root)
+    source = Path(gt_file).expanduser() if gt_file is not None else find_ground_truth(name, folder)
+    truth = read_ground_truth(source, dataset_dir=folder)
+    if truth.protocol != spec.protocol:
+        other = [n for n, s in BENCHMARKS.items() if s.folder == spec.folder and s.protocol == truth.protocol]
+        raise GroundTruthError(
+            f"{source}: holds {truth.protocol}-protocol ground truth, but {name} uses the {spec.protocol} protocol; "
+            + (f"load it as {other[0]!r} or " if other else "")
+            + f"give {name}'s own ground truth"
+        )
+    return _benchmark(name, folder, truth).validate()
+
+
 def load_benchmark(
     name: str,
     root: str | Path,
@@ -113,18 +132,8 @@ def load_benchmark(
     ``<folder>/jpg``, raises :class:`DataError`, or, with ``allow_missing_images``, returns
     the benchmark restricted to the images present (warned, ``is_subset`` set).
     """
-    spec = benchmark_spec(name)
-    folder = dataset_dir(name, root)
-    source = Path(gt_file).expanduser() if gt_file is not None else find_ground_truth(name, folder)
-    truth = read_ground_truth(source, dataset_dir=folder)
-    if truth.protocol != spec.protocol:
-        other = [n for n, s in BENCHMARKS.items() if s.folder == spec.folder and s.protocol == truth.protocol]
-        raise GroundTruthError(
-            f"{source}: holds {truth.protocol}-protocol ground truth, but {name} uses the {spec.protocol} protocol; "
-            + (f"load it as {other[0]!r} or " if other else "")
-            + f"give {name}'s own ground truth"
-        )
-    benchmark = _benchmark(name, folder, truth).validate()
+    benchmark = load_listed_benchmark(name, root, gt_file)
+    folder = benchmark.root
     missing = benchmark.missing_images()
     if not missing:
         return benchmark

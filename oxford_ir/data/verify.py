@@ -16,7 +16,7 @@ from pathlib import Path
 
 from oxford_ir.data.benchmark import Benchmark
 from oxford_ir.data.images import load_image
-from oxford_ir.errors import DataError, GroundTruthError
+from oxford_ir.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -131,34 +131,3 @@ def verify_benchmark(benchmark: Benchmark, *, workers: int | None = None, progre
         undecodable=undecodable,
         n_checked=len(to_check),
     )
-
-
-def load_listed_benchmark(name: str, root: str | os.PathLike, gt_file: str | os.PathLike | None = None) -> Benchmark:
-    """Benchmark ``name`` with every image its ground truth lists, whether on disk or not.
-
-    :func:`oxford_ir.data.loading.load_benchmark` refuses missing images or drops them;
-    a verification must see the full lists to report what is missing.
-    """
-    from oxford_ir.data.ground_truth import IMAGE_FOLDER, read_ground_truth
-    from oxford_ir.data.loading import benchmark_spec, dataset_dir, find_ground_truth
-
-    spec = benchmark_spec(name)
-    folder = dataset_dir(name, root)
-    source = Path(gt_file).expanduser() if gt_file is not None else find_ground_truth(name, folder)
-    truth = read_ground_truth(source, dataset_dir=folder)
-    if truth.protocol != spec.protocol:
-        raise GroundTruthError(
-            f"{source}: holds {truth.protocol}-protocol ground truth, but {name} uses the {spec.protocol} protocol; "
-            f"give {name}'s own ground truth"
-        )
-    return Benchmark(
-        name=name,
-        root=folder,
-        protocol=truth.protocol,
-        imlist=truth.imlist,
-        qimlist=truth.qimlist,
-        gnd=truth.gnd,
-        source=truth.source,
-        image_dir=folder / IMAGE_FOLDER,
-        query_landmarks=truth.query_landmarks,
-    ).validate()

@@ -42,6 +42,11 @@ class Embedder(nn.Module):
         if projection_dim is not None or whitening:
             out = self.pooled_dim if projection_dim is None else int(projection_dim)
             self.projection: nn.Linear | None = nn.Linear(self.pooled_dim, out, bias=True)
+            if out == self.pooled_dim:
+                # a square whitening starts as the identity: training starts from the backbone's own
+                # descriptor (e.g. pretrained GeM) instead of a random rotation of it
+                nn.init.eye_(self.projection.weight)
+                nn.init.zeros_(self.projection.bias)
         else:
             self.projection = None
         self.embedding_dim = self.projection.out_features if self.projection is not None else self.pooled_dim

@@ -132,3 +132,12 @@ def test_configs_instantiate(backbone, pooling, cls, pool_cls, dim, overrides) -
 def test_mobilenet_config_defaults_to_imagenet_weights() -> None:
     assert OmegaConf.load(CONF / "backbone" / "mobilenetv2.yaml").weights == "imagenet"
     assert OmegaConf.load(CONF / "pooling" / "gem.yaml").p == 3.0
+
+
+def test_square_whitening_starts_as_the_identity():
+    backbone = ScratchCNN(channels=(4, 8))
+    plain = Embedder(backbone, GeM())
+    whitened = Embedder(backbone, GeM(), whitening=True)
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(whitened(x), plain(x))
+    assert not torch.equal(Embedder(backbone, GeM(), projection_dim=4).projection.weight[:, :4], torch.eye(4))
