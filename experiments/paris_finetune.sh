@@ -10,7 +10,7 @@ REAL=${2:-../shared}
 .venv/bin/oxford-ir-train experiment=gem_mobilenetv2 data=rparis6k paths.data_dir="$REAL" \
   backbone.weights="$WEIGHTS" data.allow_missing_images=true \
   data.split=landmarks data.held_out_landmarks=[louvre,moulinrouge] data.n_held_out=null \
-  data.classes_per_batch=3 data.images_per_class=4 data.distractors_per_batch=4 \
+  data.classes_per_batch=3 data.images_per_class=4 data.distractors_per_batch=0 \
   data.image_size=224 data.eval_image_size=512 model.eval_scales=[1.0] data.batches_per_epoch=10 \
   optimizer.lr=1e-4 model.backbone_lr=1e-5 \
   data.num_workers=2 trainer.max_epochs=4 validate_before_training=true logger=csv \

@@ -463,7 +463,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             sampler=sampler,
             drop_last=True,
             num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),  # pinning needs an accelerator
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
         )
 
@@ -486,7 +486,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             shuffle=False,
             collate_fn=collate_variable_size,
             num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),  # pinning needs an accelerator
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
         )
 
