@@ -12,10 +12,11 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[dev,optuna,slurm]'
+	$(PY) -m pip install -e '.[dev,optuna,slurm,faiss]'
+	./.ci/install-chromium
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install the package with the dev extras
+install: $(STAMP) ## create .venv, install the package with its dev/optuna/slurm/faiss extras, and Debian's chromium if missing
 
 test: $(STAMP) ## run the fast test suite (CPU, a few minutes)
 	$(PY) -m pytest

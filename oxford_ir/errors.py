@@ -37,6 +37,10 @@ class CheckpointError(OxfordIRError):
     """A checkpoint is corrupt or belongs to another model."""
 
 
+class IndexFormatError(OxfordIRError):
+    """An image index folder is missing, corrupt, busy, or was built with another model or settings."""
+
+
 def exit_on_user_error(func):
     """Wrap a command-line entry point: print an :class:`OxfordIRError` as one line and exit 2, no traceback."""
     import functools

@@ -1,0 +1,80 @@
+"""``oxford-ir-index``: embed an image collection (folder, glob or benchmark) into an index folder.
+
+The logic is :func:`index` (a composed config in, an :class:`~oxford_ir.retrieval.index.IndexReport` out);
+the format and the incremental / atomic update rules are documented in :mod:`oxford_ir.retrieval.index`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from oxford_ir.config import CONFIG_DIR
+from oxford_ir.errors import ConfigError, exit_on_user_error
+from oxford_ir.evaluate import resolve_device
+from oxford_ir.retrieval.index import IndexReport, build_index, resolve_images
+from oxford_ir.retrieval.model_spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def index(cfg: DictConfig) -> IndexReport:
+    """Build or update the index ``cfg.out`` of ``cfg.images`` with the configured model; prints a summary."""
+    for key in ("images", "out"):
+        if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
+            raise ConfigError(
+                f"{key}= is required: oxford-ir-index images=<folder, 'glob' or benchmark:<name>> out=<index folder>"
+            )
+    ex = cfg.extraction
+    image_size = _number(cfg, "extraction.image_size", int, optional=True)
+    scales = _number(cfg, "extraction.scales", lambda v: [float(s) for s in v])
+    batch_size = _number(cfg, "extraction.batch_size", int)
+    num_workers = _number(cfg, "extraction.num_workers", int)
+    checkpoint_every = _number(cfg, "index.checkpoint_every", float, optional=True)
+    model = ModelSpec.from_config(cfg)
+    source = resolve_images(
+        str(cfg.images), Path(cfg.paths.data_dir), allow_missing_images=bool(cfg.get("allow_missing_images", False))
+    )
+    log.info("indexing %d images of %s with %s", len(source.paths), source.root, model.describe())
+    report = build_index(
+        model,
+        source,
+        Path(str(cfg.out)),
+        image_size=image_size,
+        scales=scales,
+        dtype=str(cfg.index.dtype),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=resolve_device(str(ex.device)),
+        progress=bool(cfg.get("progress", True)),
+        incremental=str(cfg.index.get("incremental", "auto")),
+        checkpoint_every=checkpoint_every,
+    )
+    print(report.summary())
+    return report
+
+
+def _number(cfg: DictConfig, key: str, convert, *, optional: bool = False):
+    """``convert(cfg[key])``, or a ConfigError naming the key (None passes when ``optional``)."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and optional:
+        return None
+    try:
+        return convert(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not valid; see conf/index.yaml for what it takes") from None
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="index")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+    index(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The faiss search backend (``backend=faiss``): exact ``flat`` or compressed ``ivfpq`` inner-product search.
+
+Vectors are compared by inner product; index rows and query embeddings are L2-normalised, so this is the
+cosine similarity of the exact backend. Like that backend, it takes the rows as stored (a float16 row's norm
+is 1 up to its rounding) instead of renormalising them, so that both rank the same vectors.
+
+- ``flat`` (``IndexFlatIP``): exhaustive, the same top-k as exact search; useful where faiss' BLAS kernels
+  are faster than torch, and as a reference.
+- ``ivfpq`` (``IndexIVFPQ``): a coarse k-means quantiser with ``nlist`` cells, residuals product-quantised
+  into ``m`` sub-vectors of ``nbits`` bits each (``m * nbits / 8`` bytes per image instead of ``4 D``); a
+  query visits the ``nprobe`` nearest cells. Trained on ``train_size`` database vectors drawn with
+  ``seed``. Approximate: ``tests/retrieval/test_search.py`` measures its recall against exact search.
+
+faiss is the optional extra ``faiss`` (``pip install -e '.[faiss]'``); without it, asking for this backend
+is a :class:`~oxford_ir.errors.ConfigError` that says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from oxford_ir.errors import ConfigError
+
+INDEX_TYPES = ("flat", "ivfpq")
+#: database rows added to faiss at once (float16 rows are upcast one block at a time)
+_ADD_BLOCK = 65536
+
+
+def import_faiss() -> Any:
+    """The faiss module, or a ConfigError saying how to install it."""
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError(
+            "backend=faiss needs the faiss package, which is not installed: pip install -e '.[faiss]' "
+            "(or pip install faiss-cpu), or use backend=exact"
+        ) from None
+    return faiss
+
+
+@dataclass(frozen=True)
+class FaissOptions:
+    """Settings of the faiss backend (the ``faiss`` config node)."""
+
+    index_type: str = "flat"
+    #: IVF: number of k-means cells (at most the number of training vectors; ~sqrt(N) to 16 sqrt(N) is usual)
+    nlist: int = 1024
+    #: PQ: sub-quantisers (must divide the embedding dimension)
+    m: int = 16
+    #: PQ: bits per sub-quantiser code (8 = 256 centroids each)
+    nbits: int = 8
+    #: IVF: cells visited per query (more = better recall, slower)
+    nprobe: int = 16
+    #: IVF-PQ: database vectors used to train the quantisers
+    train_size: int = 100_000
+    #: which training vectors are drawn
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, options: Mapping | FaissOptions | None) -> FaissOptions:
+        if options is None:
+            return cls()
+        if isinstance(options, FaissOptions):
+            return options
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"faiss: unknown option(s) {unknown}; known: {sorted(known)}")
+        values = {**asdict(cls()), **dict(options)}
+        if values["index_type"] not in INDEX_TYPES:
+            raise ConfigError(f"faiss.index_type={values['index_type']!r}: choose one of {', '.join(INDEX_TYPES)}")
+        for key in ("nlist", "m", "nbits", "nprobe", "train_size", "seed"):
+            value, least = values[key], 0 if key == "seed" else 1
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+                raise ConfigError(f"faiss.{key}={value!r}: must be a whole number >= {least}")
+        if values["nbits"] > 16:
+            raise ConfigError(f"faiss.nbits={values['nbits']}: PQ codes have at most 16 bits (8 is usual)")
+        return cls(**values)
+
+
+class FaissSearch:
+    """Top-k inner-product search over L2-normalised ``database`` rows with a faiss index built on creation."""
+
+    def __init__(self, database: np.ndarray, options: FaissOptions | Mapping | None = None) -> None:
+        self.options = FaissOptions.from_config(options)
+        faiss = import_faiss()
+        if database.ndim != 2:
+            raise ValueError(f"database must be N x D, got shape {database.shape}")
+        n, d = database.shape
+        self.n, self.dim = int(n), int(d)
+        o = self.options
+        if o.index_type == "flat":
+            index = faiss.IndexFlatIP(d)
+        else:
+            n_train = min(o.train_size, n)
+            if d % o.m:
+                raise ConfigError(f"faiss.m={o.m}: the PQ sub-quantisers must divide the embedding dimension {d}")
+            if n_train < max(o.nlist, 2**o.nbits):
+                raise ConfigError(
+                    f"faiss ivfpq with nlist={o.nlist}, nbits={o.nbits} needs at least {max(o.nlist, 2**o.nbits)} "
+                    f"training vectors, but the index holds {n} (train_size={o.train_size}); lower faiss.nlist / "
+                    "faiss.nbits or use faiss.index_type=flat (or backend=exact) for a collection this small"
+                )
+            quantiser = faiss.IndexFlatIP(d)
+            index = faiss.IndexIVFPQ(quantiser, d, o.nlist, o.m, o.nbits, faiss.METRIC_INNER_PRODUCT)
+            rows = np.sort(np.random.default_rng(o.seed).choice(n, size=n_train, replace=False))
+            index.train(_float32(database[rows]))
+            index.nprobe = min(o.nprobe, o.nlist)
+            self._quantiser = quantiser  # the IVF index does not own it: keep it alive
+        for start in range(0, n, _ADD_BLOCK):
+            index.add(_float32(database[start : start + _ADD_BLOCK]))
+        self.index = index
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, indices)``, each nq x min(k, N), best first; an IVF search that reaches fewer than k
+        images pads with index -1 and score -inf."""
+        k = min(int(k), self.n)
+        queries = _float32(queries)
+        if queries.shape[0] == 0 or k == 0:
+            return np.zeros((queries.shape[0], k), np.float32), np.zeros((queries.shape[0], k), np.int64)
+        scores, indices = self.index.search(queries, k)
+        scores = scores.astype(np.float32, copy=False)
+        scores[indices < 0] = -np.inf
+        return scores, indices.astype(np.int64, copy=False)
+
+    def rank_all(self, queries: np.ndarray) -> np.ndarray:
+        """Every database row per query (n_db x nq): faiss' order, then rows it did not reach, in index order."""
+        _, indices = self.search(queries, self.n)
+        ranks = np.empty((queries.shape[0], self.n), dtype=np.int64)
+        for q, row in enumerate(indices):
+            found = row[row >= 0]
+            seen = np.zeros(self.n, dtype=bool)
+            seen[found] = True
+            ranks[q] = np.concatenate([found, np.flatnonzero(~seen)])
+        return ranks.T
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.n} x {self.dim}, {self.options})"
+
+
+def _float32(vectors: np.ndarray) -> np.ndarray:
+    """C-contiguous float32 rows, the only layout faiss accepts (float16 rows are upcast here)."""
+    return np.ascontiguousarray(vectors, dtype=np.float32)

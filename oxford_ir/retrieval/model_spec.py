@@ -1,0 +1,178 @@
+"""How to rebuild the embedding model of an index: a training checkpoint or an embedder config.
+
+An index stores this spec, not the network, so a searcher can embed queries with exactly the model that
+embedded the database. The fingerprint identifies the model by content (the checkpoint's bytes, or the
+embedder config with every local weights file replaced by its sha256), so moving files keeps it and
+retraining into the same path changes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from oxford_ir.errors import CheckpointError, ConfigError
+
+#: string values of an embedder config treated as local files (when they exist): paths, not keywords such
+#: as ``weights: imagenet``
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors", ".pkl", ".npz")
+_HASH_CHUNK = 1 << 20
+#: sha256 of files already hashed in this process, keyed by (path, size, mtime_ns)
+_file_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, streamed; cached per (path, size, mtime) for the life of the process."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _file_hashes:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+        _file_hashes[key] = digest.hexdigest()
+    return _file_hashes[key]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Exactly one of ``checkpoint`` (absolute path of a training ``.ckpt``) or ``embedder`` (a resolved
+    embedder config with ``_target_``, local weight paths absolute)."""
+
+    checkpoint: str | None = None
+    embedder: dict | None = None
+
+    def __post_init__(self) -> None:
+        if (self.checkpoint is None) == (self.embedder is None):
+            raise ConfigError("a model is either a checkpoint (ckpt_path=...) or an embedder config, exactly one")
+        if self.embedder is not None and "_target_" not in self.embedder:
+            raise ConfigError(f"embedder config {self.embedder} has no _target_; compose it from conf/embedder")
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: Mapping | DictConfig) -> ModelSpec:
+        """From a composed config: ``ckpt_path`` when set, else the ``embedder`` node (as in conf/eval.yaml)."""
+        ckpt = cfg.get("ckpt_path")
+        if ckpt:
+            path = Path(str(ckpt)).expanduser()
+            if not path.is_file():
+                raise CheckpointError(
+                    f"ckpt_path={ckpt}: no such file; give a checkpoint written by oxford-ir-train "
+                    "(<run>/checkpoints/last.ckpt or best-*.ckpt), or leave ckpt_path unset to use backbone=/pooling="
+                )
+            return cls(checkpoint=str(path.resolve()))
+        embedder = cfg.get("embedder")
+        if embedder is None:
+            raise ConfigError("no model: set ckpt_path=<checkpoint> or compose an embedder (backbone=..., pooling=...)")
+        if isinstance(embedder, DictConfig | ListConfig):
+            embedder = OmegaConf.to_container(embedder, resolve=True)
+        return cls(embedder=_absolute_files(dict(embedder)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
+        """Inverse of :meth:`to_dict` (as stored in an index manifest)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a model spec is a mapping with checkpoint or embedder, got {type(data).__name__}")
+        return cls(checkpoint=data.get("checkpoint"), embedder=data.get("embedder"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "embedder": self.embedder}
+
+    # -- use -----------------------------------------------------------------------------------
+    def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
+        """The embedder in eval mode on ``device`` (images in, L2-normalised N x D out); deterministic."""
+        if self.checkpoint is not None:
+            from oxford_ir.models.module import load_retrieval_checkpoint
+
+            model = load_retrieval_checkpoint(self.checkpoint).embedder
+        else:
+            import hydra
+
+            # seeded: a config with randomly initialised parts (weights=none) always gives the same network,
+            # so that queries embedded later match an index built earlier
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = hydra.utils.instantiate(self.embedder)
+        return model.to(device).eval()
+
+    def describe(self) -> str:
+        """One line for people: ``checkpoint /runs/x/last.ckpt`` or ``MobileNetV2(weights=...) + GeM(p=3.0)``."""
+        if self.checkpoint is not None:
+            return f"checkpoint {self.checkpoint}"
+        cfg = self.embedder or {}
+        parts = [_describe(cfg[key]) for key in ("backbone", "pooling") if isinstance(cfg.get(key), Mapping)]
+        extras = [_describe_args(cfg, skip=("backbone", "pooling"))]
+        text = " + ".join(parts) if parts else _describe(cfg)
+        return text + (f" [{extras[0]}]" if extras[0] else "")
+
+    def fingerprint(self) -> str:
+        """Hex sha256 identifying the model's weights and architecture by content.
+
+        Checkpoint: over the sha256 of the file. Embedder: over its canonical JSON, each local file it names
+        replaced by that file's sha256. A named file that has gone raises :class:`ConfigError`.
+        """
+        if self.checkpoint is not None:
+            path = Path(self.checkpoint)
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint not found: {path}; the model of this index was moved or deleted")
+            payload: Any = {"checkpoint_sha256": file_sha256(path)}
+        else:
+            payload = {"embedder": _hash_files(self.embedder)}
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _looks_like_file(value: str) -> bool:
+    return "/" in value or "\\" in value or value.lower().endswith(_WEIGHT_SUFFIXES)
+
+
+def _absolute_files(value: Any) -> Any:
+    """Existing local file paths made absolute, so the spec rebuilds from any working directory."""
+    if isinstance(value, Mapping):
+        return {str(k): _absolute_files(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_absolute_files(v) for v in value]
+    if isinstance(value, str) and _looks_like_file(value):
+        path = Path(value).expanduser()
+        if path.is_file():
+            return str(path.resolve())
+    return value
+
+
+def _hash_files(value: Any) -> Any:
+    """The config with each local file path replaced by ``{"sha256": ...}`` of its content."""
+    if isinstance(value, Mapping):
+        return {str(k): _hash_files(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_hash_files(v) for v in value]
+    if isinstance(value, str) and _looks_like_file(value):
+        path = Path(value).expanduser()
+        if path.is_file():
+            return {"sha256": file_sha256(path)}
+        if path.suffix.lower() in _WEIGHT_SUFFIXES:
+            raise ConfigError(f"weights file not found: {path}; the model of this index names a file that is gone")
+    return value
+
+
+def _describe(cfg: Any) -> str:
+    if not isinstance(cfg, Mapping):
+        return repr(cfg)
+    target = str(cfg.get("_target_", "?")).rsplit(".", 1)[-1]
+    return f"{target}({_describe_args(cfg)})"
+
+
+def _describe_args(cfg: Mapping, skip: tuple[str, ...] = ()) -> str:
+    args = []
+    for key, value in cfg.items():
+        if key.startswith("_") or key in skip or value is None or value is False:
+            continue
+        args.append(f"{key}={_describe(value) if isinstance(value, Mapping) else value}")
+    return ", ".join(args)

@@ -1,0 +1,527 @@
+"""Searching a :class:`~oxford_ir.retrieval.index.RetrievalIndex`: embed queries, find the top-k, evaluate.
+
+- Queries are embedded by the index's own model with its extraction settings (image size, scales), cropped
+  to their boxes exactly as benchmark queries are (``extract_embeddings`` / ``ImageListDataset``), so a
+  search and ``oxford-ir-eval`` see the same vectors.
+- ``backend="exact"`` (default): a matrix product with the database, chunked so that a float16 index is
+  upcast one block of rows at a time; top-k best first, ties broken by the lower database row.
+  ``backend="faiss"``: see :mod:`oxford_ir.retrieval.faiss_backend` (flat or IVF-PQ).
+- Optional re-ranking (:mod:`oxford_ir.retrieval.reranking`): database-side augmentation (computed once,
+  when the searcher first needs the database) and alpha query expansion (per query: search, expand, search).
+- :func:`evaluate_benchmark` ranks a benchmark's queries against an index built with
+  ``images=benchmark:<name>``; for a float32 index it gives the numbers of ``oxford-ir-eval`` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+from oxford_ir.data.benchmark import Benchmark
+from oxford_ir.data.datasets import crop
+from oxford_ir.data.images import load_image, to_rgb
+from oxford_ir.data.transforms import resize_long_side, to_tensor_normalised
+from oxford_ir.errors import ConfigError, DataError, IndexFormatError
+from oxford_ir.retrieval.extraction import embed_batch, extract_embeddings
+from oxford_ir.retrieval.faiss_backend import FaissOptions, FaissSearch, import_faiss
+from oxford_ir.retrieval.ranking import rank_database
+from oxford_ir.retrieval.reranking import ReRanking, augment, drop_self
+from oxford_ir.retrieval.visualize import COLOURS, _thumbnail
+
+if TYPE_CHECKING:
+    from oxford_ir.retrieval.index import RetrievalIndex
+
+BACKENDS = ("exact", "faiss")
+BBox = tuple[float, float, float, float]
+QueryImage = str | Path | Image.Image
+#: floats held by one block of exact-search scores (and by one upcast block of database rows)
+_BLOCK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Top-k of each query: ``scores`` (nq x k float32) and database rows ``indices`` (nq x k int64), best
+    first. An approximate backend may find fewer than k: those slots hold index -1 and score -inf."""
+
+    scores: np.ndarray
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+    def hits(self, query: int) -> list[tuple[int, float]]:
+        """``(database row, score)`` pairs of query ``query``, best first, missing slots left out."""
+        return [(int(i), float(s)) for i, s in zip(self.indices[query], self.scores[query], strict=True) if i >= 0]
+
+
+# -- exact search ----------------------------------------------------------------------------------------------
+class ExactSearch:
+    """Brute-force cosine search: ``queries @ database.T`` by blocks, top-k merged across blocks.
+
+    ``database`` is N x D with L2-normalised rows, float16 or float32 (a memory map works: only one block of
+    rows is upcast to float32 at a time). Ties are broken by the lower row, so results are deterministic.
+    """
+
+    def __init__(self, database: np.ndarray, *, block_rows: int | None = None) -> None:
+        if database.ndim != 2:
+            raise ValueError(f"database must be N x D, got shape {database.shape}")
+        self.database = database
+        self.n, self.dim = (int(s) for s in database.shape)
+        self.block_rows = int(block_rows or max(1, _BLOCK_ELEMENTS // max(1, self.dim)))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, indices)``, each nq x min(k, N), best first."""
+        q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
+        nq, k = q.shape[0], min(int(k), self.n)
+        best_s = torch.empty(nq, 0)
+        best_i = torch.empty(nq, 0, dtype=torch.int64)
+        if nq == 0 or k == 0:
+            return np.zeros((nq, k), np.float32), np.zeros((nq, k), np.int64)
+        query_block = max(1, _BLOCK_ELEMENTS // self.block_rows)
+        for start in range(0, self.n, self.block_rows):
+            rows = torch.from_numpy(np.asarray(self.database[start : start + self.block_rows], dtype=np.float32))
+            block_s, block_i = [], []
+            for q0 in range(0, nq, query_block):
+                s, i = _top_k(q[q0 : q0 + query_block] @ rows.T, k)
+                block_s.append(s)
+                block_i.append(i + start)
+            best_s, best_i = _merge(best_s, best_i, torch.cat(block_s), torch.cat(block_i), k)
+        return best_s.numpy(), best_i.numpy()
+
+    def rank_all(self, queries: np.ndarray) -> np.ndarray:
+        """All rows per query (n_db x nq), by ``rank_database``: the ranking code of ``oxford-ir-eval``."""
+        return rank_database(np.asarray(self.database, dtype=np.float32), np.asarray(queries, dtype=np.float32))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.n} x {self.dim}, {self.database.dtype})"
+
+
+def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise top-k of a score block, best first, equal scores in increasing column order.
+
+    ``torch.topk`` gives the k-th best score; every column above it is taken, and of the columns equal to
+    it the first ones, as many as are still needed. A stable sort of those k then orders them.
+    """
+    k = min(k, scores.shape[1])
+    scores = torch.nan_to_num(scores, nan=-math.inf)  # a NaN would otherwise outrank everything
+    kth = torch.topk(scores, k, dim=1).values[:, -1:]
+    greater = scores > kth
+    equal = scores == kth
+    need = k - greater.sum(dim=1, keepdim=True)
+    if bool((equal.sum(dim=1, keepdim=True) == need).all()):
+        selected = greater | equal
+    else:
+        selected = greater | (equal & (torch.cumsum(equal, dim=1) <= need))
+    columns = selected.nonzero()[:, 1].view(scores.shape[0], k)  # increasing column order within a row
+    values = scores.gather(1, columns)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    return values.gather(1, order), columns.gather(1, order)
+
+
+def _merge(
+    best_s: torch.Tensor, best_i: torch.Tensor, new_s: torch.Tensor, new_i: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of two sorted candidate lists; ``best`` holds lower rows than ``new``, so a stable sort keeps
+    the lower-row-first tie-break."""
+    scores = torch.cat([best_s, new_s], dim=1)
+    indices = torch.cat([best_i, new_i], dim=1)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, order), indices.gather(1, order)
+
+
+# -- queries -----------------------------------------------------------------------------------------------------
+def parse_bbox(value: Any, key: str = "bbox") -> BBox | None:
+    """``x1,y1,x2,y2`` (a string, or a list of 4 numbers) -> a tuple of floats; None stays None."""
+    if value is None:
+        return None
+    parts = value.replace(" ", ",").split(",") if isinstance(value, str) else value
+    try:
+        numbers = tuple(float(v) for v in parts if not (isinstance(v, str) and not v))
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != 4 or not all(math.isfinite(v) for v in numbers):
+        raise ConfigError(f"{key}={value!r}: give a box as four numbers x1,y1,x2,y2 (pixels), e.g. {key}=10,20,200,180")
+    x1, y1, x2, y2 = numbers
+    if x2 <= x1 or y2 <= y1:
+        raise ConfigError(f"{key}={value!r}: the box is empty; x1,y1,x2,y2 needs x2 > x1 and y2 > y1")
+    return numbers
+
+
+def oriented_size(image: QueryImage) -> tuple[int, int]:
+    """``(width, height)`` of an image as ``load_image`` presents it (EXIF orientation applied), from the header."""
+    if isinstance(image, Image.Image):
+        width, height = image.size
+        return (height, width) if _orientation(image) in (5, 6, 7, 8) else (width, height)
+    path = Path(image)
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+            orientation = _orientation(opened)
+    except FileNotFoundError:
+        raise DataError(f"query image not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"query {path} is a folder, not an image") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"cannot decode query image {path}: {error}; the file is corrupt or not an image") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored); a broken EXIF block counts as 1, as ``load_image`` treats it."""
+    try:
+        return int(image.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - Pillow's EXIF parser raises many types on damaged blocks
+        return 1
+
+
+def check_bbox(bbox: Sequence[float], size: tuple[int, int], label: str) -> None:
+    """A box must lie inside the image: PIL would pad the outside with black and embed that silently."""
+    x1, y1, x2, y2 = bbox
+    width, height = size
+    if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+        raise DataError(
+            f"{label}: bbox {','.join(f'{v:g}' for v in bbox)} lies outside the {width} x {height} image; "
+            "boxes are x1,y1,x2,y2 in pixels of the image as displayed (EXIF rotation applied)"
+        )
+
+
+def preprocess_pil(
+    image: Image.Image, image_size: int | None, bbox: Sequence[float] | None, label: str
+) -> torch.Tensor:
+    """A PIL image (an upload) as ``ImageListDataset`` would give it from a file: RGB, EXIF-rotated, cropped
+    to ``bbox`` at full-image scale, long side downscaled, ImageNet-normalised."""
+    image = to_rgb(ImageOps.exif_transpose(image))
+    size: float | None = image_size
+    if bbox is not None:
+        full_size = max(image.size)
+        image = crop(image, bbox, Path(label))
+        if size is not None:
+            size = size * max(image.size) / full_size
+    if size is not None:
+        image = resize_long_side(image, max(size, 1.0))
+    return to_tensor_normalised(image)
+
+
+# -- the searcher -------------------------------------------------------------------------------------------------
+class Searcher:
+    """Search ``index`` with images, vectors or its own items; the model is built on first use
+    (``index.build_model``) and embeds with the index's image size and scales.
+
+    ``backend``: ``exact`` or ``faiss`` (``faiss``: :class:`~oxford_ir.retrieval.faiss_backend.FaissOptions`
+    fields). ``query_expansion`` / ``database_augmentation``: ``{"n": neighbours (0 = off), "alpha": power}``.
+    Safe to share between threads (the web server does): model building, embedding and the lazy backend
+    construction are serialised by a lock.
+    """
+
+    def __init__(
+        self,
+        index: RetrievalIndex,
+        *,
+        backend: str = "exact",
+        faiss: Mapping | None = None,
+        query_expansion: Mapping | ReRanking | None = None,
+        database_augmentation: Mapping | ReRanking | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 8,
+        num_workers: int = 0,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+        self.index = index
+        self.backend = backend
+        self.faiss_options = FaissOptions.from_config(faiss)
+        if backend == "faiss":
+            import_faiss()  # fail now, not at the first query
+        self.query_expansion = ReRanking.from_config(query_expansion, "query_expansion")
+        self.database_augmentation = ReRanking.from_config(database_augmentation, "database_augmentation")
+        self.device = torch.device(device)
+        try:
+            self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        except (TypeError, ValueError):
+            self.batch_size, self.num_workers = 0, -1
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ConfigError(
+                f"extraction.batch_size={batch_size!r}, extraction.num_workers={num_workers!r}: "
+                "need whole numbers, batch_size >= 1 and num_workers >= 0"
+            )
+        self._lock = threading.RLock()
+        self._model: torch.nn.Module | None = None
+        self._engine: ExactSearch | FaissSearch | None = None
+        self._database: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({len(self.index)} images, backend={self.backend}, "
+            f"query_expansion={self.query_expansion}, database_augmentation={self.database_augmentation})"
+        )
+
+    # -- database side --------------------------------------------------------------------------------------
+    def _new_engine(self, database: np.ndarray) -> ExactSearch | FaissSearch:
+        if self.backend == "faiss":
+            return FaissSearch(database, self.faiss_options)
+        return ExactSearch(database)
+
+    @property
+    def database(self) -> np.ndarray:
+        """The vectors searched: the index's embeddings as stored, or their DBA (float32) when enabled."""
+        self._ensure_engine()
+        assert self._database is not None
+        return self._database
+
+    def _ensure_engine(self) -> ExactSearch | FaissSearch:
+        with self._lock:
+            if self._engine is None:
+                stored = self.index.embeddings
+                engine = self._new_engine(stored)
+                if self.database_augmentation.enabled:
+                    augmented = database_side_augmentation(stored, engine, self.database_augmentation)
+                    engine = self._new_engine(augmented)
+                    self._database = augmented
+                else:
+                    self._database = stored
+                self._engine = engine
+            return self._engine
+
+    # -- query side -------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        """The index's embedding model on ``device``, in eval mode, built once by ``index.build_model`` (an
+        IndexFormatError when its weights changed on disk since the index was built)."""
+        with self._lock:
+            if self._model is None:
+                self._model = self.index.build_model(self.device).eval()
+            return self._model
+
+    def embed_images(
+        self,
+        images: Sequence[QueryImage],
+        bboxes: Sequence[Sequence[float] | None] | None = None,
+        *,
+        check_boxes: bool = True,
+    ) -> np.ndarray:
+        """N x D float32 L2-normalised embeddings of files or PIL images, each cropped to its box (or None).
+
+        Files go through ``extract_embeddings`` exactly as benchmark queries do. Boxes are x1,y1,x2,y2 in
+        pixels of the image as displayed; one outside the image is a DataError (``check_boxes``; benchmark
+        evaluation turns it off to crop exactly as the published code, which tolerates such boxes).
+        """
+        images = list(images)
+        if bboxes is None:
+            bboxes = [None] * len(images)
+        bboxes = [None if b is None else parse_bbox(b) for b in bboxes]
+        if len(bboxes) != len(images):
+            raise ValueError(f"{len(bboxes)} boxes for {len(images)} images; give one per image (or None)")
+        labels = [_label(image, i) for i, image in enumerate(images)]
+        if check_boxes:
+            for image, bbox, label in zip(images, bboxes, labels, strict=True):
+                size = oriented_size(image)  # also turns a missing or undecodable file into a DataError here
+                if bbox is not None:
+                    check_bbox(bbox, size, label)
+        out = np.empty((len(images), self.index.embedding_dim), dtype=np.float32)
+        files = [i for i, image in enumerate(images) if not isinstance(image, Image.Image)]
+        uploads = [i for i, image in enumerate(images) if isinstance(image, Image.Image)]
+        with self._lock:
+            model = self.model
+            if files:
+                vectors = extract_embeddings(
+                    model,
+                    [Path(images[i]) for i in files],
+                    self.index.image_size,
+                    bboxes=[bboxes[i] for i in files],
+                    scales=self.index.scales,
+                    batch_size=self.batch_size,
+                    num_workers=self.num_workers,
+                    device=self.device,
+                )
+                out[files] = vectors.numpy()
+            if uploads:
+                with torch.inference_mode():
+                    for i in uploads:
+                        tensor = preprocess_pil(images[i], self.index.image_size, bboxes[i], labels[i])
+                        vector = embed_batch(model, tensor.unsqueeze(0).to(self.device), self.index.scales)
+                        out[i] = vector.float().cpu().numpy()[0]
+        return out
+
+    def _expand(self, queries: np.ndarray) -> np.ndarray:
+        qe = self.query_expansion
+        if not qe.enabled:
+            return queries
+        _, neighbours = self._ensure_engine().search(queries, qe.n)
+        return augment(queries, self.database, neighbours, qe.alpha)
+
+    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.index.embedding_dim:
+            raise ValueError(
+                f"queries must be nq x {self.index.embedding_dim} (the index's embedding size), got {queries.shape}"
+            )
+        return queries
+
+    def search_vectors(self, queries: np.ndarray, k: int) -> SearchResult:
+        """Top-k database rows of L2-normalised query vectors (query expansion applied when enabled)."""
+        k = _check_k(k)
+        queries = self._expand(self._check_queries(queries))
+        scores, indices = self._ensure_engine().search(queries, k)
+        return SearchResult(scores=scores, indices=indices)
+
+    def search_images(
+        self, images: Sequence[QueryImage], bboxes: Sequence[Sequence[float] | None] | None = None, k: int = 10
+    ) -> SearchResult:
+        """Top-k of image files or PIL images, each cropped to its box; all queries in one batched pass."""
+        k = _check_k(k)
+        return self.search_vectors(self.embed_images(images, bboxes), k)
+
+    def search_ids(self, ids: Sequence[int], k: int) -> SearchResult:
+        """Top-k with indexed images as queries, by their stored embeddings (no re-embedding)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self.index)):
+            raise DataError(f"image ids must lie in [0, {len(self.index)}), got {ids.tolist()}")
+        return self.search_vectors(np.asarray(self.index.embeddings[ids], dtype=np.float32), k)
+
+    def rank_all(self, queries: np.ndarray) -> np.ndarray:
+        """Every database row per query, best first: n_db x nq, the layout of the benchmark protocol."""
+        queries = self._expand(self._check_queries(queries))
+        return self._ensure_engine().rank_all(queries)
+
+
+def database_side_augmentation(
+    database: np.ndarray, engine: ExactSearch | FaissSearch, options: ReRanking, *, block_rows: int = 4096
+) -> np.ndarray:
+    """DBA: each row replaced by the weighted sum of itself and its top-n other rows (``engine`` finds them)."""
+    n = database.shape[0]
+    out = np.empty(database.shape, dtype=np.float32)
+    for start in range(0, n, block_rows):
+        rows = np.asarray(database[start : start + block_rows], dtype=np.float32)
+        ids = np.arange(start, start + rows.shape[0])
+        _, neighbours = engine.search(rows, options.n + 1)
+        out[start : start + rows.shape[0]] = augment(rows, database, drop_self(neighbours, ids), options.alpha)
+    return out
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ConfigError(f"k={k!r}: the number of results must be a whole number >= 1")
+    return int(k)
+
+
+def _label(image: QueryImage, position: int) -> str:
+    return f"query image {position + 1} (uploaded)" if isinstance(image, Image.Image) else str(image)
+
+
+# -- benchmarks -------------------------------------------------------------------------------------------------
+def benchmark_rows(index: RetrievalIndex, benchmark: Benchmark) -> np.ndarray:
+    """The index row of each of the benchmark's database images; an index lacking some is an error."""
+    root = Path(index.root).resolve()
+    row_of = {str(root / entry.path): row for row, entry in enumerate(index.entries)}
+    image_dir = Path(benchmark.image_dir).resolve()
+    rows = np.array([row_of.get(str(image_dir / f"{n}{benchmark.extension}"), -1) for n in benchmark.imlist])
+    missing = [benchmark.imlist[i] for i in np.flatnonzero(rows < 0)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise IndexFormatError(
+            f"index {index.path} lacks {len(missing)} of the {benchmark.n_db} database images of {benchmark.name} "
+            f"({shown}); build it with `oxford-ir-index images=benchmark:{benchmark.name} out={index.path}` "
+            "(and the same paths.data_dir / allow_missing_images) to evaluate on the benchmark"
+        )
+    return rows
+
+
+def embed_benchmark_queries(searcher: Searcher, benchmark: Benchmark) -> np.ndarray:
+    """The benchmark's query images cropped to their boxes, embedded by the searcher's (the index's) model."""
+    return searcher.embed_images(benchmark.query_paths, benchmark.query_bboxes, check_boxes=False)
+
+
+def evaluate_benchmark(
+    index: RetrievalIndex,
+    benchmark: Benchmark,
+    searcher: Searcher | None = None,
+    kappas: Sequence[int] = (1, 5, 10),
+    *,
+    query_vectors: np.ndarray | None = None,
+) -> dict[str, float]:
+    """The benchmark's metrics when its queries (cropped to their boxes) search ``index``.
+
+    ``index`` must hold the benchmark's database images (built with ``images=benchmark:<name>``). Rows the
+    benchmark does not list are dropped from the ranking. The same extraction, ranking and protocol code as
+    ``oxford-ir-eval`` runs, so a float32 index gives identical numbers (a float16 one nearly so).
+    ``query_vectors``: the queries' embeddings from an earlier call of :func:`embed_benchmark_queries`, to
+    compare several searchers (re-ranking settings) without embedding the queries again.
+    """
+    searcher = searcher if searcher is not None else Searcher(index)
+    if searcher.index is not index:
+        raise ValueError("the searcher searches another index than the one given")
+    rows = benchmark_rows(index, benchmark)
+    queries = embed_benchmark_queries(searcher, benchmark) if query_vectors is None else query_vectors
+    if queries.shape != (benchmark.n_queries, index.embedding_dim):
+        raise ValueError(f"query_vectors must be {benchmark.n_queries} x {index.embedding_dim}, got {queries.shape}")
+    ranks = searcher.rank_all(queries)  # index rows, n_index x nq
+    to_benchmark = np.full(len(index), -1, dtype=np.int64)
+    to_benchmark[rows] = np.arange(benchmark.n_db)
+    mapped = to_benchmark[ranks]
+    if len(index) != benchmark.n_db:
+        keep = mapped >= 0  # the same number of kept rows in every column
+        mapped = mapped.T[keep.T].reshape(benchmark.n_queries, benchmark.n_db).T
+    return benchmark.evaluate(mapped, kappas=kappas)
+
+
+# -- result grids -----------------------------------------------------------------------------------------------
+#: frame of a result in a grid without ground truth
+RESULT_COLOUR = (110, 110, 110)
+
+
+def render_result_grid(
+    queries: Sequence[QueryImage],
+    results: Sequence[Sequence[tuple[str | Path, float]]],
+    *,
+    bboxes: Sequence[Sequence[float] | None] | None = None,
+    thumbnail_size: int = 128,
+    border: int = 4,
+    caption_height: int = 14,
+) -> Image.Image:
+    """One row per query: the query (cropped to its box, blue frame), then its results captioned
+    ``rank score``. A result that can no longer be read is drawn as a grey tile marked "unreadable"."""
+    columns = 1 + max((len(r) for r in results), default=0)
+    cell_h = thumbnail_size + caption_height
+    grid = Image.new("RGB", (columns * thumbnail_size, max(1, len(queries)) * cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for row, query in enumerate(queries):
+        y = row * cell_h
+        image = _open_for_grid(query)
+        bbox = None if bboxes is None else bboxes[row]
+        if image is not None and bbox is not None:
+            image = image.crop(tuple(float(v) for v in bbox))
+        grid.paste(_tile(image, thumbnail_size, COLOURS["query"], border), (0, y))
+        draw.text((border, y + thumbnail_size + 1), "query", fill=COLOURS["query"])
+        for col, (path, score) in enumerate(results[row], start=1):
+            x = col * thumbnail_size
+            grid.paste(_tile(_open_for_grid(path), thumbnail_size, RESULT_COLOUR, border), (x, y))
+            draw.text((x + border, y + thumbnail_size + 1), f"{col}  {score:.3f}", fill=(0, 0, 0))
+    return grid
+
+
+def _open_for_grid(image: QueryImage) -> Image.Image | None:
+    if isinstance(image, Image.Image):
+        return to_rgb(ImageOps.exif_transpose(image))
+    try:
+        return load_image(image)
+    except DataError:
+        return None
+
+
+def _tile(image: Image.Image | None, size: int, colour: tuple[int, int, int], border: int) -> Image.Image:
+    if image is not None:
+        return _thumbnail(image, size, colour, border)
+    tile = _thumbnail(Image.new("RGB", (size, size), (200, 200, 200)), size, colour, border)
+    ImageDraw.Draw(tile).text((border + 3, size // 2 - 6), "unreadable", fill=(0, 0, 0))
+    return tile

@@ -1,0 +1,240 @@
+"""``oxford-ir-search``: search an index with images (table or JSON lines, and a PNG grid), or evaluate it.
+
+The logic is :func:`search` (a composed config in, the results out); see conf/search.yaml for the options.
+Query images are embedded by the index's own model with its extraction settings, all in one batched pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from oxford_ir.config import CONFIG_DIR
+from oxford_ir.data.images import IMAGE_EXTENSIONS
+from oxford_ir.errors import ConfigError, DataError, exit_on_user_error
+from oxford_ir.evaluate import resolve_device
+from oxford_ir.retrieval.report import format_table
+from oxford_ir.retrieval.search import BBox, Searcher, _check_k, parse_bbox, render_result_grid
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("table", "json")
+#: a query list line: a path, optionally followed by whitespace and a box x1,y1,x2,y2
+_LIST_LINE = re.compile(r"^(?P<path>.*?)(?:\s+(?P<bbox>[-+0-9.eE]+,[-+0-9.eE]+,[-+0-9.eE]+,[-+0-9.eE]+))?$")
+
+
+def resolve_queries(query: Any, bbox: Any = None) -> list[tuple[Path, BBox | None]]:
+    """``query=`` as ``(image path, box or None)`` pairs: one image, a folder (recursive, sorted), or a text
+    file listing images (one per line, relative to the file, ``#`` comments, an optional box after the path)."""
+    if query is None or str(query).strip() == "":
+        raise ConfigError("query= is required: an image, a folder of images or a text file listing image paths")
+    box = parse_bbox(bbox)
+    path = Path(str(query)).expanduser()
+    if path.is_dir():
+        images = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not images:
+            raise DataError(f"query={query}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        queries: list[tuple[Path, BBox | None]] = [(p, None) for p in images]
+    elif path.is_file():
+        queries = _read_list(path) if path.suffix.lower() not in IMAGE_EXTENSIONS else None
+        if queries is None:  # an image (or a file that is neither image nor text: decoding it will say so)
+            queries = [(path, None)]
+    else:
+        raise DataError(f"query={query}: no such file or folder")
+    if box is not None:
+        if len(queries) != 1:
+            raise ConfigError(
+                f"bbox= applies to a single query image, but query={query} gives {len(queries)}; "
+                "put a box after each path in a query list instead"
+            )
+        queries = [(queries[0][0], box)]
+    return queries
+
+
+def _read_list(path: Path) -> list[tuple[Path, BBox | None]] | None:
+    """The queries of a list file; None when the file is not text (then it may be an image)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return None
+    queries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _LIST_LINE.match(line)
+        assert match is not None  # the pattern matches any line
+        image = Path(match["path"]).expanduser()
+        image = Path(os.path.normpath(image if image.is_absolute() else path.parent / image))
+        if not image.is_file():
+            raise DataError(f"{path}:{number}: query image {image} not found")
+        box = parse_bbox(match["bbox"], key=f"{path}:{number}: bbox") if match["bbox"] else None
+        queries.append((image, box))
+    if not queries:
+        raise DataError(f"query={path}: the list names no images (one path per line, optionally a box after it)")
+    return queries
+
+
+def make_searcher(index: Any, cfg: DictConfig) -> Searcher:
+    """A :class:`Searcher` over ``index`` with the backend, re-ranking and extraction settings of ``cfg``."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    ex = container.get("extraction") or {}
+    return Searcher(
+        index,
+        backend=str(container.get("backend", "exact")),
+        faiss=container.get("faiss"),
+        query_expansion=container.get("query_expansion"),
+        database_augmentation=container.get("database_augmentation"),
+        device=resolve_device(str(ex.get("device", "auto"))),
+        batch_size=ex.get("batch_size", 8),
+        num_workers=ex.get("num_workers", 0),
+    )
+
+
+def search(cfg: DictConfig) -> tuple[list[dict[str, Any]] | dict[str, float], dict[str, Any]]:
+    """Search ``cfg.index`` with ``cfg.query`` (or evaluate it on ``cfg.benchmark``); prints the results.
+
+    Returns one record per query (as printed with ``output=json``), or the benchmark's metrics, and the
+    objects used (``index``, ``searcher``, ``grids`` or ``table``).
+    """
+    from oxford_ir.retrieval.index import RetrievalIndex
+
+    if cfg.get("index") in (None, ""):
+        raise ConfigError(
+            "index= is required: the folder written by oxford-ir-index (oxford-ir-search index=<dir> ...)"
+        )
+    output = str(cfg.output)
+    if output not in OUTPUTS:
+        raise ConfigError(f"output={output}: choose table or json")
+    benchmark_name = cfg.get("benchmark")
+    if benchmark_name and cfg.get("query") is not None:
+        raise ConfigError("give either query= (search) or benchmark= (evaluate the index), not both")
+    if not benchmark_name:
+        k = _check_k(cfg.k)
+        queries = resolve_queries(cfg.get("query"), cfg.get("bbox"))
+    index = RetrievalIndex.load(Path(str(cfg.index)))
+    searcher = make_searcher(index, cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    if benchmark_name:
+        return _evaluate(cfg, str(benchmark_name), index, searcher, output_dir)
+
+    log.info(
+        "searching %s (%d images) with %d quer%s",
+        index.path,
+        len(index),
+        len(queries),
+        "y" if len(queries) == 1 else "ies",
+    )
+    result = searcher.search_images([q for q, _ in queries], [b for _, b in queries], k=k)
+    records = []
+    for row, (query, box) in enumerate(queries):
+        hits = [
+            {
+                "rank": rank,
+                "score": score,
+                "path": index.entries[i].path,
+                "file": str(index.image_path(i)),
+                "index": i,
+            }
+            for rank, (i, score) in enumerate(result.hits(row), start=1)
+        ]
+        records.append({"query": str(query), "bbox": None if box is None else list(box), "results": hits})
+    if output == "json":
+        for record in records:
+            print(json.dumps(record))
+    else:
+        print(format_results(records))
+    grids = _write_grids(cfg, records, output_dir) if cfg.grid.enabled else []
+    for grid in grids:
+        print(f"grid: {grid}", file=sys.stderr)
+    return records, {"index": index, "searcher": searcher, "result": result, "grids": grids}
+
+
+def format_results(records: list[dict[str, Any]]) -> str:
+    """A plain-text table per query: rank, score, path relative to the index root."""
+    blocks = []
+    for number, record in enumerate(records, start=1):
+        box = "" if record["bbox"] is None else f"  bbox {','.join(f'{v:g}' for v in record['bbox'])}"
+        lines = [f"query {number}/{len(records)}: {record['query']}{box}", f"{'rank':>4}  {'score':>7}  path"]
+        lines += [f"{hit['rank']:>4}  {hit['score']:7.4f}  {hit['path']}" for hit in record["results"]]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _write_grids(cfg: DictConfig, records: list[dict[str, Any]], output_dir: Path) -> list[Path]:
+    """``results.png`` (then ``results_002.png``, ...): each query and its results, written atomically."""
+    per_image = max(1, int(cfg.grid.rows_per_image))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for page, start in enumerate(range(0, len(records), per_image), start=1):
+        chunk = records[start : start + per_image]
+        grid = render_result_grid(
+            [Path(r["query"]) for r in chunk],
+            [[(h["file"], h["score"]) for h in r["results"]] for r in chunk],
+            bboxes=[r["bbox"] for r in chunk],
+            thumbnail_size=int(cfg.grid.thumbnail_size),
+        )
+        path = output_dir / ("results.png" if page == 1 else f"results_{page:03d}.png")
+        tmp = path.with_name(f".{path.name}.tmp")
+        grid.save(tmp, format="PNG")
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def _evaluate(cfg: DictConfig, name: str, index: Any, searcher: Searcher, output_dir: Path):
+    from oxford_ir.data.loading import load_benchmark
+    from oxford_ir.retrieval.search import evaluate_benchmark
+
+    benchmark = load_benchmark(name, Path(cfg.paths.data_dir), allow_missing_images=bool(cfg.allow_missing_images))
+    kappas = tuple(int(k) for k in cfg.kappas)
+    metrics = evaluate_benchmark(index, benchmark, searcher, kappas=kappas)
+    log.info("%s evaluated through %s", name, searcher)
+    table = format_table({name: metrics}, {name: benchmark.subset_note}, kappas)
+    print(table)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / ".metrics.json.tmp"
+    tmp.write_text(json.dumps({"metrics": {f"{name}/{k}": v for k, v in metrics.items()}, "index": str(index.path)}))
+    os.replace(tmp, output_dir / "metrics.json")
+    return metrics, {"index": index, "searcher": searcher, "table": table}
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="search")
+@exit_on_user_error
+def _main(cfg: DictConfig) -> None:
+    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+    search(cfg)
+
+
+def main() -> None:
+    """Console entry point: Hydra with ``bbox=x1,y1,x2,y2`` accepted as written.
+
+    Hydra reads an unquoted ``a,b,c,d`` as a sweep over four values (an error without --multirun); the box
+    is quoted here so that ``bbox=10,20,200,180`` works as the usage says.
+    """
+    sys.argv = [sys.argv[0], *(_quote_bbox(arg) for arg in sys.argv[1:])]
+    _main()
+
+
+def _quote_bbox(arg: str) -> str:
+    match = re.fullmatch(r"(\+{0,2}bbox)=([^'\"\[\]]*,[^'\"\[\]]*)", arg)
+    return f"{match[1]}='{match[2]}'" if match else arg
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Thumbnails of indexed images, made on demand and kept in a byte-bounded LRU cache.
+
+The web page never serves files from disk: it asks for ``/thumb/<id>``, an integer into the index, and
+gets a JPEG re-encoded here. The path is taken from the index, never from the request, and is checked
+to lie inside the index's image root even so (a tampered manifest cannot point the server elsewhere).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from oxford_ir.data.images import to_rgb
+from oxford_ir.errors import DataError
+
+#: what decoding a damaged file can raise: Pillow's plugins leak more than OSError
+_DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+)
+
+
+def contained_path(root: Path, path: Path) -> Path:
+    """``path`` resolved (symlinks followed), or :class:`DataError` when that leaves ``root``."""
+    resolved_root = root.resolve()
+    resolved = path.resolve()
+    if not resolved.is_relative_to(resolved_root):
+        raise DataError(f"{path} resolves to {resolved}, outside the indexed folder {resolved_root}; not served")
+    return resolved
+
+
+def make_thumbnail(path: Path, size: int, quality: int = 85) -> bytes:
+    """JPEG bytes of ``path`` fitted into ``size`` x ``size`` (aspect kept, never upscaled).
+
+    Decodes as :func:`oxford_ir.data.images.load_image` does (EXIF orientation, any mode to RGB), but
+    lets the JPEG decoder skip detail first (``draft``): a 12-megapixel photo is decoded at 1/8 scale
+    for a 256-pixel thumbnail, which is what keeps a page of results fast.
+    """
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (size, size))  # JPEG only; stays >= size on both sides, so orientation is moot
+            image.load()
+            image = to_rgb(ImageOps.exif_transpose(image))
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}; the folder changed since indexing, rebuild the index") from None
+    except _DECODE_ERRORS as error:
+        raise DataError(f"cannot decode image {path}: {error}") from None
+    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality, optimize=True)
+    return buffer.getvalue()
+
+
+class ThumbnailCache:
+    """Least-recently-used map ``key -> bytes`` holding at most ``max_bytes`` in total; thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[object, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: object) -> bytes | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: object, value: bytes) -> None:
+        """Store ``value``; evict the least recently used items until the total fits (too big: not stored)."""
+        if len(value) > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._items[key] = value
+            self._bytes += len(value)
+            while self._bytes > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self._bytes -= len(evicted)
+
+    @property
+    def total_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
