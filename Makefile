@@ -37,6 +37,15 @@ sweep: $(STAMP) ## a Hydra multirun grid over margin and miner on the quickstart
 eval: $(STAMP) ## evaluate a model with the published protocol; ARGS="benchmarks=[roxford5k] ..." for overrides
 	$(VENV)/bin/oxford-ir-eval $(ARGS)
 
+index: $(STAMP) ## index an image folder; ARGS="images=<folder|glob|benchmark:name> out=<dir> [ckpt_path=...]"
+	$(VENV)/bin/oxford-ir-index $(ARGS)
+
+search: $(STAMP) ## search an index; ARGS="index=<dir> query=<image|folder> k=10"
+	$(VENV)/bin/oxford-ir-search $(ARGS)
+
+serve: $(STAMP) ## the search web page for an index: make serve INDEX=indexes/photos [ARGS="port=0 k=20"]
+	$(VENV)/bin/oxford-ir-serve index=$(INDEX) $(ARGS)
+
 data: $(STAMP) ## write the synthetic benchmark to data/synthetic
 	$(VENV)/bin/oxford-ir-data synthetic --root data/synthetic
 
@@ -44,4 +53,4 @@ clean: ## remove run outputs and caches (keeps .venv and data/)
 	rm -rf outputs multirun logs wandb .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help install test test-full lint train sweep eval data clean
+.PHONY: help install test test-full lint train sweep eval index search serve data clean

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import filecmp
 import gzip
-import hashlib
 import http.client
 import json
 import logging
@@ -42,6 +41,7 @@ from pathlib import Path, PurePosixPath
 
 from oxford_ir import __version__
 from oxford_ir.errors import ConfigError, DownloadError
+from oxford_ir.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -315,15 +315,6 @@ def _content_range(header: str | None) -> tuple[int | None, int | None, int | No
         int(last) if last is not None else None,
         int(total) if total and total != "*" else None,
     )
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # -- extraction ----------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ DRAFT_MIN_PIXELS = 1 << 24
 #: the background that transparent pixels are composited onto
 BACKGROUND = (255, 255, 255)
 #: what decoding an untrusted file can raise besides OSError: Pillow plugins leak struct/zlib/index errors
-_DECODE_ERRORS = (
+DECODE_ERRORS = (
     UnidentifiedImageError,
     OSError,
     SyntaxError,
@@ -113,7 +113,7 @@ def decode_image(path: str | Path, *, draft_size: int | None = None) -> DecodedI
         raise DataError(f"cannot decode image {path}: it is a folder, not an image file") from None
     except DataError:
         raise
-    except _DECODE_ERRORS as error:
+    except DECODE_ERRORS as error:
         reason = f"{type(error).__name__}: {error}" if not isinstance(error, OSError | SyntaxError) else str(error)
         raise DataError(f"cannot decode image {path}: {reason}; the file is corrupt or not an image") from None
 
@@ -141,7 +141,7 @@ def _pixels(size: tuple[int, int]) -> int:
 def _orientation(image: Image.Image) -> int:
     try:
         return int(image.getexif().get(0x0112, 1) or 1)
-    except _DECODE_ERRORS:
+    except DECODE_ERRORS:
         return 1
 
 
@@ -149,7 +149,7 @@ def _exif_transpose(image: Image.Image, path: Path) -> Image.Image:
     """The image as a viewer shows it; a broken EXIF block leaves it as stored (logged, not fatal)."""
     try:
         return ImageOps.exif_transpose(image)
-    except _DECODE_ERRORS as error:
+    except DECODE_ERRORS as error:
         log.warning("%s: unreadable EXIF orientation (%s); using the image as stored", path, error)
         return image
 

@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from oxford_ir.data.images import IMAGE_EXTENSIONS, decode_image
 from oxford_ir.data.transforms import resize_long_side, to_tensor_normalised
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError
+from oxford_ir.hashing import file_sha256
 from oxford_ir.retrieval.extraction import embed_batch
 from oxford_ir.retrieval.model_spec import ModelSpec
 
@@ -82,7 +83,6 @@ _VERSION_RE = re.compile(r"^v(\d{6,})$")
 _OWN_NAMES = re.compile(r"^(CURRENT|CURRENT\.tmp|report\.json|report\.json\.tmp|\.lock|v\d{6,})$")
 #: images held back waiting for same-sized companions, in multiples of ``batch_size`` (as extraction does)
 _BUFFERED_BATCHES = 4
-_HASH_CHUNK = 1 << 20
 #: paths listed per category in report.json (the counts are always complete; skipped files are all listed)
 _LISTED_PATHS = 1000
 
@@ -377,7 +377,7 @@ def _load_version(path: Path, version: str, *, mmap: bool) -> RetrievalIndex:
         files = manifest["files"]
         for name in (EMBEDDINGS_FILE, ENTRIES_FILE):
             expected = files[name]["sha256"]
-            if _sha256(folder / name) != expected:
+            if file_sha256(folder / name) != expected:
                 raise corrupt(f"{name} does not match the sha256 in {MANIFEST_FILE}: the file was damaged", manifest)
         embeddings = np.load(folder / EMBEDDINGS_FILE, mmap_mode="r" if mmap else None, allow_pickle=False)
         raw_entries = json.loads((folder / ENTRIES_FILE).read_text())
@@ -418,14 +418,6 @@ def _load_version(path: Path, version: str, *, mmap: bool) -> RetrievalIndex:
         manifest=manifest,
         skipped=skipped,
     )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # -- building --------------------------------------------------------------------------------------

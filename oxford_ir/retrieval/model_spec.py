@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from oxford_ir import hashing
 from oxford_ir.errors import CheckpointError, ConfigError
 
 #: string values of an embedder config treated as local files (when they exist): paths, not keywords such
 #: as ``weights: imagenet``
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors", ".pkl", ".npz")
-_HASH_CHUNK = 1 << 20
 #: sha256 of files already hashed in this process, keyed by (path, size, mtime_ns)
 _file_hashes: dict[tuple[str, int, int], str] = {}
 
@@ -34,11 +34,7 @@ def file_sha256(path: str | Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _file_hashes:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while chunk := handle.read(_HASH_CHUNK):
-                digest.update(chunk)
-        _file_hashes[key] = digest.hexdigest()
+        _file_hashes[key] = hashing.file_sha256(path)
     return _file_hashes[key]
 
 

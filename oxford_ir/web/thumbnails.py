@@ -8,31 +8,14 @@ to lie inside the index's image root even so (a tampered manifest cannot point t
 from __future__ import annotations
 
 import io
-import struct
 import threading
-import zlib
 from collections import OrderedDict
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-from oxford_ir.data.images import to_rgb
+from oxford_ir.data.images import DECODE_ERRORS, to_rgb
 from oxford_ir.errors import DataError
-
-#: what decoding a damaged file can raise: Pillow's plugins leak more than OSError
-_DECODE_ERRORS = (
-    UnidentifiedImageError,
-    OSError,
-    SyntaxError,
-    ValueError,
-    EOFError,
-    IndexError,
-    KeyError,
-    TypeError,
-    struct.error,
-    zlib.error,
-    Image.DecompressionBombError,
-)
 
 
 def contained_path(root: Path, path: Path) -> Path:
@@ -58,7 +41,7 @@ def make_thumbnail(path: Path, size: int, quality: int = 85) -> bytes:
             image = to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:
         raise DataError(f"image not found: {path}; the folder changed since indexing, rebuild the index") from None
-    except _DECODE_ERRORS as error:
+    except DECODE_ERRORS as error:
         raise DataError(f"cannot decode image {path}: {error}") from None
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
