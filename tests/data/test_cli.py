@@ -4,33 +4,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from oxford_ir.data.cli import main
 from oxford_ir.data.download import COMPLETE_MARKER
-from tests.data.test_download import IMAGES, FileServer, fake_oxford, tree
+from tests.data.http_server import FileServer
+from tests.data.test_download import IMAGES, fake_oxford, tree
 from tests.data.test_verify import write_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def http() -> Iterator[FileServer]:
-    srv = FileServer()
-    srv.thread.start()
-    try:
-        yield srv
-    finally:
-        srv.release.set()
-        srv.httpd.shutdown()
-        srv.httpd.server_close()
-
-
-def test_download_command(http: FileServer, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    sources = fake_oxford(http, tmp_path)
+def test_download_command(server: FileServer, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sources = fake_oxford(server, tmp_path)
     argv = ["download", "oxford5k", "--root", str(tmp_path / "data"), "--sources", str(sources), "--no-progress"]
     assert main([*argv, "--keep-archives"]) == 0
     folder = tmp_path / "data" / "oxford5k"
@@ -39,14 +27,14 @@ def test_download_command(http: FileServer, tmp_path: Path, capsys: pytest.Captu
     assert (folder / "images.tgz").is_file()  # --keep-archives
 
 
-def test_download_errors_are_one_line_and_exit_2(http: FileServer, tmp_path: Path, capsys) -> None:
-    sources = fake_oxford(http, tmp_path)
-    del http.files["gnd_oxford5k.pkl"]
+def test_download_errors_are_one_line_and_exit_2(server: FileServer, tmp_path: Path, capsys) -> None:
+    sources = fake_oxford(server, tmp_path)
+    del server.files["gnd_oxford5k.pkl"]
     with pytest.raises(SystemExit) as exit_info:
         main(["download", "oxford5k", "--root", str(tmp_path), "--sources", str(sources), "--no-progress"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: HTTP 404") and f"{http.url}/gnd_oxford5k.pkl" in err[-1]
+    assert err[-1].startswith("error: HTTP 404") and f"{server.url}/gnd_oxford5k.pkl" in err[-1]
     assert "Traceback" not in "\n".join(err)
 
     with pytest.raises(SystemExit) as exit_info:
@@ -57,13 +45,13 @@ def test_download_errors_are_one_line_and_exit_2(http: FileServer, tmp_path: Pat
     )
 
 
-def test_download_base_url_mirror(http: FileServer, tmp_path: Path) -> None:
-    fake_oxford(http, tmp_path)
+def test_download_base_url_mirror(server: FileServer, tmp_path: Path) -> None:
+    fake_oxford(server, tmp_path)
     sources = tmp_path / "elsewhere.yaml"
     sources.write_text("files:\n  - {url: http://unreachable.invalid/gnd_oxford5k.pkl, filename: gnd_oxford5k.pkl}\n")
     argv = ["-q", "download", "roxford5k", "--root", str(tmp_path), "--sources", str(sources)]
-    assert main([*argv, "--base-url", http.url, "--no-progress"]) == 0
-    assert (tmp_path / "oxford5k" / "gnd_oxford5k.pkl").read_bytes() == http.files["gnd_oxford5k.pkl"]
+    assert main([*argv, "--base-url", server.url, "--no-progress"]) == 0
+    assert (tmp_path / "oxford5k" / "gnd_oxford5k.pkl").read_bytes() == server.files["gnd_oxford5k.pkl"]
 
 
 def test_verify_command_exit_statuses(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

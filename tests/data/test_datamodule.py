@@ -24,28 +24,11 @@ from oxford_ir.data.collate import collate_variable_size
 from oxford_ir.data.datamodule import ClassBalancedSampler, RetrievalDataModule
 from oxford_ir.data.loading import load_benchmark
 from oxford_ir.data.splits import full_ground_truth
-from oxford_ir.data.synthetic import SYNTHETIC_DEFAULTS, write_synthetic_benchmark
+from oxford_ir.data.synthetic import SYNTHETIC_DEFAULTS
 from oxford_ir.errors import ConfigError, DataError
+from tests.data.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[2]
-#: 5 landmarks x (2 queries + 6 photos, 1 of them junk) + 8 distractors, 64 px
-TINY = {
-    "seed": 0,
-    "n_landmarks": 5,
-    "images_per_landmark": 6,
-    "queries_per_landmark": 2,
-    "hard_per_landmark": 1,
-    "junk_per_landmark": 1,
-    "n_distractors": 8,
-    "image_size": 64,
-}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    write_synthetic_benchmark(root / "synthetic", **TINY)
-    return root
 
 
 def make(data_dir: Path, **overrides) -> RetrievalDataModule:

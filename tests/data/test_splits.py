@@ -12,26 +12,7 @@ import pytest
 from oxford_ir.data.benchmark import Benchmark
 from oxford_ir.data.loading import load_benchmark
 from oxford_ir.data.splits import TrainSplit, build_split, full_ground_truth
-from oxford_ir.data.synthetic import write_synthetic_benchmark
 from oxford_ir.errors import ConfigError, DataError, GroundTruthError
-
-#: 5 landmarks x (2 queries + 6 photos, 1 hard, 1 junk) + 8 distractors, 64 px: written in well under a second
-TINY = {
-    "n_landmarks": 5,
-    "images_per_landmark": 6,
-    "queries_per_landmark": 2,
-    "hard_per_landmark": 1,
-    "junk_per_landmark": 1,
-    "n_distractors": 8,
-    "image_size": 64,
-}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    write_synthetic_benchmark(root / "synthetic", seed=0, **TINY)
-    return root
 
 
 @pytest.fixture(scope="module", params=["synthetic", "rsynthetic"])
