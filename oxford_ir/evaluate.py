@@ -15,7 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from oxford_ir.config import CONFIG_DIR
 from oxford_ir.data.loading import BENCHMARKS, load_benchmark
 from oxford_ir.errors import ConfigError, exit_on_user_error
-from oxford_ir.retrieval.extraction import extract_benchmark
+from oxford_ir.retrieval.batching import BATCHINGS
+from oxford_ir.retrieval.distributed import barrier, init_from_environment, rank_and_world
+from oxford_ir.retrieval.extraction import PRECISIONS, extract_benchmark
 from oxford_ir.retrieval.ranking import rank_database
 from oxford_ir.retrieval.report import format_table
 
@@ -30,6 +32,27 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise ConfigError(f"extraction.device={name!r} is not a device; use auto, cpu or cuda[:N]") from None
+
+
+def extraction_options(ex: DictConfig) -> dict[str, Any]:
+    """The speed options of ``extraction`` (batching, aspect_tolerance, precision, channels_last), checked."""
+    options = {
+        "batching": str(ex.get("batching", "shape")),
+        "aspect_tolerance": ex.get("aspect_tolerance", 0.1),
+        "precision": str(ex.get("precision", "32")),
+        "channels_last": ex.get("channels_last", False),
+    }
+    if options["batching"] not in BATCHINGS:
+        raise ConfigError(f"extraction.batching={options['batching']!r}: choose one of {', '.join(BATCHINGS)}")
+    if options["precision"] not in PRECISIONS:
+        raise ConfigError(f"extraction.precision={options['precision']!r}: choose one of {', '.join(PRECISIONS)}")
+    tolerance = options["aspect_tolerance"]
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance >= 0:
+        raise ConfigError(f"extraction.aspect_tolerance={tolerance!r}: a relative difference >= 0, e.g. 0.1")
+    if not isinstance(options["channels_last"], bool):
+        raise ConfigError(f"extraction.channels_last={options['channels_last']!r}: true or false")
+    options["aspect_tolerance"] = float(tolerance)
+    return options
 
 
 def prepare_benchmark_data(name: str, data_dir: Path, download: bool, synthetic: dict | None = None) -> None:
@@ -78,15 +101,21 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if not names or unknown:
         raise ConfigError(f"benchmarks={names}: unknown {unknown}; choose from {sorted(BENCHMARKS)}")
     data_dir = Path(cfg.paths.data_dir)
-    for name in names:
-        prepare_benchmark_data(name, data_dir, bool(cfg.download), OmegaConf.to_container(cfg.get("synthetic") or {}))
+    ex = cfg.extraction
+    options = extraction_options(ex)
+    device = init_from_environment() or resolve_device(str(ex.device))  # torchrun: one process per device
+    rank, _ = rank_and_world()
+    if rank == 0:
+        for name in names:
+            synthetic = OmegaConf.to_container(cfg.get("synthetic") or {})
+            prepare_benchmark_data(name, data_dir, bool(cfg.download), synthetic)
+    barrier()
     if cfg.get("ckpt_path"):
         from oxford_ir.models.module import load_retrieval_checkpoint
 
         model = load_retrieval_checkpoint(cfg.ckpt_path).embedder
     else:
         model = hydra.utils.instantiate(cfg.embedder)
-    ex = cfg.extraction
     results, notes = evaluate_model(
         model,
         names,
@@ -97,12 +126,15 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         kappas=tuple(int(k) for k in cfg.kappas),
         batch_size=int(ex.batch_size),
         num_workers=int(ex.num_workers),
-        device=resolve_device(str(ex.device)),
+        device=device,
         progress=True,
+        **options,
     )
     table = format_table(results, notes, cfg.kappas)
-    print(table)
     flat = {f"{name}/{key}": value for name, metrics in results.items() for key, value in metrics.items()}
+    if rank != 0:  # every process holds the same results; the first one reports them
+        return flat, {"model": model, "results": results, "table": table}
+    print(table)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = output_dir / "metrics.json.tmp"

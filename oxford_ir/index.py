@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from oxford_ir.config import CONFIG_DIR
 from oxford_ir.errors import ConfigError, exit_on_user_error
-from oxford_ir.evaluate import resolve_device
+from oxford_ir.evaluate import extraction_options, resolve_device
+from oxford_ir.retrieval.distributed import init_from_environment, rank_and_world
 from oxford_ir.retrieval.index import IndexReport, build_index, resolve_images
 from oxford_ir.retrieval.model_spec import ModelSpec
 
@@ -34,6 +35,8 @@ def index(cfg: DictConfig) -> IndexReport:
     batch_size = _number(cfg, "extraction.batch_size", int)
     num_workers = _number(cfg, "extraction.num_workers", int)
     checkpoint_every = _number(cfg, "index.checkpoint_every", float, optional=True)
+    options = extraction_options(ex)
+    device = init_from_environment() or resolve_device(str(ex.device))  # torchrun: one process per device
     model = ModelSpec.from_config(cfg)
     source = resolve_images(
         str(cfg.images), Path(cfg.paths.data_dir), allow_missing_images=bool(cfg.get("allow_missing_images", False))
@@ -48,12 +51,14 @@ def index(cfg: DictConfig) -> IndexReport:
         dtype=str(cfg.index.dtype),
         batch_size=batch_size,
         num_workers=num_workers,
-        device=resolve_device(str(ex.device)),
+        device=device,
         progress=bool(cfg.get("progress", True)),
         incremental=str(cfg.index.get("incremental", "auto")),
         checkpoint_every=checkpoint_every,
+        **options,
     )
-    print(report.summary())
+    if rank_and_world()[0] == 0:
+        print(report.summary())
     return report
 
 

@@ -1,44 +1,184 @@
-"""Embedding image lists and benchmarks: batched, single- or multi-scale, in the order of the paths.
+"""Embedding image lists and benchmarks: planned batches, single- or multi-scale, in the order of the paths.
 
 Preprocessing follows cnnimageretrieval-pytorch (long side downscaled to ``image_size``, queries cropped
-to their boxes at full-image scale). Images are decoded one by one (in worker processes when
-``num_workers > 0``) and grouped by their resized shape, so each forward pass sees a batch of equally
-sized images without padding or extra resizing; results are written back to each image's row.
+to their boxes at full-image scale). The batches are planned from the image headers before decoding
+(:mod:`oxford_ir.retrieval.batching`): images of equal preprocessed size share a forward pass (or, with
+``batching="aspect"``, images of similar aspect ratio, resized to a common size). DataLoader workers decode
+and stack whole batches; the main process only runs the network. Under a process group (torchrun, or
+:func:`oxford_ir.retrieval.distributed.init_from_environment`) every process embeds its share of the
+batches and all processes receive every row, bit-identical to a single process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from oxford_ir.data.benchmark import Benchmark
 from oxford_ir.data.datasets import ImageListDataset, rescale
+from oxford_ir.errors import ConfigError, DataError
+from oxford_ir.retrieval.batching import PlannedBatch, plan_batches, preprocessed_shape, shard, upright_size
+from oxford_ir.retrieval.distributed import all_failures, gather_rows, rank_and_world
 
-#: images held back waiting for same-sized companions, in multiples of ``batch_size``
-_BUFFERED_BATCHES = 4
+#: ``precision=`` values: float32, or bfloat16 autocast (Ampere GPUs and newer; CPUs with AVX512-BF16)
+PRECISIONS = ("32", "bf16")
+#: headers are read by this many threads when planning (file opening is I/O bound)
+_PROBE_THREADS = 8
 
 
-def embed_batch(model: nn.Module, images: torch.Tensor, scales: Sequence[float] = (1.0,)) -> torch.Tensor:
+def embed_batch(
+    model: nn.Module,
+    images: torch.Tensor,
+    scales: Sequence[float] = (1.0,),
+    *,
+    channels_last: bool = False,
+) -> torch.Tensor:
     """Embeddings of a batch of equally sized images, combined over ``scales``.
 
     With several scales this is cnnimageretrieval's ``extract_ms``: ``v = (mean_s f(x_s) ** p) ** (1 / p)``,
     then L2-normalised, where ``x_s`` is the batch resized bilinearly by ``s`` and ``p`` is
     ``model.power`` (GeM's p; 1 when absent). A single scale is the network output itself.
+    ``channels_last`` hands the network NHWC tensors (faster convolutions on GPUs with tensor cores).
     """
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return model(x)
+
     if len(scales) == 1:
-        return model(rescale(images, float(scales[0])))
+        return forward(rescale(images, float(scales[0])))
     p = float(getattr(model, "power", 1.0))
     total = None
     for s in scales:
-        v = model(rescale(images, float(s))).pow(p)
+        v = forward(rescale(images, float(s))).float().pow(p)
         total = v if total is None else total + v
     return F.normalize((total / len(scales)).pow(1.0 / p), dim=1)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``precision`` on ``device`` ("32": none)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"extraction.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class PlannedBatches(Dataset):
+    """Item k: the images of planned batch k, decoded and stacked by a DataLoader worker.
+
+    Returns ``(groups, failures)``: ``groups`` is a list of ``(indices, B x 3 x H x W tensor)``, one per
+    distinct shape (normally one: the plan predicted it), ``failures`` a list of ``(index, message)`` for
+    images ``images[i]`` could not decode (a :class:`DataError`), which the caller raises or reports.
+    ``images[i]`` must return ``(3 x H x W tensor, ...)``.
+    """
+
+    def __init__(self, images: Dataset, batches: Sequence[PlannedBatch]) -> None:
+        self.images = images
+        self.batches = list(batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[int, str]]]:
+        batch = self.batches[k]
+        by_shape: dict[tuple[int, int], tuple[list[int], list[torch.Tensor]]] = {}
+        failures: list[tuple[int, str]] = []
+        for i in batch.indices:
+            try:
+                tensor = self.images[i][0]
+            except DataError as error:
+                failures.append((i, str(error)))
+                continue
+            if batch.resize_to is not None and tuple(tensor.shape[-2:]) != batch.resize_to:
+                tensor = F.interpolate(
+                    tensor.unsqueeze(0), size=batch.resize_to, mode="bilinear", align_corners=False, antialias=True
+                ).squeeze(0)
+            rows, tensors = by_shape.setdefault((int(tensor.shape[-2]), int(tensor.shape[-1])), ([], []))
+            rows.append(i)
+            tensors.append(tensor)
+        groups = [(torch.tensor(rows), torch.stack(tensors)) for rows, tensors in by_shape.values()]
+        return groups, failures
+
+
+def plan_extraction(
+    paths: Sequence[str | Path],
+    image_size: int | None,
+    batch_size: int,
+    *,
+    bboxes: Sequence[Sequence[float] | None] | None = None,
+    batching: str = "shape",
+    aspect_tolerance: float = 0.1,
+) -> tuple[list[PlannedBatch], list[tuple[int, int] | None]]:
+    """The batches of ``paths`` (see :func:`~oxford_ir.retrieval.batching.plan_batches`) and each image's
+    upright ``(width, height)`` read from its header (None when unreadable)."""
+    if batching not in ("shape", "aspect"):
+        raise ConfigError(f"extraction.batching={batching!r}: choose shape (exact) or aspect (faster, approximate)")
+    with warnings.catch_warnings():  # Pillow warns about large images at open; decoding handles them
+        warnings.simplefilter("ignore", Warning)
+        if len(paths) > 256:
+            with ThreadPoolExecutor(_PROBE_THREADS) as pool:
+                sizes = list(pool.map(upright_size, paths, chunksize=64))
+        else:
+            sizes = [upright_size(p) for p in paths]
+    shapes = [
+        None if size is None else preprocessed_shape(size, image_size, None if bboxes is None else bboxes[i])
+        for i, size in enumerate(sizes)
+    ]
+    return plan_batches(shapes, batch_size, batching=batching, aspect_tolerance=aspect_tolerance), sizes
+
+
+def embed_planned(
+    model: nn.Module,
+    images: Dataset,
+    batches: Sequence[PlannedBatch],
+    *,
+    scales: Sequence[float] = (1.0,),
+    num_workers: int = 0,
+    device: torch.device = torch.device("cpu"),
+    precision: str = "32",
+    channels_last: bool = False,
+    progress: bool = False,
+    desc: str = "embedding",
+) -> Iterator[tuple[list[int], torch.Tensor | None, list[str]]]:
+    """Yield ``(indices, float32 vectors on the CPU, [])`` per forward pass and ``(indices, None, messages)``
+    for images that could not be decoded, running ``batches`` in order (the caller shards them).
+
+    The model must already be on ``device`` and in eval mode; this runs under ``torch.inference_mode``.
+    """
+    loader = DataLoader(
+        PlannedBatches(images, batches),
+        batch_size=None,  # each item is a whole planned batch
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    total = sum(len(b.indices) for b in batches)
+    bar = tqdm(total=total, disable=not progress, desc=desc, unit="img", dynamic_ncols=True)
+    try:
+        with torch.inference_mode(), autocast(device, precision):
+            for groups, failures in loader:
+                if failures:
+                    bar.update(len(failures))
+                    yield [i for i, _ in failures], None, [m for _, m in failures]
+                for rows, batch in groups:
+                    batch = batch.to(device, non_blocking=True)
+                    vectors = embed_batch(model, batch, scales, channels_last=channels_last).float().cpu()
+                    bar.update(len(rows))
+                    yield rows.tolist(), vectors, []
+    finally:
+        bar.close()
 
 
 def extract_embeddings(
@@ -52,12 +192,23 @@ def extract_embeddings(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    batching: str = "shape",
+    aspect_tolerance: float = 0.1,
+    precision: str = "32",
+    channels_last: bool = False,
+    images: Dataset | None = None,
 ) -> torch.Tensor:
     """N x D float32 L2-normalised embeddings of ``paths`` (row i is ``paths[i]``), on the CPU.
 
     ``bboxes[i]`` (or None) crops image i, as queries are. The model is moved to ``device`` and run in
-    eval mode under ``torch.inference_mode``; its training mode is restored afterwards. An image that
-    cannot be read raises the :class:`~oxford_ir.errors.DataError` of ``load_image``, naming the file.
+    eval mode under ``torch.inference_mode`` (``precision="bf16"``: bfloat16 autocast; ``channels_last``:
+    NHWC inputs); its training mode is restored afterwards. An image that cannot be read raises the
+    :class:`~oxford_ir.errors.DataError` of ``load_image``, naming the file. ``images`` replaces the default
+    ``ImageListDataset(paths, image_size, bboxes=bboxes)`` (e.g. one reading a preprocessed cache): it must
+    give the same tensors.
+
+    Inside an initialised ``torch.distributed`` process group each process embeds every ``world_size``-th
+    planned batch and the rows are gathered: every process returns all N rows, equal to one process's.
     """
     scales = tuple(float(s) for s in scales)
     if not scales or min(scales) <= 0:
@@ -65,52 +216,56 @@ def extract_embeddings(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = torch.device(device)
-    dataset = ImageListDataset(paths, image_size, bboxes=bboxes)
-    n = len(dataset)
-    embedding_dim = getattr(model, "embedding_dim", None)
+    dataset = images if images is not None else ImageListDataset(paths, image_size, bboxes=bboxes)
+    n = len(paths)
+    if len(dataset) != n:
+        raise ValueError(f"the image dataset has {len(dataset)} items for {n} paths")
+    embedding_dim = int(getattr(model, "embedding_dim", 0) or 0)
     if n == 0:
-        return torch.empty(0, int(embedding_dim or 0))
-    loader = DataLoader(
-        dataset,
-        batch_size=None,  # one image at a time: sizes differ, batches are formed below by shape
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
+        return torch.empty(0, embedding_dim)
+    plan, _ = plan_extraction(
+        paths, image_size, batch_size, bboxes=bboxes, batching=batching, aspect_tolerance=aspect_tolerance
     )
-    out: torch.Tensor | None = None
-    buckets: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
-    held = 0
-    limit = batch_size * _BUFFERED_BATCHES
-
-    def flush(shape: tuple[int, int]) -> None:
-        nonlocal out, held
-        items = buckets.pop(shape)
-        held -= len(items)
-        batch = torch.stack([t for _, t in items]).to(device, non_blocking=True)
-        vectors = embed_batch(model, batch, scales).float().cpu()
-        if out is None:
-            out = torch.empty(n, vectors.shape[1])
-        out[torch.tensor([i for i, _ in items])] = vectors
-
+    rank, world = rank_and_world()
+    mine = shard(plan, rank, world)
+    indices: list[int] = []
+    parts: list[torch.Tensor] = []
+    failures: list[tuple[int, str]] = []
     was_training = model.training
     model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     model.eval()
     try:
-        with torch.inference_mode():
-            for tensor, index in tqdm(loader, total=n, disable=not progress, desc="embedding", unit="img"):
-                shape = (tensor.shape[-2], tensor.shape[-1])
-                buckets.setdefault(shape, []).append((int(index), tensor))
-                held += 1
-                if len(buckets[shape]) >= batch_size:
-                    flush(shape)
-                elif held >= limit:  # many distinct sizes: run the fullest group rather than hoard images
-                    flush(max(buckets, key=lambda s: len(buckets[s])))
-            while buckets:
-                flush(next(iter(buckets)))
+        for rows, vectors, errors in embed_planned(
+            model,
+            dataset,
+            mine,
+            scales=scales,
+            num_workers=num_workers,
+            device=device,
+            precision=precision,
+            channels_last=channels_last,
+            progress=progress and rank == 0,
+        ):
+            if vectors is None:
+                failures += zip(rows, errors, strict=True)
+                if world == 1:
+                    break  # alone: fail at once; in a group, agree with the others first
+                continue
+            indices += rows
+            parts.append(vectors)
     finally:
         model.train(was_training)
-    assert out is not None
-    return out.clone()  # a normal tensor: inference tensors refuse later in-place updates and autograd
+    failures = all_failures(failures)
+    if failures:
+        raise DataError(failures[0][1])
+    dim = parts[0].shape[1] if parts else embedding_dim
+    local = torch.cat(parts) if parts else torch.empty(0, dim)
+    out, held = gather_rows(torch.tensor(indices, dtype=torch.long), local, n)
+    if not bool(held.all()):
+        raise RuntimeError(f"rows {torch.nonzero(~held).flatten()[:5].tolist()} were embedded by no process")
+    return out
 
 
 def extract_benchmark(

@@ -52,14 +52,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
-from oxford_ir.data.images import IMAGE_EXTENSIONS, decode_image
+from oxford_ir.data.images import IMAGE_EXTENSIONS, load_image
 from oxford_ir.data.transforms import resize_long_side, to_tensor_normalised
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError
 from oxford_ir.hashing import file_sha256
-from oxford_ir.retrieval.extraction import embed_batch
+from oxford_ir.retrieval.batching import shard, upright_size
+from oxford_ir.retrieval.distributed import all_failures, gather_rows, rank_and_world
+from oxford_ir.retrieval.extraction import embed_planned, plan_extraction
 from oxford_ir.retrieval.model_spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,6 @@ PREPROCESSING = (
 )
 _VERSION_RE = re.compile(r"^v(\d{6,})$")
 _OWN_NAMES = re.compile(r"^(CURRENT|CURRENT\.tmp|report\.json|report\.json\.tmp|\.lock|v\d{6,})$")
-#: images held back waiting for same-sized companions, in multiples of ``batch_size`` (as extraction does)
-_BUFFERED_BATCHES = 4
 #: paths listed per category in report.json (the counts are always complete; skipped files are all listed)
 _LISTED_PATHS = 1000
 
@@ -204,14 +203,29 @@ def _benchmark_images(text: str, data_dir: str | os.PathLike | None, allow_missi
     return ImageSource(Path(benchmark.image_dir).resolve(), paths, text)
 
 
-def index_fingerprint(model_fingerprint: str, image_size: int | None, scales: Sequence[float]) -> str:
-    """Hex sha256 of everything an embedding depends on: the model, image size, scales and preprocessing."""
+def index_fingerprint(
+    model_fingerprint: str,
+    image_size: int | None,
+    scales: Sequence[float],
+    *,
+    batching: str = "shape",
+    precision: str = "32",
+) -> str:
+    """Hex sha256 of everything an embedding depends on: the model, image size, scales and preprocessing.
+
+    The approximate speed options (aspect batching, bf16) change the embeddings slightly, so they are part of
+    it; at their exact defaults they are left out, so indexes written before they existed stay valid.
+    """
     payload = {
         "model": model_fingerprint,
         "image_size": None if image_size is None else int(image_size),
         "scales": [float(s) for s in scales],
         "preprocessing": PREPROCESSING,
     }
+    if batching != "shape":
+        payload["batching"] = batching
+    if precision != "32":
+        payload["precision"] = precision
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -498,8 +512,8 @@ class IndexReport:
 
 
 class _IndexImages(Dataset):
-    """``(position, tensor or None, (width, height) or None, error or None)``: bad files come back as errors
-    instead of raising, so one corrupt image never stops a run. Preprocessing is ImageListDataset's."""
+    """``(tensor, position)`` of each file, preprocessed as ImageListDataset's; a bad file raises its DataError,
+    which :class:`~oxford_ir.retrieval.extraction.PlannedBatches` turns into a reported failure."""
 
     def __init__(self, root: Path, paths: Sequence[str], image_size: int | None) -> None:
         self.root = root
@@ -509,66 +523,11 @@ class _IndexImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, tuple[int, int] | None, str | None]:
-        try:
-            decoded = decode_image(self.root / self.paths[i], draft_size=self.image_size)
-        except DataError as error:
-            return i, None, None, str(error)
-        image = decoded.image if self.image_size is None else resize_long_side(decoded.image, self.image_size)
-        return i, to_tensor_normalised(image), decoded.size, None
-
-
-def _embed_stream(
-    model: torch.nn.Module,
-    dataset: _IndexImages,
-    *,
-    scales: Sequence[float],
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    progress: bool,
-) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, int]] | list[str]]]:
-    """Yield ``(positions, N x D float32 vectors, sizes)`` per batch and ``(positions, None, errors)`` per bad file.
-
-    Same batching as :func:`~oxford_ir.retrieval.extraction.extract_embeddings`: images grouped by resized
-    shape, so every forward pass sees equally sized images without padding.
-    """
-    loader = DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda"
-    )
-    buckets: dict[tuple[int, int], list[tuple[int, torch.Tensor, tuple[int, int]]]] = {}
-    held, limit = 0, batch_size * _BUFFERED_BATCHES
-
-    def flush(shape: tuple[int, int]) -> tuple[list[int], np.ndarray, list[tuple[int, int]]]:
-        nonlocal held
-        items = buckets.pop(shape)
-        held -= len(items)
-        batch = torch.stack([t for _, t, _ in items]).to(device, non_blocking=True)
-        with torch.inference_mode():
-            vectors = embed_batch(model, batch, scales).float().cpu().numpy()
-        return [i for i, _, _ in items], vectors, [s for _, _, s in items]
-
-    bar = tqdm(total=len(dataset), disable=not progress, desc="indexing", unit="img", dynamic_ncols=True)
-    failed = 0
-    try:
-        for position, tensor, size, error in loader:
-            bar.update(1)
-            if tensor is None:
-                failed += 1
-                bar.set_postfix(skipped=failed, refresh=False)
-                yield [int(position)], None, [str(error)]
-                continue
-            shape = (int(tensor.shape[-2]), int(tensor.shape[-1]))
-            buckets.setdefault(shape, []).append((int(position), tensor, (int(size[0]), int(size[1]))))
-            held += 1
-            if len(buckets[shape]) >= batch_size:
-                yield flush(shape)
-            elif held >= limit:  # many distinct sizes: run the fullest group rather than hoard images
-                yield flush(max(buckets, key=lambda s: len(buckets[s])))
-        while buckets:
-            yield flush(next(iter(buckets)))
-    finally:
-        bar.close()
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = load_image(self.root / self.paths[i], draft_size=self.image_size)
+        if self.image_size is not None:
+            image = resize_long_side(image, self.image_size)
+        return to_tensor_normalised(image), i
 
 
 @dataclass
@@ -594,8 +553,17 @@ def build_index(
     progress: bool = True,
     incremental: str = "auto",
     checkpoint_every: float | None = 600.0,
+    batching: str = "shape",
+    aspect_tolerance: float = 0.1,
+    precision: str = "32",
+    channels_last: bool = False,
 ) -> IndexReport:
     """Build or update the index of ``images`` in folder ``out`` with ``model``; returns what was done.
+
+    ``batching``, ``aspect_tolerance``, ``precision``, ``channels_last``: as
+    :func:`~oxford_ir.retrieval.extraction.extract_embeddings`. Inside a ``torch.distributed`` process group
+    (``torchrun ... oxford-ir-index``) every process embeds its share of the planned batches and the first
+    process writes the index, identical to one process's; intermediate commits are then skipped.
 
     Embeds only new and changed files (see the module docstring for ``incremental``); undecodable files are
     skipped and reported, never fatal. ``checkpoint_every`` (seconds, None = never) commits the work done so
@@ -618,10 +586,12 @@ def build_index(
     source = images if isinstance(images, ImageSource) else resolve_images(images)
     out = _prepare_out(Path(out).expanduser())
     device = torch.device(device)
+    rank, world = rank_and_world()
+    writer = rank == 0  # in a process group every process embeds its share; the first one writes
 
-    with _build_lock(out):
+    with _build_lock(out) if writer else contextlib.nullcontext():
         model_fp = model.fingerprint()
-        fingerprint = index_fingerprint(model_fp, image_size, scales)
+        fingerprint = index_fingerprint(model_fp, image_size, scales, batching=batching, precision=precision)
         previous = _previous_index(out, fingerprint, source.root, dtype, incremental)
         old = previous.index if previous.reusable else None
         old_rows = {e.path: (i, e) for i, e in enumerate(old.entries)} if old is not None else {}
@@ -678,20 +648,34 @@ def build_index(
         attempted = 0
         if todo:
             net = model.build(device)
+            if channels_last:
+                net.to(memory_format=torch.channels_last)
             state.pooling_power = float(getattr(net, "power", 1.0))
             embed_started = time.perf_counter()
-            dataset = _IndexImages(source.root, todo, image_size)
+            plan, sizes = plan_extraction(
+                [source.root / p for p in todo],
+                image_size,
+                batch_size,
+                batching=batching,
+                aspect_tolerance=aspect_tolerance,
+            )
+            stream = embed_planned(
+                net,
+                _IndexImages(source.root, todo, image_size),
+                shard(plan, rank, world),
+                scales=scales,
+                num_workers=num_workers,
+                device=device,
+                precision=precision,
+                channels_last=channels_last,
+                progress=progress and rank == 0,
+                desc="indexing",
+            )
+            if world > 1:
+                stream = _gathered(stream, len(todo), int(net.embedding_dim))
             last_commit = time.monotonic()
             try:
-                for positions, vectors, info in _embed_stream(
-                    net,
-                    dataset,
-                    scales=scales,
-                    batch_size=batch_size,
-                    num_workers=num_workers,
-                    device=device,
-                    progress=progress,
-                ):
+                for positions, vectors, info in stream:
                     attempted += len(positions)
                     names = [todo[p] for p in positions]
                     if vectors is None:
@@ -699,12 +683,12 @@ def build_index(
                             size, mtime_ns = current[rel]
                             skipped[rel] = SkippedImage(rel, _short_reason(reason, source.root / rel), size, mtime_ns)
                         continue
-                    state.add(names, vectors, info)
-                    if checkpoint_every is not None and time.monotonic() - last_commit >= checkpoint_every:
+                    state.add(names, vectors.numpy(), [_upright(sizes, p, source.root / todo[p]) for p in positions])
+                    if writer and checkpoint_every is not None and time.monotonic() - last_commit >= checkpoint_every:
                         state.commit(complete=False)
                         last_commit = time.monotonic()
             except BaseException:
-                if state.uncommitted:
+                if writer and state.uncommitted:
                     with contextlib.suppress(Exception):
                         state.commit(complete=False)
                         log.warning("interrupted: committed %d finished images to %s", len(state.new), out)
@@ -723,14 +707,46 @@ def build_index(
                 if final_skipped
                 else f"images={source.spec or source.root}: no images to index"
             )
-        wrote = not nothing_to_do
+        wrote = writer and not nothing_to_do
         if wrote:
             state.commit(complete=True)
-        else:
+        elif old is not None:
             state.version = old.version
         report = _report(state, previous, ordered, removed, final_skipped, attempted, started, embed_seconds, wrote)
-        _write_report(out, report)
+        if writer:
+            _write_report(out, report)
         return report
+
+
+def _gathered(
+    stream: Iterator[tuple[list[int], torch.Tensor | None, list[str]]], n: int, dim: int
+) -> Iterator[tuple[list[int], torch.Tensor | None, list[str]]]:
+    """Run this process's share of ``stream``, then yield every process's results: failures, then all rows."""
+    positions: list[int] = []
+    parts: list[torch.Tensor] = []
+    failures: list[tuple[int, str]] = []
+    for rows, vectors, info in stream:
+        if vectors is None:
+            failures += zip(rows, info, strict=True)
+        else:
+            positions += rows
+            parts.append(vectors)
+    failures = all_failures(failures)
+    local = torch.cat(parts) if parts else torch.empty(0, dim)
+    rows_all, held = gather_rows(torch.tensor(positions, dtype=torch.long), local, n)
+    if failures:
+        yield [i for i, _ in failures], None, [m for _, m in failures]
+    done = torch.nonzero(held).flatten()
+    if len(done):
+        yield done.tolist(), rows_all[done], []
+
+
+def _upright(sizes: Sequence[tuple[int, int] | None], position: int, path: Path) -> tuple[int, int]:
+    """The (width, height) planning read from the header; decoded fine, so the header is readable."""
+    size = sizes[position] or upright_size(path)
+    if size is None:
+        raise DataError(f"cannot read the size of {path} from its header although it decoded; re-run the index")
+    return size
 
 
 def _short_reason(message: str, path: Path) -> str:

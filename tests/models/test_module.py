@@ -712,6 +712,22 @@ def test_edited_checkpoint_is_refused(trained, tmp_path):
         load_retrieval_checkpoint(edited)
 
 
+def test_channels_last_module_gives_the_same_loss_gradients_and_checkpoint():
+    plain, nhwc = make_module(), make_module(channels_last=True)
+    weight = next(p for p in nhwc.embedder.parameters() if p.ndim == 4)
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    images, labels = train_tensors()
+    losses = []
+    for module in (plain, nhwc):
+        loss, stats = module.compute_loss(images[8:], labels[8:])
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(plain.embedder.parameters(), nhwc.embedder.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4)
+    assert set(nhwc.state_dict()) == set(plain.state_dict()) and nhwc.hparams.channels_last is True
+
+
 # -- slow: compilation, several processes ----------------------------------------------------------
 @pytest.mark.slow
 def test_compiled_embedder_gives_the_same_embeddings_and_checkpoint_keys():

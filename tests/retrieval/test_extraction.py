@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from oxford_ir.data.benchmark import Benchmark
 from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.data.transforms import eval_transform, resize_long_side, to_tensor_normalised
-from oxford_ir.errors import DataError
+from oxford_ir.errors import ConfigError, DataError
 from oxford_ir.models.backbones import MobileNetV2, ScratchCNN
 from oxford_ir.models.embedder import Embedder
 from oxford_ir.models.pooling import GeM
@@ -258,3 +258,61 @@ def test_pretrained_mobilenet_gem_matches_landmarks_on_real_paris_images(
         assert sim[a, b] > sim[a, others].max() and sim[a, b] > sim[b, others].max(), sim
     random = Embedder(MobileNetV2(weights="none"), GeM())
     assert not torch.allclose(extract_embeddings(random, paths[:2], 224), emb[:2], atol=1e-2)
+
+
+# -- speed options: aspect batching, bf16, channels_last, sharding across processes ----------------------
+def test_aspect_batching_runs_fewer_passes_and_stays_close_to_exact(tmp_path: Path) -> None:
+    paths = [_write_image(tmp_path / f"a{i}.png", 60 + i, 80 - i, seed=i) for i in range(6)]  # all distinct
+    model = _model()
+    exact = extract_embeddings(model, paths, 40, batch_size=6)
+    calls = []
+    hook = model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    approx = extract_embeddings(model, paths, 40, batch_size=6, batching="aspect", aspect_tolerance=0.2)
+    hook.remove()
+    assert calls == [6]  # one forward pass instead of six
+    cosine = (exact * approx).sum(dim=1)
+    assert float(cosine.min()) > 0.99 and not torch.equal(exact, approx)
+
+
+def test_bf16_autocast_and_channels_last_give_close_embeddings(images: list[Path]) -> None:
+    model = _model()
+    exact = extract_embeddings(model, images, 40, batch_size=4)
+    nhwc = extract_embeddings(_model(), images, 40, batch_size=4, channels_last=True)
+    torch.testing.assert_close(nhwc, exact, rtol=1e-4, atol=1e-5)
+    bf16 = extract_embeddings(model, images, 40, batch_size=4, precision="bf16")
+    assert bf16.dtype == torch.float32 and float((bf16 * exact).sum(dim=1).min()) > 0.99
+    with pytest.raises(ConfigError, match="extraction.precision"):
+        extract_embeddings(model, images, 40, precision="fp8")
+
+
+def _extract_in_process_group(rank: int, world: int, init_file: str, paths: list[str], out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        bboxes = [None, (3, 4, 50, 40)] + [None] * (len(paths) - 2)
+        vectors = extract_embeddings(_model(), paths, 40, bboxes=bboxes, batch_size=2)
+        torch.save(vectors, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_extraction_across_processes_is_bit_identical_to_one_process(
+    images: list[Path], tmp_path: Path
+) -> None:
+    """Two gloo processes each embed every other planned batch; both get all rows, bit for bit one process's."""
+    import torch.multiprocessing as mp
+
+    paths = [str(p) for p in images]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in each worker process
+    try:
+        bboxes = [None, (3, 4, 50, 40)] + [None] * (len(paths) - 2)
+        single = extract_embeddings(_model(), paths, 40, bboxes=bboxes, batch_size=2)
+    finally:
+        torch.set_num_threads(threads)
+    out = str(tmp_path / "rows")
+    mp.spawn(_extract_in_process_group, args=(2, str(tmp_path / "init"), paths, out), nprocs=2, join=True)
+    for rank in range(2):
+        assert torch.equal(torch.load(f"{out}.{rank}"), single)

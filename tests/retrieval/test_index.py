@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 import oxford_ir.data.images as images_module
+import oxford_ir.retrieval.extraction as extraction_module
 import oxford_ir.retrieval.index as index_module
 from oxford_ir.data.images import decode_image, load_image
 from oxford_ir.errors import CheckpointError, ConfigError, DataError, IndexFormatError
@@ -76,14 +77,14 @@ def rows_by_path(index: RetrievalIndex) -> dict[str, np.ndarray]:
 def count_embedded(monkeypatch):
     """Counts the images that go through the model (every forward pass of the index goes via embed_batch)."""
     seen = {"images": 0, "calls": 0}
-    real = index_module.embed_batch
+    real = extraction_module.embed_batch
 
-    def counting(model, batch, scales=(1.0,)):
+    def counting(model, batch, scales=(1.0,), **kwargs):
         seen["images"] += int(batch.shape[0])
         seen["calls"] += 1
-        return real(model, batch, scales)
+        return real(model, batch, scales, **kwargs)
 
-    monkeypatch.setattr(index_module, "embed_batch", counting)
+    monkeypatch.setattr(extraction_module, "embed_batch", counting)
     return seen
 
 
@@ -253,23 +254,23 @@ def test_a_crash_while_writing_leaves_the_previous_index_loadable_and_unchanged(
 def test_an_interrupted_run_keeps_its_finished_rows_and_the_next_run_finishes_it(tmp_path, monkeypatch, caplog):
     photos, out = tmp_path / "photos", tmp_path / "index"
     make_folder(photos, n=12)
-    real = index_module.embed_batch
+    real = extraction_module.embed_batch
     calls = {"n": 0}
 
-    def interrupted(model, batch, scales=(1.0,)):
+    def interrupted(model, batch, scales=(1.0,), **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(model, batch, scales)
+        return real(model, batch, scales, **kwargs)
 
-    monkeypatch.setattr(index_module, "embed_batch", interrupted)
+    monkeypatch.setattr(extraction_module, "embed_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_index(tiny_spec(), photos, out, **{**FAST, "batch_size": 2}, checkpoint_every=None)
     with caplog.at_level(logging.WARNING):
         partial = RetrievalIndex.load(out)
     assert not partial.complete and len(partial) == 4 and "interrupted build" in caplog.text
 
-    monkeypatch.setattr(index_module, "embed_batch", real)
+    monkeypatch.setattr(extraction_module, "embed_batch", real)
     calls["n"] = 0
     report = build_index(tiny_spec(), photos, out, **{**FAST, "batch_size": 2})
     assert report.kept == 4 and len(report.added) == 8
@@ -286,16 +287,16 @@ def test_checkpoints_of_a_long_run_are_valid_indexes_that_keep_stale_rows_marked
     build_index(tiny_spec(), photos, out, **FAST)
     for i, name in enumerate(names):  # every file changes; the run dies after two batches, checkpointed
         write_photo(photos / name, seed=100 + i, size=(33, 33))
-    real = index_module.embed_batch
+    real = extraction_module.embed_batch
     calls = {"n": 0}
 
-    def failing(model, batch, scales=(1.0,)):
+    def failing(model, batch, scales=(1.0,), **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("out of memory (simulated)")
-        return real(model, batch, scales)
+        return real(model, batch, scales, **kwargs)
 
-    monkeypatch.setattr(index_module, "embed_batch", failing)
+    monkeypatch.setattr(extraction_module, "embed_batch", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         build_index(tiny_spec(), photos, out, **{**FAST, "batch_size": 2}, checkpoint_every=0)
     partial = RetrievalIndex.load(out, warn_incomplete=False)
@@ -304,7 +305,7 @@ def test_checkpoints_of_a_long_run_are_valid_indexes_that_keep_stale_rows_marked
                 for e in partial.entries)  # fmt: skip
     assert fresh == 4
 
-    monkeypatch.setattr(index_module, "embed_batch", real)
+    monkeypatch.setattr(extraction_module, "embed_batch", real)
     report = build_index(tiny_spec(), photos, out, **FAST)
     assert report.kept == 4 and len(report.updated) == 4
 
@@ -747,3 +748,42 @@ def test_a_few_paris_images_with_pretrained_mobilenet(tmp_path, paris_root, mobi
 @pytest.mark.shared_data
 def test_all_paris_images_with_pretrained_mobilenet(tmp_path, paris_root, mobilenet_weights, count_embedded):
     index_paris(tmp_path, paris_root / "jpg", mobilenet_weights, 224, count_embedded)
+
+
+# -- sharded across processes ------------------------------------------------------------------------
+def _build_in_process_group(rank: int, world: int, init_file: str, photos: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        report = build_index(tiny_spec(), photos, out, **{**FAST, "batch_size": 2})
+        assert report.wrote == (rank == 0) and report.count == 11
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_index_built_by_two_processes_is_identical_to_one_process(tmp_path):
+    """Two gloo processes embed every other planned batch; the first writes: same rows, bit for bit."""
+    import torch.multiprocessing as mp
+
+    photos = tmp_path / "photos"
+    make_folder(photos, n=12)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # skipped and reported either way
+    (photos / "img_05.png").unlink()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in each worker process
+    try:
+        build_index(tiny_spec(), photos, tmp_path / "single", **{**FAST, "batch_size": 2})
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(
+        _build_in_process_group,
+        args=(2, str(tmp_path / "init"), str(photos), str(tmp_path / "sharded")),
+        nprocs=2,
+        join=True,
+    )
+    single, sharded = RetrievalIndex.load(tmp_path / "single"), RetrievalIndex.load(tmp_path / "sharded")
+    assert sharded.entries == single.entries and len(sharded) == 11
+    assert np.array_equal(sharded.embeddings, single.embeddings)
+    assert [s.path for s in sharded.skipped] == [s.path for s in single.skipped] == ["broken.jpg"]
