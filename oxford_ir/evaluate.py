@@ -115,6 +115,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
         model = load_retrieval_checkpoint(cfg.ckpt_path).embedder
     else:
+        # randomly initialised parts (a baseline without weights) are the same in every run and process
+        torch.manual_seed(int(cfg.get("seed", 0)))
         model = hydra.utils.instantiate(cfg.embedder)
     results, notes = evaluate_model(
         model,

@@ -110,3 +110,27 @@ def test_evaluates_a_training_checkpoint_like_the_training_run(tmp_path):
     )  # fmt: skip
     flat, _ = evaluate(eval_cfg)
     assert flat["synthetic/mAP"] == pytest.approx(metrics["val/synthetic/mAP"], abs=1e-6)
+
+
+# ~15 s: three processes import torch and Hydra
+def test_torchrun_evaluation_with_two_processes_equals_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m oxford_ir.evaluate`: gloo on the CPU, each process embeds every other
+    planned batch; the first writes metrics.json, equal to the single-process run's."""
+    bin_dir = Path(sys.executable).parent
+    common = ["backbone=scratch", "backbone.channels=[4,8]", "synthetic.preset=tiny", "extraction.image_size=64",
+              "extraction.batch_size=2", "extraction.num_workers=0", f"paths.data_dir={tmp_path / 'data'}"]  # fmt: skip
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    single = subprocess.run(
+        [str(bin_dir / "oxford-ir-eval"), *common, f"hydra.run.dir={tmp_path / 'single'}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=180, env=env,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = subprocess.run(
+        [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "oxford_ir.evaluate",
+         *common, f"hydra.run.dir={tmp_path / 'sharded'}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=180, env=env,
+    )  # fmt: skip
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "process 1 of 2" in sharded.stderr or "process 1 of 2" in sharded.stdout
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text())["metrics"] for run in ("single", "sharded")]
+    assert metrics[0] == metrics[1] and len(metrics[0]) > 5

@@ -3,6 +3,7 @@
 oxford-ir-data download oxford5k --root data          # -> data/oxford5k/{jpg,gt_files_170407,gnd_*.pkl}
 oxford-ir-data verify roxford5k --root data           # exit 0 when every listed image decodes
 oxford-ir-data synthetic --root data/synthetic --seed 0
+oxford-ir-data cache roxford5k --root data --eval-size 1024 --train-long-side 724 --workers 8
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir = Path(os.environ.get("OXFORD_IR_DATA", "data"))  # the default of paths.data_dir
     parser = argparse.ArgumentParser(
         prog="oxford-ir-data",
-        description="Download the Oxford5k / Paris6k benchmarks, verify their images, write the synthetic benchmark.",
+        description=(
+            "Download the Oxford5k / Paris6k benchmarks, verify their images, write the synthetic benchmark, "
+            "build the image cache."
+        ),
         epilog="Run `oxford-ir-data <command> --help` for the options of each command.",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
@@ -114,7 +118,65 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--junk-per-landmark", type=_non_negative_int, help="junk views among a landmark's images")
     synthetic.add_argument("--distractors", type=_non_negative_int, help="images of no landmark")
     synthetic.add_argument("--image-size", type=_positive_int, help="long side of each image in pixels")
+
+    cache = commands.add_parser(
+        "cache",
+        help="build the preprocessed image cache of a benchmark",
+        description=(
+            "Decode and resize a benchmark's images once into DIR (what data.cache.enabled=true reads): the "
+            "evaluation images (database, and queries cropped to their boxes) at --eval-size, and with "
+            "--train-long-side every database image for training (which covers any split of the dataset). "
+            "Up-to-date entries are kept; changed images are decoded again."
+        ),
+    )
+    cache.add_argument("benchmark", choices=BENCHMARK_NAMES, help="benchmark whose ground truth lists the images")
+    cache.add_argument(
+        "--root",
+        type=Path,
+        default=data_dir,
+        help="data folder or the dataset folder itself (default: $OXFORD_IR_DATA or ./data)",
+    )
+    cache.add_argument("--dir", type=Path, help="cache folder (default: ROOT/cache, as data.cache.dir=null)")
+    cache.add_argument(
+        "--eval-size", type=_positive_int, default=1024, help="long side of evaluation images (data.eval_image_size)"
+    )
+    cache.add_argument("--no-eval", action="store_true", help="do not build the evaluation cache")
+    cache.add_argument(
+        "--train-long-side", type=_positive_int, help="also cache training images at this long side (data.cache)"
+    )
+    cache.add_argument("--workers", type=_non_negative_int, default=0, help="decoding processes (default: 0)")
+    cache.add_argument("--allow-missing", action="store_true", help="cache the images present (a subset)")
+    cache.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from oxford_ir.data.cache import build_image_cache, cache_folder
+    from oxford_ir.data.loading import benchmark_spec, load_benchmark
+
+    benchmark = load_benchmark(args.benchmark, args.root, allow_missing_images=args.allow_missing)
+    dataset = benchmark_spec(args.benchmark).folder
+    cache_dir = args.dir if args.dir is not None else args.root / "cache"
+    jobs = []
+    if not args.no_eval:
+        paths = [*benchmark.db_paths, *benchmark.query_paths]
+        boxes = [None] * benchmark.n_db + list(benchmark.query_bboxes)
+        jobs.append(("eval", args.eval_size, paths, boxes))
+    if args.train_long_side is not None:
+        jobs.append(("train", args.train_long_side, benchmark.db_paths, None))
+    for kind, size, paths, boxes in jobs:
+        folder = cache_folder(cache_dir, kind, dataset, size)
+        built = build_image_cache(
+            folder,
+            paths,
+            boxes=boxes,
+            kind=kind,
+            long_side=size,
+            num_workers=args.workers,
+            progress=not args.no_progress,
+        )
+        print(f"{kind} cache: {len(built)} images at long side {size}, {built.pixel_bytes / 1e6:.1f} MB in {folder}")
+    return 0
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -175,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``oxford-ir-data``; returns the exit status (errors a user can fix exit 2)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    return {"download": _download, "verify": _verify, "synthetic": _synthetic}[args.command](args)
+    commands = {"download": _download, "verify": _verify, "synthetic": _synthetic, "cache": _cache}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,13 @@ Image sizes: ``image_size`` is the side of the square training crops and ``eval_
 of evaluation images. cnnimageretrieval-pytorch trains at 362 and tests at 1024 (published numbers);
 smaller values here are for speed.
 
+Image cache (``cache.enabled``, :mod:`oxford_ir.data.cache`): training images are decoded once to a long side
+of ``cache.train_long_side`` (default ``ceil(image_size / sqrt(augmentation.scale[0]))``: the smallest random
+crop is not upscaled) and augmented from there; evaluation images (queries cropped) once at
+``eval_image_size``, bit-identical to the uncached ones. ``prepare_data`` (local rank 0) builds or updates
+the caches under ``cache.dir`` (default ``<data_dir>/cache``), ``setup`` (every process) opens them. Without
+the cache, training JPEGs are still decoded in draft mode when at least twice that long side.
+
 Under DDP, each process draws its own share of the training batches (see :class:`ClassBalancedSampler`);
 Lightning gives the two evaluation loaders a ``DistributedSampler`` (it pads with repeated images), and the
 index returned with each image lets the module gather the embeddings and drop the repeats.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +40,18 @@ from torch.utils.data.distributed import DistributedSampler
 
 from oxford_ir.data.augmentation import Augmentation
 from oxford_ir.data.benchmark import Benchmark
+from oxford_ir.data.cache import ImageCache, build_image_cache, cache_folder, default_train_long_side
 from oxford_ir.data.collate import collate_variable_size
 from oxford_ir.data.datasets import ImageListDataset
+from oxford_ir.data.gpu_decode import (
+    EncodedEvalDataset,
+    EncodedTrainDataset,
+    GpuEvalDecoder,
+    GpuTrainDecoder,
+    check_decode,
+    collate_encoded,
+    decode_batch,
+)
 from oxford_ir.data.images import load_image
 from oxford_ir.data.loading import benchmark_spec, load_benchmark
 from oxford_ir.data.splits import SPLIT_KINDS, TrainSplit, build_split, full_ground_truth
@@ -201,15 +219,81 @@ class ClassBalancedSampler(DistributedSampler):
         )
 
 
-class TrainImageDataset(Dataset):
-    """``(augmented image tensor, label)`` for each training image."""
+@dataclass(frozen=True)
+class CacheConfig:
+    """``data.cache``: the preprocessed image cache of training and evaluation images (see the module doc)."""
 
-    def __init__(self, paths: Sequence[str | Path], labels: Sequence[int] | np.ndarray, transform) -> None:
+    #: read training and evaluation images from the cache (built in ``prepare_data``)
+    enabled: bool = False
+    #: folder of the caches; None: ``<data_dir>/cache``
+    dir: str | None = None
+    #: long side of cached training images; None: ``ceil(image_size / sqrt(augmentation.scale[0]))``
+    train_long_side: int | None = None
+    #: processes decoding while building; None: ``data.num_workers``
+    num_workers: int | None = None
+    #: progress bar while building
+    progress: bool = True
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None) -> CacheConfig:
+        """Validate ``data.cache`` (a mapping or None); a bad value raises ConfigError naming the key."""
+        if config is None:
+            return cls()
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"data.cache must be a mapping such as {{enabled: true}}, got {config!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ConfigError(f"unknown data.cache key(s) {unknown}; known: {sorted(known)}")
+        values = dict(config)
+        for name in ("enabled", "progress"):
+            if name in values and not isinstance(values[name], bool):
+                raise ConfigError(f"data.cache.{name} must be true or false, got {values[name]!r}")
+        if values.get("dir") is not None:
+            if not isinstance(values["dir"], (str, Path)) or not str(values["dir"]).strip():
+                raise ConfigError(f"data.cache.dir must be a folder path or null, got {values['dir']!r}")
+            values["dir"] = str(values["dir"])
+        if values.get("train_long_side") is not None:
+            _positive_int(values["train_long_side"], "cache.train_long_side")
+        if values.get("num_workers") is not None:
+            _non_negative_int(values["num_workers"], "cache.num_workers")
+        return cls(**values)
+
+
+class TrainImageDataset(Dataset):
+    """``(augmented image tensor, label)`` for each training image.
+
+    ``draft_size``: the long side the image is needed at (JPEGs at least twice that are decoded in draft
+    mode, see :func:`~oxford_ir.data.images.decode_image`); None decodes in full. ``cache``: an opened training
+    :class:`~oxford_ir.data.cache.ImageCache` holding every path; the augmentation then runs on its pixels.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        labels: Sequence[int] | np.ndarray,
+        transform,
+        *,
+        draft_size: int | None = None,
+        cache: ImageCache | None = None,
+    ) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths = [Path(p) for p in paths]
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
+        self.draft_size = draft_size
+        self.cache = cache
+        self.rows: np.ndarray | None = None
+        if cache is not None:
+            if cache.kind != "train":
+                raise ValueError(f"the image cache {cache.folder} holds {cache.kind} images, not training images")
+            self.rows = cache.rows(self.paths)
+
+    def _image(self, index: int):
+        if self.cache is not None:
+            return self.cache.image(int(self.rows[index]))
+        return load_image(self.paths[index], draft_size=self.draft_size, always_draft=self.draft_size is not None)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -217,7 +301,7 @@ class TrainImageDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         """``item`` is an index, or ``(index, seed)`` from :class:`ClassBalancedSampler` (seeded augmentation)."""
         index, seed = item if isinstance(item, tuple) else (item, None)
-        image = load_image(self.paths[index])
+        image = self._image(index)
         if seed is None:
             return self.transform(image), int(self.labels[index])
         with torch.random.fork_rng(devices=[]):
@@ -244,6 +328,9 @@ class RetrievalDataModule(pl.LightningDataModule):
             landmark image about once.
         use_distractors / distractors_per_batch: add distractor images, each its own label, to every batch.
         eval_batch_size: images per evaluation batch.
+        num_workers / pin_memory / persistent_workers: of every loader (pinning only with an accelerator,
+            persistent workers only with ``num_workers > 0``).
+        cache: ``data.cache`` (:class:`CacheConfig`): the preprocessed image cache.
         allow_missing_images: train and evaluate on the images present (a subset) instead of failing.
         download: fetch a missing real dataset in ``prepare_data`` (needs internet).
         seed: of the held-out draw and of the batches.
@@ -269,13 +356,15 @@ class RetrievalDataModule(pl.LightningDataModule):
         distractors_per_batch: int = 0,
         eval_batch_size: int = 8,
         num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
         allow_missing_images: bool = False,
         download: bool = False,
         seed: int = 0,
         augmentation: Mapping[str, Any] | None = None,
         synthetic: Mapping[str, Any] | None = None,
+        cache: Mapping[str, Any] | None = None,
+        decode: str = "cpu",
     ) -> None:
         super().__init__()
         data_dir = str(data_dir)
@@ -283,6 +372,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         eval_scales = [float(s) for s in _plain(eval_scales)]
         augmentation = dict(_plain(augmentation) or {})
         synthetic = dict(_plain(synthetic) or {})
+        cache_config = CacheConfig.from_config(_plain(cache))
+        cache = asdict(cache_config)
         # not logged: the run's config is, and Lightning refuses to log a key (seed, eval_scales) that the
         # module's hyperparameters hold with another value
         self.save_hyperparameters(logger=False)
@@ -315,17 +406,36 @@ class RetrievalDataModule(pl.LightningDataModule):
                 f"data.distractors_per_batch={distractors_per_batch} needs data.use_distractors=true "
                 "(or set distractors_per_batch=0)"
             )
+        for name, value in (("pin_memory", pin_memory), ("persistent_workers", persistent_workers)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"data.{name} must be true or false, got {value!r}")
         self.augmentation = Augmentation.from_config(augmentation)
+        self.cache_config = cache_config
+        self._gpu_decode = check_decode(decode)
+        if self._gpu_decode and cache_config.enabled:
+            raise ConfigError(
+                "data.decode=gpu and data.cache.enabled=true exclude each other: the cache already holds decoded, "
+                "resized pixels; choose one"
+            )
+        self._train_decoder = GpuTrainDecoder(image_size, self.augmentation) if self._gpu_decode else None
+        self._eval_decoder = GpuEvalDecoder(eval_image_size) if self._gpu_decode else None
         self.data_dir = Path(data_dir).expanduser()
         self.eval_benchmark_name = eval_benchmark or benchmark
         self.eval_scales = tuple(eval_scales)
         self._split: TrainSplit | None = None
         self._train_split: TrainSplit | None = None
         self._train_classes: np.ndarray | None = None
+        self._train_cache: ImageCache | None = None
+        self._eval_cache: ImageCache | None = None
 
     # -- preparing and loading ------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Write the synthetic benchmark, or download a real dataset when ``download`` and it is incomplete."""
+        """Write the synthetic benchmark, or download a real dataset when ``download`` and it is incomplete.
+
+        With ``cache.enabled``, then build or update the image caches: the evaluation one always, the training
+        one unless the attached Trainer only validates or tests. Lightning runs this on local rank 0 only, and
+        nothing here is kept on ``self``: ``setup`` opens what was built.
+        """
         for name in dict.fromkeys([self.hparams.benchmark, self.eval_benchmark_name]):
             folder = benchmark_spec(name).folder
             target = self.data_dir if self.data_dir.name == folder else self.data_dir / folder
@@ -338,26 +448,19 @@ class RetrievalDataModule(pl.LightningDataModule):
 
                 if not is_complete(target):
                     download_dataset(folder, target.parent)
+        if self.cache_config.enabled:
+            split = self._split if self._split is not None else self._make_split()
+            self._open_eval_cache(split.eval_benchmark)
+            if self._fitting():
+                self._open_train_cache(self._available(split))
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the benchmarks and build the split (once); for fitting, check the training images."""
+        """Load the benchmarks and build the split (once); for fitting, check the training images.
+
+        With ``cache.enabled``, open the image caches (building them here when ``prepare_data`` did not).
+        """
         if self._split is None:
-            hp = self.hparams
-            train_loaded = self._load(hp.benchmark)
-            eval_loaded = (
-                train_loaded if self.eval_benchmark_name == hp.benchmark else self._load(self.eval_benchmark_name)
-            )
-            self._split = build_split(
-                hp.split,
-                full_ground_truth(train_loaded),
-                eval_loaded,
-                # the held-out settings mean nothing to the other splits: ignored, so that data.split=seed
-                # can be set on top of a config made for the landmarks split
-                held_out_landmarks=hp.held_out_landmarks if hp.split == "landmarks" else None,
-                n_held_out=hp.n_held_out if hp.split == "landmarks" else None,
-                seed=hp.seed,
-                use_distractors=hp.use_distractors,
-            )
+            self._split = self._make_split()
         if stage in (None, "fit") and self._train_split is None:
             self._train_split = self._available(self._split)
             self._train_classes = self._train_split.classes_for_batches(
@@ -369,6 +472,84 @@ class RetrievalDataModule(pl.LightningDataModule):
                     f"split of {self.hparams.benchmark} has {self._train_split.num_distractors} distractor images; "
                     "lower distractors_per_batch (0 disables them)"
                 )
+        if self.cache_config.enabled:
+            if self._eval_cache is None:
+                self._eval_cache = self._open_eval_cache(self._split.eval_benchmark)
+            if stage in (None, "fit") and self._train_cache is None:
+                self._train_cache = self._open_train_cache(self._train_split)
+
+    def _make_split(self) -> TrainSplit:
+        hp = self.hparams
+        train_loaded = self._load(hp.benchmark)
+        eval_loaded = train_loaded if self.eval_benchmark_name == hp.benchmark else self._load(self.eval_benchmark_name)
+        return build_split(
+            hp.split,
+            full_ground_truth(train_loaded),
+            eval_loaded,
+            # the held-out settings mean nothing to the other splits: ignored, so that data.split=seed
+            # can be set on top of a config made for the landmarks split
+            held_out_landmarks=hp.held_out_landmarks if hp.split == "landmarks" else None,
+            n_held_out=hp.n_held_out if hp.split == "landmarks" else None,
+            seed=hp.seed,
+            use_distractors=hp.use_distractors,
+        )
+
+    def _fitting(self) -> bool:
+        """False only when an attached Trainer validates, tests or predicts (no training cache needed)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return True
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        return trainer.state.fn in (None, TrainerFn.FITTING)
+
+    # -- the image caches -------------------------------------------------------------------------
+    @property
+    def cache_dir(self) -> Path:
+        """Folder of the image caches: ``cache.dir``, or ``<data_dir>/cache``."""
+        configured = self.cache_config.dir
+        return Path(configured).expanduser() if configured is not None else self.data_dir / "cache"
+
+    @property
+    def train_long_side(self) -> int:
+        """Long side of training images as decoded (draft mode) and cached: ``cache.train_long_side`` or
+        ``ceil(image_size / sqrt(augmentation.scale[0]))``."""
+        configured = self.cache_config.train_long_side
+        if configured is not None:
+            return configured
+        return default_train_long_side(self.hparams.image_size, self.augmentation.scale[0])
+
+    def cache_folder(self, kind: str, benchmark: str) -> Path:
+        """The cache folder of ``kind`` ("train" or "eval") for ``benchmark`` (see :func:`cache_folder`)."""
+        size = self.train_long_side if kind == "train" else self.hparams.eval_image_size
+        return cache_folder(self.cache_dir, kind, benchmark_spec(benchmark).folder, size)
+
+    def _cache_workers(self) -> int:
+        configured = self.cache_config.num_workers
+        return self.hparams.num_workers if configured is None else configured
+
+    def _open_eval_cache(self, benchmark: Benchmark) -> ImageCache:
+        paths = [*benchmark.db_paths, *benchmark.query_paths]
+        boxes = [None] * benchmark.n_db + list(benchmark.query_bboxes)
+        return build_image_cache(
+            self.cache_folder("eval", benchmark.name),
+            paths,
+            boxes=boxes,
+            kind="eval",
+            long_side=self.hparams.eval_image_size,
+            num_workers=self._cache_workers(),
+            progress=self.cache_config.progress,
+        )
+
+    def _open_train_cache(self, split: TrainSplit) -> ImageCache:
+        return build_image_cache(
+            self.cache_folder("train", split.train_benchmark),
+            split.paths,
+            kind="train",
+            long_side=self.train_long_side,
+            num_workers=self._cache_workers(),
+            progress=self.cache_config.progress,
+        )
 
     def _load(self, name: str) -> Benchmark:
         return load_benchmark(name, self.data_dir, allow_missing_images=self.hparams.allow_missing_images)
@@ -456,12 +637,23 @@ class RetrievalDataModule(pl.LightningDataModule):
         hp = self.hparams
         split = self.train_split
         sampler = self.train_sampler()
-        dataset = TrainImageDataset(split.paths, split.labels, self.augmentation.transform(hp.image_size))
+        if self._gpu_decode:  # workers only read the files; on_after_batch_transfer decodes and augments
+            dataset, collate = EncodedTrainDataset(split.paths, split.labels), collate_encoded
+        else:
+            dataset = TrainImageDataset(
+                split.paths,
+                split.labels,
+                self.augmentation.transform(hp.image_size),
+                draft_size=self.train_long_side,
+                cache=self._train_cache,
+            )
+            collate = None
         return DataLoader(
             dataset,
             batch_size=sampler.batch_size,
             sampler=sampler,
             drop_last=True,
+            collate_fn=collate,
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),  # pinning needs an accelerator
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
@@ -471,8 +663,14 @@ class RetrievalDataModule(pl.LightningDataModule):
         """``[database, queries]`` of the evaluation benchmark, in benchmark order, as (image list, indices)."""
         benchmark = self.eval_benchmark
         size = self.hparams.eval_image_size
-        database = ImageListDataset(benchmark.db_paths, size)
-        queries = ImageListDataset(benchmark.query_paths, size, bboxes=benchmark.query_bboxes)
+        if self._gpu_decode:
+            database = EncodedEvalDataset(benchmark.db_paths)
+            queries = EncodedEvalDataset(benchmark.query_paths, bboxes=benchmark.query_bboxes)
+        else:
+            database = ImageListDataset(benchmark.db_paths, size, cache=self._eval_cache)
+            queries = ImageListDataset(
+                benchmark.query_paths, size, bboxes=benchmark.query_bboxes, cache=self._eval_cache
+            )
         return [self._eval_loader(database), self._eval_loader(queries)]
 
     def test_dataloader(self) -> list[DataLoader]:
@@ -484,11 +682,18 @@ class RetrievalDataModule(pl.LightningDataModule):
             dataset,
             batch_size=hp.eval_batch_size,
             shuffle=False,
-            collate_fn=collate_variable_size,
+            collate_fn=collate_encoded if self._gpu_decode else collate_variable_size,
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),  # pinning needs an accelerator
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``decode=gpu``: decode the JPEG bytes on the batch's device and augment (training) or resize
+        (evaluation) there; the module receives what the CPU loaders would give it."""
+        if not self._gpu_decode:
+            return batch
+        return decode_batch(batch, self._train_decoder, self._eval_decoder)
 
     def __repr__(self) -> str:
         description = self._split.description if self._split is not None else "not set up"

@@ -1,21 +1,77 @@
-"""Images from a list of paths, preprocessed for extraction exactly as cnnimageretrieval-pytorch does."""
+"""Images from a list of paths, preprocessed for extraction exactly as cnnimageretrieval-pytorch does.
+
+The preprocessing is split in two so that :mod:`oxford_ir.data.cache` can store its expensive half:
+:func:`eval_image` (decode, crop to the box, Lanczos downscale: 8-bit pixels) and :func:`pixels_to_tensor`
+(float conversion and ImageNet normalisation). :class:`ImageListDataset` runs both, or only the second on
+pixels read from an opened cache, so a cached image gives a bit-identical tensor.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from oxford_ir.data.images import load_image
-from oxford_ir.data.transforms import resize_long_side, to_tensor_normalised
+from oxford_ir.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_long_side
 from oxford_ir.errors import DataError
 
+if TYPE_CHECKING:
+    from oxford_ir.data.cache import ImageCache
+
 BBox = Sequence[float]
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def eval_image(path: str | Path, image_size: int | None, bbox: BBox | None = None) -> Image.Image:
+    """The test-time pixels of one image: decoded in full (no draft), cropped to ``bbox``, then downscaled.
+
+    The crop is resized to ``image_size * max(crop.size) / max(full.size)`` (see :class:`ImageListDataset`);
+    ``image_size=None`` keeps the original resolution.
+    """
+    path = Path(path)
+    image = load_image(path)
+    size: float | None = image_size
+    if bbox is not None:
+        full_size = max(image.size)
+        image = crop(image, bbox, path)
+        if size is not None:
+            size = size * max(image.size) / full_size
+    if size is not None:
+        image = resize_long_side(image, max(size, 1.0))
+    return image
+
+
+def train_image(path: str | Path, long_side: int) -> Image.Image:
+    """A training image with its long side downscaled to ``long_side`` (never upscaled), JPEGs drafted.
+
+    What the training image cache stores; the random augmentation runs on it afterwards, so draft mode
+    (any JPEG at least twice ``long_side``) costs nothing that matters and saves most of the decoding.
+    """
+    return resize_long_side(load_image(path, draft_size=long_side, always_draft=True), long_side)
+
+
+def pixels_to_tensor(pixels: np.ndarray | Image.Image) -> torch.Tensor:
+    """H x W x 3 uint8 pixels (or an RGB image) -> ImageNet-normalised 3 x H x W float tensor.
+
+    The same arithmetic as ``torchvision.transforms.functional.to_tensor`` + ``normalize``
+    (:func:`~oxford_ir.data.transforms.to_tensor_normalised`): divide by 255, subtract the mean, divide by
+    the std, so the result is bit-identical to it.
+    """
+    array = np.asarray(pixels, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected H x W x 3 uint8 pixels, got shape {array.shape}")
+    tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).to(torch.float32).div(255)
+    return tensor.sub_(_MEAN).div_(_STD)
 
 
 class ImageListDataset(Dataset):
@@ -28,6 +84,10 @@ class ImageListDataset(Dataset):
 
     ``scale != 1`` resizes the resulting tensor by bilinear interpolation, which is how the published
     multi-scale extraction (``extract_ms``) builds its other scales.
+
+    ``cache``: an opened evaluation :class:`~oxford_ir.data.cache.ImageCache` built at ``image_size`` that holds
+    every ``(path, bbox)``; images are then read from it instead of decoded (bit-identical tensors). A missing
+    entry raises :class:`~oxford_ir.data.cache.ImageCacheError` here, not in a worker.
     """
 
     def __init__(
@@ -36,6 +96,7 @@ class ImageListDataset(Dataset):
         image_size: int | None,
         bboxes: Sequence[BBox | None] | None = None,
         scale: float = 1.0,
+        cache: ImageCache | None = None,
     ) -> None:
         self.paths = [Path(p) for p in paths]
         if bboxes is not None and len(bboxes) != len(self.paths):
@@ -47,30 +108,37 @@ class ImageListDataset(Dataset):
         self.image_size = image_size
         self.bboxes = None if bboxes is None else list(bboxes)
         self.scale = float(scale)
+        self.cache = cache
+        self.rows: np.ndarray | None = None
+        if cache is not None:
+            if cache.kind != "eval" or cache.long_side != image_size:
+                raise ValueError(
+                    f"the image cache {cache.folder} holds {cache.kind} images at long side {cache.long_side}; "
+                    f"this dataset needs evaluation images at image_size={image_size}"
+                )
+            self.rows = cache.rows(self.paths, self.bboxes)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path = self.paths[index]
-        image = load_image(path)
-        bbox = None if self.bboxes is None else self.bboxes[index]
-        size: float | None = self.image_size
-        if bbox is not None:
-            full_size = max(image.size)
-            image = crop(image, bbox, path)
-            if size is not None:
-                size = size * max(image.size) / full_size
-        if size is not None:
-            image = resize_long_side(image, max(size, 1.0))
-        tensor = to_tensor_normalised(image)
+        if self.cache is not None:
+            pixels = self.cache.pixels(int(self.rows[index]))
+        else:
+            bbox = None if self.bboxes is None else self.bboxes[index]
+            pixels = eval_image(self.paths[index], self.image_size, bbox)
+        tensor = pixels_to_tensor(pixels)
         if self.scale != 1.0:
             tensor = rescale(tensor.unsqueeze(0), self.scale).squeeze(0)
         return tensor, index
 
     def __repr__(self) -> str:
         boxes = "none" if self.bboxes is None else f"{sum(b is not None for b in self.bboxes)} boxes"
-        return f"{type(self).__name__}({len(self)} images, image_size={self.image_size}, {boxes}, scale={self.scale})"
+        cached = "" if self.cache is None else f", cache={self.cache.folder}"
+        return (
+            f"{type(self).__name__}({len(self)} images, image_size={self.image_size}, {boxes}, "
+            f"scale={self.scale}{cached})"
+        )
 
 
 def crop(image: Image.Image, bbox: BBox, path: Path) -> Image.Image:

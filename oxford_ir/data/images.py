@@ -10,6 +10,11 @@ decompression bombs with an exception that is not an ``OSError``. Here the same 
 actually *decoded* (:data:`MAX_DECODED_PIXELS`): a caller that will downscale anyway passes ``draft_size``,
 and a large JPEG is then decoded directly at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling), which is
 several times faster, needs 1/s^2 of the memory, and lets JPEGs of up to 64 times the budget through.
+
+Draft mode changes pixels (libjpeg's DCT scaling is not Lanczos), so by default only JPEGs above
+:data:`DRAFT_MIN_PIXELS` are drafted and the evaluation protocol stays exact for every benchmark image.
+Training loads and the training image cache pass ``always_draft=True``: the image is downscaled and randomly
+cropped anyway, so any JPEG at least twice the needed long side is decoded at reduced size.
 """
 
 from __future__ import annotations
@@ -67,23 +72,27 @@ class DecodedImage(NamedTuple):
     size: tuple[int, int]
 
 
-def load_image(path: str | Path, *, draft_size: int | None = None) -> Image.Image:
+def load_image(path: str | Path, *, draft_size: int | None = None, always_draft: bool = False) -> Image.Image:
     """Decode ``path`` into an RGB image with its EXIF orientation applied.
 
     Grayscale, palette, CMYK and 16-bit images are converted to 8-bit RGB. A missing,
     truncated, undecodable or too large file raises :class:`DataError` naming the file.
-    ``draft_size``: see :func:`decode_image`.
+    ``draft_size``, ``always_draft``: see :func:`decode_image`.
     """
-    return decode_image(path, draft_size=draft_size).image
+    return decode_image(path, draft_size=draft_size, always_draft=always_draft).image
 
 
-def decode_image(path: str | Path, *, draft_size: int | None = None) -> DecodedImage:
+def decode_image(path: str | Path, *, draft_size: int | None = None, always_draft: bool = False) -> DecodedImage:
     """:func:`load_image` plus the full-resolution size of the image.
 
     ``draft_size`` promises that the caller will only use the image with its long side at most
     ``draft_size`` pixels. A JPEG above :data:`DRAFT_MIN_PIXELS` is then decoded at 1/2, 1/4 or 1/8 of
     its size, the strongest reduction that keeps both sides at least ``draft_size`` (so a later downscale
     still only shrinks); other images are unaffected.
+
+    ``always_draft=True`` (training: the image is downscaled and augmented anyway) drafts every JPEG, whatever
+    its size, with the strongest reduction that keeps its *long* side at least ``draft_size``: a JPEG is
+    decoded at reduced size as soon as its long side is at least twice ``draft_size``.
     """
     path = Path(path)
     if draft_size is not None and draft_size < 1:
@@ -91,8 +100,11 @@ def decode_image(path: str | Path, *, draft_size: int | None = None) -> DecodedI
     try:
         with _open_without_pillow_limit(path) as opened:
             full_size = opened.size
-            if draft_size is not None and opened.format == "JPEG" and _pixels(full_size) > DRAFT_MIN_PIXELS:
-                opened.draft("RGB", (int(draft_size), int(draft_size)))
+            if draft_size is not None and opened.format == "JPEG":
+                if always_draft:
+                    opened.draft("RGB", _long_side_request(full_size, int(draft_size)))
+                elif _pixels(full_size) > DRAFT_MIN_PIXELS:
+                    opened.draft("RGB", (int(draft_size), int(draft_size)))
             if _pixels(opened.size) > MAX_DECODED_PIXELS:
                 raise DataError(
                     f"image {path} is too large to decode: {full_size[0]} x {full_size[1]} pixels, more than "
@@ -132,6 +144,17 @@ def _open_without_pillow_limit(path: Path) -> Iterator[Image.Image]:
         yield image
     finally:
         image.close()
+
+
+def _long_side_request(size: tuple[int, int], long_side: int) -> tuple[int, int]:
+    """The draft request that keeps the long side of ``size`` at least ``long_side``.
+
+    Pillow picks the scale ``s`` in {8, 4, 2, 1} with ``s <= min(W // w, H // h)`` and decodes
+    ``ceil(W / s) x ceil(H / s)``; asking 1 pixel of the short side leaves the choice to the long one.
+    """
+    if int(size[0]) >= int(size[1]):
+        return long_side, 1
+    return 1, long_side
 
 
 def _pixels(size: tuple[int, int]) -> int:

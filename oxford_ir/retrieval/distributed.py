@@ -8,6 +8,7 @@ Lightning manages the process group of training; the stand-alone tools (``oxford
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 
@@ -42,6 +43,7 @@ def init_from_environment() -> torch.device | None:
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
+    atexit.register(_leave)  # a clean exit: torch warns about (and NCCL can hang on) groups left open
     log.info("process %d of %d on %s", dist.get_rank(), dist.get_world_size(), device)
     return device
 
@@ -64,6 +66,11 @@ def all_failures(failures: list[tuple[int, str]]) -> list[tuple[int, str]]:
     parts: list[list[tuple[int, str]] | None] = [None] * world
     dist.all_gather_object(parts, list(failures))
     return sorted(item for part in parts for item in (part or []))
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def gather_rows(indices: torch.Tensor, rows: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

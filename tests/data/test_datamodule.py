@@ -517,3 +517,19 @@ def test_augmentation_of_each_draw_depends_only_on_seed_epoch_and_position(data_
     assert not torch.equal(first, other)
     seeds = loader.sampler.draw_seeds(3)
     assert seeds.shape == loader.sampler.batches(3).shape and len(np.unique(seeds)) == seeds.size
+
+
+def test_loader_defaults_pin_and_keep_workers(data_dir: Path) -> None:
+    """conf/data pins memory (only applied with an accelerator) and keeps workers (only when there are any)."""
+    for path in sorted((REPO / "conf" / "data").glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        assert cfg.pin_memory is True and cfg.persistent_workers is True, path.name
+        assert cfg.cache.enabled is False and cfg.cache.dir is None and cfg.cache.train_long_side is None, path.name
+    dm = make(data_dir, num_workers=1)
+    dm.setup("fit")
+    loaders = [dm.train_dataloader(), *dm.val_dataloader()]
+    assert all(loader.persistent_workers for loader in loaders)
+    assert all(loader.pin_memory == torch.cuda.is_available() for loader in loaders)
+    no_workers = make(data_dir, num_workers=0)
+    no_workers.setup("fit")
+    assert not no_workers.train_dataloader().persistent_workers
