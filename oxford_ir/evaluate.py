@@ -17,7 +17,7 @@ from oxford_ir.data.loading import BENCHMARKS, load_benchmark
 from oxford_ir.errors import ConfigError, exit_on_user_error
 from oxford_ir.retrieval.batching import BATCHINGS
 from oxford_ir.retrieval.distributed import barrier, init_from_environment, rank_and_world
-from oxford_ir.retrieval.extraction import PRECISIONS, extract_benchmark
+from oxford_ir.retrieval.extraction import PRECISIONS, benchmark_cache, extract_benchmark
 from oxford_ir.retrieval.ranking import rank_database
 from oxford_ir.retrieval.report import format_table
 
@@ -55,6 +55,16 @@ def extraction_options(ex: DictConfig) -> dict[str, Any]:
     return options
 
 
+def _cache_dir(ex: DictConfig, data_dir: Path) -> Path | None:
+    """``extraction.cache``: the folder of the image caches (``<data_dir>/cache`` by default), or None."""
+    enabled = ex.get("cache", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"extraction.cache={enabled!r}: true or false")
+    if not enabled:
+        return None
+    return Path(str(ex.get("cache_dir") or data_dir / "cache")).expanduser()
+
+
 def prepare_benchmark_data(name: str, data_dir: Path, download: bool, synthetic: dict | None = None) -> None:
     """Write the synthetic benchmark when absent; download a real one when asked to."""
     folder = BENCHMARKS[name][0]
@@ -81,13 +91,23 @@ def evaluate_model(
     scales: list[float],
     allow_missing_images: bool = False,
     kappas: tuple[int, ...] = (1, 5, 10),
+    cache_dir: str | Path | None = None,
     **extract_kwargs: Any,
 ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-    """Evaluate ``model`` on each benchmark; returns ``{name: metrics}`` and ``{name: subset note}``."""
+    """Evaluate ``model`` on each benchmark; returns ``{name: metrics}`` and ``{name: subset note}``.
+
+    ``cache_dir``: read the images from the evaluation image cache there (built on first use), which gives
+    the same tensors as decoding them.
+    """
     results, notes = {}, {}
     for name in benchmark_names:
         benchmark = load_benchmark(name, data_dir, allow_missing_images=allow_missing_images)
-        db, queries = extract_benchmark(model, benchmark, image_size, scales=scales, **extract_kwargs)
+        cache = None
+        if cache_dir is not None:
+            cache = benchmark_cache(
+                benchmark, image_size, cache_dir, num_workers=int(extract_kwargs.get("num_workers", 0))
+            )
+        db, queries = extract_benchmark(model, benchmark, image_size, scales=scales, cache=cache, **extract_kwargs)
         results[name] = benchmark.evaluate(rank_database(db, queries), kappas=kappas)
         notes[name] = benchmark.subset_note
         log.info("%s: %d database images, %d queries", name, benchmark.n_db, benchmark.n_queries)
@@ -126,6 +146,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         scales=[float(s) for s in ex.scales],
         allow_missing_images=bool(cfg.allow_missing_images),
         kappas=tuple(int(k) for k in cfg.kappas),
+        cache_dir=_cache_dir(ex, data_dir),
         batch_size=int(ex.batch_size),
         num_workers=int(ex.num_workers),
         device=device,

@@ -134,3 +134,20 @@ def test_torchrun_evaluation_with_two_processes_equals_one_process(tmp_path):
     assert "process 1 of 2" in sharded.stderr or "process 1 of 2" in sharded.stdout
     metrics = [json.loads((tmp_path / run / "metrics.json").read_text())["metrics"] for run in ("single", "sharded")]
     assert metrics[0] == metrics[1] and len(metrics[0]) > 5
+
+
+def test_evaluation_from_the_image_cache_equals_decoding(tmp_path):
+    """extraction.cache=true: images read from the evaluation cache give exactly the uncached metrics; the
+    cache is built once (under paths.data_dir/cache) and reused."""
+    common = ["backbone=scratch", "backbone.channels=[4,8]", "extraction.image_size=64"]
+    plain, _ = evaluate(compose_eval(tmp_path, *common))
+    cached, _ = evaluate(compose_eval(tmp_path, *common, "extraction.cache=true"))
+    assert cached == plain
+    folders = sorted(p.name for p in (tmp_path / "data" / "cache").iterdir())
+    assert folders == ["eval-synthetic-64"]  # synthetic and rsynthetic share their dataset folder's cache
+    manifest = tmp_path / "data" / "cache" / "eval-synthetic-64" / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+    again, _ = evaluate(compose_eval(tmp_path, *common, "extraction.cache=true"))
+    assert again == plain and manifest.stat().st_mtime_ns == before  # fresh: opened, not rewritten
+    with pytest.raises(ConfigError, match="extraction.cache='yes'"):
+        evaluate(compose_eval(tmp_path, *common, "extraction.cache=yes"))

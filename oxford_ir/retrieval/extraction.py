@@ -24,10 +24,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from oxford_ir.data.benchmark import Benchmark
+from oxford_ir.data.cache import ImageCache, build_image_cache, cache_folder
 from oxford_ir.data.datasets import ImageListDataset, rescale
+from oxford_ir.data.loading import benchmark_spec
 from oxford_ir.errors import ConfigError, DataError
 from oxford_ir.retrieval.batching import PlannedBatch, plan_batches, preprocessed_shape, shard, upright_size
-from oxford_ir.retrieval.distributed import all_failures, gather_rows, rank_and_world
+from oxford_ir.retrieval.distributed import all_failures, barrier, gather_rows, rank_and_world
 
 #: ``precision=`` values: float32, or bfloat16 autocast (Ampere GPUs and newer; CPUs with AVX512-BF16)
 PRECISIONS = ("32", "bf16")
@@ -274,11 +276,46 @@ def extract_benchmark(
     image_size: int | None,
     *,
     scales: Sequence[float] = (1.0,),
+    cache: ImageCache | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(database n_db x D, queries n_q x D)`` embeddings; queries are cropped to their boxes."""
-    db = extract_embeddings(model, benchmark.db_paths, image_size, scales=scales, **kwargs)
+    """``(database n_db x D, queries n_q x D)`` embeddings; queries are cropped to their boxes.
+
+    ``cache``: an evaluation :class:`~oxford_ir.data.cache.ImageCache` at ``image_size`` holding the database
+    images and the cropped queries (:func:`benchmark_cache`): the same tensors, read instead of decoded.
+    """
+    db_images = queries_images = None
+    if cache is not None:
+        db_images = ImageListDataset(benchmark.db_paths, image_size, cache=cache)
+        queries_images = ImageListDataset(benchmark.query_paths, image_size, bboxes=benchmark.query_bboxes, cache=cache)
+    db = extract_embeddings(model, benchmark.db_paths, image_size, scales=scales, images=db_images, **kwargs)
     queries = extract_embeddings(
-        model, benchmark.query_paths, image_size, bboxes=benchmark.query_bboxes, scales=scales, **kwargs
+        model,
+        benchmark.query_paths,
+        image_size,
+        bboxes=benchmark.query_bboxes,
+        scales=scales,
+        images=queries_images,
+        **kwargs,
     )
     return db, queries
+
+
+def benchmark_cache(
+    benchmark: Benchmark, image_size: int | None, cache_dir: str | Path, *, num_workers: int = 0, progress: bool = True
+) -> ImageCache:
+    """The evaluation image cache of ``benchmark`` at ``image_size`` under ``cache_dir`` (the folder the
+    datamodule uses too), built or updated by the first process of a group and opened by all."""
+    paths = [*benchmark.db_paths, *benchmark.query_paths]
+    boxes = [None] * benchmark.n_db + list(benchmark.query_bboxes)
+    folder = cache_folder(cache_dir, "eval", benchmark_spec(benchmark.name).folder, image_size)
+
+    def build() -> ImageCache:
+        return build_image_cache(
+            folder, paths, boxes=boxes, kind="eval", long_side=image_size, num_workers=num_workers, progress=progress
+        )
+
+    rank, world = rank_and_world()
+    cache = build() if rank == 0 else None
+    barrier()
+    return cache if cache is not None else build()  # fresh by now: opened without writing
