@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,14 +94,10 @@ def resolve_run(cfg: DictConfig) -> RunInfo:
         resumed = ckpt_path.parent.parent == output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
 
+    # written by save_wandb_id on global rank 0 only: every DDP process resolves the run, one owns the folder
     id_file = output_dir / WANDB_ID_FILE
-    if resumed and id_file.is_file():
-        wandb_id = id_file.read_text().strip()
-    else:
-        wandb_id = secrets.token_hex(4)  # W&B run ids: short, lowercase alphanumeric
-        tmp = id_file.with_suffix(".tmp")
-        tmp.write_text(wandb_id + "\n")
-        os.replace(tmp, id_file)
+    # W&B run ids: short, lowercase alphanumeric
+    wandb_id = id_file.read_text().strip() if resumed and id_file.is_file() else secrets.token_hex(4)
 
     choices, group = _hydra_choices()
     tags = [str(t) for t in (cfg.get("tags") or [])]
@@ -109,6 +108,119 @@ def resolve_run(cfg: DictConfig) -> RunInfo:
     if benchmark:
         tags.append(f"dataset:{benchmark}")
     return RunInfo(output_dir, ckpt_path, resumed, wandb_id, group, list(dict.fromkeys(tags)))
+
+
+def save_wandb_id(run: RunInfo) -> None:
+    """Store the run's W&B id in its folder (atomically), so that ``resume=`` continues the same W&B run.
+
+    Call it on global rank 0 only: the other processes of a DDP run draw ids of their own, which nothing uses.
+    """
+    id_file = run.output_dir / WANDB_ID_FILE
+    if id_file.is_file() and id_file.read_text().strip() == run.wandb_id:
+        return
+    tmp = id_file.with_suffix(".tmp")
+    tmp.write_text(run.wandb_id + "\n")
+    os.replace(tmp, id_file)
+
+
+#: Hydra overrides that configure the sweep, not the job: left out when a multirun job re-launches itself
+SWEEP_OVERRIDES = (
+    "hydra.mode",
+    "hydra.sweep",
+    "hydra.sweeper",
+    "hydra/sweeper",
+    "hydra.launcher",
+    "hydra/launcher",
+    "hydra.run.dir",
+    "hydra.job.num",
+    "hydra.job.id",
+)
+
+
+def prepare_distributed(cfg: DictConfig, trainer: pl.Trainer, model: pl.LightningModule) -> None:
+    """Checks and set-up for a distributed trainer, before ``fit`` starts any process.
+
+    ``strategy=ddp`` starts the local ranks 1..N-1 by running the command line again (Lightning adds
+    ``hydra.run.dir=<this run>``). In a single run that is right. In a multirun job the command line is the
+    whole sweep (``-m``, comma lists) and ``hydra.run.dir`` is not the job's folder: each new process would run
+    the sweep again. So a multirun job rewrites both into its own overrides and its own folder. Processes that
+    SLURM starts (one task per device) are not re-launched and need nothing.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.accelerators import CPUAccelerator
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    from omegaconf import open_dict, read_write
+    from torch import nn
+
+    sync_batchnorm = bool(OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False))
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if sync_batchnorm and has_batchnorm and isinstance(trainer.accelerator, CPUAccelerator):
+        raise ConfigError(
+            "trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm runs on CUDA only) and this run is on "
+            "the CPU: use trainer=ddp_cpu, or add trainer.sync_batchnorm=false"
+        )
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if not isinstance(launcher, _SubprocessScriptLauncher) or launcher.cluster_environment.creates_processes_externally:
+        return
+    if trainer.num_devices * trainer.num_nodes <= 1 or not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    launcher_target = str(OmegaConf.select(hydra_cfg, "launcher._target_", default=""))
+    if not launcher_target.endswith(".BasicLauncher"):
+        raise ConfigError(
+            f"trainer.strategy=ddp starts its other processes by running the command line again, and a job of "
+            f"{launcher_target.rsplit('.', 1)[-1] or 'this launcher'} runs in a worker process without one: run DDP "
+            "sweeps with the default launcher (jobs one after another) or on SLURM (hydra/launcher=slurm, "
+            "one task per device)"
+        )
+    kept = [o for o in hydra_cfg.overrides.hydra if not o.lstrip("+~").startswith(SWEEP_OVERRIDES)]
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task, *kept]
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    log.info("ddp: the other processes of this job run: %s", " ".join(sys.argv[1:]))
+
+
+#: environment variables that Lightning's ``strategy=ddp`` launcher sets in the process that starts the others
+LAUNCHER_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")
+
+
+@contextmanager
+def distributed_scope() -> Iterator[None]:
+    """Leave the process as a distributed run found it, so that the next job of a multirun can start its own.
+
+    Lightning leaves the process group open after ``fit`` and ``validate``, and its launcher leaves ``LOCAL_RANK``
+    and friends in the environment (and fewer torch threads). The next job in the same process would then reuse
+    a group whose peers have exited, and, seeing ``LOCAL_RANK``, believe its processes were started for it and
+    wait for ones that never come. Processes that leave the group to interpreter shutdown also race on gloo's
+    teardown. So a group this run opened is closed at its end (after a barrier when the run succeeded, so that
+    every rank finishes first; without one after a failure, when peers may be gone) and the environment restored.
+    A group opened outside the run (e.g. by torchrun) is left alone.
+    """
+    import torch
+    import torch.distributed as dist
+
+    own_group = not (dist.is_available() and dist.is_initialized())
+    environment = {key: os.environ.get(key) for key in LAUNCHER_ENVIRONMENT}
+    threads = torch.get_num_threads()
+    clean = False
+    try:
+        yield
+        clean = True
+    finally:
+        if own_group and dist.is_available() and dist.is_initialized():
+            if clean:
+                dist.barrier()
+            dist.destroy_process_group()
+        for key, value in environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        torch.set_num_threads(threads)
 
 
 def resume_overrides(argv: list[str]) -> list[str]:

@@ -7,7 +7,9 @@ into that same folder" (Hydra would otherwise make a new folder).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,15 +24,21 @@ from oxford_ir.models.module import load_retrieval_checkpoint
 from oxford_ir.retrieval.report import format_table
 from oxford_ir.run import (
     RunInfo,
+    distributed_scope,
     finish_wandb,
     instantiate_callbacks,
     instantiate_loggers,
     log_config,
+    prepare_distributed,
     resolve_run,
     resume_overrides,
+    save_wandb_id,
 )
 
 log = logging.getLogger(__name__)
+
+#: the evaluations of a run, as printed at its end and written to table.txt
+TABLE_TITLES = {"untrained": "Before training (untrained network)", "final": "After training (best checkpoint)"}
 
 
 def _evaluation_table(module: Any) -> str | None:
@@ -62,36 +70,69 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     loggers = instantiate_loggers(cfg.get("logger"), run)
     callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    prepare_distributed(cfg, trainer, model)
+    if trainer.is_global_zero:  # the run folder's files are written by one process of a DDP run
+        save_wandb_id(run)
 
     metrics: dict[str, float] = {}
     tables: dict[str, str] = {}
+    evaluations: dict[str, dict] = {}
     try:
-        log_config(cfg, loggers, model)
-        if cfg.get("validate_before_training") and run.ckpt_path is None:
-            trainer.validate(model, datamodule=datamodule, verbose=False)
-            tables["untrained"] = _evaluation_table(model) or ""
-            metrics.update({f"untrained/{k}": float(v) for k, v in trainer.callback_metrics.items()})
-        if cfg.get("train", True):
-            trainer.fit(model, datamodule=datamodule, ckpt_path=str(run.ckpt_path) if run.ckpt_path else None)
-            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-        if cfg.get("test", True) and not trainer.fast_dev_run:
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-            tables["final"] = _evaluation_table(model) or ""
-            metrics.update({f"final/{k}": float(v) for k, v in trainer.callback_metrics.items()})
+        with distributed_scope():  # closes the process group this run opened
+            log_config(cfg, loggers, model)
+            if cfg.get("validate_before_training") and run.ckpt_path is None:
+                trainer.validate(model, datamodule=datamodule, verbose=False)
+                tables["untrained"] = _evaluation_table(model) or ""
+                evaluations["untrained"] = _evaluation_metrics(model)
+                metrics.update({f"untrained/{k}": float(v) for k, v in trainer.callback_metrics.items()})
+            if cfg.get("train", True):
+                trainer.fit(model, datamodule=datamodule, ckpt_path=str(run.ckpt_path) if run.ckpt_path else None)
+                metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+            if cfg.get("test", True) and not trainer.fast_dev_run:
+                best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+                trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+                tables["final"] = _evaluation_table(model) or ""
+                evaluations["final"] = _evaluation_metrics(model)
+                metrics.update({f"final/{k}": float(v) for k, v in trainer.callback_metrics.items()})
     finally:
         finish_wandb()
 
-    _print_summary(tables, run, trainer)
+    if trainer.is_global_zero:
+        _write_results(run, metrics, evaluations, tables)
+        _print_summary(tables, run, trainer)
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer, "run": run, "tables": tables}
+
+
+def _evaluation_metrics(module: Any) -> dict[str, dict[str, float]]:
+    """``{benchmark: metrics}`` of the module's last full evaluation, at full precision (not the logged float32)."""
+    evaluation = getattr(module, "last_evaluation", None)
+    if not evaluation:
+        return {}
+    return {evaluation["benchmark"].name: {k: float(v) for k, v in evaluation["metrics"].items()}}
+
+
+def _write_results(
+    run: RunInfo, metrics: dict[str, float], evaluations: dict[str, dict], tables: dict[str, str]
+) -> None:
+    """``metrics.json`` (logged metrics and the evaluation tables' values) and ``table.txt``, atomically."""
+    results = {"metrics": metrics, "evaluations": {k: v for k, v in evaluations.items() if v}}
+    target = run.output_dir / "metrics.json"
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, target)
+    text = "".join(f"{TABLE_TITLES[key]}\n{table}\n\n" for key, table in tables.items() if table)
+    if text:
+        target = run.output_dir / "table.txt"
+        tmp = target.with_suffix(".txt.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
 
 
 def _print_summary(tables: dict[str, str], run: RunInfo, trainer: pl.Trainer) -> None:
     """The evaluation tables and where the run's files are."""
-    titles = {"untrained": "Before training (untrained network)", "final": "After training (best checkpoint)"}
     for key, table in tables.items():
         if table:
-            print(f"\n{titles[key]}\n{table}")
+            print(f"\n{TABLE_TITLES[key]}\n{table}")
     checkpoint = trainer.checkpoint_callback
     print(f"\nrun folder:   {run.output_dir}")
     if checkpoint is not None and checkpoint.dirpath:

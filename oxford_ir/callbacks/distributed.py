@@ -3,8 +3,10 @@
 With ``strategy=ddp_spawn`` on gloo, a worker that leaves the process group to interpreter
 shutdown while its peer is still tearing down aborts now and then ("terminate called without
 an active exception", seen with torch 2.14 about one run in two). A barrier followed by an
-explicit ``destroy_process_group`` at teardown removes the race. Workers started with the
-subprocess launcher (``strategy=ddp``) live on after ``fit``, so their group is left alone.
+explicit ``destroy_process_group`` at teardown removes the race. Processes of the subprocess
+launcher (``strategy=ddp``) and SLURM tasks live on after ``fit`` (``train`` validates the best
+checkpoint next), so their group is left alone here and closed at the end of the run by
+:func:`oxford_ir.run.distributed_scope`.
 """
 
 from __future__ import annotations
