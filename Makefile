@@ -46,6 +46,9 @@ search: $(STAMP) ## search an index; ARGS="index=<dir> query=<image|folder> k=10
 serve: $(STAMP) ## the search web page for an index: make serve INDEX=indexes/photos [ARGS="port=0 k=20"]
 	$(VENV)/bin/oxford-ir-serve index=$(INDEX) $(ARGS)
 
+bench: $(STAMP) ## benchmarks: training, extraction, evaluation, search vs the compute ceiling and the original method (CPU, ~2 min); writes bench.json; ARGS="--quick|--only training,search"
+	$(PY) experiments/bench/run.py --profile cpu --out bench.json $(ARGS)
+
 data: $(STAMP) ## write the synthetic benchmark to data/synthetic
 	$(VENV)/bin/oxford-ir-data synthetic --root data/synthetic
 
@@ -53,4 +56,4 @@ clean: ## remove run outputs and caches (keeps .venv and data/)
 	rm -rf outputs multirun logs wandb .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help install test test-full lint train sweep eval index search serve data clean
+.PHONY: help install test test-full lint train sweep eval index search serve bench data clean

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,7 @@ class ExactSearch:
             return np.zeros((nq, k), np.float32), np.zeros((nq, k), np.int64)
         query_block = max(1, _BLOCK_ELEMENTS // self.block_rows)
         for start in range(0, self.n, self.block_rows):
-            rows = torch.from_numpy(np.asarray(self.database[start : start + self.block_rows], dtype=np.float32))
+            rows = _float32_rows(self.database[start : start + self.block_rows])
             block_s, block_i = [], []
             for q0 in range(0, nq, query_block):
                 s, i = _top_k(q[q0 : q0 + query_block] @ rows.T, k)
@@ -102,6 +103,14 @@ class ExactSearch:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.n} x {self.dim}, {self.database.dtype})"
+
+
+def _float32_rows(block: np.ndarray) -> torch.Tensor:
+    """A block of database rows as a float32 tensor: torch's vectorised, multi-threaded upcast (faster than
+    numpy's for float16); a read-only memory map is only read, so torch's warning about it does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(block)).float()
 
 
 def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,568 @@
+"""``make bench``: training, extraction, evaluation and search throughput against the compute ceiling and the
+original project's method, measured in the same run; prints a table and writes every raw number as JSON.
+
+    .venv/bin/python experiments/bench/run.py --profile cpu --out bench.json          # this machine, minutes
+    .venv/bin/python experiments/bench/run.py --profile gpu --out bench_gpu.json      # a CUDA GPU (gpu.sh)
+    .venv/bin/python experiments/bench/run.py --profile cpu --quick --out /tmp/b.json # seconds, for the tests
+
+Each measurement runs in a process of its own (peak memory is its own: CUDA allocator peak on a GPU, peak
+resident set size on the CPU). The images are a synthetic benchmark written as JPEGs into a temporary
+folder first (``--keep`` keeps it). See the module docs of ``training``, ``extraction``, ``evaluation``,
+``search`` and ``original`` for what each row measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: import the package from the repository root, not this folder
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+
+from experiments.bench import common, report  # noqa: E402
+
+# Pipeline switches (Hydra overrides) turned on when the composed config has their key; one per line. A knob
+# whose key the config lacks is skipped and listed under "knobs.missing" (JSON and below the table).
+KNOBS = {
+    "cpu": [
+        "data.cache.enabled=true",  # preprocessed image cache (images resized once, stored compactly)
+        "data.persistent_workers=true",
+    ],
+    "gpu": [
+        "data.cache.enabled=true",  # preprocessed image cache
+        "model.channels_last=true",
+        "trainer.precision=bf16-mixed",
+        "data.pin_memory=true",
+        "data.persistent_workers=true",
+    ],
+}
+#: the cache knob; the training rows "no cache" and "GPU decode" measure the pipeline without it
+CACHE_KNOB = "data.cache.enabled=true"
+#: JPEG decode on the GPU (torchvision.io.decode_jpeg on CUDA); excludes the cache, so it is its own row
+GPU_DECODE_KNOB = "data.decode=gpu"
+#: with --compile: torch.compile costs about a minute per process before the first step, which the few
+#: minutes of gpu.sh cannot spare three times (ours, ceiling, original); the training rows only
+COMPILE_KNOB = "model.compile=true"
+#: options of extract_embeddings used by the extraction and evaluation rows when its signature has them
+EXTRACTION_OPTIONS = {"cpu": {}, "gpu": {"precision": "bf16", "channels_last": True}}
+
+#: sizes of each profile (``quick`` replaces some of them)
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "device": "cpu",
+        # 11 landmarks x (5 queries + 16 photos) + 120 distractors = 351 JPEGs of 320 px
+        "synthetic": {
+            "n_landmarks": 11,
+            "images_per_landmark": 16,
+            "queries_per_landmark": 5,
+            "hard_per_landmark": 3,
+            "junk_per_landmark": 2,
+            "n_distractors": 120,
+            "image_size": 320,
+            "jpeg_quality": 90,
+        },
+        "model": ["backbone=mobilenetv2", "backbone.weights=none"],
+        "image_size": 128,
+        "eval_image_size": 224,
+        "classes_per_batch": 8,
+        "images_per_class": 4,
+        "distractors_per_batch": 4,
+        "num_workers": 2,
+        # extraction and evaluation: on 2 cores, decoding workers fight the 2 compute threads (measured on the
+        # mobilenetv2 extraction: 80 / 30 / 10 images/s with 0 / 1 / 2 workers)
+        "eval_num_workers": 0,
+        "warmup_steps": 3,
+        "steps": 12,
+        "eval_batch_size": 16,
+        "extraction_repeats": 1,
+        "pair_warmup": 4,
+        "pair_sample": 60,
+        "search_rows": ["exact_cpu", "ivfpq"],
+        "search": {
+            "n": 1_000_000,
+            "dim": 2048,
+            "queries": 64,
+            "k": 10,
+            "clusters": 1024,
+            "rank": 16,
+            "spread": 0.5,
+            "noise": 0.25,
+            "cuda_block_rows": 131_072,
+            "ivfpq_n": 100_000,
+            "ivfpq": {"nlist": 256, "m": 128, "nbits": 8, "nprobe": 16, "train_size": 10_000},
+        },
+        "child_timeout_s": 1200,
+    },
+    "gpu": {
+        "device": "cuda",
+        # 11 landmarks x (5 queries + 10 photos) + 45 distractors = 210 JPEGs of 1024 px, as Oxford's
+        "synthetic": {
+            "n_landmarks": 11,
+            "images_per_landmark": 10,
+            "queries_per_landmark": 5,
+            "hard_per_landmark": 2,
+            "junk_per_landmark": 1,
+            "n_distractors": 45,
+            "image_size": 1024,
+            "jpeg_quality": 90,
+        },
+        "model": ["backbone=resnet50", "backbone.weights=none"],
+        "image_size": 362,
+        "eval_image_size": 1024,
+        "classes_per_batch": 10,
+        "images_per_class": 6,
+        "distractors_per_batch": 4,
+        "num_workers": 12,
+        "eval_num_workers": 12,
+        "warmup_steps": 10,
+        "steps": 50,
+        "eval_batch_size": 32,
+        "extraction_repeats": 5,
+        "pair_warmup": 10,
+        "pair_sample": 300,
+        "search_rows": ["exact_cuda", "exact_cpu", "ivfpq"],
+        "search": {
+            "n": 1_000_000,
+            "dim": 2048,
+            "queries": 1024,
+            "k": 10,
+            "clusters": 1024,
+            "rank": 16,
+            "spread": 0.5,
+            "noise": 0.25,
+            "cuda_block_rows": 131_072,
+            "ivfpq_n": 1_000_000,
+            "ivfpq": {"nlist": 1024, "m": 128, "nbits": 8, "nprobe": 32, "train_size": 50_000},
+        },
+        "child_timeout_s": 600,
+    },
+}
+#: --quick: tiny everything, for the tests (seconds)
+QUICK: dict[str, Any] = {
+    "synthetic": {
+        "n_landmarks": 4,
+        "images_per_landmark": 6,
+        "queries_per_landmark": 2,
+        "hard_per_landmark": 1,
+        "junk_per_landmark": 1,
+        "n_distractors": 8,
+        "image_size": 64,
+        "jpeg_quality": 90,
+    },
+    "image_size": 32,
+    "eval_image_size": 64,
+    "classes_per_batch": 3,
+    "images_per_class": 2,
+    "distractors_per_batch": 2,
+    "num_workers": 1,
+    "eval_num_workers": 1,
+    "warmup_steps": 1,
+    "steps": 3,
+    "eval_batch_size": 8,
+    "extraction_repeats": 1,
+    "pair_warmup": 2,
+    "pair_sample": 10,
+    "search": {
+        "n": 20_000,
+        "dim": 256,
+        "queries": 16,
+        "k": 10,
+        "clusters": 64,
+        "rank": 8,
+        "spread": 0.5,
+        "noise": 0.25,
+        "cuda_block_rows": 8192,
+        "ivfpq_n": 20_000,
+        "ivfpq": {"nlist": 32, "m": 16, "nbits": 8, "nprobe": 8, "train_size": 10_000},
+    },
+    "child_timeout_s": 300,
+}
+QUICK_MODELS = {
+    "cpu": ["backbone=scratch", "backbone.channels=[8,16]"],
+    "gpu": ["backbone=resnet50", "backbone.weights=none"],
+}
+ROWS = ("training", "extraction", "evaluation", "search")
+
+
+def profile_settings(name: str, quick: bool) -> dict[str, Any]:
+    profile = copy.deepcopy(PROFILES[name])
+    if quick:
+        profile.update(copy.deepcopy(QUICK))
+        profile["model"] = list(QUICK_MODELS[name])
+    return profile
+
+
+def base_overrides(profile: dict[str, Any], data_root: Path, work: Path, trainer: str) -> list[str]:
+    """The Hydra overrides of every measurement, before the knobs."""
+    p = profile
+    return [
+        f"paths.data_dir={data_root}",
+        f"paths.log_dir={work / 'logs'}",
+        "data=synthetic",
+        "data.benchmark=synthetic",
+        "data.split=seed",
+        *(f"data.synthetic.{k}={v}" for k, v in p["synthetic"].items()),
+        f"data.image_size={p['image_size']}",
+        f"data.eval_image_size={p['eval_image_size']}",
+        f"data.classes_per_batch={p['classes_per_batch']}",
+        f"data.images_per_class={p['images_per_class']}",
+        "data.use_distractors=true",
+        f"data.distractors_per_batch={p['distractors_per_batch']}",
+        f"data.batches_per_epoch={p['warmup_steps'] + p['steps']}",
+        f"data.num_workers={p['num_workers']}",
+        f"data.eval_batch_size={p['eval_batch_size']}",
+        *p["model"],
+        f"trainer={trainer}",
+        "logger=none",
+        "callbacks=none",
+    ]
+
+
+def resolve_knobs(profile_name: str, overrides: list[str], work: Path, compile_: bool) -> dict[str, list[str]]:
+    """``{"applied": knobs whose key the composed config has, "missing": the others}``; the GPU decode knob
+    is listed under "rows" when present (it gets a training row of its own)."""
+    from omegaconf import OmegaConf
+
+    cfg = common.compose_train(overrides, work / "runs")
+    absent = object()
+    found: dict[str, list[str]] = {"applied": [], "missing": [], "rows": []}
+    knobs = list(KNOBS[profile_name]) + ([COMPILE_KNOB] if compile_ else [])
+    if profile_name == "gpu":
+        knobs.append(GPU_DECODE_KNOB)
+    for knob in knobs:
+        key = knob.split("=", 1)[0]
+        if OmegaConf.select(cfg, key, default=absent) is absent:
+            found["missing"].append(knob)
+        else:
+            found["rows" if knob == GPU_DECODE_KNOB else "applied"].append(knob)
+    return found
+
+
+def plan(
+    profile: dict[str, Any], only: list[str], training_rows: dict[str, str]
+) -> list[tuple[str, str, str, dict[str, str]]]:
+    """(row key, label, unit, {variant: "module:function"}) of each row to measure; ``training_rows``: the
+    extra training rows (key -> label), whose ceiling and original are those of the training row."""
+    m = "experiments.bench"
+    s = profile["search"]
+    size = f"{s['n']:,} x {s['dim']} fp16"
+    rows = []
+    if "training" in only:
+        rows.append(
+            (
+                "training",
+                "training",
+                "images/s",
+                {
+                    "ours": f"{m}.training:measure_ours",
+                    "ceiling": f"{m}.training:measure_ceiling",
+                    "original": f"{m}.training:measure_original",
+                },
+            )
+        )
+        for key, label in training_rows.items():
+            rows.append((key, label, "images/s", {"ours": f"{m}.training:measure_ours"}))
+    if "extraction" in only:
+        rows.append(
+            (
+                "extraction",
+                "extraction",
+                "images/s",
+                {"ours": f"{m}.extraction:measure_ours", "ceiling": f"{m}.extraction:measure_ceiling"},
+            )
+        )
+    if "evaluation" in only:
+        rows.append(
+            (
+                "evaluation",
+                "evaluation",
+                "pairs/s",
+                {"ours": f"{m}.evaluation:measure_ours", "original": f"{m}.evaluation:measure_original"},
+            )
+        )
+    if "search" in only:
+        for row in profile["search_rows"]:
+            if row == "exact_cpu":
+                rows.append(
+                    (
+                        "search_exact_cpu",
+                        f"exact search CPU {size}",
+                        "queries/s",
+                        {"ours": f"{m}.search:measure_exact_cpu", "ceiling": f"{m}.search:measure_exact_cpu_ceiling"},
+                    )
+                )
+            elif row == "exact_cuda":
+                rows.append(
+                    (
+                        "search_exact_cuda",
+                        f"exact search GPU {size}",
+                        "queries/s",
+                        {"ours": f"{m}.search:measure_exact_cuda", "ceiling": f"{m}.search:measure_exact_cuda_ceiling"},
+                    )
+                )
+            elif row == "ivfpq":
+                rows.append(
+                    (
+                        "search_ivfpq",
+                        f"faiss IVF-PQ CPU {s['ivfpq_n']:,} x {s['dim']}",
+                        "queries/s",
+                        {"ours": f"{m}.search:measure_ivfpq"},
+                    )
+                )
+    return rows
+
+
+def notes_for(key: str, profile: dict[str, Any], results: dict[str, dict[str, Any] | None]) -> list[str]:
+    """What a reader needs to interpret the row."""
+    p = profile
+    ours, ceiling, original = (results.get(v) or {} for v in report.VARIANTS)
+    if key == "training":
+        batch = p["classes_per_batch"] * p["images_per_class"] + p["distractors_per_batch"]
+        notes = [
+            f"batch {batch} = {p['classes_per_batch']} landmarks x {p['images_per_class']} + "
+            f"{p['distractors_per_batch']} distractors at {p['image_size']} px, {p['steps']} timed steps after "
+            f"{p['warmup_steps']} warm-up; precision {ours.get('precision', '?')}"
+        ]
+        if "triplets_per_batch" in original:
+            notes.append(
+                f"original: {original['triplets_per_batch']} random triplets per step, 3 separate forward passes, "
+                "PIL opening per item; every image counted (3 per triplet)"
+            )
+        return notes
+    if key == "training_no_cache":
+        return ["training without data.cache: workers decode the JPEGs (PIL); ceiling, original: the training row's"]
+    if key == "training_gpu_decode":
+        return [
+            "training without data.cache, data.decode=gpu: workers read bytes, decode_jpeg on the device; "
+            "ceiling, original: the training row's"
+        ]
+    if key == "extraction" and "images" in ours:
+        return [
+            f"{ours['database_images']} database JPEGs x {ours['repeats']} at long side {p['eval_image_size']}, batch "
+            f"{ours['batch_size']}, {ours['num_workers']} workers; precision {ours['precision']}, channels_last "
+            f"{ours['channels_last']}"
+        ]
+    if key == "evaluation" and "extrapolated_seconds" in original:
+        mean_ap = ours.get("metrics", {}).get("mAP", float("nan"))
+        return [
+            f"original measured on {original['pairs_measured']} of {original['pairs_total']:,} pairs and "
+            f"extrapolated: {original['extrapolated_seconds']:,.0f} s for the whole benchmark vs "
+            f"{ours.get('seconds', float('nan')):.1f} s ({ours.get('queries', '?')} queries x "
+            f"{ours.get('database_images', '?')} images); mAP {mean_ap:.3f}"
+        ]
+    if key == "search_ivfpq" and "recall_at_10" in ours:
+        o = ours["options"]
+        return [
+            f"recall@10 vs exact {ours['recall_at_10']:.3f}; nlist {o['nlist']}, m {o['m']} x {o['nbits']} bits "
+            f"({ours['bytes_per_vector']:.0f} bytes/vector), nprobe {o['nprobe']}, trained on "
+            f"{min(o['train_size'], ours['n']):,}; build {ours['build_seconds']:.1f} s; exact search on the same "
+            f"data {ours['exact_queries_per_s']:.1f} queries/s"
+        ]
+    if key.startswith("search_exact") and "queries" in ours:
+        return [f"{ours['queries']} queries, top {ours['k']}, blocks of {ours['block_rows']:,} rows upcast to float32"]
+    return []
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="sizes, model and knobs")
+    parser.add_argument("--out", type=Path, default=Path("bench.json"), help="the JSON file written")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for the tests")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cpu or cuda (default: the profile's); --profile gpu --device cpu runs the "
+        "GPU profile's code paths on the CPU (checks, not numbers)",
+    )
+    parser.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows to measure ({', '.join(ROWS)})")
+    parser.add_argument("--compile", action="store_true", help=f"also apply {COMPILE_KNOB} to the training rows")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder of JPEGs and runs")
+    args = parser.parse_args(argv)
+    only = [r.strip() for r in args.only.split(",") if r.strip()]
+    unknown = sorted(set(only) - set(ROWS))
+    if unknown:
+        parser.error(f"--only: unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    args.only = only
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started, clock = report.today(), time.perf_counter()
+    profile = profile_settings(args.profile, args.quick)
+    device = args.device or profile["device"]
+    import torch
+
+    if device not in ("cpu", "cuda"):
+        print(f"--device {device}: use cpu or cuda", file=sys.stderr)
+        return 2
+    if device == "cuda" and not torch.cuda.is_available():
+        print(
+            f"--profile {args.profile} measures on a CUDA GPU, but torch {torch.__version__} sees none "
+            f"(CUDA build: {torch.version.cuda}). Run it on a GPU machine (experiments/bench/gpu.sh), "
+            "use --profile cpu, or --device cpu to check the GPU profile's code paths on the CPU",
+            file=sys.stderr,
+        )
+        return 2
+    machine = report.machine_info()
+    machine["gpu"] = report.gpu_info(
+        torch.device(device)
+    )  # CUDA here is harmless: measurements run in processes of a fresh forkserver
+    work = Path(tempfile.mkdtemp(prefix="oxford-ir-bench-"))
+    try:
+        return _run(args, profile, device, machine, work, started, clock)
+    finally:
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(
+    args: argparse.Namespace,
+    profile: dict[str, Any],
+    device: str,
+    machine: dict[str, Any],
+    work: Path,
+    started: str,
+    clock: float,
+) -> int:
+    from oxford_ir.data.synthetic import write_synthetic_benchmark
+
+    data_root = work / "data"
+    start = time.perf_counter()
+    write_synthetic_benchmark(data_root / "synthetic", seed=0, **profile["synthetic"])
+    generation = time.perf_counter() - start
+    n_images = len(list((data_root / "synthetic" / "jpg").glob("*.jpg")))
+    log(f"wrote {n_images} synthetic JPEGs of {profile['synthetic']['image_size']} px in {generation:.1f} s")
+
+    trainer = "gpu" if device == "cuda" else "cpu"
+    overrides = base_overrides(profile, data_root, work, trainer)
+    knob_report = resolve_knobs(args.profile, overrides, work, args.compile)
+    knobs = knob_report["applied"]
+    for knob in knob_report["missing"]:
+        log(f"knob {knob}: the config has no such key yet; not applied")
+    train_overrides = overrides + knobs
+    eval_overrides = overrides + [k for k in knobs if k != COMPILE_KNOB]
+    without_cache = overrides + [k for k in knobs if k != CACHE_KNOB]
+    # extra training rows: what the cache buys, and the GPU decode path (which excludes the cache)
+    training_rows: dict[str, tuple[str, list[str]]] = {}
+    if CACHE_KNOB in knobs:
+        training_rows["training_no_cache"] = ("training, no cache (PIL in workers)", without_cache)
+    if GPU_DECODE_KNOB in knob_report["rows"]:
+        training_rows["training_gpu_decode"] = ("training, JPEG decode on GPU", without_cache + [GPU_DECODE_KNOB])
+    extraction_options = EXTRACTION_OPTIONS[args.profile]
+    base = {
+        "device": device,
+        "output_dir": str(work / "runs"),
+        "data_dir": str(data_root),
+        "threads": profile.get("threads"),
+        "seed": 0,
+    }
+    settings = {
+        "training": {
+            **base,
+            "overrides": train_overrides,
+            "warmup_steps": profile["warmup_steps"],
+            "steps": profile["steps"],
+            "channels_last": "model.channels_last=true" in knobs,
+        },
+        "extraction": {
+            **base,
+            "overrides": eval_overrides,
+            "eval_image_size": profile["eval_image_size"],
+            "batch_size": profile["eval_batch_size"],
+            "num_workers": profile["eval_num_workers"],
+            "repeats": profile["extraction_repeats"],
+            "extraction_options": extraction_options,
+            "pair_warmup": max(1, profile["pair_warmup"]),
+            "pair_sample": profile["pair_sample"],
+        },
+        "search": {**base, **profile["search"]},
+    }
+    settings["evaluation"] = settings["extraction"]
+    for key, (_, row_overrides) in training_rows.items():
+        settings[key] = {**settings["training"], "overrides": row_overrides}
+
+    rows, errors = [], []
+    timeout = float(profile["child_timeout_s"])
+    training_results: dict[str, dict[str, Any] | None] = {}
+    for key, label, unit, variants in plan(profile, args.only, {k: v[0] for k, v in training_rows.items()}):
+        group = "search" if key.startswith("search") else key
+        results: dict[str, dict[str, Any] | None] = {}
+        for variant, target in variants.items():
+            log(f"{label}: {variant} ...")
+            start = time.perf_counter()
+            try:
+                results[variant] = common.run_isolated(target, settings[group], timeout)
+            except common.MeasurementError as error:
+                results[variant] = {"error": str(error)}
+                errors.append({"row": key, "variant": variant, "error": str(error)})
+                log(str(error))
+            took = time.perf_counter() - start
+            if results[variant] is not None:
+                results[variant]["wall_seconds"] = took
+            outcome = results[variant]
+            shown = outcome.get("skipped") or (
+                "error" if "error" in outcome else f"{report.format_number(outcome.get('value'))} {unit}"
+            )
+            log(f"{label}: {variant} = {shown} ({took:.1f} s)")
+        if key == "training":
+            training_results = results
+        elif key in training_rows:  # compared with the training row's references, measured in this run
+            results.update({v: training_results.get(v) for v in ("ceiling", "original")})
+        rows.append(report.make_row(key, label, unit, results, notes=notes_for(key, profile, results)))
+        if key == "search_ivfpq" and results.get("ours") and "recall_at_10" in results["ours"]:
+            rows.append(
+                report.make_row(
+                    "search_ivfpq_recall", "IVF-PQ recall@10 vs exact", "fraction", results, metric="recall_at_10"
+                )
+            )
+
+    table = report.format_table(rows)
+    if knob_report["missing"]:
+        table += "\n\nknobs not in the config yet (not applied): " + ", ".join(knob_report["missing"])
+    data = {
+        "schema": report.SCHEMA_VERSION,
+        "profile": args.profile,
+        "quick": bool(args.quick),
+        "device": device,
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "started": started,
+        "finished": report.today(),
+        "elapsed_seconds": time.perf_counter() - clock,
+        "machine": machine,
+        "data": {"images": n_images, "generation_seconds": generation, "synthetic": profile["synthetic"]},
+        "settings": profile,
+        "overrides": {"training": train_overrides, "evaluation": eval_overrides},
+        "knobs": knob_report,
+        "extraction_options": extraction_options,
+        "rows": rows,
+        "errors": errors,
+    }
+    report.write_json(args.out, data)
+    title = f"oxford-ir bench: profile {args.profile}{' (quick)' if args.quick else ''} on {device}"
+    gpu = machine.get("gpu")
+    where = f"{gpu['name']}, " if gpu else ""
+    where += f"{machine['cpu_model']} ({machine['cpu_cores_usable']} cores), torch {machine['torch']}"
+    print(f"\n{title}\n{where}, {started}\n\n{table}\n")
+    print(f"wrote {args.out} ({data['elapsed_seconds']:.0f} s in all)")
+    return 1 if errors else 0
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
