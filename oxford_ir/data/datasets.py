@@ -70,7 +70,8 @@ def pixels_to_tensor(pixels: np.ndarray | Image.Image) -> torch.Tensor:
     array = np.asarray(pixels, dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected H x W x 3 uint8 pixels, got shape {array.shape}")
-    tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).to(torch.float32).div(255)
+    # a fresh, writable copy: the pixels may be a read-only memory map or PIL buffer (torch would warn)
+    tensor = torch.from_numpy(np.array(array.transpose(2, 0, 1), order="C")).to(torch.float32).div(255)
     return tensor.sub_(_MEAN).div_(_STD)
 
 
@@ -141,8 +142,9 @@ class ImageListDataset(Dataset):
         )
 
 
-def crop(image: Image.Image, bbox: BBox, path: Path) -> Image.Image:
-    """``image.crop(bbox)`` (PIL rounds the coordinates); a box that is empty after rounding is a DataError."""
+def rounded_box(bbox: BBox, path: str | Path) -> tuple[int, int, int, int]:
+    """``bbox`` rounded as ``PIL.Image.crop`` rounds it; a malformed box, or one empty after rounding, is a
+    DataError naming ``path``."""
     if len(bbox) != 4 or not all(math.isfinite(float(v)) for v in bbox):
         raise DataError(f"{path}: bounding box {list(bbox)} must be four finite numbers [x1, y1, x2, y2]")
     x1, y1, x2, y2 = (round(float(v)) for v in bbox)
@@ -151,6 +153,12 @@ def crop(image: Image.Image, bbox: BBox, path: Path) -> Image.Image:
             f"{path}: bounding box {list(bbox)} is empty (x2 <= x1 or y2 <= y1 after rounding); "
             "boxes are [x1, y1, x2, y2] in pixels of the original image"
         )
+    return x1, y1, x2, y2
+
+
+def crop(image: Image.Image, bbox: BBox, path: Path) -> Image.Image:
+    """``image.crop(bbox)`` (PIL rounds the coordinates); a box that is empty after rounding is a DataError."""
+    rounded_box(bbox, path)
     return image.crop(tuple(float(v) for v in bbox))
 
 

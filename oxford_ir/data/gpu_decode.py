@@ -54,9 +54,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from oxford_ir.data.augmentation import INTERPOLATIONS, Augmentation
+from oxford_ir.data.datasets import rounded_box
 from oxford_ir.data.images import DECODE_ERRORS, MAX_DECODED_PIXELS, load_image
-from oxford_ir.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from oxford_ir.errors import ConfigError, DataError
+from oxford_ir.data.transforms import IMAGENET_MEAN, IMAGENET_STD, thumbnail_size
+from oxford_ir.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -600,9 +601,8 @@ class GpuEvalDecoder:
                 if size is not None:
                     size = size * max(image.shape[-2:]) / full
             if size is not None:
-                target = thumbnail_size(image.shape[-1], image.shape[-2], max(size, 1.0))
-                if target is not None:
-                    width, height = target
+                width, height = thumbnail_size(image.shape[-1], image.shape[-2], max(size, 1.0))
+                if (height, width) != tuple(image.shape[-2:]):
                     image = TF.resize(image, [height, width], interpolation=self.interpolation, antialias=True)
             out.append(_normalise(image, self.mean, self.std))
         return out, batch.indices
@@ -611,34 +611,9 @@ class GpuEvalDecoder:
         return f"{type(self).__name__}(image_size={self.image_size}, interpolation={self.interpolation.value})"
 
 
-def thumbnail_size(width: int, height: int, size: float) -> tuple[int, int] | None:
-    """``(width, height)`` that ``PIL.Image.thumbnail((size, size))`` gives, or None when it leaves the image alone."""
-    box = math.floor(size)
-    if box >= width and box >= height:
-        return None
-
-    def round_aspect(number: float, key) -> int:
-        return max(min(math.floor(number), math.ceil(number), key=key), 1)
-
-    aspect = width / height
-    x = y = box
-    if x / y >= aspect:
-        x = round_aspect(y * aspect, key=lambda n: abs(aspect - n / y))
-    else:
-        y = round_aspect(x / aspect, key=lambda n: 0 if n == 0 else abs(aspect - x / n))
-    return (x, y) if (x, y) != (width, height) else None
-
-
 def crop_box(image: torch.Tensor, bbox: Sequence[float], path: str) -> torch.Tensor:
     """``C x H x W`` image cropped as ``PIL.Image.crop(bbox)``: coordinates rounded, black outside the image."""
-    if len(bbox) != 4 or not all(math.isfinite(float(v)) for v in bbox):
-        raise DataError(f"{path}: bounding box {list(bbox)} must be four finite numbers [x1, y1, x2, y2]")
-    x1, y1, x2, y2 = (round(float(v)) for v in bbox)
-    if x2 <= x1 or y2 <= y1:
-        raise DataError(
-            f"{path}: bounding box {list(bbox)} is empty (x2 <= x1 or y2 <= y1 after rounding); "
-            "boxes are [x1, y1, x2, y2] in pixels of the original image"
-        )
+    x1, y1, x2, y2 = rounded_box(bbox, path)
     height, width = image.shape[-2:]
     if min(x1, y1) >= 0 and x2 <= width and y2 <= height:
         return image[..., y1:y2, x1:x2]

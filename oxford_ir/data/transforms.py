@@ -7,6 +7,8 @@ normalised with the ImageNet mean and std every pretrained backbone expects.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
@@ -32,6 +34,28 @@ def resize_long_side(image: Image.Image, size: float) -> Image.Image:
     out = image.copy()
     out.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=None)
     return out
+
+
+def thumbnail_size(width: int, height: int, size: float) -> tuple[int, int]:
+    """``(width, height)`` of ``PIL.Image.thumbnail((size, size))`` on a ``width`` x ``height`` image.
+
+    Pillow's own arithmetic (``preserve_aspect_ratio``: the box is floored, the short side rounded to the
+    closest aspect ratio, never below 1, never upscaled), for code that must know the size without resizing
+    (planning extraction batches from headers, resizing tensors on a GPU).
+    """
+    x = y = math.floor(size)
+    if x >= width and y >= height:
+        return width, height
+    aspect = width / height
+
+    def round_aspect(number: float, key) -> int:
+        return max(min(math.floor(number), math.ceil(number), key=key), 1)
+
+    if x / y >= aspect:
+        x = round_aspect(y * aspect, key=lambda n: abs(aspect - n / y))
+    else:
+        y = round_aspect(x / aspect, key=lambda n: 0 if n == 0 else abs(aspect - x / n))
+    return x, y
 
 
 def to_tensor_normalised(image: Image.Image) -> torch.Tensor:

@@ -19,12 +19,12 @@ result, so sharding image by image would not).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from oxford_ir.data.images import DECODE_ERRORS, _open_without_pillow_limit
+from oxford_ir.data.transforms import thumbnail_size
 
 BATCHINGS = ("shape", "aspect")
 _QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
@@ -36,27 +36,6 @@ class PlannedBatch:
 
     indices: tuple[int, ...]
     resize_to: tuple[int, int] | None = None
-
-
-def thumbnail_size(width: int, height: int, size: float) -> tuple[int, int]:
-    """``(width, height)`` of ``PIL.Image.thumbnail((size, size))`` on a ``width`` x ``height`` image.
-
-    Pillow's own arithmetic (``preserve_aspect_ratio``: the box is floored, the short side rounded to the
-    closest aspect ratio, never below 1, never upscaled), so the planned shape is the decoded one.
-    """
-    x = y = math.floor(size)
-    if x >= width and y >= height:
-        return width, height
-    aspect = width / height
-
-    def round_aspect(number: float, key) -> int:
-        return max(min(math.floor(number), math.ceil(number), key=key), 1)
-
-    if x / y >= aspect:
-        x = round_aspect(y * aspect, key=lambda n: abs(aspect - n / y))
-    else:
-        y = round_aspect(x / aspect, key=lambda n: 0 if n == 0 else abs(aspect - x / n))
-    return x, y
 
 
 def preprocessed_shape(

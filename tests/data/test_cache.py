@@ -29,7 +29,7 @@ from oxford_ir.data.images import decode_image, load_image
 from oxford_ir.data.loading import load_benchmark
 from oxford_ir.data.transforms import resize_long_side, to_tensor_normalised
 from oxford_ir.errors import ConfigError, DataError
-from tests.data.conftest import TINY
+from tests.data.test_datamodule import make as make_datamodule
 
 
 def write_image(path: Path, width: int, height: int, seed: int, quality: int = 90) -> Path:
@@ -404,24 +404,11 @@ def test_default_train_long_side() -> None:
 # -- the datamodule -------------------------------------------------------------------------------
 
 
-def make(data_dir: Path, cache_dir: Path, **overrides) -> RetrievalDataModule:
-    kwargs = {
-        "data_dir": data_dir,
-        "benchmark": "synthetic",
-        "split": "seed",
-        "image_size": 32,
-        "eval_image_size": 48,
-        "classes_per_batch": 3,
-        "images_per_class": 2,
-        "distractors_per_batch": 2,
-        "eval_batch_size": 4,
-        "seed": 7,
-        "synthetic": TINY,
-        **overrides,
-    }
+def make(data_dir: Path, cache_dir: Path | None, **overrides) -> RetrievalDataModule:
+    """test_datamodule's tiny datamodule, with the cache in ``cache_dir`` (None: no cache)."""
     if cache_dir is not None:
-        kwargs["cache"] = {"enabled": True, "dir": str(cache_dir), "progress": False, **kwargs.get("cache", {})}
-    return RetrievalDataModule(**kwargs)
+        overrides["cache"] = {"enabled": True, "dir": str(cache_dir), "progress": False, **overrides.get("cache", {})}
+    return make_datamodule(data_dir, **overrides)
 
 
 def test_datamodule_reads_training_and_evaluation_images_from_the_cache(data_dir: Path, tmp_path: Path) -> None:

@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 
 from oxford_ir.data.datasets import ImageListDataset
+from oxford_ir.data.transforms import thumbnail_size
 from oxford_ir.retrieval.batching import (
     PlannedBatch,
     plan_batches,
     preprocessed_shape,
     shard,
-    thumbnail_size,
     upright_size,
 )
 
