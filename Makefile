@@ -12,11 +12,11 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[dev,optuna,slurm,faiss]'
+	$(PY) -m pip install -e '.[dev,optuna,slurm,joblib,faiss]'
 	./.ci/install-chromium
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv, install the package with its dev/optuna/slurm/faiss extras, and Debian's chromium if missing
+install: $(STAMP) ## create .venv, install the package with its dev/optuna/slurm/joblib/faiss extras, and Debian's chromium if missing
 
 test: $(STAMP) ## run the fast test suite (CPU, a few minutes)
 	$(PY) -m pytest
