@@ -1,5 +1,6 @@
-"""experiments/bench: the quick CPU run end to end (table, JSON, ratios), and the original project's method as
-reimplemented for it (three forward passes per triplet batch; pairwise evaluation ranks as ours does)."""
+"""experiments/bench: the quick CPU run end to end (table, JSON, ratios), the original project's method as
+reimplemented for it (three forward passes per triplet batch; pairwise evaluation ranks as ours does), and the
+data loading rows (every image of every pipeline counted, the device decode path included)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from experiments.bench import original, report
+from experiments.bench import common, loading, original, report, run
 from experiments.bench.search import ClusterMixture, cuda_exact_search, recall_at
 from experiments.bench.training import throughput
 from oxford_ir.data.loading import load_benchmark
@@ -77,6 +78,7 @@ def test_quick_cpu_run_prints_the_table_and_writes_consistent_json(tmp_path):
 
     rows = {row["key"]: row for row in data["rows"]}
     assert {"training", "extraction", "evaluation", "search_exact_cpu", "search_ivfpq"} <= set(rows)
+    assert {"loading", "loading_no_cache"} <= set(rows) and "loading_gpu_decode" not in rows  # no GPU row on cpu
     for row in data["rows"]:
         assert row["label"] in done.stdout, f"{row['label']} missing from the printed table"
         # every ratio is exactly the quotient of the raw numbers beside it
@@ -104,6 +106,17 @@ def test_quick_cpu_run_prints_the_table_and_writes_consistent_json(tmp_path):
     assert training["measurements"]["ours"]["images"] == 3 * batch  # 3 timed steps after 1 warm-up
     assert training["measurements"]["original"]["images_per_step"] == 3 * (batch // 3)
     assert training["measurements"]["original"]["forward_passes_per_step"] == 3
+
+    for key in ("loading", "loading_no_cache"):  # --quick: 3 timed batches of 8 after 1, one worker
+        measured = rows[key]["measurements"]["ours"]
+        assert rows[key]["ceiling"] is None and measured["images"] == 3 * batch and measured["batches"] == 4
+        assert measured["batch_shapes"] == [[batch, 3, 32, 32]] and measured["num_workers"] == 1
+        assert measured["cache"] is (key == "loading")
+        assert rows[key]["original"] == rows["loading"]["original"]  # the extra row compares with the same original
+    assert rows["loading"]["measurements"]["ours"]["cache_build_seconds"] > 0
+    assert rows["loading"]["measurements"]["original"]["images"] == 3 * 3 * (batch // 3)
+    assert data["loading_data"]["images"] == data["data"]["images"]  # --quick reuses the profile's JPEGs
+    assert "no network" in done.stdout
 
     evaluation = rows["evaluation"]
     ours, pairwise = evaluation["measurements"]["ours"], evaluation["measurements"]["original"]
@@ -183,6 +196,57 @@ def test_pairwise_evaluation_passes_every_pair_and_ranks_as_the_matrix_product(t
     assert np.array_equal(ranks, rank_database(database, queries))
     assert original.evaluate_pairwise(model, benchmark, 64) == ours
     assert ours["mAP"] > 0
+
+
+# -- data loading -------------------------------------------------------------------------------------------------
+def test_data_loading_counts_every_image_of_each_pipeline_including_the_device_decode_path(tmp_path):
+    profile = run.profile_settings("cpu", quick=True)
+    profile["num_workers"] = 0  # in this process: the counts, not the speed
+    data_root = tmp_path / "data"
+    write_synthetic_benchmark(data_root / "synthetic", seed=0, **profile["synthetic"])
+    knobs = {"applied": [run.CACHE_KNOB], "missing": [], "rows": [run.GPU_DECODE_KNOB]}
+    written, settings, rows = run.prepare_loading(profile, data_root, tmp_path, "cpu", knobs)
+    assert written["folder"] == str(data_root) and written["generation_seconds"] == 0  # the profile's own JPEGs
+    assert set(rows) == {"loading_no_cache", "loading_no_jitter", "loading_gpu_decode"}
+    base = {"device": "cpu", "output_dir": str(tmp_path / "runs")}
+    batch, warmup, timed = 3 * 2 + 2, profile["loading"]["warmup_batches"], profile["loading"]["batches"]
+
+    cached = loading.measure_ours({**base, **settings["loading"]})
+    assert cached["cache"] and cached["train_cache_bytes"] > 0 and cached["cache_build_seconds"] > 0
+    assert (tmp_path / "loading-cache").is_dir() and not (data_root / "cache").exists()  # a cache of its own
+    plain = loading.measure_no_cache({**base, **settings["loading_no_cache"]})
+    assert not plain["cache"] and plain["decode"] == "cpu"
+    assert all(f"data.augmentation.{k}=0" in settings["loading_no_jitter"]["overrides"] for k in ("hue", "contrast"))
+    unjittered = loading.measure_no_jitter({**base, **settings["loading_no_jitter"]})
+    assert unjittered["cache"]
+    # data.decode=gpu: the same code as on a GPU (workers read bytes, on_after_batch_transfer decodes), on the CPU
+    on_device = loading.measure_loader({**base, **settings["loading_gpu_decode"]}, decode_on_device=True)
+    assert on_device["decode"] == "gpu" and not on_device["cache"]
+    for result in (cached, plain, unjittered, on_device):
+        assert result["batches"] == warmup + timed and result["images"] == timed * batch and result["value"] > 0
+        assert result["batch_shapes"] == [(batch, 3, 32, 32)]
+    with pytest.raises(common.Skipped, match="CUDA"):
+        loading.measure_gpu_decode({**base, **settings["loading_gpu_decode"]})
+
+    triplets = loading.measure_original({**base, **settings["loading"]})
+    assert triplets["triplets_per_batch"] == batch // 3 and triplets["batch_shapes"] == [(batch // 3, 3, 32, 32)]
+    assert triplets["images"] == timed * 3 * (batch // 3)
+
+
+def test_time_batches_stops_at_the_limit_and_counts_the_batches_after_the_warm_up():
+    drawn: list[int] = []
+
+    def batches():
+        for n in range(100):
+            drawn.append(n)
+            yield torch.zeros(n % 3 + 1)  # 1, 2, 3, 1, 2 images
+
+    doubled = loading.time_batches(
+        batches(), len, warmup=2, limit=5, device=torch.device("cpu"), handle=lambda b: torch.cat([b, b])
+    )
+    assert drawn == [0, 1, 2, 3, 4]  # nothing drawn past the limit
+    assert doubled["batches"] == 5 and doubled["steps"] == 3 and doubled["images"] == 2 * (3 + 1 + 2)
+    assert doubled["value"] == doubled["images"] / doubled["seconds"]
 
 
 # -- pieces ----------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""``make bench``: training, extraction, evaluation and search throughput against the compute ceiling and the
-original project's method, measured in the same run; prints a table and writes every raw number as JSON.
+"""``make bench``: training, data loading, extraction, evaluation and search throughput against the compute
+ceiling and the original project's method, measured in the same run; prints a table and writes every raw
+number as JSON.
 
     .venv/bin/python experiments/bench/run.py --profile cpu --out bench.json          # this machine, minutes
     .venv/bin/python experiments/bench/run.py --profile gpu --out bench_gpu.json      # a CUDA GPU (gpu.sh)
@@ -7,7 +8,8 @@ original project's method, measured in the same run; prints a table and writes e
 
 Each measurement runs in a process of its own (peak memory is its own: CUDA allocator peak on a GPU, peak
 resident set size on the CPU). The images are a synthetic benchmark written as JPEGs into a temporary
-folder first (``--keep`` keeps it). See the module docs of ``training``, ``extraction``, ``evaluation``,
+folder first (``--keep`` keeps it); the data loading rows use full-size (1024 px) JPEGs, written apart when
+the profile's are smaller. See the module docs of ``training``, ``loading``, ``extraction``, ``evaluation``,
 ``search`` and ``original`` for what each row measures.
 """
 
@@ -84,6 +86,24 @@ PROFILES: dict[str, dict[str, Any]] = {
         "pair_warmup": 4,
         "pair_sample": 60,
         "search_rows": ["exact_cpu", "ivfpq"],
+        # data loading (no network): full-size JPEGs as Oxford/Paris's, 362 px crops, the profile's batch and
+        # workers; 8 landmarks x (1 query + 5 photos) + 8 distractors = 56 JPEGs of 1024 px (about 0.2 s each
+        # to write on this machine). Warm-up: one batch per worker; timed: whole rounds of the workers.
+        "loading": {
+            "synthetic": {
+                "n_landmarks": 8,
+                "images_per_landmark": 5,
+                "queries_per_landmark": 1,
+                "hard_per_landmark": 1,
+                "junk_per_landmark": 0,
+                "n_distractors": 8,
+                "image_size": 1024,
+                "jpeg_quality": 90,
+            },
+            "image_size": 362,
+            "warmup_batches": 2,
+            "batches": 16,
+        },
         "search": {
             "n": 1_000_000,
             "dim": 2048,
@@ -127,6 +147,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "pair_warmup": 10,
         "pair_sample": 300,
         "search_rows": ["exact_cuda", "exact_cpu", "ivfpq"],
+        # data loading: the profile's 1024 px JPEGs (synthetic None = the profile's), as the training row
+        "loading": {"synthetic": None, "image_size": 362, "warmup_batches": 12, "batches": 36},
         "search": {
             "n": 1_000_000,
             "dim": 2048,
@@ -168,6 +190,7 @@ QUICK: dict[str, Any] = {
     "extraction_repeats": 1,
     "pair_warmup": 2,
     "pair_sample": 10,
+    "loading": {"synthetic": None, "image_size": 32, "warmup_batches": 1, "batches": 3},
     "search": {
         "n": 20_000,
         "dim": 256,
@@ -187,7 +210,15 @@ QUICK_MODELS = {
     "cpu": ["backbone=scratch", "backbone.channels=[8,16]"],
     "gpu": ["backbone=resnet50", "backbone.weights=none"],
 }
-ROWS = ("training", "extraction", "evaluation", "search")
+ROWS = ("training", "loading", "extraction", "evaluation", "search")
+#: the extra data loading rows and their measurement in experiments/bench/loading.py
+LOADING_FUNCTIONS = {
+    "loading_no_cache": "measure_no_cache",
+    "loading_no_jitter": "measure_no_jitter",
+    "loading_gpu_decode": "measure_gpu_decode",
+}
+#: the augmentation the original method does not do: without it, ours does the original's work per image
+NO_JITTER = [f"data.augmentation.{name}=0" for name in ("brightness", "contrast", "saturation", "hue")]
 
 
 def profile_settings(name: str, quick: bool) -> dict[str, Any]:
@@ -245,10 +276,14 @@ def resolve_knobs(profile_name: str, overrides: list[str], work: Path, compile_:
 
 
 def plan(
-    profile: dict[str, Any], only: list[str], training_rows: dict[str, str]
+    profile: dict[str, Any],
+    only: list[str],
+    training_rows: dict[str, str],
+    loading_rows: dict[str, str] | None = None,
 ) -> list[tuple[str, str, str, dict[str, str]]]:
-    """(row key, label, unit, {variant: "module:function"}) of each row to measure; ``training_rows``: the
-    extra training rows (key -> label), whose ceiling and original are those of the training row."""
+    """(row key, label, unit, {variant: "module:function"}) of each row to measure; ``training_rows``,
+    ``loading_rows``: the extra rows (key -> label) whose references are those of the training, respectively
+    data loading row."""
     m = "experiments.bench"
     s = profile["search"]
     size = f"{s['n']:,} x {s['dim']} fp16"
@@ -268,6 +303,17 @@ def plan(
         )
         for key, label in training_rows.items():
             rows.append((key, label, "images/s", {"ours": f"{m}.training:measure_ours"}))
+    if "loading" in only:
+        rows.append(
+            (
+                "loading",
+                f"data loading, {loading_synthetic(profile)['image_size']} px JPEGs",
+                "images/s",
+                {"ours": f"{m}.loading:measure_ours", "original": f"{m}.loading:measure_original"},
+            )
+        )
+        for key, label in (loading_rows or {}).items():
+            rows.append((key, label, "images/s", {"ours": f"{m}.loading:{LOADING_FUNCTIONS[key]}"}))
     if "extraction" in only:
         rows.append(
             (
@@ -318,10 +364,23 @@ def plan(
     return rows
 
 
-def notes_for(key: str, profile: dict[str, Any], results: dict[str, dict[str, Any] | None]) -> list[str]:
-    """What a reader needs to interpret the row."""
+def loading_synthetic(profile: dict[str, Any]) -> dict[str, Any]:
+    """Parameters of the JPEGs of the data loading rows (None in the profile: the profile's own)."""
+    return profile["loading"]["synthetic"] or profile["synthetic"]
+
+
+def notes_for(
+    key: str,
+    profile: dict[str, Any],
+    results: dict[str, dict[str, Any] | None],
+    training: dict[str, dict[str, Any] | None] | None = None,
+) -> list[str]:
+    """What a reader needs to interpret the row; ``training``: the training row's results of this run, if any
+    (the data loading row compares itself with the training ceiling when both use the same crops)."""
     p = profile
     ours, ceiling, original = (results.get(v) or {} for v in report.VARIANTS)
+    if key.startswith("loading") and "images" in ours:
+        return loading_notes(key, profile, ours, original, (training or {}).get("ceiling") or {})
     if key == "training":
         batch = p["classes_per_batch"] * p["images_per_class"] + p["distractors_per_batch"]
         notes = [
@@ -367,6 +426,124 @@ def notes_for(key: str, profile: dict[str, Any], results: dict[str, dict[str, An
     if key.startswith("search_exact") and "queries" in ours:
         return [f"{ours['queries']} queries, top {ours['k']}, blocks of {ours['block_rows']:,} rows upcast to float32"]
     return []
+
+
+def loading_notes(
+    key: str, profile: dict[str, Any], ours: dict[str, Any], original: dict[str, Any], ceiling: dict[str, Any]
+) -> list[str]:
+    """Notes of the data loading rows (see experiments/bench/loading.py)."""
+    source = loading_synthetic(profile)["image_size"]
+    workers = ours["num_workers"]
+    if key == "loading_no_cache":
+        draft = "decoded in draft mode" if source >= 2 * ours["train_long_side"] else "decoded in full"
+        return [
+            f"without data.cache: workers decode every JPEG with PIL ({source} px JPEGs are {draft}: draft mode "
+            f"needs a long side of at least 2 x {ours['train_long_side']}); original: the data loading row's"
+        ]
+    if key == "loading_no_jitter":
+        return [
+            "the data loading row without colour jitter (crop, resize and flip only): per image the work of the "
+            "original, which does not augment; original: the data loading row's"
+        ]
+    if key == "loading_gpu_decode":
+        return [
+            "data.decode=gpu, no cache: workers read the files; each batch is moved to the device, decoded "
+            "(torchvision.io.decode_jpeg) and augmented there by on_after_batch_transfer, synchronised; "
+            "original: the data loading row's"
+        ]
+    notes = [
+        f"input pipeline alone, no network: batches of {ours['batch_size']} drawn from {ours['training_images']} "
+        f"training JPEGs of {source} px ({ours['jpeg_kib_mean']:.0f} KiB on average), {ours['image_size']} px "
+        "crops (random resized crop, flip, colour jitter), "
+        f"{workers} DataLoader worker{'s' if workers != 1 else ''} on {common.cpu_count()} cores; "
+        f"{ours['steps']} batches timed after {ours['warmup_steps']} (worker start-up)"
+    ]
+    if ours.get("cache"):
+        notes.append(
+            f"image cache built before timing: prepare_data + setup took {ours['cache_build_seconds']:.1f} s "
+            f"(training pixels at long side {ours['train_long_side']}: {ours['train_cache_bytes'] / 2**20:.0f} MiB; "
+            f"the evaluation cache at {profile['eval_image_size']} px is built in the same call)"
+        )
+    if "triplets_per_batch" in original:
+        notes.append(
+            f"original: {original['triplets_per_batch']} random triplets per batch, each image opened, decoded and "
+            f"resized to {original['image_size']} x {original['image_size']} with PIL per item, no augmentation; "
+            "3 images per triplet counted"
+        )
+    peaks = [
+        f"{r['peak_memory']['workers_rss_mib']:,.0f} ({name})"
+        for name, r in (("ours", ours), ("original", original))
+        if "workers_rss_mib" in r.get("peak_memory", {})
+    ]
+    if workers and peaks:
+        notes.append(
+            "peak MiB: of the measuring process, which only receives the batches; its largest worker process "
+            f"(DataLoader or cache building) peaked at {', '.join(peaks)} MiB"
+        )
+    if "value" in ceiling and profile["image_size"] == ours["image_size"]:
+        notes.append(
+            f"the training row's compute ceiling consumes {report.format_number(ceiling['value'])} images/s at the "
+            "same crop size: "
+            f"this pipeline delivers {ours['value'] / ceiling['value']:.2f} x that"
+        )
+    return notes
+
+
+def prepare_loading(
+    profile: dict[str, Any], data_root: Path, work: Path, trainer: str, knob_report: dict[str, list[str]]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, str]]:
+    """The JPEGs of the data loading rows (written unless the profile's own are the same), and
+    ``(what was written, settings of each loading row, extra rows key -> label)``.
+
+    The rows get a cache folder of their own, so that the cache is built (and its build timed) in the row
+    whatever the training rows left in the data folder.
+    """
+    from oxford_ir.data.synthetic import write_synthetic_benchmark
+
+    loading = profile["loading"]
+    synthetic = loading_synthetic(profile)
+    root, seconds = data_root, 0.0
+    if synthetic != profile["synthetic"]:
+        root = work / "loading-data"
+        start = time.perf_counter()
+        write_synthetic_benchmark(root / "synthetic", seed=0, **synthetic)
+        seconds = time.perf_counter() - start
+    images = len(list((root / "synthetic" / "jpg").glob("*.jpg")))
+    what = "wrote" if seconds else "reusing"
+    log(
+        f"data loading: {what} {images} synthetic JPEGs of {synthetic['image_size']} px"
+        + (f" in {seconds:.1f} s" if seconds else "")
+    )
+    sizes = {
+        **profile,
+        "synthetic": synthetic,
+        "image_size": loading["image_size"],
+        "warmup_steps": loading["warmup_batches"],
+        "steps": loading["batches"],
+    }
+    overrides = base_overrides(sizes, root, work / "loading", trainer)
+    knobs = [k for k in knob_report["applied"] if k != COMPILE_KNOB]
+    cached = overrides + knobs
+    if CACHE_KNOB in knobs:
+        cached += [f"data.cache.dir={work / 'loading-cache'}", "data.cache.progress=false"]
+    without_cache = overrides + [k for k in knobs if k != CACHE_KNOB]
+    timing = {"warmup_batches": loading["warmup_batches"], "batches": loading["batches"]}
+    settings = {"loading": {**timing, "overrides": cached, "data_dir": str(root)}}
+    rows: dict[str, str] = {}
+    if CACHE_KNOB in knobs:
+        rows["loading_no_cache"] = "data loading, no cache (PIL in workers)"
+        settings["loading_no_cache"] = {**timing, "overrides": without_cache, "data_dir": str(root)}
+    rows["loading_no_jitter"] = "data loading, no colour jitter"
+    settings["loading_no_jitter"] = {**timing, "overrides": cached + NO_JITTER, "data_dir": str(root)}
+    if GPU_DECODE_KNOB in knob_report["rows"]:
+        rows["loading_gpu_decode"] = "data loading, JPEG decode on GPU"
+        settings["loading_gpu_decode"] = {
+            **timing,
+            "overrides": without_cache + [GPU_DECODE_KNOB],
+            "data_dir": str(root),
+        }
+    written = {"images": images, "generation_seconds": seconds, "synthetic": synthetic, "folder": str(root)}
+    return written, settings, rows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -493,11 +670,19 @@ def _run(
     settings["evaluation"] = settings["extraction"]
     for key, (_, row_overrides) in training_rows.items():
         settings[key] = {**settings["training"], "overrides": row_overrides}
+    loading_rows: dict[str, str] = {}
+    loading_data: dict[str, Any] | None = None
+    if "loading" in args.only:
+        loading_data, loading_settings, loading_rows = prepare_loading(profile, data_root, work, trainer, knob_report)
+        settings.update({key: {**base, **value} for key, value in loading_settings.items()})
 
     rows, errors = [], []
     timeout = float(profile["child_timeout_s"])
     training_results: dict[str, dict[str, Any] | None] = {}
-    for key, label, unit, variants in plan(profile, args.only, {k: v[0] for k, v in training_rows.items()}):
+    loading_results: dict[str, dict[str, Any] | None] = {}
+    for key, label, unit, variants in plan(
+        profile, args.only, {k: v[0] for k, v in training_rows.items()}, loading_rows
+    ):
         group = "search" if key.startswith("search") else key
         results: dict[str, dict[str, Any] | None] = {}
         for variant, target in variants.items():
@@ -521,7 +706,12 @@ def _run(
             training_results = results
         elif key in training_rows:  # compared with the training row's references, measured in this run
             results.update({v: training_results.get(v) for v in ("ceiling", "original")})
-        rows.append(report.make_row(key, label, unit, results, notes=notes_for(key, profile, results)))
+        elif key == "loading":
+            loading_results = results
+        elif key in loading_rows:
+            results["original"] = loading_results.get("original")
+        notes = notes_for(key, profile, results, training_results)
+        rows.append(report.make_row(key, label, unit, results, notes=notes))
         if key == "search_ivfpq" and results.get("ours") and "recall_at_10" in results["ours"]:
             rows.append(
                 report.make_row(
@@ -543,6 +733,7 @@ def _run(
         "elapsed_seconds": time.perf_counter() - clock,
         "machine": machine,
         "data": {"images": n_images, "generation_seconds": generation, "synthetic": profile["synthetic"]},
+        "loading_data": loading_data,
         "settings": profile,
         "overrides": {"training": train_overrides, "evaluation": eval_overrides},
         "knobs": knob_report,
