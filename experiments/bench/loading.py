@@ -32,10 +32,9 @@ from typing import Any
 
 import hydra
 import torch
-from torch.utils.data import DataLoader
 
 from experiments.bench import common
-from experiments.bench.original import RandomTripletDataset
+from experiments.bench.original import triplet_loader
 from experiments.bench.training import throughput
 
 
@@ -163,17 +162,15 @@ def measure_original(settings: dict[str, Any]) -> dict[str, Any]:
     split = datamodule.train_split
     triplets = max(1, int(datamodule.batch_size) // 3)
     warmup, batches = int(settings["warmup_batches"]), int(settings["batches"])
-    dataset = RandomTripletDataset(
-        split.paths, split.labels, int(cfg.data.image_size), length=triplets * (warmup + batches), seed=int(cfg.seed)
-    )
     workers = int(cfg.data.num_workers)
-    loader = DataLoader(
-        dataset,
-        batch_size=triplets,
-        shuffle=False,  # the triplets are random already
-        drop_last=True,
+    loader = triplet_loader(
+        split,
+        int(cfg.data.image_size),
+        int(datamodule.batch_size),
+        warmup + batches,
+        seed=int(cfg.seed),
         num_workers=workers,
-        pin_memory=device.type == "cuda",
+        device=device,
     )
     shapes: set[tuple[int, ...]] = set()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,6 +89,23 @@ class RandomTripletDataset(Dataset):
     def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         anchor, positive, negative = self.triplet(item)
         return self.open(anchor), self.open(positive), self.open(negative)
+
+
+def triplet_loader(
+    split: Any, image_size: int, batch_size: int, batches: int, *, seed: int, num_workers: int, device: torch.device
+) -> DataLoader:
+    """``batches`` batches of ``batch_size // 3`` random triplets of the training ``split`` (paths, labels), opened
+    per item by DataLoader workers as the original did."""
+    triplets = max(1, int(batch_size) // 3)
+    dataset = RandomTripletDataset(split.paths, split.labels, int(image_size), length=triplets * batches, seed=seed)
+    return DataLoader(
+        dataset,
+        batch_size=triplets,
+        shuffle=False,  # the triplets are random already
+        drop_last=True,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def train_triplets(

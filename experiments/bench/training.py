@@ -25,10 +25,9 @@ import hydra
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from experiments.bench import common
-from experiments.bench.original import RandomTripletDataset, train_triplets
+from experiments.bench.original import train_triplets, triplet_loader
 
 
 class StepTimer(pl.Callback):
@@ -147,17 +146,15 @@ def measure_original(settings: dict[str, Any]) -> dict[str, Any]:
     optimizer = hydra.utils.instantiate(cfg.optimizer)(model.parameters())
     triplets = max(1, int(datamodule.batch_size) // 3)
     warmup, steps = int(settings["warmup_steps"]), int(settings["steps"])
-    dataset = RandomTripletDataset(
-        split.paths, split.labels, int(cfg.data.image_size), length=triplets * (warmup + steps), seed=int(cfg.seed)
-    )
     workers = int(cfg.data.num_workers)
-    loader = DataLoader(
-        dataset,
-        batch_size=triplets,
-        shuffle=False,  # the triplets are random already
-        drop_last=True,
+    loader = triplet_loader(
+        split,
+        int(cfg.data.image_size),
+        int(datamodule.batch_size),
+        warmup + steps,
+        seed=int(cfg.seed),
         num_workers=workers,
-        pin_memory=device.type == "cuda",
+        device=device,
     )
     times: list[float] = []
     sizes: list[int] = []

@@ -229,45 +229,65 @@ def extract_embeddings(
         paths, image_size, batch_size, bboxes=bboxes, batching=batching, aspect_tolerance=aspect_tolerance
     )
     rank, world = rank_and_world()
-    mine = shard(plan, rank, world)
-    indices: list[int] = []
-    parts: list[torch.Tensor] = []
-    failures: list[tuple[int, str]] = []
+    out: torch.Tensor | None = torch.zeros(n, embedding_dim) if embedding_dim else None
+    held = torch.zeros(n, dtype=torch.bool)
     was_training = model.training
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     model.eval()
     try:
-        for rows, vectors, errors in embed_planned(
+        stream = embed_planned(
             model,
             dataset,
-            mine,
+            shard(plan, rank, world),
             scales=scales,
             num_workers=num_workers,
             device=device,
             precision=precision,
             channels_last=channels_last,
             progress=progress and rank == 0,
-        ):
-            if vectors is None:
-                failures += zip(rows, errors, strict=True)
-                if world == 1:
-                    break  # alone: fail at once; in a group, agree with the others first
-                continue
-            indices += rows
-            parts.append(vectors)
+        )
+        for rows, vectors, errors in gathered(stream, n, embedding_dim):
+            if vectors is None:  # alone: at the first bad image; in a group: every process, together
+                raise DataError(errors[0])
+            if out is None:
+                out = torch.zeros(n, vectors.shape[1])
+            out[rows] = vectors
+            held[rows] = True
     finally:
         model.train(was_training)
-    failures = all_failures(failures)
-    if failures:
-        raise DataError(failures[0][1])
-    dim = parts[0].shape[1] if parts else embedding_dim
-    local = torch.cat(parts) if parts else torch.empty(0, dim)
-    out, held = gather_rows(torch.tensor(indices, dtype=torch.long), local, n)
-    if not bool(held.all()):
+    if out is None or not bool(held.all()):
         raise RuntimeError(f"rows {torch.nonzero(~held).flatten()[:5].tolist()} were embedded by no process")
     return out
+
+
+def gathered(
+    stream: Iterator[tuple[list[int], torch.Tensor | None, list[str]]], n: int, dim: int
+) -> Iterator[tuple[list[int], torch.Tensor | None, list[str]]]:
+    """``stream`` (of :func:`embed_planned`, over this process's share of ``n`` images) as is when alone; in a
+    process group, this process's share is run first, then every process's results are yielded: all failures
+    (the same on every process, so that all raise or skip together), then all rows (``dim`` wide)."""
+    if rank_and_world()[1] == 1:
+        yield from stream
+        return
+    positions: list[int] = []
+    parts: list[torch.Tensor] = []
+    failures: list[tuple[int, str]] = []
+    for rows, vectors, info in stream:
+        if vectors is None:
+            failures += zip(rows, info, strict=True)
+        else:
+            positions += rows
+            parts.append(vectors)
+    failures = all_failures(failures)
+    local = torch.cat(parts) if parts else torch.empty(0, dim)
+    rows_all, held = gather_rows(torch.tensor(positions, dtype=torch.long), local, n)
+    if failures:
+        yield [i for i, _ in failures], None, [m for _, m in failures]
+    done = torch.nonzero(held).flatten()
+    if len(done):
+        yield done.tolist(), rows_all[done], []
 
 
 def extract_benchmark(

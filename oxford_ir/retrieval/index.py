@@ -59,8 +59,8 @@ from oxford_ir.data.transforms import resize_long_side, to_tensor_normalised
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError
 from oxford_ir.hashing import file_sha256
 from oxford_ir.retrieval.batching import shard, upright_size
-from oxford_ir.retrieval.distributed import all_failures, gather_rows, rank_and_world
-from oxford_ir.retrieval.extraction import embed_planned, plan_extraction
+from oxford_ir.retrieval.distributed import rank_and_world
+from oxford_ir.retrieval.extraction import embed_planned, gathered, plan_extraction
 from oxford_ir.retrieval.model_spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -659,20 +659,22 @@ def build_index(
                 batching=batching,
                 aspect_tolerance=aspect_tolerance,
             )
-            stream = embed_planned(
-                net,
-                _IndexImages(source.root, todo, image_size),
-                shard(plan, rank, world),
-                scales=scales,
-                num_workers=num_workers,
-                device=device,
-                precision=precision,
-                channels_last=channels_last,
-                progress=progress and rank == 0,
-                desc="indexing",
+            stream = gathered(  # in a process group: this process's share first, then everyone's rows
+                embed_planned(
+                    net,
+                    _IndexImages(source.root, todo, image_size),
+                    shard(plan, rank, world),
+                    scales=scales,
+                    num_workers=num_workers,
+                    device=device,
+                    precision=precision,
+                    channels_last=channels_last,
+                    progress=progress and rank == 0,
+                    desc="indexing",
+                ),
+                len(todo),
+                int(net.embedding_dim),
             )
-            if world > 1:
-                stream = _gathered(stream, len(todo), int(net.embedding_dim))
             last_commit = time.monotonic()
             try:
                 for positions, vectors, info in stream:
@@ -716,29 +718,6 @@ def build_index(
         if writer:
             _write_report(out, report)
         return report
-
-
-def _gathered(
-    stream: Iterator[tuple[list[int], torch.Tensor | None, list[str]]], n: int, dim: int
-) -> Iterator[tuple[list[int], torch.Tensor | None, list[str]]]:
-    """Run this process's share of ``stream``, then yield every process's results: failures, then all rows."""
-    positions: list[int] = []
-    parts: list[torch.Tensor] = []
-    failures: list[tuple[int, str]] = []
-    for rows, vectors, info in stream:
-        if vectors is None:
-            failures += zip(rows, info, strict=True)
-        else:
-            positions += rows
-            parts.append(vectors)
-    failures = all_failures(failures)
-    local = torch.cat(parts) if parts else torch.empty(0, dim)
-    rows_all, held = gather_rows(torch.tensor(positions, dtype=torch.long), local, n)
-    if failures:
-        yield [i for i, _ in failures], None, [m for _, m in failures]
-    done = torch.nonzero(held).flatten()
-    if len(done):
-        yield done.tolist(), rows_all[done], []
 
 
 def _upright(sizes: Sequence[tuple[int, int] | None], position: int, path: Path) -> tuple[int, int]:
