@@ -59,6 +59,8 @@ DECODE_ERRORS = (
     Image.DecompressionBombError,
     MemoryError,
 )
+#: EXIF orientations that turn the image a quarter: the viewer sees width and height swapped
+_QUARTER_TURNS = (5, 6, 7, 8)
 # Image.open reads the module-global MAX_IMAGE_PIXELS; it is lifted only while this lock is held (header
 # parsing, no decoding) so that concurrent callers (verify's threads) never restore each other's value.
 _OPEN_LOCK = threading.Lock()
@@ -116,7 +118,7 @@ def decode_image(path: str | Path, *, draft_size: int | None = None, always_draf
             image = _exif_transpose(opened, path)
             if image is opened:  # closing the file below would also free these pixels
                 image = opened.copy()
-            if orientation in (5, 6, 7, 8):  # a quarter turn: the viewer sees the sides swapped
+            if orientation in _QUARTER_TURNS:  # a quarter turn: the viewer sees the sides swapped
                 full_size = (full_size[1], full_size[0])
             return DecodedImage(to_rgb(image), (int(full_size[0]), int(full_size[1])))
     except FileNotFoundError:
@@ -128,6 +130,18 @@ def decode_image(path: str | Path, *, draft_size: int | None = None, always_draf
     except DECODE_ERRORS as error:
         reason = f"{type(error).__name__}: {error}" if not isinstance(error, OSError | SyntaxError) else str(error)
         raise DataError(f"cannot decode image {path}: {reason}; the file is corrupt or not an image") from None
+
+
+def upright_size(path: str | Path) -> tuple[int, int] | None:
+    """``(width, height)`` of an image as a viewer shows it (EXIF quarter turns swap them), from its header
+    only; None when the header cannot be read (decoding will then report the file)."""
+    try:
+        with _open_without_pillow_limit(Path(path)) as image:  # huge JPEGs are decoded in draft mode later
+            width, height = image.size
+            orientation = _orientation(image)
+    except DECODE_ERRORS:
+        return None
+    return (height, width) if orientation in _QUARTER_TURNS else (width, height)
 
 
 @contextlib.contextmanager

@@ -21,13 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from oxford_ir.data.images import DECODE_ERRORS, _open_without_pillow_limit
 from oxford_ir.data.transforms import thumbnail_size
 
 BATCHINGS = ("shape", "aspect")
-_QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 @dataclass(frozen=True)
@@ -55,21 +52,6 @@ def preprocessed_shape(
     if size is not None and width > 0 and height > 0:
         width, height = thumbnail_size(width, height, size)
     return height, width
-
-
-def upright_size(path: str | Path) -> tuple[int, int] | None:
-    """``(width, height)`` of an image as a viewer shows it (EXIF quarter turns swap them), from its header
-    only; None when the header cannot be read (decoding will then report the file)."""
-    try:
-        with _open_without_pillow_limit(Path(path)) as image:  # huge JPEGs are decoded in draft mode later
-            width, height = image.size
-            try:
-                orientation = int(image.getexif().get(0x0112, 1) or 1)
-            except DECODE_ERRORS:
-                orientation = 1
-    except DECODE_ERRORS:
-        return None
-    return (height, width) if orientation in _QUARTER_TURNS else (width, height)
 
 
 def plan_batches(

@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 from oxford_ir.data.benchmark import Benchmark
 from oxford_ir.data.cache import ImageCache, build_image_cache, cache_folder
 from oxford_ir.data.datasets import ImageListDataset, rescale
+from oxford_ir.data.images import upright_size
 from oxford_ir.data.loading import benchmark_spec
 from oxford_ir.errors import ConfigError, DataError
-from oxford_ir.retrieval.batching import PlannedBatch, plan_batches, preprocessed_shape, shard, upright_size
+from oxford_ir.retrieval.batching import PlannedBatch, plan_batches, preprocessed_shape, shard
 from oxford_ir.retrieval.distributed import all_failures, barrier, gather_rows, rank_and_world
 
 #: ``precision=`` values: float32, or bfloat16 autocast (Ampere GPUs and newer; CPUs with AVX512-BF16)

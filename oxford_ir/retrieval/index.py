@@ -54,11 +54,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from oxford_ir.data.images import IMAGE_EXTENSIONS, load_image
+from oxford_ir.data.images import IMAGE_EXTENSIONS, load_image, upright_size
 from oxford_ir.data.transforms import resize_long_side, to_tensor_normalised
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError
 from oxford_ir.hashing import file_sha256
-from oxford_ir.retrieval.batching import shard, upright_size
+from oxford_ir.retrieval.batching import shard
 from oxford_ir.retrieval.distributed import rank_and_world
 from oxford_ir.retrieval.extraction import embed_planned, gathered, plan_extraction
 from oxford_ir.retrieval.model_spec import ModelSpec

@@ -9,13 +9,13 @@ import pytest
 from PIL import Image
 
 from oxford_ir.data.datasets import ImageListDataset
+from oxford_ir.data.images import upright_size
 from oxford_ir.data.transforms import thumbnail_size
 from oxford_ir.retrieval.batching import (
     PlannedBatch,
     plan_batches,
     preprocessed_shape,
     shard,
-    upright_size,
 )
 
 
