@@ -333,34 +333,15 @@ def plan(
             )
         )
     if "search" in only:
+        search = {  # profile["search_rows"] name -> (key, label, measurements of experiments/bench/search.py)
+            "exact_cpu": ("search_exact_cpu", f"exact search CPU {size}", ("ours", "ceiling")),
+            "exact_cuda": ("search_exact_cuda", f"exact search GPU {size}", ("ours", "ceiling")),
+            "ivfpq": ("search_ivfpq", f"faiss IVF-PQ CPU {s['ivfpq_n']:,} x {s['dim']}", ("ours",)),
+        }
         for row in profile["search_rows"]:
-            if row == "exact_cpu":
-                rows.append(
-                    (
-                        "search_exact_cpu",
-                        f"exact search CPU {size}",
-                        "queries/s",
-                        {"ours": f"{m}.search:measure_exact_cpu", "ceiling": f"{m}.search:measure_exact_cpu_ceiling"},
-                    )
-                )
-            elif row == "exact_cuda":
-                rows.append(
-                    (
-                        "search_exact_cuda",
-                        f"exact search GPU {size}",
-                        "queries/s",
-                        {"ours": f"{m}.search:measure_exact_cuda", "ceiling": f"{m}.search:measure_exact_cuda_ceiling"},
-                    )
-                )
-            elif row == "ivfpq":
-                rows.append(
-                    (
-                        "search_ivfpq",
-                        f"faiss IVF-PQ CPU {s['ivfpq_n']:,} x {s['dim']}",
-                        "queries/s",
-                        {"ours": f"{m}.search:measure_ivfpq"},
-                    )
-                )
+            key, label, variants = search[row]
+            function = {"ours": f"measure_{row}", "ceiling": f"measure_{row}_ceiling"}
+            rows.append((key, label, "queries/s", {v: f"{m}.search:{function[v]}" for v in variants}))
     return rows
 
 
