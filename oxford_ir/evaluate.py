@@ -15,9 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from oxford_ir.config import CONFIG_DIR
 from oxford_ir.data.loading import BENCHMARKS, load_benchmark
 from oxford_ir.errors import ConfigError, exit_on_user_error
-from oxford_ir.retrieval.batching import BATCHINGS
-from oxford_ir.retrieval.distributed import barrier, init_from_environment, rank_and_world
-from oxford_ir.retrieval.extraction import PRECISIONS, benchmark_cache, extract_benchmark
+from oxford_ir.extraction.distributed import barrier, init_from_environment, rank_and_world
+from oxford_ir.extraction.embedding import PRECISIONS, benchmark_cache, extract_benchmark
+from oxford_ir.extraction.planning import BATCHINGS
 from oxford_ir.retrieval.ranking import rank_database
 from oxford_ir.retrieval.report import format_table
 

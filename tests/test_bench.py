@@ -22,12 +22,12 @@ from experiments.bench.search import ClusterMixture, cuda_exact_search, recall_a
 from experiments.bench.training import throughput
 from oxford_ir.data.loading import load_benchmark
 from oxford_ir.data.synthetic import SYNTHETIC_TINY, landmark_of, write_synthetic_benchmark
+from oxford_ir.extraction.embedding import extract_benchmark
 from oxford_ir.models.backbones import ScratchCNN
 from oxford_ir.models.embedder import Embedder
 from oxford_ir.models.pooling import GeM
-from oxford_ir.retrieval.extraction import extract_benchmark
+from oxford_ir.retrieval.exact_search import ExactSearch
 from oxford_ir.retrieval.ranking import rank_database
-from oxford_ir.retrieval.search import ExactSearch
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "experiments" / "bench" / "run.py"

@@ -37,7 +37,7 @@ PRELOAD = [
     "pytorch_metric_learning",
     "oxford_ir.models.module",
     "oxford_ir.data.datamodule",
-    "oxford_ir.retrieval.extraction",
+    "oxford_ir.extraction.embedding",
     "oxford_ir.retrieval.search",
     "experiments.bench.training",
     "experiments.bench.extraction",

@@ -21,7 +21,7 @@ import torch
 from experiments.bench import common
 from experiments.bench.extraction import benchmark_and_model, effective_settings
 from experiments.bench.original import all_pairs, pairwise_distances
-from oxford_ir.retrieval.extraction import extract_benchmark, extract_embeddings
+from oxford_ir.extraction.embedding import extract_benchmark, extract_embeddings
 from oxford_ir.retrieval.ranking import rank_database
 
 

@@ -1,4 +1,4 @@
-"""Extraction images/s: ``oxford_ir.retrieval.extraction.extract_embeddings`` on the benchmark's database
+"""Extraction images/s: ``oxford_ir.extraction.embedding.extract_embeddings`` on the benchmark's database
 against the same network on random tensors of the same shapes, already on the device, in full batches.
 
 The database list is repeated ``extraction_repeats`` times so that a run lasts long enough to time (each
@@ -22,7 +22,7 @@ from PIL import Image
 
 from experiments.bench import common
 from oxford_ir.data.loading import load_benchmark
-from oxford_ir.retrieval.extraction import extract_embeddings
+from oxford_ir.extraction.embedding import extract_embeddings
 
 
 def accepted_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

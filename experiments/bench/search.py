@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from experiments.bench import common
-from oxford_ir.retrieval.search import ExactSearch
+from oxford_ir.retrieval.exact_search import ExactSearch
 
 #: std of a uniform byte, to turn random bytes into unit-variance noise (far cheaper than Gaussian draws)
 _BYTE_STD = math.sqrt((256**2 - 1) / 12)

@@ -34,8 +34,8 @@ from pytorch_metric_learning.losses import ContrastiveLoss
 
 from oxford_ir.data.benchmark import INDEX_KEYS, POSITIVE_KEYS, Benchmark
 from oxford_ir.errors import CheckpointError, ConfigError, DataError, OxfordIRError
+from oxford_ir.extraction.embedding import embed_batch
 from oxford_ir.models.mining import SUPPORTED_LOSSES, TupleStatistics, tuple_statistics
-from oxford_ir.retrieval.extraction import embed_batch
 from oxford_ir.retrieval.metrics import DEFAULT_KAPPAS
 from oxford_ir.retrieval.ranking import rank_database
 
@@ -153,7 +153,7 @@ def embed_images(
     """float32 embeddings (N x D) of images of any sizes, in input order.
 
     Images of equal size share one forward pass; each is embedded at every scale and the scales combined
-    as cnnimageretrieval's ``extract_ms`` (:func:`oxford_ir.retrieval.extraction.embed_batch`).
+    as cnnimageretrieval's ``extract_ms`` (:func:`oxford_ir.extraction.embedding.embed_batch`).
     """
     if isinstance(images, torch.Tensor):
         images = list(images) if images.ndim == 4 else [images]

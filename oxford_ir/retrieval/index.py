@@ -57,10 +57,10 @@ from torch.utils.data import Dataset
 from oxford_ir.data.images import IMAGE_EXTENSIONS, load_image, upright_size
 from oxford_ir.data.transforms import resize_long_side, to_tensor_normalised
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError
+from oxford_ir.extraction.distributed import rank_and_world
+from oxford_ir.extraction.embedding import embed_planned, gathered, plan_extraction
+from oxford_ir.extraction.planning import shard
 from oxford_ir.hashing import file_sha256
-from oxford_ir.retrieval.batching import shard
-from oxford_ir.retrieval.distributed import rank_and_world
-from oxford_ir.retrieval.extraction import embed_planned, gathered, plan_extraction
 from oxford_ir.retrieval.model_spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -513,7 +513,7 @@ class IndexReport:
 
 class _IndexImages(Dataset):
     """``(tensor, position)`` of each file, preprocessed as ImageListDataset's; a bad file raises its DataError,
-    which :class:`~oxford_ir.retrieval.extraction.PlannedBatches` turns into a reported failure."""
+    which :class:`~oxford_ir.extraction.embedding.PlannedBatches` turns into a reported failure."""
 
     def __init__(self, root: Path, paths: Sequence[str], image_size: int | None) -> None:
         self.root = root
@@ -561,7 +561,7 @@ def build_index(
     """Build or update the index of ``images`` in folder ``out`` with ``model``; returns what was done.
 
     ``batching``, ``aspect_tolerance``, ``precision``, ``channels_last``: as
-    :func:`~oxford_ir.retrieval.extraction.extract_embeddings`. Inside a ``torch.distributed`` process group
+    :func:`~oxford_ir.extraction.embedding.extract_embeddings`. Inside a ``torch.distributed`` process group
     (``torchrun ... oxford-ir-index``) every process embeds its share of the planned batches and the first
     process writes the index, identical to one process's; intermediate commits are then skipped.
 

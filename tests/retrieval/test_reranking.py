@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from oxford_ir.errors import ConfigError
+from oxford_ir.retrieval.exact_search import ExactSearch
 from oxford_ir.retrieval.reranking import ReRanking, augment, drop_self
-from oxford_ir.retrieval.search import ExactSearch, Searcher, database_side_augmentation
+from oxford_ir.retrieval.search import Searcher, database_side_augmentation
 from tests.retrieval.test_search import VectorIndex, clustered_vectors
 
 

@@ -16,17 +16,17 @@ from oxford_ir.data.loading import load_benchmark
 from oxford_ir.data.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError
 from oxford_ir.evaluate import evaluate_model
+from oxford_ir.extraction.embedding import extract_embeddings
 from oxford_ir.models.backbones import RawPixels
 from oxford_ir.models.embedder import Embedder
 from oxford_ir.models.pooling import FlattenPooling
-from oxford_ir.retrieval.extraction import extract_embeddings
+from oxford_ir.retrieval.exact_search import ExactSearch
 from oxford_ir.retrieval.faiss_backend import FaissOptions, FaissSearch
 from oxford_ir.retrieval.index import RetrievalIndex, build_index, resolve_images
 from oxford_ir.retrieval.model_spec import ModelSpec
 from oxford_ir.retrieval.ranking import rank_database
 from oxford_ir.retrieval.search import (
     RESULT_COLOUR,
-    ExactSearch,
     Searcher,
     check_bbox,
     embed_benchmark_queries,

@@ -27,8 +27,8 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from oxford_ir.errors import ConfigError  # noqa: E402
+from oxford_ir.extraction.embedding import extract_embeddings  # noqa: E402
 from oxford_ir.models.backbones import ScratchCNN  # noqa: E402
-from oxford_ir.retrieval.extraction import extract_embeddings  # noqa: E402
 from oxford_ir.retrieval.index import RetrievalIndex, build_index  # noqa: E402
 from oxford_ir.retrieval.model_spec import ModelSpec  # noqa: E402
 from oxford_ir.retrieval.search import Searcher  # noqa: E402

@@ -15,10 +15,10 @@ from oxford_ir.data.benchmark import Benchmark
 from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.data.transforms import eval_transform, resize_long_side, to_tensor_normalised
 from oxford_ir.errors import ConfigError, DataError
+from oxford_ir.extraction.embedding import extract_benchmark, extract_embeddings
 from oxford_ir.models.backbones import MobileNetV2, ScratchCNN
 from oxford_ir.models.embedder import Embedder
 from oxford_ir.models.pooling import GeM
-from oxford_ir.retrieval.extraction import extract_benchmark, extract_embeddings
 
 
 def _write_image(path: Path, width: int, height: int, seed: int) -> Path:

@@ -3,7 +3,7 @@
 Lightning manages the process group of training; the stand-alone tools (``oxford-ir-eval``,
 ``oxford-ir-index``) join one when launched by ``torchrun`` (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` and
 ``MASTER_ADDR``/``MASTER_PORT`` in the environment): each process embeds its share of the planned batches
-(:func:`oxford_ir.retrieval.batching.shard`) and :func:`gather_rows` gives every process all the rows.
+(:func:`oxford_ir.extraction.planning.shard`) and :func:`gather_rows` gives every process all the rows.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 Preprocessing follows cnnimageretrieval-pytorch (long side downscaled to ``image_size``, queries cropped
 to their boxes at full-image scale). The batches are planned from the image headers before decoding
-(:mod:`oxford_ir.retrieval.batching`): images of equal preprocessed size share a forward pass (or, with
+(:mod:`oxford_ir.extraction.planning`): images of equal preprocessed size share a forward pass (or, with
 ``batching="aspect"``, images of similar aspect ratio, resized to a common size). DataLoader workers decode
 and stack whole batches; the main process only runs the network. Under a process group (torchrun, or
-:func:`oxford_ir.retrieval.distributed.init_from_environment`) every process embeds its share of the
+:func:`oxford_ir.extraction.distributed.init_from_environment`) every process embeds its share of the
 batches and all processes receive every row, bit-identical to a single process.
 """
 
@@ -29,8 +29,8 @@ from oxford_ir.data.datasets import ImageListDataset, rescale
 from oxford_ir.data.images import upright_size
 from oxford_ir.data.loading import benchmark_spec
 from oxford_ir.errors import ConfigError, DataError
-from oxford_ir.retrieval.batching import PlannedBatch, plan_batches, preprocessed_shape, shard
-from oxford_ir.retrieval.distributed import all_failures, barrier, gather_rows, rank_and_world
+from oxford_ir.extraction.distributed import all_failures, barrier, gather_rows, rank_and_world
+from oxford_ir.extraction.planning import PlannedBatch, plan_batches, preprocessed_shape, shard
 
 #: ``precision=`` values: float32, or bfloat16 autocast (Ampere GPUs and newer; CPUs with AVX512-BF16)
 PRECISIONS = ("32", "bf16")
@@ -123,7 +123,7 @@ def plan_extraction(
     batching: str = "shape",
     aspect_tolerance: float = 0.1,
 ) -> tuple[list[PlannedBatch], list[tuple[int, int] | None]]:
-    """The batches of ``paths`` (see :func:`~oxford_ir.retrieval.batching.plan_batches`) and each image's
+    """The batches of ``paths`` (see :func:`~oxford_ir.extraction.planning.plan_batches`) and each image's
     upright ``(width, height)`` read from its header (None when unreadable)."""
     if batching not in ("shape", "aspect"):
         raise ConfigError(f"extraction.batching={batching!r}: choose shape (exact) or aspect (faster, approximate)")

@@ -11,7 +11,7 @@ from PIL import Image
 from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.data.images import upright_size
 from oxford_ir.data.transforms import thumbnail_size
-from oxford_ir.retrieval.batching import (
+from oxford_ir.extraction.planning import (
     PlannedBatch,
     plan_batches,
     preprocessed_shape,
