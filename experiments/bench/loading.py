@@ -4,22 +4,28 @@ The issue's claim is that decoding full-size JPEGs, not the network, is what sta
 row of the CPU profile uses small images, where the network dominates. Here batches are drawn from a
 DataLoader and thrown away: what is timed is what the pipeline can deliver, whatever consumes it.
 
-- ``ours``: the real ``RetrievalDataModule.train_dataloader`` (class-balanced P x K + distractors, random
-  resized crop, flip, colour jitter) with ``data.cache.enabled=true``: ``prepare_data`` builds the image
-  cache first, timed apart (``cache_build_seconds``), then batches come from the cache's raw pixels.
+- ``ours``: the real ``RetrievalDataModule.train_dataloader(device)`` (class-balanced P x K + distractors; the
+  workers crop, resize and flip each image with PIL, the device jitters and normalises the whole batch) with
+  ``data.cache.enabled=true``: ``prepare_data`` builds the image cache first, timed apart
+  (``cache_build_seconds``), then batches come from the cache's raw pixels. On CUDA the loader prepares the
+  next batches on a side stream in a background thread (:mod:`oxford_ir.data.prefetch`), as in training; on
+  the CPU the workers finish their batches.
 - ``no_cache``: the same loader with the cache off: every draw decodes its JPEG with PIL in a worker (in
   draft mode when the JPEG is at least twice the training long side).
 - ``no_jitter``: ``ours`` without colour jitter (crop, resize, flip): the same per-image work as the original,
   which does not augment, so that the comparison is of pipelines, not of augmentations.
-- ``gpu_decode`` (CUDA only): ``data.decode=gpu``: workers only read the files; each batch is moved to the
-  device and decoded and augmented there by ``datamodule.on_after_batch_transfer``, then synchronised.
+- ``gpu_decode`` (CUDA only): ``data.decode=gpu``: workers only read the files; each batch is decoded and
+  augmented on the device (one ``decode_jpeg`` call, batched crop, resize, flip and jitter), prefetched the
+  same way.
 - ``original``: :class:`~experiments.bench.original.RandomTripletDataset` (every image of a triplet opened,
   decoded and resized with PIL per item, no augmentation) through a DataLoader with the same workers,
   ``batch_size // 3`` triplets per batch, 3 images per triplet counted.
 
-Each is timed from the arrival of batch ``warmup_batches`` (workers started, first round of batches in) to
-that of the last, over ``batches`` batches; with as many warm-up batches as workers and a multiple of the
-workers timed, whole rounds of the workers are measured.
+Every batch is handed over by ``datamodule.on_after_batch_transfer`` (as Lightning does before a step) and the
+device synchronised before its arrival time is taken. Each is timed from the arrival of batch
+``warmup_batches`` (workers started, first round of batches in) to that of the last, over ``batches``
+batches; with as many warm-up batches as workers and a multiple of the workers timed, whole rounds of the
+workers are measured.
 """
 
 from __future__ import annotations
@@ -82,10 +88,11 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def measure_loader(settings: dict[str, Any], *, decode_on_device: bool = False) -> dict[str, Any]:
-    """Images/s of ``train_dataloader`` of the composed config, after ``prepare_data`` (which builds the cache
-    when it is on, timed as ``prepare_seconds``); ``decode_on_device``: pass each batch through
-    ``on_after_batch_transfer`` on ``settings["device"]`` (for ``data.decode=gpu``; on a CPU it runs the same
-    code there)."""
+    """Images/s of ``train_dataloader(settings["device"])`` of the composed config, after ``prepare_data`` (which
+    builds the cache when it is on, timed as ``prepare_seconds``). Every batch goes through
+    ``on_after_batch_transfer`` on the device, which finishes it (jitter, normalisation; decoding with
+    ``data.decode=gpu``, on a CPU the same code runs there); ``decode_on_device`` says that the config decodes
+    on the device (``data.decode=gpu``), recorded with the row."""
     common.set_threads(settings)
     device = torch.device(settings["device"])
     cfg, datamodule = _datamodule(settings)
@@ -93,11 +100,13 @@ def measure_loader(settings: dict[str, Any], *, decode_on_device: bool = False) 
     datamodule.prepare_data()  # with the cache on: builds it (training and evaluation images)
     datamodule.setup("fit")
     prepare = time.perf_counter() - start
-    loader = datamodule.train_dataloader()
+    loader = datamodule.train_dataloader(device)
     warmup, batches = int(settings["warmup_batches"]), int(settings["batches"])
 
-    def decode(batch: Any) -> Any:
-        return datamodule.on_after_batch_transfer(batch.to(device, non_blocking=True), 0)
+    def finish(batch: Any) -> Any:
+        if hasattr(batch, "to"):  # raw batches; a ReadyBatch stays where it was prepared
+            batch = batch.to(device, non_blocking=True)
+        return datamodule.on_after_batch_transfer(batch, 0)
 
     shapes: set[tuple[int, ...]] = set()
 
@@ -105,8 +114,11 @@ def measure_loader(settings: dict[str, Any], *, decode_on_device: bool = False) 
         shapes.add(tuple(batch[0].shape))
         return len(batch[1])
 
-    result = time_batches(loader, count, warmup, warmup + batches, device, decode if decode_on_device else None)
+    result = time_batches(loader, count, warmup, warmup + batches, device, finish)
     pin_memory, persistent = bool(loader.pin_memory), bool(loader.persistent_workers)
+    prefetching = bool(getattr(loader, "prefetches", False))
+    if hasattr(loader, "close"):
+        loader.close()
     del loader  # with the iterator persistent workers keep in it: the workers exit and are joined now,
     gc.collect()  # so that their peak memory is among the finished children's when the measurement returns
     cached = bool(cfg.data.cache.enabled)
@@ -121,6 +133,13 @@ def measure_loader(settings: dict[str, Any], *, decode_on_device: bool = False) 
         decode=str(cfg.data.get("decode", "cpu")),
         pin_memory=pin_memory,
         persistent_workers=persistent,
+        prefetch=prefetching,
+        decode_on_device=bool(decode_on_device),
+        batch_finished=(
+            f"on {device}, prefetched on a side stream"
+            if prefetching
+            else ("in the workers" if device.type == "cpu" and not decode_on_device else f"on {device}")
+        ),
         prepare_seconds=prepare,
         batch_shapes=sorted(shapes),
     )
@@ -146,7 +165,7 @@ def measure_no_jitter(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure_gpu_decode(settings: dict[str, Any]) -> dict[str, Any]:
-    """``data.decode=gpu``: workers read bytes; decode and augmentation on the device, per batch."""
+    """``data.decode=gpu``: workers read bytes; decoding and augmentation of whole batches on the device."""
     if torch.device(settings["device"]).type != "cuda":
         raise common.Skipped("data.decode=gpu decodes on a CUDA device (this run has none)")
     return measure_loader(settings, decode_on_device=True)

@@ -2,10 +2,12 @@
 
 - ``ours``: ``conf/train.yaml`` composed with the profile's overrides; the real ``RetrievalDataModule`` (class
   balanced P x K (+ distractors) batches decoded from the JPEG files by DataLoader workers, with whatever
-  cache / decode / pinning switches the config has) and ``RetrievalModule`` (one forward pass per batch,
-  online mining, triplet loss), fitted by a Lightning ``Trainer`` built from ``cfg.trainer`` without
-  validation, checkpoints or logger. Timed between the ends of the warm-up step and of the last step, so
-  worker start-up, cache building and compilation are left out and waiting for data is counted.
+  cache / decode / pinning switches the config has; colour jitter and normalisation of whole batches on the
+  device, the next batches prepared on a side CUDA stream while a step runs) and ``RetrievalModule`` (one
+  forward pass per batch, online mining, triplet loss), fitted by a Lightning ``Trainer`` built from
+  ``cfg.trainer`` without validation, checkpoints or logger. Timed between the ends of the warm-up step and of
+  the last step, so worker start-up, cache building and compilation are left out and waiting for data is
+  counted.
 - ``ceiling``: the same module (``compute_loss``: model, miner, loss), optimizer step and autocast, on one
   random batch of the same shape and labels already on the device: no data loading, no Lightning loop.
 - ``original``: :mod:`experiments.bench.original` on the same training images and the same network (same

@@ -5,6 +5,18 @@ scales (``scale=(0.25, 1)`` of the image area by default), the flip is free (mir
 match their own class better than other buildings), and the colour jitter is mild (a hue shift does not
 turn a sandstone college into a brick one, but a strong one would make colour useless as a cue).
 Every parameter is a config value; :meth:`Augmentation.from_config` rejects unknown keys by name.
+
+Two ways to apply it, drawing the same random numbers for the same seed:
+
+- :meth:`Augmentation.transform`: the whole transform on one PIL image (torchvision's ``RandomResizedCrop``,
+  ``RandomHorizontalFlip``, ``ColorJitter`` in PIL, ``ToTensor``, ``Normalize``) under the global generator:
+  the per-image reference.
+- :meth:`Augmentation.draw` gives the random choices of one image for its seed (:class:`AugmentationDraw`: crop
+  box, flip, colour order and factors) from a private generator, exactly those the transform makes after
+  ``torch.manual_seed(seed)``. Training uses it: :class:`SeededCrop` crops, resizes and flips one image in a
+  DataLoader worker (PIL, as the transform does) and sends uint8 pixels with the draw; colour jitter and
+  normalisation then run on the whole batch at once on the device (:mod:`oxford_ir.data.batch_augment`). With
+  ``data.decode=gpu`` the crop is batched on the device too.
 """
 
 from __future__ import annotations
@@ -13,8 +25,12 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
+import torch
+from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from oxford_ir.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from oxford_ir.errors import ConfigError
@@ -25,6 +41,26 @@ INTERPOLATIONS = {
     "bicubic": InterpolationMode.BICUBIC,
     "lanczos": InterpolationMode.LANCZOS,
 }
+
+
+#: ColorJitter's numbering of the colour operations (its ``fn_idx``)
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+
+
+@dataclass(frozen=True)
+class AugmentationDraw:
+    """The random choices of one training crop: what ``Augmentation.transform`` draws for the same seed."""
+
+    #: crop box in pixels of the image (as ``RandomResizedCrop.get_params`` returns it)
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+    #: order of the colour operations (ColorJitter's ``fn_idx``: brightness, contrast, saturation, hue)
+    order: tuple[int, int, int, int]
+    #: factors of brightness, contrast, saturation, hue; None where that operation is disabled
+    factors: tuple[float | None, float | None, float | None, float | None]
 
 
 @dataclass(frozen=True)
@@ -87,10 +123,65 @@ class Augmentation:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def jitter_ranges(self) -> tuple[tuple[float, float] | None, ...]:
+        """ColorJitter's ranges of brightness, contrast, saturation, hue; None for a disabled one (strength 0)."""
+        return (
+            (max(0.0, 1 - self.brightness), 1 + self.brightness) if self.brightness else None,
+            (max(0.0, 1 - self.contrast), 1 + self.contrast) if self.contrast else None,
+            (max(0.0, 1 - self.saturation), 1 + self.saturation) if self.saturation else None,
+            (-self.hue, self.hue) if self.hue else None,
+        )
+
+    def draw(self, seed: int, height: int, width: int) -> AugmentationDraw:
+        """The crop, flip and jitter of an image of ``height x width`` for ``seed``.
+
+        The same calls, in the same order, as ``T.RandomResizedCrop``, ``T.RandomHorizontalFlip`` and
+        ``T.ColorJitter`` of :meth:`transform` make on the global generator after ``torch.manual_seed(seed)``,
+        made on a private generator instead, so the global random state is untouched.
+        """
+        g = torch.Generator().manual_seed(int(seed))
+        top, left, h, w = self._crop(g, int(height), int(width))
+        flip = bool(torch.rand(1, generator=g) < self.hflip) if self.hflip > 0 else False
+        ranges = self.jitter_ranges
+        if any(r is not None for r in ranges):
+            order = tuple(int(i) for i in torch.randperm(4, generator=g))
+            factors = tuple(
+                None if r is None else float(torch.empty(1).uniform_(r[0], r[1], generator=g)) for r in ranges
+            )
+        else:
+            order, factors = (0, 1, 2, 3), (None, None, None, None)
+        return AugmentationDraw(top, left, h, w, flip, order, factors)
+
+    def _crop(self, g: torch.Generator, height: int, width: int) -> tuple[int, int, int, int]:
+        """``RandomResizedCrop.get_params`` with generator ``g``."""
+        scale, ratio = self.scale, self.ratio
+        area = height * width
+        log_ratio = torch.log(torch.tensor(ratio))  # float32, as get_params computes it: the same draws
+        lo, hi = float(log_ratio[0]), float(log_ratio[1])
+        for _ in range(10):
+            target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=g).item()
+            aspect_ratio = math.exp(torch.empty(1).uniform_(lo, hi, generator=g).item())
+            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            h = int(round(math.sqrt(target_area / aspect_ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, size=(1,), generator=g).item())
+                left = int(torch.randint(0, width - w + 1, size=(1,), generator=g).item())
+                return top, left, h, w
+        in_ratio = width / height  # fallback: the central crop of the nearest allowed aspect ratio
+        if in_ratio < min(ratio):
+            w, h = width, int(round(width / min(ratio)))
+        elif in_ratio > max(ratio):
+            h, w = height, int(round(height * max(ratio)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
     def transform(self, image_size: int) -> T.Compose:
-        """PIL RGB image -> normalised ``3 x image_size x image_size`` float tensor, randomly cropped and changed."""
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ConfigError(f"image_size must be a positive number of pixels, got {image_size!r}")
+        """PIL RGB image -> normalised ``3 x image_size x image_size`` float tensor, randomly cropped and changed.
+
+        The per-image reference of training augmentation (global generator; see the module doc)."""
+        _check_size(image_size)
         steps = [
             T.RandomResizedCrop(
                 image_size,
@@ -106,6 +197,42 @@ class Augmentation:
             steps.append(T.ColorJitter(self.brightness, self.contrast, self.saturation, self.hue))
         steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
         return T.Compose(steps)
+
+
+class SeededCrop:
+    """The per-image part of training augmentation, for DataLoader workers: ``(PIL image, seed) -> (uint8
+    3 x S x S tensor, draw)``.
+
+    Crops, resizes (``augmentation.interpolation``, antialiased, as PIL resizes) and flips exactly as
+    :meth:`Augmentation.transform` does for the seed (same draws, same PIL calls), without the colour jitter and
+    the normalisation, which run on the whole batch on the device
+    (:meth:`~oxford_ir.data.batch_augment.BatchAugmentation.finish`) with the draw's factors. Picklable.
+    """
+
+    def __init__(self, image_size: int, augmentation: Augmentation | Mapping | None = None) -> None:
+        _check_size(image_size)
+        self.image_size = int(image_size)
+        self.augmentation = (
+            augmentation if isinstance(augmentation, Augmentation) else Augmentation.from_config(augmentation)
+        )
+
+    def __call__(self, image: Image.Image, seed: int) -> tuple[torch.Tensor, AugmentationDraw]:
+        d = self.augmentation.draw(seed, image.height, image.width)
+        size = [self.image_size, self.image_size]
+        interpolation = INTERPOLATIONS[self.augmentation.interpolation]
+        crop = TF.resized_crop(image, d.top, d.left, d.height, d.width, size, interpolation, antialias=True)
+        if d.flip:
+            crop = TF.hflip(crop)
+        pixels = np.asarray(crop.convert("RGB"), dtype=np.uint8)
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous(), d
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(image_size={self.image_size}, {self.augmentation})"
+
+
+def _check_size(image_size: int) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(f"image_size must be a positive number of pixels, got {image_size!r}")
 
 
 def train_transform(image_size: int, augmentation: Mapping | None = None) -> T.Compose:
