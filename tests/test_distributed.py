@@ -29,7 +29,7 @@ DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "train
 def single_process_evaluation(checkpoint: Path, data_dir: Path) -> dict[str, float]:
     """The checkpoint's embedder evaluated in this one process by oxford-ir-eval's code (not the module's)."""
     embedder = load_retrieval_checkpoint(checkpoint).embedder
-    results, _ = evaluate_model(embedder, ["synthetic"], data_dir, image_size=64, scales=[1.0], num_workers=0)
+    results, _, _ = evaluate_model(embedder, ["synthetic"], data_dir, image_size=64, scales=[1.0], num_workers=0)
     return results["synthetic"]
 
 

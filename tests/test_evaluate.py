@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from oxford_ir.evaluate import evaluate
 from oxford_ir.retrieval.metrics import compute_map, revisited_gnd
 
 REPO = Path(__file__).resolve().parents[1]
+EVAL_SCRIPT = Path(sys.executable).parent / "oxford-ir-eval"
 
 
 def compose_eval(tmp_path: Path, *overrides: str):
@@ -85,11 +87,16 @@ def test_unknown_benchmark_is_a_config_error(tmp_path):
 
 
 def test_missing_real_dataset_is_one_clear_line(tmp_path):
-    """The console script, run from another folder: one line naming the download command, no traceback."""
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "oxford-ir-eval"), "benchmarks=[roxford5k]", "backbone=raw_pixels",
-         "pooling=flatten", f"paths.data_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    """oxford-ir-eval's main(), run from another folder: one line naming the download command, no traceback.
+
+    (In this process; tests/test_train.py checks the one-line form on a console script's own stderr.)
+    """
+    from oxford_ir.evaluate import main
+    from tests.test_train import run_main
+
+    result = run_main(
+        "benchmarks=[roxford5k]", "backbone=raw_pixels", "pooling=flatten", f"paths.data_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, entry=main, prog=str(EVAL_SCRIPT),
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -112,27 +119,27 @@ def test_evaluates_a_training_checkpoint_like_the_training_run(tmp_path):
     assert flat["synthetic/mAP"] == pytest.approx(metrics["val/synthetic/mAP"], abs=1e-6)
 
 
-# ~15 s: three processes import torch and Hydra
+# ~8 s: torchrun and its two processes import torch and Hydra
 def test_torchrun_evaluation_with_two_processes_equals_one_process(tmp_path):
     """`torchrun --nproc-per-node 2 -m oxford_ir.evaluate`: gloo on the CPU, each process embeds every other
-    planned batch; the first writes metrics.json, equal to the single-process run's."""
-    bin_dir = Path(sys.executable).parent
+    planned batch; the first writes metrics.json, equal to the single-process run's (in this process, one thread
+    like each torchrun process)."""
+    from tests.test_train import restored_process_state
+
     common = ["backbone=scratch", "backbone.channels=[4,8]", "synthetic.preset=tiny", "extraction.image_size=64",
-              "extraction.batch_size=2", "extraction.num_workers=0", f"paths.data_dir={tmp_path / 'data'}"]  # fmt: skip
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    single = subprocess.run(
-        [str(bin_dir / "oxford-ir-eval"), *common, f"hydra.run.dir={tmp_path / 'single'}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=180, env=env,
-    )  # fmt: skip
-    assert single.returncode == 0, single.stderr[-3000:]
+              "extraction.batch_size=2", "extraction.num_workers=0"]  # fmt: skip
+    with restored_process_state():
+        torch.set_num_threads(1)
+        evaluate(compose_eval(tmp_path, *common))  # writes <tmp_path>/run/metrics.json
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     sharded = subprocess.run(
-        [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "oxford_ir.evaluate",
-         *common, f"hydra.run.dir={tmp_path / 'sharded'}"],
+        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m",
+         "oxford_ir.evaluate", *common, f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'sharded'}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=180, env=env,
     )  # fmt: skip
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert "process 1 of 2" in sharded.stderr or "process 1 of 2" in sharded.stdout
-    metrics = [json.loads((tmp_path / run / "metrics.json").read_text())["metrics"] for run in ("single", "sharded")]
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text())["metrics"] for run in ("run", "sharded")]
     assert metrics[0] == metrics[1] and len(metrics[0]) > 5
 
 

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from tests.test_train import REPO, TINY, TINY_SCRATCH, cli
+from tests.test_train import REPO, TINY, TINY_SCRATCH, cli, run_main
 
 LAUNCHER_DIR = REPO / "conf" / "hydra" / "launcher"
 SLURM_2x8 = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2"]
@@ -71,11 +71,11 @@ def test_slurm_launcher_follows_the_trainer(tmp_path):
 
 
 def test_slurm_launcher_resolves_in_the_real_cli(tmp_path):
-    """``--cfg all --resolve`` of the console script: what submitit would receive, without submitting.
+    """``--cfg all --resolve`` of the console script's main(): what submitit would receive, without submitting.
 
     (``--cfg hydra --resolve`` cannot resolve it: the hydra node alone lacks ``paths``.)
     """
-    result = cli(*SLURM_2x8, f"hydra.sweep.dir={tmp_path / 'sweep'}", "--cfg", "all", "--resolve", cwd=tmp_path)
+    result = run_main(*SLURM_2x8, f"hydra.sweep.dir={tmp_path / 'sweep'}", "--cfg", "all", "--resolve", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     launcher = OmegaConf.create(result.stdout).hydra.launcher
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
@@ -84,10 +84,11 @@ def test_slurm_launcher_resolves_in_the_real_cli(tmp_path):
     assert not (tmp_path / "sweep").exists()  # nothing was launched
 
 
-def fast_dev_run_sweep(tmp_path: Path, *launcher: str, timeout: int = 300):
-    return cli(
+def fast_dev_run_sweep(tmp_path: Path, *launcher: str, run=cli):
+    """A two-job sweep over loss.margin with fast_dev_run, through ``run`` (a subprocess, or ``run_main``)."""
+    return run(
         "-m", *launcher, "loss.margin=0.1,0.2", "debug=fast_dev_run", "logger=csv", *TINY, *TINY_SCRATCH,
-        f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, timeout=timeout,
+        f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
     )  # fmt: skip
 
 
@@ -106,7 +107,13 @@ def assert_two_finished_jobs(sweep: Path) -> list[Path]:
 
 
 def test_joblib_multirun_runs_jobs_in_parallel_processes(tmp_path):
-    result = fast_dev_run_sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    """The sweep is oxford-ir-train's main() in this process; joblib's worker processes run the two jobs."""
+    from joblib.externals.loky import get_reusable_executor
+
+    try:
+        result = fast_dev_run_sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", run=run_main)
+    finally:
+        get_reusable_executor().shutdown(wait=True)  # joblib keeps its workers for reuse: none outlive the test
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     assert_two_finished_jobs(tmp_path / "sweep")
@@ -123,8 +130,12 @@ def test_submitit_local_multirun_runs_the_pickled_jobs(tmp_path):
 
 
 def test_ddp_inside_a_joblib_worker_is_one_clear_error(tmp_path):
-    """strategy=ddp re-runs the command line for rank 1; a loky worker's is ``python -m ...popen_loky_posix``."""
-    result = cli(
+    """strategy=ddp re-runs the command line for rank 1; a loky worker's is ``python -m ...popen_loky_posix``.
+
+    oxford-ir-train's main() in this process; the check reads the sweep's launcher, so it also refuses the job
+    that joblib (``n_jobs=1``) runs in the calling process.
+    """
+    result = run_main(
         "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=1", "loss.margin=0.1", *TINY, *TINY_SCRATCH,
         "trainer=ddp_cpu", "trainer.max_epochs=1", "logger=none", f"paths.data_dir={tmp_path / 'data'}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
