@@ -16,43 +16,19 @@ from oxford_ir.config import CONFIG_DIR
 from oxford_ir.data.loading import BENCHMARKS, load_benchmark
 from oxford_ir.errors import ConfigError, exit_on_user_error
 from oxford_ir.extraction.distributed import barrier, init_from_environment, rank_and_world
-from oxford_ir.extraction.embedding import PRECISIONS, benchmark_cache, extract_benchmark
-from oxford_ir.extraction.planning import BATCHINGS
+from oxford_ir.extraction.embedding import (
+    benchmark_cache,
+    extract_benchmark,
+    plan_benchmark,
+    plans_summary,
+    resolve_decode,
+)
+from oxford_ir.extraction.options import extraction_options, resolve_device
+from oxford_ir.extraction.planning import ExtractionPlan
 from oxford_ir.retrieval.ranking import rank_database
 from oxford_ir.retrieval.report import format_table
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; anything else as torch spells it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"extraction.device={name!r} is not a device; use auto, cpu or cuda[:N]") from None
-
-
-def extraction_options(ex: DictConfig) -> dict[str, Any]:
-    """The speed options of ``extraction`` (batching, aspect_tolerance, precision, channels_last), checked."""
-    options = {
-        "batching": str(ex.get("batching", "shape")),
-        "aspect_tolerance": ex.get("aspect_tolerance", 0.1),
-        "precision": str(ex.get("precision", "32")),
-        "channels_last": ex.get("channels_last", False),
-    }
-    if options["batching"] not in BATCHINGS:
-        raise ConfigError(f"extraction.batching={options['batching']!r}: choose one of {', '.join(BATCHINGS)}")
-    if options["precision"] not in PRECISIONS:
-        raise ConfigError(f"extraction.precision={options['precision']!r}: choose one of {', '.join(PRECISIONS)}")
-    tolerance = options["aspect_tolerance"]
-    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance >= 0:
-        raise ConfigError(f"extraction.aspect_tolerance={tolerance!r}: a relative difference >= 0, e.g. 0.1")
-    if not isinstance(options["channels_last"], bool):
-        raise ConfigError(f"extraction.channels_last={options['channels_last']!r}: true or false")
-    options["aspect_tolerance"] = float(tolerance)
-    return options
 
 
 def _cache_dir(ex: DictConfig, data_dir: Path) -> Path | None:
@@ -92,14 +68,19 @@ def evaluate_model(
     allow_missing_images: bool = False,
     kappas: tuple[int, ...] = (1, 5, 10),
     cache_dir: str | Path | None = None,
+    batch_size: int = 8,
+    batching: str = "bucket",
+    max_shapes: int = 16,
+    aspect_tolerance: float = 0.1,
     **extract_kwargs: Any,
-) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-    """Evaluate ``model`` on each benchmark; returns ``{name: metrics}`` and ``{name: subset note}``.
+) -> tuple[dict[str, dict[str, float]], dict[str, str], dict[str, tuple[ExtractionPlan, ExtractionPlan]]]:
+    """Evaluate ``model`` on each benchmark; returns ``{name: metrics}``, ``{name: subset note}`` and
+    ``{name: (database plan, query plan)}`` (what the network was fed: see :func:`extraction_report`).
 
     ``cache_dir``: read the images from the evaluation image cache there (built on first use), which gives
     the same tensors as decoding them.
     """
-    results, notes = {}, {}
+    results, notes, extraction = {}, {}, {}
     for name in benchmark_names:
         benchmark = load_benchmark(name, data_dir, allow_missing_images=allow_missing_images)
         cache = None
@@ -107,11 +88,63 @@ def evaluate_model(
             cache = benchmark_cache(
                 benchmark, image_size, cache_dir, num_workers=int(extract_kwargs.get("num_workers", 0))
             )
-        db, queries = extract_benchmark(model, benchmark, image_size, scales=scales, cache=cache, **extract_kwargs)
+        plans = plan_benchmark(
+            model,
+            benchmark,
+            image_size,
+            batch_size,
+            batching=batching,
+            max_shapes=max_shapes,
+            aspect_tolerance=aspect_tolerance,
+        )
+        db, queries = extract_benchmark(
+            model,
+            benchmark,
+            image_size,
+            scales=scales,
+            cache=cache,
+            plans=plans,
+            batch_size=batch_size,
+            **extract_kwargs,
+        )
         results[name] = benchmark.evaluate(rank_database(db, queries), kappas=kappas)
         notes[name] = benchmark.subset_note
-        log.info("%s: %d database images, %d queries", name, benchmark.n_db, benchmark.n_queries)
-    return results, notes
+        extraction[name] = plans
+        log.info(
+            "%s: %d database images, %d queries, %d input shapes",
+            name,
+            benchmark.n_db,
+            benchmark.n_queries,
+            plans_summary(plans)["distinct_input_shapes"],
+        )
+    return results, notes, extraction
+
+
+def extraction_report(
+    plans: dict[str, tuple[ExtractionPlan, ExtractionPlan]],
+    options: dict[str, Any],
+    scales: list[float],
+    device: torch.device,
+) -> dict[str, Any]:
+    """The ``extraction`` object of ``metrics.json``: how the images reached the network.
+
+    ``distinct_input_shapes`` counts the distinct ``(height, width)`` the network received at scale 1 over all
+    benchmarks (each further scale adds as many); ``padded_over_valid_pixels`` is the padding's share; each
+    benchmark's own numbers and bucket shapes are under ``benchmarks``.
+    """
+    every = [plan for pair in plans.values() for plan in pair]
+    overall = plans_summary(every) if every else {"mode": options["batching"], "distinct_input_shapes": 0}
+    overall.pop("buckets", None)
+    return {
+        **overall,
+        "max_shapes": options["max_shapes"] if overall["mode"] == "bucket" else None,
+        "scales": scales,
+        "decode": "gpu" if resolve_decode(options["decode"], device) else "cpu",
+        "precision": options["precision"],
+        "channels_last": options["channels_last"],
+        "device": str(device),
+        "benchmarks": {name: plans_summary(pair) for name, pair in plans.items()},
+    }
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -138,7 +171,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         # randomly initialised parts (a baseline without weights) are the same in every run and process
         torch.manual_seed(int(cfg.get("seed", 0)))
         model = hydra.utils.instantiate(cfg.embedder)
-    results, notes = evaluate_model(
+    results, notes, extraction = evaluate_model(
         model,
         names,
         data_dir,
@@ -160,8 +193,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     print(table)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    summary = extraction_report(extraction, options, [float(s) for s in ex.scales], device)
     tmp = output_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps({"metrics": flat, "notes": notes}, indent=2))
+    tmp.write_text(json.dumps({"metrics": flat, "notes": notes, "extraction": summary}, indent=2))
     os.replace(tmp, output_dir / "metrics.json")
     (output_dir / "table.txt").write_text(table + "\n")
     return flat, {"model": model, "results": results, "table": table}

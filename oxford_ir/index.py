@@ -14,8 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from oxford_ir.config import CONFIG_DIR
 from oxford_ir.errors import ConfigError, exit_on_user_error
-from oxford_ir.evaluate import extraction_options, resolve_device
 from oxford_ir.extraction.distributed import init_from_environment, rank_and_world
+from oxford_ir.extraction.options import extraction_options, resolve_device
 from oxford_ir.retrieval.index import IndexReport, build_index, resolve_images
 from oxford_ir.retrieval.model_spec import ModelSpec
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from oxford_ir.config import CONFIG_DIR
 from oxford_ir.data.images import IMAGE_EXTENSIONS
 from oxford_ir.errors import ConfigError, DataError, exit_on_user_error
-from oxford_ir.evaluate import resolve_device
+from oxford_ir.extraction.options import resolve_device
 from oxford_ir.retrieval.report import format_table
 from oxford_ir.retrieval.search import BBox, Searcher, _check_k, parse_bbox, render_result_grid
 

@@ -12,10 +12,12 @@ the CPU, and the largest peak of its finished child processes (DataLoader worker
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import multiprocessing
 import os
 import resource
+import threading
 import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -57,6 +59,10 @@ class MeasurementError(RuntimeError):
     """A measurement process failed; the message holds its traceback or exit status."""
 
 
+class MeasurementTimeout(MeasurementError):
+    """A measurement process gave no result within its time (it is stopped)."""
+
+
 class Skipped(Exception):  # noqa: N818 - a reason, not a failure
     """Raised by a measurement that cannot run here (no faiss, no CUDA): the row says why instead of a number."""
 
@@ -73,11 +79,32 @@ def _context() -> Any:
     return _CONTEXT
 
 
+def start_forkserver() -> threading.Thread:
+    """Start the forkserver (which imports :data:`PRELOAD`, seconds) in a background thread, so that the
+    imports overlap other work (writing the JPEGs); the first measurement then starts at once."""
+    _context()  # set up in this thread: the forkserver's preload list
+    import multiprocessing.popen_forkserver  # noqa: F401 - imported here, not under the thread during a fork
+
+    def start() -> None:
+        with contextlib.suppress(MeasurementError):  # the first measurement reports the same failure
+            run_isolated(f"{__name__}:noop", {}, 600.0)
+
+    thread = threading.Thread(target=start, name="forkserver start", daemon=True)
+    thread.start()
+    return thread
+
+
+def noop(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A measurement that measures nothing (starts the forkserver)."""
+    return {}
+
+
 def run_isolated(target: str, settings: Mapping[str, Any], timeout: float) -> dict[str, Any]:
     """``module:function(settings)`` in a process of its own; its result with ``peak_memory`` added.
 
-    A :class:`Skipped` raised inside comes back as ``{"skipped": reason}``; any other failure, a crash or
-    a timeout raises :class:`MeasurementError` with the child's traceback.
+    A :class:`Skipped` raised inside comes back as ``{"skipped": reason}``; a process without a result after
+    ``timeout`` seconds is stopped and raises :class:`MeasurementTimeout`; any other failure or a crash raises
+    :class:`MeasurementError` with the child's traceback.
     """
     context = _context()
     receive, send = context.Pipe(duplex=False)
@@ -89,9 +116,11 @@ def run_isolated(target: str, settings: Mapping[str, Any], timeout: float) -> di
     )
     process.start()
     send.close()
+    timed_out = False
     try:
-        if not receive.poll(timeout):
-            raise MeasurementError(f"{target}: no result after {timeout:.0f} s (raise the profile's child_timeout_s)")
+        if not receive.poll(max(timeout, 0.0)):
+            timed_out = True
+            raise MeasurementTimeout(f"{target}: no result after {timeout:.0f} s; stopped")
         status, payload = receive.recv()
     except EOFError:
         process.join(10)
@@ -99,11 +128,14 @@ def run_isolated(target: str, settings: Mapping[str, Any], timeout: float) -> di
             f"{target}: the process died without a result (exit status {process.exitcode}; killed for memory?)"
         ) from None
     finally:
-        if process.is_alive():
-            process.join(30)
+        if process.is_alive() and not timed_out:
+            process.join(30)  # it has sent its result: let it exit (DataLoader workers, CUDA context)
         if process.is_alive():
             process.terminate()
-            process.join(10)
+            process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
         receive.close()
     if status == "error":
         raise MeasurementError(f"{target} failed:\n{payload}")
@@ -147,13 +179,34 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 
 
 # -- configs -------------------------------------------------------------------------------------------------
-def compose_train(overrides: Sequence[str], output_dir: str | Path) -> Any:
-    """``conf/train.yaml`` composed with ``overrides`` through Hydra's compose API (as the tests do)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
+#: environment variable naming a folder where :func:`compose_train` keeps each composed config of a run, so
+#: that the run's many measurement processes compose each set of overrides once (Hydra takes about 0.5 s)
+CONFIG_CACHE_ENV = "OXFORD_IR_BENCH_CONFIGS"
 
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides))
+
+def compose_train(overrides: Sequence[str], output_dir: str | Path) -> Any:
+    """``conf/train.yaml`` composed with ``overrides`` through Hydra's compose API (as the tests do); read back
+    from the run's config folder (:data:`CONFIG_CACHE_ENV`) when a process of the run composed it already."""
+    from omegaconf import OmegaConf, open_dict
+
+    folder = os.environ.get(CONFIG_CACHE_ENV)
+    cached = None
+    if folder:
+        key = hashlib.sha256("\0".join(overrides).encode()).hexdigest()[:24]
+        cached = Path(folder) / f"{key}.yaml"
+    if cached is not None and cached.is_file():
+        cfg = OmegaConf.create(cached.read_text())
+        OmegaConf.set_struct(cfg, True)  # as Hydra's
+    else:
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides))
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            temporary = cached.with_name(f".{cached.name}.{os.getpid()}")
+            temporary.write_text(OmegaConf.to_yaml(cfg))
+            os.replace(temporary, cached)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg

@@ -62,9 +62,10 @@ def make_row(
         if result is None:
             values[variant], memory[variant] = None, None
             continue
-        if "skipped" in result or "error" in result:
+        failed = next((k for k in ("skipped", "over_budget", "error") if k in result), None)
+        if failed is not None:
             values[variant], memory[variant] = None, None
-            status[variant] = f"skipped: {result['skipped']}" if "skipped" in result else f"error: {result['error']}"
+            status[variant] = f"{failed.replace('_', ' ')}: {result[failed]}"
             continue
         values[variant] = float(result[metric])
         memory[variant] = float(result["peak_memory"]["mib"]) if "peak_memory" in result else None
@@ -211,6 +212,17 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     if notes:
         out += ["", *notes]
     return "\n".join(out)
+
+
+def format_timing(timing: Mapping[str, Any]) -> str:
+    """Seconds of each group of rows against its share, the setup's and the total, as one line of text."""
+    parts = [f"setup (JPEGs, processes) {timing['setup_seconds']:.0f} s"]
+    for group, spent in timing["groups"].items():
+        over = " OVER" if spent["seconds"] > spent["share"] else ""
+        parts.append(f"{group} {spent['seconds']:.0f} s (share {spent['share']:.0f}{over})")
+    bound = timing.get("total_budget")
+    total = f"total {timing['total_seconds']:.0f} s" + (f" of {bound:.0f}" if bound is not None else "")
+    return "time: " + ", ".join(parts) + "; " + total
 
 
 def write_json(path: str | Path, data: Any) -> Path:

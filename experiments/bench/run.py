@@ -7,16 +7,22 @@ number as JSON.
     .venv/bin/python experiments/bench/run.py --profile cpu --quick --out /tmp/b.json # seconds, for the tests
 
 Each measurement runs in a process of its own (peak memory is its own: CUDA allocator peak on a GPU, peak
-resident set size on the CPU). The images are a synthetic benchmark written as JPEGs into a temporary
-folder first (``--keep`` keeps it); the data loading rows use full-size (1024 px) JPEGs, written apart when
-the profile's are smaller. See the module docs of ``training``, ``loading``, ``extraction``, ``evaluation``,
-``search`` and ``original`` for what each row measures.
+resident set size on the CPU; the extraction rows measure ours and the ceiling in one process). The images are
+a synthetic benchmark written as JPEGs by a process pool over the cores (``images.py``) into a temporary
+folder (``--keep`` keeps it) or into ``--images DIR``, where a later run reuses them; the data loading rows
+use full-size (1024 px) JPEGs, written apart when the profile's are smaller; the extraction rows use JPEGs
+with the size mix of Oxford/Paris cut from the synthetic ones. Each group of rows has a share of the
+profile's time (``budgets``, and ``--budget`` for the whole run): a process still running when its group's
+time is spent is stopped and its row reported over budget, and the run goes on. See the module docs of
+``training``, ``loading``, ``extraction``, ``evaluation``, ``search`` and ``original`` for what each row
+measures.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import shlex
 import sys
 import tempfile
@@ -27,7 +33,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: import the package from the repository root, not this folder
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
-from experiments.bench import common, report  # noqa: E402
+from experiments.bench import common, images, report  # noqa: E402
 
 # Pipeline switches (Hydra overrides) turned on when the composed config has their key; one per line. A knob
 # whose key the config lacks is skipped and listed under "knobs.missing" (JSON and below the table).
@@ -51,8 +57,10 @@ GPU_DECODE_KNOB = "data.decode=gpu"
 #: with --compile: torch.compile costs about a minute per process before the first step, which the few
 #: minutes of gpu.sh cannot spare three times (ours, ceiling, original); the training rows only
 COMPILE_KNOB = "model.compile=true"
-#: options of extract_embeddings used by the extraction and evaluation rows when its signature has them
-EXTRACTION_OPTIONS = {"cpu": {}, "gpu": {"precision": "bf16", "channels_last": True}}
+#: options of extract_embeddings used by the extraction and evaluation rows when its signature has them (the
+#: batching mode is the package's default, bucket, except in the exact extraction row); decode "auto" decodes on
+#: the GPU on CUDA, and ``--profile gpu --device cpu`` turns it into "gpu" so that the CPU check runs that path
+EXTRACTION_OPTIONS = {"cpu": {}, "gpu": {"precision": "bf16", "channels_last": True, "decode": "auto"}}
 
 #: sizes of each profile (``quick`` replaces some of them)
 PROFILES: dict[str, dict[str, Any]] = {
@@ -82,9 +90,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "warmup_steps": 3,
         "steps": 12,
         "eval_batch_size": 16,
+        # extraction rows: 120 JPEGs with the size mix of Oxford/Paris at long side 320 + 8 query crops
+        "size_mix": {"images": 120, "queries": 8, "long_side": 320, "noise": 10.0},
         "extraction_repeats": 1,
         "pair_warmup": 4,
         "pair_sample": 60,
+        "pair_queries": 8,  # the pairwise sample draws from 8 random queries (their shapes are warmed up first)
         "search_rows": ["exact_cpu", "ivfpq"],
         # data loading (no network): full-size JPEGs as Oxford/Paris's, 362 px crops, the profile's batch and
         # workers; 8 landmarks x (1 query + 5 photos) + 8 distractors = 56 JPEGs of 1024 px (about 0.2 s each
@@ -113,11 +124,16 @@ PROFILES: dict[str, dict[str, Any]] = {
             "rank": 16,
             "spread": 0.5,
             "noise": 0.25,
-            "cuda_block_rows": 131_072,
+            "repeats": 3,
             "ivfpq_n": 100_000,
             "ivfpq": {"nlist": 256, "m": 128, "nbits": 8, "nprobe": 16, "train_size": 10_000},
         },
         "child_timeout_s": 1200,
+        # seconds per group of rows (a process still running when its group's time is spent is stopped; time an
+        # earlier group leaves unused goes to the next) and in all (None: unbounded); generous: a guard against a
+        # hung process, not a target (2 min in all on an idle machine, 20 on one shared with other jobs)
+        "budgets": {"training": 1800, "loading": 900, "extraction": 900, "evaluation": 900, "search": 1800},
+        "total_budget_s": None,
     },
     "gpu": {
         "device": "cuda",
@@ -143,9 +159,16 @@ PROFILES: dict[str, dict[str, Any]] = {
         "warmup_steps": 10,
         "steps": 50,
         "eval_batch_size": 32,
-        "extraction_repeats": 5,
-        "pair_warmup": 10,
-        "pair_sample": 300,
+        # extraction rows: 192 JPEGs with the size mix of Oxford/Paris at 1024 px + 6 query crops (8 image sizes
+        # and 6 crops: about 14 buckets and 20 exact batch shapes, each a cuDNN plan to build in the warm-up),
+        # written in about a second on 16 cores, run 4 times per pass (792 images)
+        "size_mix": {"images": 192, "queries": 6, "long_side": 1024, "noise": 10.0},
+        "extraction_repeats": 4,
+        "pair_warmup": 12,
+        "pair_sample": 150,
+        # the pairwise sample draws from 3 random queries: their shapes are planned by cuDNN (about 1.5 s each in
+        # bf16 + channels_last) before timing, and 55 of them would take the row's whole budget
+        "pair_queries": 3,
         "search_rows": ["exact_cuda", "exact_cpu", "ivfpq"],
         # data loading: the profile's 1024 px JPEGs (synthetic None = the profile's), as the training row
         "loading": {"synthetic": None, "image_size": 362, "warmup_batches": 12, "batches": 36},
@@ -158,11 +181,24 @@ PROFILES: dict[str, dict[str, Any]] = {
             "rank": 16,
             "spread": 0.5,
             "noise": 0.25,
-            "cuda_block_rows": 131_072,
+            "repeats": 3,
+            "cpu_queries": 128,  # the exact search CPU row: about 0.5 s a repeat on 16 cores
+            # IVF-PQ over 1M in well under a minute on 16 cores, drawing and exact search (for recall) included:
+            # trained on 20,480 vectors (40 per cell; faiss wants 39), 64-byte codes. Measured single-threaded on
+            # the 2-core machine: training 12 CPU-s, adding 6.4 CPU-s per 50k (nlist 1024: 32 and 9.4; m 128: 15.8)
             "ivfpq_n": 1_000_000,
-            "ivfpq": {"nlist": 1024, "m": 128, "nbits": 8, "nprobe": 32, "train_size": 50_000},
+            "ivfpq": {"nlist": 512, "m": 64, "nbits": 8, "nprobe": 16, "train_size": 20_480},
         },
         "child_timeout_s": 600,
+        # gpu.sh in under 5 minutes: the groups of rows get these shares (280 s), the rest of the 300 s goes to
+        # installing the wheels, starting Python, writing the JPEGs (about 8 s on 16 cores) and the forkserver's
+        # imports (overlapping the JPEGs). training: 5 processes of Lightning start-up + 60 steps; loading: 5
+        # processes, no network; extraction: 2 processes, each ~12-17 cuDNN plans to build (~1.5 s each) in the
+        # warm-up pass, then 2 timed passes of 792 images; evaluation: ~16 plans for ours, ~5 for the pairwise
+        # sample; search: 1M x 2048 drawn per process, IVF-PQ trained and filled over 1M on the CPU (last: it
+        # also gets whatever the earlier groups left)
+        "budgets": {"training": 80, "loading": 35, "extraction": 65, "evaluation": 45, "search": 55},
+        "total_budget_s": 290,
     },
 }
 #: --quick: tiny everything, for the tests (seconds)
@@ -187,6 +223,8 @@ QUICK: dict[str, Any] = {
     "warmup_steps": 1,
     "steps": 3,
     "eval_batch_size": 8,
+    "size_mix": {"images": 16, "queries": 4, "long_side": 64, "noise": 10.0},
+    "max_shapes": 2,  # below the size mix's own count of buckets, so that the bound is exercised
     "extraction_repeats": 1,
     "pair_warmup": 2,
     "pair_sample": 10,
@@ -200,17 +238,26 @@ QUICK: dict[str, Any] = {
         "rank": 8,
         "spread": 0.5,
         "noise": 0.25,
-        "cuda_block_rows": 8192,
+        "repeats": 1,
         "ivfpq_n": 20_000,
         "ivfpq": {"nlist": 32, "m": 16, "nbits": 8, "nprobe": 8, "train_size": 10_000},
     },
     "child_timeout_s": 300,
+    # tiny models on 2 shared cores: one intra-op thread each is several times faster than two fighting
+    "threads": 1,
+    "budgets": {"training": 300, "loading": 300, "extraction": 300, "evaluation": 300, "search": 300},
+    "total_budget_s": None,
 }
 QUICK_MODELS = {
     "cpu": ["backbone=scratch", "backbone.channels=[8,16]"],
     "gpu": ["backbone=resnet50", "backbone.weights=none"],
 }
 ROWS = ("training", "loading", "extraction", "evaluation", "search")
+#: the extraction rows: key -> (label, function of experiments/bench/extraction.py measuring ours and its ceiling)
+EXTRACTION_ROWS = {
+    "extraction": ("extraction, default (buckets)", "measure_bucket"),
+    "extraction_exact": ("extraction, exact shapes", "measure_exact"),
+}
 #: the extra data loading rows and their measurement in experiments/bench/loading.py
 LOADING_FUNCTIONS = {
     "loading_no_cache": "measure_no_cache",
@@ -314,15 +361,10 @@ def plan(
         )
         for key, label in (loading_rows or {}).items():
             rows.append((key, label, "images/s", {"ours": f"{m}.loading:{LOADING_FUNCTIONS[key]}"}))
-    if "extraction" in only:
-        rows.append(
-            (
-                "extraction",
-                "extraction",
-                "images/s",
-                {"ours": f"{m}.extraction:measure_ours", "ceiling": f"{m}.extraction:measure_ceiling"},
-            )
-        )
+    if "extraction" in only:  # ours and the ceiling in one process: the ceiling runs on cuDNN plans ours built
+        for key, (label, function) in EXTRACTION_ROWS.items():
+            target = f"{m}.extraction:{function}"
+            rows.append((key, label, "images/s", {"ours": target, "ceiling": target}))
     if "evaluation" in only:
         rows.append(
             (
@@ -340,8 +382,9 @@ def plan(
         }
         for row in profile["search_rows"]:
             key, label, variants = search[row]
-            function = {"ours": f"measure_{row}", "ceiling": f"measure_{row}_ceiling"}
-            rows.append((key, label, "queries/s", {v: f"{m}.search:{function[v]}" for v in variants}))
+            # ours and the ceiling of an exact-search row in one process: one CUDA start, one data draw
+            function = f"measure_{row}_row" if "ceiling" in variants else f"measure_{row}"
+            rows.append((key, label, "queries/s", {v: f"{m}.search:{function}" for v in variants}))
     return rows
 
 
@@ -379,23 +422,32 @@ def notes_for(
         return ["training without data.cache: workers decode the JPEGs (PIL); ceiling, original: the training row's"]
     if key == "training_gpu_decode":
         return [
-            "training without data.cache, data.decode=gpu: workers read bytes, decode_jpeg on the device; "
-            "ceiling, original: the training row's"
+            "training without data.cache, data.decode=gpu: workers read bytes, decode_jpeg and batched "
+            "augmentation on the device, prefetched on a side stream; ceiling, original: the training row's"
         ]
-    if key == "extraction" and "images" in ours:
-        return [
-            f"{ours['database_images']} database JPEGs x {ours['repeats']} at long side {p['eval_image_size']}, batch "
-            f"{ours['batch_size']}, {ours['num_workers']} workers; precision {ours['precision']}, channels_last "
-            f"{ours['channels_last']}"
-        ]
-    if key == "evaluation" and "extrapolated_seconds" in original:
-        mean_ap = ours.get("metrics", {}).get("mAP", float("nan"))
-        return [
-            f"original measured on {original['pairs_measured']} of {original['pairs_total']:,} pairs and "
-            f"extrapolated: {original['extrapolated_seconds']:,.0f} s for the whole benchmark vs "
-            f"{ours.get('seconds', float('nan')):.1f} s ({ours.get('queries', '?')} queries x "
-            f"{ours.get('database_images', '?')} images); mAP {mean_ap:.3f}"
-        ]
+    if key in EXTRACTION_ROWS and "images" in ours:
+        return extraction_notes(key, profile, ours, ceiling)
+    if key == "evaluation":
+        notes = []
+        if "first_run_seconds" in ours:
+            notes.append(
+                f"ours: {ours['batching']} batches ({ours['distinct_input_shapes']} input shapes, "
+                f"{ours['distinct_batch_shapes']} batch shapes, padding {ours['padded_over_valid_pixels']:.0%} of "
+                f"the pixels), decode {ours['options_used'].get('decode', 'cpu')}, precision {ours['precision']}; "
+                f"timed warm: the second evaluation of the process (the first, which planned every shape, took "
+                f"{ours['first_run_seconds']:.1f} s)"
+            )
+        if "extrapolated_seconds" in original:
+            mean_ap = ours.get("metrics", {}).get("mAP", float("nan"))
+            notes.append(
+                f"original measured on {original['pairs_measured']} of {original['pairs_total']:,} pairs "
+                f"({original['queries_sampled']} queries) after {original['warmup_pairs']} warm-up pairs passing "
+                f"its {original['warmup_input_shapes']} input shapes, and extrapolated: "
+                f"{original['extrapolated_seconds']:,.0f} s for the whole benchmark vs "
+                f"{ours.get('seconds', float('nan')):.1f} s ({ours.get('queries', '?')} queries x "
+                f"{ours.get('database_images', '?')} images); mAP {mean_ap:.3f}"
+            )
+        return notes
     if key == "search_ivfpq" and "recall_at_10" in ours:
         o = ours["options"]
         return [
@@ -403,10 +455,45 @@ def notes_for(
             f"({ours['bytes_per_vector']:.0f} bytes/vector), nprobe {o['nprobe']}, trained on "
             f"{min(o['train_size'], ours['n']):,}; build {ours['build_seconds']:.1f} s; exact search on the same "
             f"data {ours['exact_queries_per_s']:.1f} queries/s"
+            + (f" ({ours['exact_device']})" if "exact_device" in ours else "")
+            + (f"; {ours['total_seconds']:.0f} s in all" if "total_seconds" in ours else "")
         ]
     if key.startswith("search_exact") and "queries" in ours:
-        return [f"{ours['queries']} queries, top {ours['k']}, blocks of {ours['block_rows']:,} rows upcast to float32"]
+        if "note" in ours:
+            return [ours["note"], *([ceiling["note"]] if "note" in ceiling else [])]
+        return [f"{ours['queries']} queries, top {ours['k']}, blocks of {ours['block_rows']:,} rows"]
     return []
+
+
+def extraction_notes(key: str, profile: dict[str, Any], ours: dict[str, Any], ceiling: dict[str, Any]) -> list[str]:
+    """Notes of the extraction rows (see experiments/bench/extraction.py)."""
+    sizes = ", ".join(f"{w}x{h} ({c})" for w, h, c in sorted(ours["image_sizes"], key=lambda s: -s[2]))
+    notes = []
+    if key == "extraction":
+        notes.append(
+            f"{ours['database_images']} JPEGs with the size mix of Oxford/Paris ({sizes}; "
+            f"{ours['jpeg_kib_mean']:.0f} KiB on average) + {ours['query_crops']} query crops of random sizes, "
+            f"x {ours['repeats']} = {ours['images']} images a pass at long side {profile['eval_image_size']}; batch "
+            f"{ours['batch_size']}, {ours['num_workers']} workers, decode {ours['options_used'].get('decode', 'cpu')}, "
+            f"precision {ours['precision']}, channels_last {ours['channels_last']}; timed: a second pass over the "
+            "images (the first is the warm-up)"
+        )
+    mode = f"buckets (max_shapes {ours['max_shapes']})" if ours["batching"] == "bucket" else "exact shape batches"
+    notes.append(
+        f"{mode}: the network saw {ours['distinct_input_shapes']} input shapes in {ours['distinct_batch_shapes']} "
+        f"batch shapes, padding {ours['padded_over_valid_pixels']:.1%} of the pixels; one-off warm-up (first "
+        f"pass) {ours['warmup_seconds']:.1f} s vs {ours['seconds']:.1f} s warm"
+        + (f"; {ours['plan_note']}" if ours.get("plan_note") else "")
+    )
+    if "same_batches_as_ours" in ceiling:
+        same = "the same batches" if ceiling["same_batches_as_ours"] else "NOT the same batches (a bug)"
+        filled = f", {ceiling['blank_images']} blank images filling bucket batches" if ceiling["blank_images"] else ""
+        notes.append(
+            f"ceiling: random tensors of the plan's {ceiling['forward_passes']} batches{filled} in the same process "
+            f"after ours (warm), {same} as ours"
+            + ("" if "peak_memory" in ceiling else "; its peak memory is not separable from ours' on the CPU")
+        )
+    return notes
 
 
 def loading_notes(
@@ -428,14 +515,15 @@ def loading_notes(
         ]
     if key == "loading_gpu_decode":
         return [
-            "data.decode=gpu, no cache: workers read the files; each batch is moved to the device, decoded "
-            "(torchvision.io.decode_jpeg) and augmented there by on_after_batch_transfer, synchronised; "
-            "original: the data loading row's"
+            "data.decode=gpu, no cache: workers read the files; each batch is decoded on the device "
+            "(one torchvision.io.decode_jpeg call) and cropped, resized, flipped and jittered there as a batch, "
+            "prefetched on a side stream, synchronised; original: the data loading row's"
         ]
     notes = [
         f"input pipeline alone, no network: batches of {ours['batch_size']} drawn from {ours['training_images']} "
         f"training JPEGs of {source} px ({ours['jpeg_kib_mean']:.0f} KiB on average), {ours['image_size']} px "
-        "crops (random resized crop, flip, colour jitter), "
+        "crops (random resized crop and flip in the workers, colour jitter and normalisation of the whole batch "
+        f"{ours.get('batch_finished', 'on the device')}), "
         f"{workers} DataLoader worker{'s' if workers != 1 else ''} on {common.cpu_count()} cores; "
         f"{ours['steps']} batches timed after {ours['warmup_steps']} (worker start-up)"
     ]
@@ -471,28 +559,32 @@ def loading_notes(
 
 
 def prepare_loading(
-    profile: dict[str, Any], data_root: Path, work: Path, trainer: str, knob_report: dict[str, list[str]]
+    profile: dict[str, Any],
+    data_root: Path,
+    work: Path,
+    trainer: str,
+    knob_report: dict[str, list[str]],
+    *,
+    writer: images.JpegWriter | None = None,
+    images_dir: Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, str]]:
-    """The JPEGs of the data loading rows (written unless the profile's own are the same), and
-    ``(what was written, settings of each loading row, extra rows key -> label)``.
+    """The JPEGs of the data loading rows (written by ``writer``'s processes into ``images_dir`` unless the
+    profile's own are the same, or a folder there already holds them), and ``(what was written, settings of
+    each loading row, extra rows key -> label)``.
 
     The rows get a cache folder of their own, so that the cache is built (and its build timed) in the row
     whatever the training rows left in the data folder.
     """
-    from oxford_ir.data.synthetic import write_synthetic_benchmark
-
     loading = profile["loading"]
     synthetic = loading_synthetic(profile)
     root, seconds = data_root, 0.0
     if synthetic != profile["synthetic"]:
-        root = work / "loading-data"
-        start = time.perf_counter()
-        write_synthetic_benchmark(root / "synthetic", seed=0, **synthetic)
-        seconds = time.perf_counter() - start
-    images = len(list((root / "synthetic" / "jpg").glob("*.jpg")))
+        root = (images_dir or work) / "loading-data"
+        seconds = images.write_synthetic(root / "synthetic", writer, seed=0, **synthetic)
+    n_images = len(list((root / "synthetic" / "jpg").glob("*.jpg")))
     what = "wrote" if seconds else "reusing"
     log(
-        f"data loading: {what} {images} synthetic JPEGs of {synthetic['image_size']} px"
+        f"data loading: {what} {n_images} synthetic JPEGs of {synthetic['image_size']} px"
         + (f" in {seconds:.1f} s" if seconds else "")
     )
     sizes = {
@@ -523,8 +615,33 @@ def prepare_loading(
             "overrides": without_cache + [GPU_DECODE_KNOB],
             "data_dir": str(root),
         }
-    written = {"images": images, "generation_seconds": seconds, "synthetic": synthetic, "folder": str(root)}
+    written = {"images": n_images, "generation_seconds": seconds, "synthetic": synthetic, "folder": str(root)}
     return written, settings, rows
+
+
+def prepare_size_mix(
+    profile: dict[str, Any], images_dir: Path, sources: Path, writer: images.JpegWriter | None = None
+) -> dict[str, Any]:
+    """The extraction rows' JPEGs with the size mix of Oxford/Paris, cut from the synthetic photographs in
+    ``sources`` (reused when ``images_dir`` holds them already); what was written, for the JSON."""
+    spec = profile["size_mix"]
+    folder = images_dir / f"size-mix-{spec['long_side']}"
+    manifest, seconds = images.write_size_mix(
+        folder,
+        sorted(sources.glob("*.jpg")),
+        images=spec["images"],
+        queries=spec["queries"],
+        long_side=spec["long_side"],
+        noise=spec.get("noise", 10.0),
+        writer=writer,
+    )
+    kib = sum(i["bytes"] for i in manifest["images"]) / max(1, len(manifest["images"])) / 1024
+    log(
+        f"extraction: {'wrote' if seconds else 'reusing'} {len(manifest['images'])} JPEGs with the size mix of "
+        f"Oxford/Paris at {spec['long_side']} px ({kib:.0f} KiB on average) + {len(manifest['queries'])} query boxes"
+        + (f" in {seconds:.1f} s" if seconds else "")
+    )
+    return {"folder": str(folder), "generation_seconds": seconds, "jpeg_kib_mean": kib, **spec}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -543,6 +660,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows to measure ({', '.join(ROWS)})")
     parser.add_argument("--compile", action="store_true", help=f"also apply {COMPILE_KNOB} to the training rows")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder of JPEGs and runs")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="folder for the JPEGs, reused by later runs when its contents match (default: the temporary folder)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the whole run (default: the profile's; gpu: 290); rows past their share are stopped",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="processes writing the JPEGs (default: the cores available)"
+    )
     args = parser.parse_args(argv)
     only = [r.strip() for r in args.only.split(",") if r.strip()]
     unknown = sorted(set(only) - set(ROWS))
@@ -571,9 +703,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     machine = report.machine_info()
-    machine["gpu"] = report.gpu_info(
-        torch.device(device)
-    )  # CUDA here is harmless: measurements run in processes of a fresh forkserver
     work = Path(tempfile.mkdtemp(prefix="oxford-ir-bench-"))
     try:
         return _run(args, profile, device, machine, work, started, clock)
@@ -595,18 +724,35 @@ def _run(
     started: str,
     clock: float,
 ) -> int:
-    from oxford_ir.data.synthetic import write_synthetic_benchmark
+    import torch
 
-    data_root = work / "data"
-    start = time.perf_counter()
-    write_synthetic_benchmark(data_root / "synthetic", seed=0, **profile["synthetic"])
-    generation = time.perf_counter() - start
-    n_images = len(list((data_root / "synthetic" / "jpg").glob("*.jpg")))
-    log(f"wrote {n_images} synthetic JPEGs of {profile['synthetic']['image_size']} px in {generation:.1f} s")
-
+    images_dir = (args.images or work / "images").expanduser().resolve()
+    data_root = work / "data"  # synthetic/ links to the JPEGs; the training cache is written beside it, in work
     trainer = "gpu" if device == "cuda" else "cpu"
     overrides = base_overrides(profile, data_root, work, trainer)
-    knob_report = resolve_knobs(args.profile, overrides, work, args.compile)
+    os.environ[common.CONFIG_CACHE_ENV] = str(work / "configs")  # measurement processes compose each config once
+    with images.JpegWriter(args.workers) as writer:
+        writer.start()  # its processes fork now, before any thread exists in this process
+        forkserver = common.start_forkserver()  # imports torch, Lightning, Hydra meanwhile
+        generation = images.write_synthetic(images_dir / "data" / "synthetic", writer, seed=0, **profile["synthetic"])
+        data_root.mkdir(parents=True, exist_ok=True)
+        (data_root / "synthetic").symlink_to(images_dir / "data" / "synthetic", target_is_directory=True)
+        n_images = len(list((data_root / "synthetic" / "jpg").glob("*.jpg")))
+        written = f"{n_images} synthetic JPEGs of {profile['synthetic']['image_size']} px in {images_dir}"
+        log(f"wrote {written} ({generation:.1f} s)" if generation else f"reusing {written}")
+        knob_report = resolve_knobs(args.profile, overrides, work, args.compile)
+        loading_rows: dict[str, str] = {}
+        loading_data: dict[str, Any] | None = None
+        if "loading" in args.only:
+            loading_data, loading_settings, loading_rows = prepare_loading(
+                profile, data_root, work, trainer, knob_report, writer=writer, images_dir=images_dir
+            )
+        size_mix = None
+        if "extraction" in args.only:
+            size_mix = prepare_size_mix(profile, images_dir, data_root / "synthetic" / "jpg", writer)
+    forkserver.join()
+    machine["gpu"] = report.gpu_info(torch.device(device))  # after the forks; measurements use the forkserver
+    setup_seconds = time.perf_counter() - clock
     knobs = knob_report["applied"]
     for knob in knob_report["missing"]:
         log(f"knob {knob}: the config has no such key yet; not applied")
@@ -619,7 +765,9 @@ def _run(
         training_rows["training_no_cache"] = ("training, no cache (PIL in workers)", without_cache)
     if GPU_DECODE_KNOB in knob_report["rows"]:
         training_rows["training_gpu_decode"] = ("training, JPEG decode on GPU", without_cache + [GPU_DECODE_KNOB])
-    extraction_options = EXTRACTION_OPTIONS[args.profile]
+    extraction_options = dict(EXTRACTION_OPTIONS[args.profile])
+    if extraction_options.get("decode") == "auto" and device == "cpu":
+        extraction_options["decode"] = "gpu"  # --profile gpu --device cpu: the GPU decode path, on the CPU
     base = {
         "device": device,
         "output_dir": str(work / "runs"),
@@ -643,46 +791,66 @@ def _run(
             "num_workers": profile["eval_num_workers"],
             "repeats": profile["extraction_repeats"],
             "extraction_options": extraction_options,
+            "size_mix": None if size_mix is None else size_mix["folder"],
+            "max_shapes": profile.get("max_shapes"),  # None: the package's default
             "pair_warmup": max(1, profile["pair_warmup"]),
             "pair_sample": profile["pair_sample"],
+            "pair_queries": profile.get("pair_queries"),
         },
         "search": {**base, **profile["search"]},
     }
     settings["evaluation"] = settings["extraction"]
     for key, (_, row_overrides) in training_rows.items():
         settings[key] = {**settings["training"], "overrides": row_overrides}
-    loading_rows: dict[str, str] = {}
-    loading_data: dict[str, Any] | None = None
     if "loading" in args.only:
-        loading_data, loading_settings, loading_rows = prepare_loading(profile, data_root, work, trainer, knob_report)
         settings.update({key: {**base, **value} for key, value in loading_settings.items()})
 
+    def document(partial: bool) -> dict[str, Any]:
+        return {
+            "schema": report.SCHEMA_VERSION,
+            "profile": args.profile,
+            "quick": bool(args.quick),
+            "device": device,
+            "command": shlex.join([sys.executable, *sys.argv]),
+            "started": started,
+            "finished": None if partial else report.today(),
+            "partial": partial,
+            "elapsed_seconds": time.perf_counter() - clock,
+            "machine": machine,
+            "data": {
+                "images": n_images,
+                "generation_seconds": generation,
+                "synthetic": profile["synthetic"],
+                "folder": str(images_dir),
+            },
+            "loading_data": loading_data,
+            "size_mix": size_mix,
+            "timing": budget.summary(setup_seconds),
+            "settings": profile,
+            "overrides": {"training": train_overrides, "evaluation": eval_overrides},
+            "knobs": knob_report,
+            "extraction_options": extraction_options,
+            "rows": rows,
+            "errors": [e for e in errors if e["kind"] == "error"],
+            "over_budget": [e for e in errors if e["kind"] == "over_budget"],
+        }
+
     rows, errors = [], []
-    timeout = float(profile["child_timeout_s"])
+    planned = plan(profile, args.only, {k: v[0] for k, v in training_rows.items()}, loading_rows)
+    total = args.budget if args.budget is not None else profile.get("total_budget_s")
+    budget = Budget(profile["budgets"], [row_group(key) for key, *_ in planned], total, clock)
     training_results: dict[str, dict[str, Any] | None] = {}
     loading_results: dict[str, dict[str, Any] | None] = {}
-    for key, label, unit, variants in plan(
-        profile, args.only, {k: v[0] for k, v in training_rows.items()}, loading_rows
-    ):
-        group = "search" if key.startswith("search") else key
-        results: dict[str, dict[str, Any] | None] = {}
-        for variant, target in variants.items():
-            log(f"{label}: {variant} ...")
-            start = time.perf_counter()
-            try:
-                results[variant] = common.run_isolated(target, settings[group], timeout)
-            except common.MeasurementError as error:
-                results[variant] = {"error": str(error)}
-                errors.append({"row": key, "variant": variant, "error": str(error)})
-                log(str(error))
-            took = time.perf_counter() - start
-            if results[variant] is not None:
-                results[variant]["wall_seconds"] = took
-            outcome = results[variant]
-            shown = outcome.get("skipped") or (
-                "error" if "error" in outcome else f"{report.format_number(outcome.get('value'))} {unit}"
-            )
-            log(f"{label}: {variant} = {shown} ({took:.1f} s)")
+    for key, label, unit, variants in planned:
+        group = row_group(key)
+        settings_key = "search" if group == "search" else "extraction" if group == "extraction" else key
+        before = budget.spent[group]
+        results = measure_row(key, label, unit, variants, settings[settings_key], budget, profile, errors)
+        log(
+            f"{label}: {budget.spent[group] - before:.1f} s; {group} rows {budget.spent[group]:.0f} s of "
+            f"{budget.shares[group]:.0f}, run {time.perf_counter() - clock:.0f} s"
+            + (f" of {budget.total:.0f}" if budget.total is not None else "")
+        )
         if key == "training":
             training_results = results
         elif key in training_rows:  # compared with the training row's references, measured in this run
@@ -699,30 +867,13 @@ def _run(
                     "search_ivfpq_recall", "IVF-PQ recall@10 vs exact", "fraction", results, metric="recall_at_10"
                 )
             )
+        report.write_json(args.out, document(partial=True))  # what is measured so far, should the run be killed
 
-    table = report.format_table(rows)
+    data = document(partial=False)
+    report.write_json(args.out, data)
+    table = report.format_table(rows) + "\n\n" + report.format_timing(data["timing"])
     if knob_report["missing"]:
         table += "\n\nknobs not in the config yet (not applied): " + ", ".join(knob_report["missing"])
-    data = {
-        "schema": report.SCHEMA_VERSION,
-        "profile": args.profile,
-        "quick": bool(args.quick),
-        "device": device,
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "started": started,
-        "finished": report.today(),
-        "elapsed_seconds": time.perf_counter() - clock,
-        "machine": machine,
-        "data": {"images": n_images, "generation_seconds": generation, "synthetic": profile["synthetic"]},
-        "loading_data": loading_data,
-        "settings": profile,
-        "overrides": {"training": train_overrides, "evaluation": eval_overrides},
-        "knobs": knob_report,
-        "extraction_options": extraction_options,
-        "rows": rows,
-        "errors": errors,
-    }
-    report.write_json(args.out, data)
     title = f"oxford-ir bench: profile {args.profile}{' (quick)' if args.quick else ''} on {device}"
     gpu = machine.get("gpu")
     where = f"{gpu['name']}, " if gpu else ""
@@ -730,6 +881,104 @@ def _run(
     print(f"\n{title}\n{where}, {started}\n\n{table}\n")
     print(f"wrote {args.out} ({data['elapsed_seconds']:.0f} s in all)")
     return 1 if errors else 0
+
+
+def row_group(key: str) -> str:
+    """The budget group of a row: training, loading, extraction, evaluation or search."""
+    return next(group for group in ROWS if key.startswith(group))
+
+
+class Budget:
+    """Seconds per group of rows (``shares``) and for the whole run (``total``, from ``clock``; None: no bound).
+
+    A group may run for its share plus what the groups before it left unused, and no process runs past the
+    run's total: the run ends within it whatever each group does (a process past its time is stopped).
+    """
+
+    def __init__(self, shares: dict[str, float], groups: list[str], total: float | None, clock: float) -> None:
+        self.shares = {g: float(shares[g]) for g in dict.fromkeys(groups)}
+        self.order = list(self.shares)
+        self.total, self.clock = total, clock
+        self.spent = dict.fromkeys(self.order, 0.0)
+
+    def left(self, group: str) -> float:
+        """Seconds the next process of ``group`` may run."""
+        upto = self.order[: self.order.index(group) + 1]
+        left = sum(self.shares[g] - self.spent[g] for g in upto)
+        if self.total is not None:
+            left = min(left, self.total - (time.perf_counter() - self.clock))
+        return left
+
+    def describe(self, group: str) -> str:
+        """What bounds ``group``'s time, for messages."""
+        share = f"the {group} rows' share ({self.shares[group]:.0f} s, with what earlier rows left)"
+        return share if self.total is None else f"{share} or the run's budget ({self.total:.0f} s)"
+
+    def spend(self, group: str, seconds: float) -> None:
+        self.spent[group] += seconds
+
+    def summary(self, setup_seconds: float) -> dict[str, Any]:
+        return {
+            "setup_seconds": setup_seconds,
+            "groups": {g: {"seconds": self.spent[g], "share": self.shares[g]} for g in self.order},
+            "total_seconds": time.perf_counter() - self.clock,
+            "total_budget": self.total,
+        }
+
+
+def measure_row(
+    key: str,
+    label: str,
+    unit: str,
+    variants: dict[str, str],
+    settings: dict[str, Any],
+    budget: Budget,
+    profile: dict[str, Any],
+    errors: list[dict[str, Any]],
+) -> dict[str, dict[str, Any] | None]:
+    """Each variant of a row measured in a process of its own, or several variants in one when they name the
+    same function (it returns ``{"variants": {variant: result}}``), within the row's budget; a process past its
+    time is stopped and its variants are reported over budget, the run goes on."""
+    group = row_group(key)
+    targets: dict[str, list[str]] = {}
+    for variant, target in variants.items():
+        targets.setdefault(target, []).append(variant)
+    results: dict[str, dict[str, Any] | None] = {}
+    for target, names in targets.items():
+        which = " + ".join(names)
+        timeout = min(float(profile["child_timeout_s"]), budget.left(group))
+        took = 0.0
+        if timeout < 1:
+            outcome: dict[str, Any] = {"over_budget": f"not run: {budget.describe(group)} is spent"}
+        else:
+            log(f"{label}: {which} ... (at most {timeout:.0f} s)")
+            start = time.perf_counter()
+            try:
+                outcome = common.run_isolated(target, settings, timeout)
+            except common.MeasurementTimeout:
+                outcome = {"over_budget": f"stopped after {timeout:.0f} s: {budget.describe(group)} was spent"}
+            except common.MeasurementError as error:
+                outcome = {"error": str(error)}
+            took = time.perf_counter() - start
+            budget.spend(group, took)
+        parts = outcome.pop("variants", None)
+        for name in names:
+            result = dict(parts[name]) if parts else dict(outcome)
+            result["wall_seconds"] = took
+            results[name] = result
+            for kind in ("error", "over_budget"):
+                if kind in result:
+                    errors.append({"row": key, "variant": name, "kind": kind, "error": result[kind]})
+            if "error" in result:
+                log(f"{label}: {name}: {result['error']}")
+            if "over_budget" in result:
+                shown = f"over budget ({result['over_budget']})"
+            elif "error" in result or "skipped" in result:
+                shown = result.get("skipped") or "error"
+            else:
+                shown = f"{report.format_number(result.get('value'))} {unit}"
+            log(f"{label}: {name} = {shown} ({took:.1f} s)")
+    return results
 
 
 def log(message: str) -> None:

@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--junk-per-landmark", type=_non_negative_int, help="junk views among a landmark's images")
     synthetic.add_argument("--distractors", type=_non_negative_int, help="images of no landmark")
     synthetic.add_argument("--image-size", type=_positive_int, help="long side of each image in pixels")
+    synthetic.add_argument("--workers", type=_positive_int, help="processes drawing the photographs (same files)")
 
     cache = commands.add_parser(
         "cache",
@@ -227,6 +228,8 @@ def _synthetic(args: argparse.Namespace) -> int:
     }
     # only what the user gave: the generator's own defaults stay the single source of truth
     options.update({key: value for key, value in given.items() if value is not None})
+    if args.workers is not None:
+        options["workers"] = args.workers
     folder = write_synthetic_benchmark(args.root, **options)
     print(f"synthetic benchmark written to {folder}")
     return 0

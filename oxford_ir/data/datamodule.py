@@ -2,10 +2,12 @@
 
 Training batches hold ``classes_per_batch`` (P) landmarks x ``images_per_class`` (K) augmented crops, plus
 ``distractors_per_batch`` distractor images with labels of their own (extra negatives), drawn by
-:class:`ClassBalancedSampler`. Validation (and test) is the whole evaluation benchmark: two loaders,
-``[database, queries]``, of images that keep their aspect ratio (queries cropped to their box), batched as
-lists by :func:`~oxford_ir.data.collate.collate_variable_size`; the LightningModule embeds them and
-evaluates with the published protocol.
+:class:`ClassBalancedSampler`. Validation (and test) is the whole evaluation benchmark, embedded through the one
+test-time path of :mod:`oxford_ir.extraction` like ``oxford-ir-eval``: this module holds the benchmark, its
+images (:meth:`RetrievalDataModule.eval_images`, reading the image cache when enabled) and their settings
+(:attr:`RetrievalDataModule.eval_settings`); the LightningModule, which knows its network, plans the
+batches (bucket shapes, the network's stride) and builds the two loaders ``[database, queries]``
+(``RetrievalModule.val_dataloader``), then evaluates with the published protocol.
 
 Image sizes: ``image_size`` is the side of the square training crops and ``eval_image_size`` the long side
 of evaluation images. cnnimageretrieval-pytorch trains at 362 and tests at 1024 (published numbers);
@@ -19,8 +21,8 @@ the caches under ``cache.dir`` (default ``<data_dir>/cache``), ``setup`` (every 
 the cache, training JPEGs are still decoded in draft mode when at least twice that long side.
 
 Under DDP, each process draws its own share of the training batches (see :class:`ClassBalancedSampler`);
-Lightning gives the two evaluation loaders a ``DistributedSampler`` (it pads with repeated images), and the
-index returned with each image lets the module gather the embeddings and drop the repeats.
+Lightning gives the two evaluation loaders a ``DistributedSampler`` over their planned batches (it pads with
+repeated batches), and the index of each image lets the module gather the embeddings and drop the repeats.
 """
 
 from __future__ import annotations
@@ -38,26 +40,27 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from oxford_ir.data.augmentation import Augmentation
+from oxford_ir.data.augmentation import Augmentation, SeededCrop
+from oxford_ir.data.batch_augment import BatchAugmentation, CropBatch, CropCollate, CropItem
 from oxford_ir.data.benchmark import Benchmark
 from oxford_ir.data.cache import ImageCache, build_image_cache, cache_folder, default_train_long_side
-from oxford_ir.data.collate import collate_variable_size
 from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.data.gpu_decode import (
-    EncodedEvalDataset,
+    EncodedBatch,
     EncodedTrainDataset,
-    GpuEvalDecoder,
     GpuTrainDecoder,
     check_decode,
     collate_encoded,
-    decode_batch,
 )
 from oxford_ir.data.images import load_image
 from oxford_ir.data.loading import benchmark_spec, load_benchmark
+from oxford_ir.data.prefetch import DevicePrefetchLoader, ReadyBatch
 from oxford_ir.data.splits import SPLIT_KINDS, TrainSplit, build_split, full_ground_truth
 from oxford_ir.errors import ConfigError, DataError
 
 _SHOWN = 5
+#: ``data.eval_batching`` values (:mod:`oxford_ir.extraction.planning` implements them)
+EVAL_BATCHINGS = ("bucket", "shape", "aspect")
 
 
 class _Cycle:
@@ -261,18 +264,21 @@ class CacheConfig:
 
 
 class TrainImageDataset(Dataset):
-    """``(augmented image tensor, label)`` for each training image.
+    """:class:`~oxford_ir.data.batch_augment.CropItem` (uint8 crop, label, draw) for each training image.
 
-    ``draft_size``: the long side the image is needed at (JPEGs at least twice that are decoded in draft
-    mode, see :func:`~oxford_ir.data.images.decode_image`); None decodes in full. ``cache``: an opened training
-    :class:`~oxford_ir.data.cache.ImageCache` holding every path; the augmentation then runs on its pixels.
+    ``crop``: a :class:`~oxford_ir.data.augmentation.SeededCrop`, the per-image part of the augmentation (random
+    resized crop and flip with PIL); its colour jitter and normalisation run on the whole batch
+    (:class:`~oxford_ir.data.batch_augment.BatchAugmentation`). ``draft_size``: the long side the image is needed
+    at (JPEGs at least twice that are decoded in draft mode, see :func:`~oxford_ir.data.images.decode_image`);
+    None decodes in full. ``cache``: an opened training :class:`~oxford_ir.data.cache.ImageCache` holding every
+    path; the augmentation then runs on its pixels.
     """
 
     def __init__(
         self,
         paths: Sequence[str | Path],
         labels: Sequence[int] | np.ndarray,
-        transform,
+        crop: SeededCrop,
         *,
         draft_size: int | None = None,
         cache: ImageCache | None = None,
@@ -281,7 +287,7 @@ class TrainImageDataset(Dataset):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths = [Path(p) for p in paths]
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.transform = transform
+        self.crop = crop
         self.draft_size = draft_size
         self.cache = cache
         self.rows: np.ndarray | None = None
@@ -298,15 +304,12 @@ class TrainImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        """``item`` is an index, or ``(index, seed)`` from :class:`ClassBalancedSampler` (seeded augmentation)."""
-        index, seed = item if isinstance(item, tuple) else (item, None)
-        image = self._image(index)
-        if seed is None:
-            return self.transform(image), int(self.labels[index])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(image), int(self.labels[index])
+    def __getitem__(self, item: int | tuple[int, int]) -> CropItem:
+        """``item`` is an index, or ``(index, seed)`` from :class:`ClassBalancedSampler` (seeded augmentation); a
+        plain index gets a seed from torch's global generator (random)."""
+        index, seed = item if isinstance(item, tuple) else (item, int(torch.randint(0, 2**62, ()).item()))
+        crop, draw = self.crop(self._image(index), int(seed))
+        return CropItem(crop, int(self.labels[index]), draw)
 
 
 class RetrievalDataModule(pl.LightningDataModule):
@@ -328,6 +331,9 @@ class RetrievalDataModule(pl.LightningDataModule):
             landmark image about once.
         use_distractors / distractors_per_batch: add distractor images, each its own label, to every batch.
         eval_batch_size: images per evaluation batch.
+        eval_batching / eval_max_shapes: how evaluation images are batched (``bucket``: padded to at most
+            ``eval_max_shapes`` input shapes; ``shape``: exact; ``aspect``), as ``extraction.batching`` of
+            ``oxford-ir-eval`` (:mod:`oxford_ir.extraction.planning`).
         num_workers / pin_memory / persistent_workers: of every loader (pinning only with an accelerator,
             persistent workers only with ``num_workers > 0``).
         cache: ``data.cache`` (:class:`CacheConfig`): the preprocessed image cache.
@@ -355,6 +361,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         use_distractors: bool = True,
         distractors_per_batch: int = 0,
         eval_batch_size: int = 8,
+        eval_batching: str = "bucket",
+        eval_max_shapes: int = 16,
         num_workers: int = 0,
         pin_memory: bool = True,
         persistent_workers: bool = True,
@@ -392,6 +400,11 @@ class RetrievalDataModule(pl.LightningDataModule):
             _positive_int(value, name)
         _positive_int(images_per_class, "images_per_class")
         _positive_int(eval_batch_size, "eval_batch_size")
+        _positive_int(eval_max_shapes, "eval_max_shapes")
+        if eval_batching not in EVAL_BATCHINGS:
+            raise ConfigError(
+                f"data.eval_batching={eval_batching!r}: choose bucket (few input shapes), shape (exact) or aspect"
+            )
         _non_negative_int(num_workers, "num_workers")
         _non_negative_int(distractors_per_batch, "distractors_per_batch")
         _non_negative_int(seed, "seed")
@@ -417,8 +430,9 @@ class RetrievalDataModule(pl.LightningDataModule):
                 "data.decode=gpu and data.cache.enabled=true exclude each other: the cache already holds decoded, "
                 "resized pixels; choose one"
             )
+        # the device half of training augmentation (colour jitter, normalisation; crops too with decode=gpu)
+        self._batch_augmentation = BatchAugmentation(image_size, self.augmentation)
         self._train_decoder = GpuTrainDecoder(image_size, self.augmentation) if self._gpu_decode else None
-        self._eval_decoder = GpuEvalDecoder(eval_image_size) if self._gpu_decode else None
         self.data_dir = Path(data_dir).expanduser()
         self.eval_benchmark_name = eval_benchmark or benchmark
         self.eval_scales = tuple(eval_scales)
@@ -632,23 +646,36 @@ class RetrievalDataModule(pl.LightningDataModule):
             seed=hp.seed,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Batches ``(images B x 3 x S x S, labels B)``, B = P x K + distractors, S = ``image_size``."""
+    def train_dataloader(self, device: torch.device | str | None = None) -> DevicePrefetchLoader:
+        """Training batches of B = P x K + distractors images, S x S = ``image_size``, for ``device`` (default: the
+        attached trainer's, else the CPU).
+
+        The workers crop, resize and flip each image (``decode=cpu``, :class:`TrainImageDataset`) or only read its
+        file (``decode=gpu``); colour jitter and normalisation run on whole batches
+        (:class:`~oxford_ir.data.batch_augment.BatchAugmentation`). On the CPU the workers finish their batches:
+        ``(images B x 3 x S x S normalised float32, labels B)``. On a CUDA device a background thread finishes the
+        next batches there on a side stream while the current step runs
+        (:class:`~oxford_ir.data.prefetch.DevicePrefetchLoader`): they come out as
+        :class:`~oxford_ir.data.prefetch.ReadyBatch`, which :meth:`on_after_batch_transfer` hands over as
+        ``(images, labels)``. On other devices the hook finishes the raw batches."""
         hp = self.hparams
         split = self.train_split
         sampler = self.train_sampler()
-        if self._gpu_decode:  # workers only read the files; on_after_batch_transfer decodes and augments
+        device = self._training_device(device)
+        if self._gpu_decode:  # workers only read the files; the device decodes and augments
             dataset, collate = EncodedTrainDataset(split.paths, split.labels), collate_encoded
-        else:
+            prepare = self._train_decoder.prepare
+        else:  # workers crop, resize and flip; the device jitters and normalises the whole batch
             dataset = TrainImageDataset(
                 split.paths,
                 split.labels,
-                self.augmentation.transform(hp.image_size),
+                SeededCrop(hp.image_size, self.augmentation),
                 draft_size=self.train_long_side,
                 cache=self._train_cache,
             )
-            collate = None
-        return DataLoader(
+            collate = CropCollate(self._batch_augmentation if device.type == "cpu" else None)
+            prepare = self._batch_augmentation.prepare
+        return DevicePrefetchLoader(
             dataset,
             batch_size=sampler.batch_size,
             sampler=sampler,
@@ -657,43 +684,80 @@ class RetrievalDataModule(pl.LightningDataModule):
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),  # pinning needs an accelerator
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            prepare=prepare if device.type == "cuda" else None,
+            device=device,
         )
 
+    def _training_device(self, device: torch.device | str | None) -> torch.device:
+        """``device``, else the attached trainer's root device, else the CPU."""
+        if device is not None:
+            return torch.device(device)
+        strategy = getattr(getattr(self, "trainer", None), "strategy", None)
+        root = getattr(strategy, "root_device", None)
+        return torch.device(root) if root is not None else torch.device("cpu")
+
+    # -- evaluation: the module plans the loaders (RetrievalModule.evaluation_loaders) ---------------------
     def val_dataloader(self) -> list[DataLoader]:
-        """``[database, queries]`` of the evaluation benchmark, in benchmark order, as (image list, indices)."""
-        benchmark = self.eval_benchmark
-        size = self.hparams.eval_image_size
-        if self._gpu_decode:
-            database = EncodedEvalDataset(benchmark.db_paths)
-            queries = EncodedEvalDataset(benchmark.query_paths, bboxes=benchmark.query_bboxes)
-        else:
-            database = ImageListDataset(benchmark.db_paths, size, cache=self._eval_cache)
-            queries = ImageListDataset(
-                benchmark.query_paths, size, bboxes=benchmark.query_bboxes, cache=self._eval_cache
+        """``[database, queries]`` of the evaluation benchmark: planned batches in benchmark order, made by the
+        trainer's LightningModule (``evaluation_loaders(self)``), which knows the network they are planned for
+        (the datamodule only holds the images and the settings)."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        make = getattr(module, "evaluation_loaders", None)
+        if make is None:
+            raise ConfigError(
+                "validation loaders are planned by the LightningModule (evaluation_loaders(datamodule), as "
+                f"RetrievalModule); got {type(module).__name__ if module is not None else 'no module'}"
             )
-        return [self._eval_loader(database), self._eval_loader(queries)]
+        return make(self)
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()
 
-    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+    def eval_images(self) -> tuple[Dataset, Dataset] | None:
+        """``(database, queries)`` test-time datasets of the evaluation benchmark (queries cropped to their
+        boxes), reading the image cache when it is enabled; None with ``decode=gpu`` (the loaders then read the
+        files' bytes and the device decodes them)."""
+        if self._gpu_decode:
+            return None
+        benchmark = self.eval_benchmark
+        size = self.hparams.eval_image_size
+        database = ImageListDataset(benchmark.db_paths, size, cache=self._eval_cache)
+        queries = ImageListDataset(benchmark.query_paths, size, bboxes=benchmark.query_bboxes, cache=self._eval_cache)
+        return database, queries
+
+    @property
+    def eval_settings(self) -> dict[str, Any]:
+        """How evaluation images are batched and loaded: ``image_size``, ``batch_size``, ``batching``,
+        ``max_shapes``, ``num_workers``, ``pin_memory``, ``persistent_workers``, ``gpu_decode``."""
         hp = self.hparams
-        return DataLoader(
-            dataset,
-            batch_size=hp.eval_batch_size,
-            shuffle=False,
-            collate_fn=collate_encoded if self._gpu_decode else collate_variable_size,
-            num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),  # pinning needs an accelerator
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-        )
+        return {
+            "image_size": hp.eval_image_size,
+            "batch_size": hp.eval_batch_size,
+            "batching": hp.get("eval_batching", "bucket"),
+            "max_shapes": hp.get("eval_max_shapes", 16),
+            "num_workers": hp.num_workers,
+            "pin_memory": hp.pin_memory and torch.cuda.is_available(),  # pinning needs an accelerator
+            "persistent_workers": hp.persistent_workers and hp.num_workers > 0,
+            "gpu_decode": self._gpu_decode,
+        }
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """With ``decode=gpu``: decode the JPEG bytes on the batch's device and augment (training) or resize
-        (evaluation) there; the module receives what the CPU loaders would give it."""
-        if not self._gpu_decode:
+        """Training batches are finished on their device and reach the module as ``(images, labels)``: a
+        :class:`~oxford_ir.data.prefetch.ReadyBatch` (prepared ahead on a side stream) is handed to the current
+        stream, a :class:`~oxford_ir.data.batch_augment.CropBatch` is jittered and normalised, and with
+        ``decode=gpu`` the JPEG bytes are decoded and augmented. Evaluation batches pass through (the module
+        decodes them with the extraction path)."""
+        if isinstance(batch, ReadyBatch):
+            batch = batch.wait()
+        elif isinstance(batch, CropBatch):
+            batch = self._batch_augmentation.prepare(batch)
+        elif self._gpu_decode and isinstance(batch, EncodedBatch) and batch.is_train:
+            batch = self._train_decoder(batch)
+        else:
             return batch
-        return decode_batch(batch, self._train_decoder, self._eval_decoder)
+        # Lightning converted the batch for the precision plugin before this hook, when it held no images yet
+        trainer = getattr(self, "trainer", None)
+        return trainer.precision_plugin.convert_input(batch) if trainer is not None else batch
 
     def __repr__(self) -> str:
         description = self._split.description if self._split is not None else "not set up"

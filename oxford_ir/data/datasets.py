@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from oxford_ir.data.images import load_image
+from oxford_ir.data.images import load_image, to_rgb
 from oxford_ir.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_long_side
 from oxford_ir.errors import DataError
 
@@ -27,19 +27,33 @@ if TYPE_CHECKING:
     from oxford_ir.data.cache import ImageCache
 
 BBox = Sequence[float]
+#: a test-time image: a file, or a decoded PIL image (an upload)
+ImageSource = str | Path | Image.Image
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
-def eval_image(path: str | Path, image_size: int | None, bbox: BBox | None = None) -> Image.Image:
-    """The test-time pixels of one image: decoded in full (no draft), cropped to ``bbox``, then downscaled.
+def eval_image(
+    source: ImageSource, image_size: int | None, bbox: BBox | None = None, label: str | None = None
+) -> Image.Image:
+    """The test-time pixels of one image: decoded, cropped to ``bbox``, then downscaled (Lanczos).
 
-    The crop is resized to ``image_size * max(crop.size) / max(full.size)`` (see :class:`ImageListDataset`);
-    ``image_size=None`` keeps the original resolution.
+    The one "image (+ box) -> pixels" function of every test-time path (evaluation, validation, the index,
+    search, the web page, the evaluation cache). ``source`` is a file or a PIL image (an upload: converted
+    to RGB with its EXIF orientation applied, as files are). The crop is resized to
+    ``image_size * max(crop.size) / max(full.size)`` (see :class:`ImageListDataset`); ``image_size=None``
+    keeps the original resolution. Files are decoded in full, except JPEGs above
+    :data:`~oxford_ir.data.images.DRAFT_MIN_PIXELS` without a box, which libjpeg decodes at reduced size first
+    (memory; no benchmark image is that large). ``label`` names an upload in error messages.
     """
-    path = Path(path)
-    image = load_image(path)
+    if isinstance(source, Image.Image):
+        path = Path(label or "upload")
+        image = to_rgb(ImageOps.exif_transpose(source))
+    else:
+        path = Path(source)
+        draft = None if bbox is not None or image_size is None else math.ceil(image_size)
+        image = load_image(path, draft_size=draft)
     size: float | None = image_size
     if bbox is not None:
         full_size = max(image.size)
@@ -76,7 +90,9 @@ def pixels_to_tensor(pixels: np.ndarray | Image.Image) -> torch.Tensor:
 
 
 class ImageListDataset(Dataset):
-    """``(normalised 3 x H x W tensor, index)`` for each path, the long side at most ``image_size``.
+    """``(normalised 3 x H x W tensor, index)`` for each image, the long side at most ``image_size``.
+
+    ``paths`` are files or decoded PIL images (uploads, named by ``labels`` in error messages).
 
     A query with a bounding box ``(x1, y1, x2, y2)`` (original-image pixels) is cropped first and the crop
     is resized to ``image_size * max(crop.size) / max(full.size)``: the crop keeps the scale the whole image
@@ -93,13 +109,15 @@ class ImageListDataset(Dataset):
 
     def __init__(
         self,
-        paths: Sequence[str | Path],
+        paths: Sequence[ImageSource],
         image_size: int | None,
         bboxes: Sequence[BBox | None] | None = None,
         scale: float = 1.0,
         cache: ImageCache | None = None,
+        labels: Sequence[str] | None = None,
     ) -> None:
-        self.paths = [Path(p) for p in paths]
+        self.paths = [p if isinstance(p, Image.Image) else Path(p) for p in paths]
+        self.labels = None if labels is None else list(labels)
         if bboxes is not None and len(bboxes) != len(self.paths):
             raise ValueError(f"{len(bboxes)} bounding boxes for {len(self.paths)} images; give one per image or None")
         if image_size is not None and image_size < 1:
@@ -112,6 +130,8 @@ class ImageListDataset(Dataset):
         self.cache = cache
         self.rows: np.ndarray | None = None
         if cache is not None:
+            if any(isinstance(p, Image.Image) for p in self.paths):
+                raise ValueError("the image cache holds files; decoded images (uploads) cannot be read from it")
             if cache.kind != "eval" or cache.long_side != image_size:
                 raise ValueError(
                     f"the image cache {cache.folder} holds {cache.kind} images at long side {cache.long_side}; "
@@ -127,7 +147,8 @@ class ImageListDataset(Dataset):
             pixels = self.cache.pixels(int(self.rows[index]))
         else:
             bbox = None if self.bboxes is None else self.bboxes[index]
-            pixels = eval_image(self.paths[index], self.image_size, bbox)
+            label = None if self.labels is None else self.labels[index]
+            pixels = eval_image(self.paths[index], self.image_size, bbox, label)
         tensor = pixels_to_tensor(pixels)
         if self.scale != 1.0:
             tensor = rescale(tensor.unsqueeze(0), self.scale).squeeze(0)

@@ -6,7 +6,9 @@ read the encoded bytes (:class:`EncodedTrainDataset`, :class:`EncodedEvalDataset
 the device as an :class:`EncodedBatch` (the bytes stay in host memory, where nvJPEG reads them), and
 :class:`GpuTrainDecoder` / :class:`GpuEvalDecoder` decode the whole batch with one
 ``torchvision.io.decode_jpeg(list, device=...)`` call, then crop, resize, flip, jitter and normalise on
-the device. Call :func:`decode_batch` from ``LightningDataModule.on_after_batch_transfer``.
+the device. Training batches are decoded in ``RetrievalDataModule.on_after_batch_transfer`` (or ahead, by
+:mod:`oxford_ir.data.prefetch`); evaluation batches by the extraction path
+(:func:`oxford_ir.extraction.batches.decode_on_device`).
 
 Same images as the CPU path:
 
@@ -20,13 +22,16 @@ Same images as the CPU path:
   (exact flips and transposes; ``decode_jpeg`` applies it only on the CPU).
 - Training crops use the CPU transform's random draws: the crop, flip and colour-jitter parameters of an
   image come from a ``torch.Generator`` seeded with its seed from
-  :class:`~oxford_ir.data.datamodule.ClassBalancedSampler`, drawn in the order of
-  :meth:`Augmentation.transform <oxford_ir.data.augmentation.Augmentation.transform>` under
-  ``torch.manual_seed(seed)``. Both paths crop the same region; a resumed run gets the same crops.
+  :class:`~oxford_ir.data.datamodule.ClassBalancedSampler` (:meth:`Augmentation.draw
+  <oxford_ir.data.augmentation.Augmentation.draw>`, the draws of ``Augmentation.transform`` under
+  ``torch.manual_seed(seed)``). Both paths crop the same region; a resumed run gets the same crops. The crops
+  of the whole batch are then resized, flipped and jittered at once (:mod:`oxford_ir.data.batch_augment`).
 
 Pixels differ slightly from the CPU path: nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's (on
-the CPU, ``decode_jpeg`` and PIL agree exactly); evaluation images are resized with antialiased bicubic
-interpolation of tensors instead of PIL's Lanczos; colour jitter works on floats instead of PIL's uint8.
+the CPU, ``decode_jpeg`` and PIL agree exactly; nvJPEG upsamples 4:2:0 chroma by replication, libjpeg-turbo
+with its "fancy" triangular filter: a few grey levels on colourful detail); training crops are resized as
+torchvision resizes tensors (PIL's filters, float instead of PIL's uint8 rounding); evaluation images are resized
+with antialiased bicubic interpolation of tensors instead of PIL's Lanczos.
 Train with it for speed; report evaluation numbers from the default CPU path (``data.decode=cpu``).
 
 With ``device='cpu'`` the same code runs (torchvision decodes with libjpeg-turbo), which is how the tests
@@ -37,7 +42,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
@@ -47,15 +51,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from oxford_ir.data.augmentation import INTERPOLATIONS, Augmentation
+from oxford_ir.data.batch_augment import BatchAugmentation, check_resampling
 from oxford_ir.data.datasets import rounded_box
-from oxford_ir.data.images import DECODE_ERRORS, MAX_DECODED_PIXELS, load_image
+from oxford_ir.data.images import DECODE_ERRORS, MAX_DECODED_PIXELS, load_image, to_rgb
 from oxford_ir.data.transforms import IMAGENET_MEAN, IMAGENET_STD, thumbnail_size
 from oxford_ir.errors import ConfigError
 
@@ -68,10 +72,6 @@ _ORIENTATION = 0x0112
 _JPEG_START = b"\xff\xd8\xff"
 _JPEG_END = b"\xff\xd9"
 _DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
-# the colour-jitter operations in ColorJitter's numbering (fn_idx)
-_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)
-# which of (v, p, q, t) is R, G and B for each sextant of the hue circle (torchvision's _hsv_to_rgb)
-_HSV_SELECT = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
 
 
 # -- what the workers produce ----------------------------------------------------------------------
@@ -100,13 +100,16 @@ class EvalItem(NamedTuple):
     bbox: tuple[float, float, float, float] | None
 
 
-def read_encoded(path: str | Path) -> EncodedImage:
+def read_encoded(path: str | Path | Image.Image, label: str | None = None) -> EncodedImage:
     """The bytes of a JPEG the device decoder handles, else the pixels decoded here by ``load_image``.
 
     Runs in DataLoader workers: reads the file and parses its header (no decoding) for a JPEG; anything
     else (see the module doc) is decoded with :func:`~oxford_ir.data.images.load_image`, which raises
-    :class:`DataError` naming an unreadable file.
+    :class:`DataError` naming an unreadable file. An already decoded PIL image (an upload, named ``label``)
+    travels as its RGB pixels with its EXIF orientation applied, as a file's would be.
     """
+    if isinstance(path, Image.Image):
+        return EncodedImage(pil_to_tensor(to_rgb(ImageOps.exif_transpose(path))), True, 1, label or "upload")
     path = Path(path)
     try:
         raw = np.fromfile(path, dtype=np.uint8)
@@ -168,20 +171,28 @@ class EncodedTrainDataset(Dataset):
 
 
 class EncodedEvalDataset(Dataset):
-    """:class:`EvalItem` (encoded image, index, box) per path; the evaluation counterpart of ``ImageListDataset``."""
+    """:class:`EvalItem` (encoded image, index, box) per image; the evaluation counterpart of
+    ``ImageListDataset``. ``paths`` are files or decoded PIL images (uploads, named by ``labels``)."""
 
-    def __init__(self, paths: Sequence[str | Path], bboxes: Sequence[Sequence[float] | None] | None = None) -> None:
-        self.paths = [Path(p) for p in paths]
+    def __init__(
+        self,
+        paths: Sequence[str | Path | Image.Image],
+        bboxes: Sequence[Sequence[float] | None] | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> None:
+        self.paths = [p if isinstance(p, Image.Image) else Path(p) for p in paths]
         if bboxes is not None and len(bboxes) != len(self.paths):
             raise ValueError(f"{len(bboxes)} bounding boxes for {len(self.paths)} images; give one per image or None")
         self.bboxes = None if bboxes is None else [None if b is None else tuple(float(v) for v in b) for b in bboxes]
+        self.labels = None if labels is None else list(labels)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> EvalItem:
         bbox = None if self.bboxes is None else self.bboxes[index]
-        return EvalItem(read_encoded(self.paths[index]), int(index), bbox)
+        label = self.labels[index] if self.labels is not None else f"upload {index}"
+        return EvalItem(read_encoded(self.paths[index], label), int(index), bbox)
 
 
 # -- the batch -------------------------------------------------------------------------------------
@@ -368,194 +379,41 @@ def _normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 
 
 # -- training --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AugmentationDraw:
-    """The random choices of one training crop (what ``Augmentation.transform`` draws for the same seed)."""
-
-    top: int
-    left: int
-    height: int
-    width: int
-    flip: bool
-    #: order of the colour operations (ColorJitter's ``fn_idx``: brightness, contrast, saturation, hue)
-    order: tuple[int, int, int, int]
-    #: factors of brightness, contrast, saturation, hue; None where that operation is disabled
-    factors: tuple[float | None, float | None, float | None, float | None]
-
-
 class GpuTrainDecoder:
     """Training batch on its device -> ``(B x 3 x S x S`` normalised float images, labels)``.
 
-    The device counterpart of ``Augmentation.transform(image_size)``: RandomResizedCrop with antialiased
-    resize, horizontal flip, colour jitter, normalisation, with the parameters of ``augmentation``. Crops are
-    a function of each image's seed (see the module doc); pixels are close to, not equal to, the CPU path's.
+    The device counterpart of ``Augmentation.transform(image_size)``: the batch is decoded with one
+    ``decode_jpeg`` call, each image's draws come from its seed (:meth:`Augmentation.draw
+    <oxford_ir.data.augmentation.Augmentation.draw>`, on the host), and RandomResizedCrop (antialiased), the
+    flip, colour jitter and normalisation run on the whole batch as tensor operations
+    (:meth:`~oxford_ir.data.batch_augment.BatchAugmentation.crop_and_finish`). Crops are a function of each
+    image's seed (see the module doc); pixels are close to, not equal to, the CPU path's.
     """
 
     def __init__(self, image_size: int, augmentation: Augmentation | Mapping[str, Any] | None = None) -> None:
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ConfigError(f"image_size must be a positive number of pixels, got {image_size!r}")
         if not isinstance(augmentation, Augmentation):
             augmentation = Augmentation.from_config(augmentation)
-        if augmentation.interpolation == "lanczos":
-            raise ConfigError(
-                "augmentation.interpolation=lanczos has no tensor implementation, so data.decode=gpu cannot use it; "
-                "set augmentation.interpolation to bilinear or bicubic, or data.decode=cpu"
-            )
+        check_resampling(augmentation.interpolation)
+        self.batch_augmentation = BatchAugmentation(image_size, augmentation)
         self.image_size = image_size
         self.augmentation = augmentation
-        self.interpolation: InterpolationMode = INTERPOLATIONS[augmentation.interpolation]
-        a = augmentation
-        # ColorJitter's ranges; a zero strength disables the operation and draws nothing
-        self.jitter_ranges = (
-            (max(0.0, 1 - a.brightness), 1 + a.brightness) if a.brightness else None,
-            (max(0.0, 1 - a.contrast), 1 + a.contrast) if a.contrast else None,
-            (max(0.0, 1 - a.saturation), 1 + a.saturation) if a.saturation else None,
-            (-a.hue, a.hue) if a.hue else None,
-        )
-        self.log_ratio = torch.log(torch.tensor(a.ratio))
-
-    def draw(self, seed: int, height: int, width: int) -> AugmentationDraw:
-        """The crop, flip and jitter of an image of ``height x width`` for ``seed``.
-
-        The same calls, in the same order, as ``T.RandomResizedCrop``, ``T.RandomHorizontalFlip`` and
-        ``T.ColorJitter`` make on the global generator after ``torch.manual_seed(seed)`` (the CPU path), made on
-        a private generator instead, so the global random state is untouched.
-        """
-        g = torch.Generator().manual_seed(int(seed))
-        a = self.augmentation
-        top, left, h, w = self._crop(g, height, width)
-        flip = bool(torch.rand(1, generator=g) < a.hflip) if a.hflip > 0 else False
-        if any(r is not None for r in self.jitter_ranges):
-            order = tuple(int(i) for i in torch.randperm(4, generator=g))
-            factors = tuple(
-                None if r is None else float(torch.empty(1).uniform_(r[0], r[1], generator=g))
-                for r in self.jitter_ranges
-            )
-        else:
-            order, factors = (0, 1, 2, 3), (None, None, None, None)
-        return AugmentationDraw(top, left, h, w, flip, order, factors)
-
-    def _crop(self, g: torch.Generator, height: int, width: int) -> tuple[int, int, int, int]:
-        """``RandomResizedCrop.get_params`` with generator ``g``."""
-        scale, ratio = self.augmentation.scale, self.augmentation.ratio
-        area = height * width
-        lo, hi = float(self.log_ratio[0]), float(self.log_ratio[1])
-        for _ in range(10):
-            target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=g).item()
-            aspect_ratio = math.exp(torch.empty(1).uniform_(lo, hi, generator=g).item())
-            w = int(round(math.sqrt(target_area * aspect_ratio)))
-            h = int(round(math.sqrt(target_area / aspect_ratio)))
-            if 0 < w <= width and 0 < h <= height:
-                top = int(torch.randint(0, height - h + 1, size=(1,), generator=g).item())
-                left = int(torch.randint(0, width - w + 1, size=(1,), generator=g).item())
-                return top, left, h, w
-        in_ratio = width / height  # fallback: the central crop of the nearest allowed aspect ratio
-        if in_ratio < min(ratio):
-            w, h = width, int(round(width / min(ratio)))
-        elif in_ratio > max(ratio):
-            h, w = height, int(round(height * max(ratio)))
-        else:
-            w, h = width, height
-        return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if not batch.is_train or batch.seeds is None:
             raise TypeError("GpuTrainDecoder needs a training batch (from EncodedTrainDataset), got an evaluation one")
         images = decode_images(batch)
-        size = [self.image_size, self.image_size]
-        draws, crops = [], []
-        for image, seed in zip(images, batch.seeds.tolist(), strict=True):
-            d = self.draw(seed, image.shape[-2], image.shape[-1])
-            draws.append(d)
-            crops.append(
-                TF.resized_crop(
-                    image, d.top, d.left, d.height, d.width, size, interpolation=self.interpolation, antialias=True
-                )
-            )
-        out = torch.stack(crops).float().div_(255.0)
-        flipped = [i for i, d in enumerate(draws) if d.flip]
-        if flipped:
-            rows = torch.tensor(flipped, device=out.device)
-            out[rows] = out[rows].flip(-1)
-        out = color_jitter(out, draws)
-        return _normalise(out, self.augmentation.mean, self.augmentation.std), batch.labels
+        draws = [
+            self.augmentation.draw(seed, image.shape[-2], image.shape[-1])
+            for image, seed in zip(images, batch.seeds.tolist(), strict=True)
+        ]
+        return self.batch_augmentation.crop_and_finish(images, draws), batch.labels
+
+    def prepare(self, batch: EncodedBatch, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move ``batch`` to ``device`` (labels, worker-decoded pixels) and decode it there (for a prefetcher)."""
+        return self(batch.to(device, non_blocking=True))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(image_size={self.image_size}, {self.augmentation})"
-
-
-def color_jitter(images: torch.Tensor, draws: Sequence[AugmentationDraw]) -> torch.Tensor:
-    """``ColorJitter`` on a ``B x 3 x H x W`` float batch in [0, 1] with each image's own order and factors.
-
-    Operation by operation, the images whose k-th operation it is are changed together (at most 16 batched
-    steps, whatever B), with torchvision's float formulas for tensors.
-    """
-    ops = (_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust_hue)
-    for step in range(4):
-        for op, fn in enumerate(ops):
-            rows = [i for i, d in enumerate(draws) if d.order[step] == op and d.factors[op] is not None]
-            if not rows:
-                continue
-            index = torch.tensor(rows, device=images.device)
-            factors = torch.tensor([draws[i].factors[op] for i in rows], dtype=images.dtype, device=images.device)
-            images[index] = fn(images[index], factors)
-    return images
-
-
-def _per_image(factors: torch.Tensor) -> torch.Tensor:
-    return factors.view(-1, 1, 1, 1)
-
-
-def _grayscale(images: torch.Tensor) -> torch.Tensor:
-    r, g, b = images.unbind(dim=-3)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
-
-
-def _blend(images: torch.Tensor, other: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    f = _per_image(factors)
-    return (images * f + other * (1.0 - f)).clamp_(0.0, 1.0)
-
-
-def _adjust_brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return (images * _per_image(factors)).clamp_(0.0, 1.0)
-
-
-def _adjust_contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    mean = _grayscale(images).mean(dim=(-3, -2, -1), keepdim=True)
-    return _blend(images, mean, factors)
-
-
-def _adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return _blend(images, _grayscale(images), factors)
-
-
-def _adjust_hue(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of each image by its factor (in turns): RGB -> HSV, shift, HSV -> RGB."""
-    r, g, b = images.unbind(dim=-3)
-    maxc, minc = images.amax(dim=-3), images.amin(dim=-3)
-    equal = maxc == minc
-    ones = torch.ones_like(maxc)
-    span = maxc - minc
-    s = span / torch.where(equal, ones, maxc)
-    divisor = torch.where(equal, ones, span)
-    rc, gc, bc = (maxc - r) / divisor, (maxc - g) / divisor, (maxc - b) / divisor
-    is_r = maxc == r
-    is_g = (maxc == g) & ~is_r
-    is_b = ~is_r & ~is_g
-    h = is_r * (bc - gc) + is_g * (2.0 + rc - bc) + is_b * (4.0 + gc - rc)
-    h = torch.fmod(h / 6.0 + 1.0, 1.0)
-    h = torch.remainder(h + factors.view(-1, 1, 1), 1.0)
-    h6 = h * 6.0
-    sextant = torch.floor(h6)
-    frac = h6 - sextant
-    sextant = torch.remainder(sextant.to(torch.long), 6)
-    v = maxc
-    p = (v * (1.0 - s)).clamp_(0.0, 1.0)
-    q = (v * (1.0 - s * frac)).clamp_(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - frac))).clamp_(0.0, 1.0)
-    vpqt = torch.stack((v, p, q, t), dim=-3)
-    select = torch.tensor(_HSV_SELECT, dtype=torch.long, device=images.device)[:, sextant]  # 3 x B x H x W
-    return vpqt.gather(-3, select.transpose(0, 1))
 
 
 # -- evaluation ------------------------------------------------------------------------------------
@@ -592,20 +450,22 @@ class GpuEvalDecoder:
             raise TypeError("GpuEvalDecoder needs an evaluation batch (from EncodedEvalDataset), got a training one")
         images = decode_images(batch)
         bboxes = batch.bboxes or [None] * len(images)
-        out = []
-        for image, bbox, path in zip(images, bboxes, batch.paths, strict=True):
-            size: float | None = self.image_size
-            if bbox is not None:
-                full = max(image.shape[-2:])
-                image = crop_box(image, bbox, path)
-                if size is not None:
-                    size = size * max(image.shape[-2:]) / full
+        rows = zip(images, bboxes, batch.paths, strict=True)
+        return [self.preprocess(image, bbox, path) for image, bbox, path in rows], batch.indices
+
+    def preprocess(self, image: torch.Tensor, bbox: Sequence[float] | None, path: str) -> torch.Tensor:
+        """One decoded ``3 x H x W`` uint8 image -> cropped, downscaled, normalised float tensor on its device."""
+        size: float | None = self.image_size
+        if bbox is not None:
+            full = max(image.shape[-2:])
+            image = crop_box(image, bbox, path)
             if size is not None:
-                width, height = thumbnail_size(image.shape[-1], image.shape[-2], max(size, 1.0))
-                if (height, width) != tuple(image.shape[-2:]):
-                    image = TF.resize(image, [height, width], interpolation=self.interpolation, antialias=True)
-            out.append(_normalise(image, self.mean, self.std))
-        return out, batch.indices
+                size = size * max(image.shape[-2:]) / full
+        if size is not None:
+            width, height = thumbnail_size(image.shape[-1], image.shape[-2], max(size, 1.0))
+            if (height, width) != tuple(image.shape[-2:]):
+                image = TF.resize(image, [height, width], interpolation=self.interpolation, antialias=True)
+        return _normalise(image, self.mean, self.std)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(image_size={self.image_size}, interpolation={self.interpolation.value})"
@@ -625,25 +485,6 @@ def crop_box(image: torch.Tensor, bbox: Sequence[float], path: str) -> torch.Ten
 
 
 # -- wiring ----------------------------------------------------------------------------------------
-def decode_batch(
-    batch: Any,
-    train_decoder: GpuTrainDecoder | None,
-    eval_decoder: GpuEvalDecoder | None,
-) -> Any:
-    """For ``LightningDataModule.on_after_batch_transfer``: decode an :class:`EncodedBatch`, pass others through.
-
-    Training batches become ``(images, labels)`` and evaluation batches ``(list of images, indices)``: what
-    the CPU loaders yield, so the LightningModule does not know which path made them.
-    """
-    if not isinstance(batch, EncodedBatch):
-        return batch
-    decoder = train_decoder if batch.is_train else eval_decoder
-    if decoder is None:
-        kind = "training" if batch.is_train else "evaluation"
-        raise RuntimeError(f"an encoded {kind} batch arrived but no {kind} decoder was given to decode_batch")
-    return decoder(batch)
-
-
 def check_decode(decode: str) -> bool:
     """Validate ``data.decode``; True for ``gpu``. Without CUDA, ``gpu`` still works (on the CPU) but warns."""
     if decode not in DECODE_CHOICES:

@@ -102,11 +102,7 @@ def decode_image(path: str | Path, *, draft_size: int | None = None, always_draf
     try:
         with _open_without_pillow_limit(path) as opened:
             full_size = opened.size
-            if draft_size is not None and opened.format == "JPEG":
-                if always_draft:
-                    opened.draft("RGB", _long_side_request(full_size, int(draft_size)))
-                elif _pixels(full_size) > DRAFT_MIN_PIXELS:
-                    opened.draft("RGB", (int(draft_size), int(draft_size)))
+            _draft(opened, draft_size, always_draft)
             if _pixels(opened.size) > MAX_DECODED_PIXELS:
                 raise DataError(
                     f"image {path} is too large to decode: {full_size[0]} x {full_size[1]} pixels, more than "
@@ -132,16 +128,47 @@ def decode_image(path: str | Path, *, draft_size: int | None = None, always_draf
         raise DataError(f"cannot decode image {path}: {reason}; the file is corrupt or not an image") from None
 
 
-def upright_size(path: str | Path) -> tuple[int, int] | None:
+def upright_size(image: str | Path | Image.Image) -> tuple[int, int] | None:
     """``(width, height)`` of an image as a viewer shows it (EXIF quarter turns swap them), from its header
-    only; None when the header cannot be read (decoding will then report the file)."""
-    try:
-        with _open_without_pillow_limit(Path(path)) as image:  # huge JPEGs are decoded in draft mode later
-            width, height = image.size
-            orientation = _orientation(image)
-    except DECODE_ERRORS:
-        return None
-    return (height, width) if orientation in _QUARTER_TURNS else (width, height)
+    only; None when the header cannot be read (decoding will then report the file). ``image`` is a file or an
+    opened PIL image (an upload)."""
+    sizes = upright_sizes(image)
+    return None if sizes is None else sizes[0]
+
+
+def upright_sizes(
+    image: str | Path | Image.Image, draft_size: int | None = None
+) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """``(full size, decoded size)``, each ``(width, height)`` as a viewer shows it, from the header only.
+
+    The decoded size is what :func:`decode_image` with the same ``draft_size`` gives: smaller than the full
+    size for a JPEG above :data:`DRAFT_MIN_PIXELS`, else equal. None when the header cannot be read.
+    """
+    if isinstance(image, Image.Image):
+        full = decoded = image.size
+        orientation = _orientation(image)
+    else:
+        try:
+            with _open_without_pillow_limit(Path(image)) as opened:
+                full = opened.size
+                _draft(opened, draft_size, always_draft=False)
+                decoded = opened.size
+                orientation = _orientation(opened)
+        except DECODE_ERRORS:
+            return None
+    if orientation in _QUARTER_TURNS:
+        return (full[1], full[0]), (decoded[1], decoded[0])
+    return (full[0], full[1]), (decoded[0], decoded[1])
+
+
+def _draft(opened: Image.Image, draft_size: int | None, always_draft: bool) -> None:
+    """Configure a JPEG's decoder for reduced size (see :func:`decode_image`); no pixels are decoded here."""
+    if draft_size is None or opened.format != "JPEG":
+        return
+    if always_draft:
+        opened.draft("RGB", _long_side_request(opened.size, int(draft_size)))
+    elif _pixels(opened.size) > DRAFT_MIN_PIXELS:
+        opened.draft("RGB", (int(draft_size), int(draft_size)))
 
 
 @contextlib.contextmanager

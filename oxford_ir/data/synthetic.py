@@ -24,16 +24,19 @@ parameters: the same arguments give byte-identical files (with the same numpy an
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import pickle
 import re
 import secrets
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -191,6 +194,7 @@ def write_synthetic_benchmark(
     n_distractors: int = SYNTHETIC_DEFAULTS["n_distractors"],
     image_size: int = SYNTHETIC_DEFAULTS["image_size"],
     jpeg_quality: int = SYNTHETIC_DEFAULTS["jpeg_quality"],
+    workers: int = 1,
 ) -> Path:
     """Write the synthetic benchmark into ``root`` (the dataset folder) and return it.
 
@@ -203,6 +207,9 @@ def write_synthetic_benchmark(
     the benchmark is written into a hidden sibling folder and swapped into place, so a
     half-written folder never appears at ``root``; a synthetic folder with other parameters
     is replaced. A folder holding anything else raises :class:`ConfigError`.
+
+    ``workers`` > 1 draws the photographs in that many forked processes. Every photograph has its own random
+    stream, so the files are byte-identical whatever the number of workers.
     """
     params = synthetic_params(
         seed,
@@ -228,7 +235,7 @@ def write_synthetic_benchmark(
     staging.mkdir()
     try:
         start = time.perf_counter()
-        _generate(staging, seed, params, marker)
+        _generate(staging, seed, params, marker, workers=int(workers))
         log.info("wrote the synthetic benchmark (seed %d) in %.1f s", seed, time.perf_counter() - start)
         _swap_into_place(staging, root, seed, params)
     finally:
@@ -345,26 +352,31 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(entropy=int(seed), spawn_key=tuple(int(k) for k in key)))
 
 
-def _generate(folder: Path, seed: int, params: dict[str, int], marker: dict[str, Any]) -> None:
-    """Draw every image and write the ground truth into ``folder``; the marker goes last."""
-    size = params["image_size"]
-    quality = params["jpeg_quality"]
+def _generate(folder: Path, seed: int, params: dict[str, int], marker: dict[str, Any], workers: int = 1) -> None:
+    """Draw every image (in ``workers`` processes) and write the ground truth into ``folder``; the marker last."""
     image_dir = folder / IMAGE_FOLDER
     image_dir.mkdir()
-    canvas = (round(_CANVAS[0] * size), round(_CANVAS[1] * size))
-    views: list[dict[str, Any]] = []
     landmarks = [f"landmark_{i:02d}" for i in range(params["n_landmarks"])]
+    draw = functools.partial(_write_photo, str(image_dir), seed, params["image_size"], params["jpeg_quality"])
+    tasks = _photo_tasks(seed, params)
+    if workers > 1 and len(tasks) > 1 and "fork" in multiprocessing.get_all_start_methods():
+        # forked: the workers inherit the imports; consecutive photographs of a landmark share its facade drawing
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            views = list(pool.map(draw, tasks, chunksize=max(1, len(tasks) // (4 * workers))))
+    else:
+        views = [draw(task) for task in tasks]
+    _write_ground_truth(folder, seed, landmarks, views)
+    views.sort(key=lambda v: v["name"])
+    _write_atomic(folder / VIEWS_NAME, _json_bytes({"images": views}))
+    _write_atomic(folder / COMPLETE_MARKER, _json_bytes(marker, indent=2))
+
+
+def _photo_tasks(seed: int, params: dict[str, int]) -> list[tuple[str, int, int, str]]:
+    """``(kind, landmark or distractor number, photo number, role)`` of every photograph, landmarks first."""
     per_landmark = params["queries_per_landmark"] + params["images_per_landmark"]
     n_easy = params["images_per_landmark"] - params["hard_per_landmark"] - params["junk_per_landmark"]
-
-    def save(name: str, image: Image.Image, view: dict[str, Any]) -> None:
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=quality)
-        _write_atomic(image_dir / f"{name}.jpg", buffer.getvalue())
-        views.append({"name": name, **view})
-
-    for i, landmark in enumerate(landmarks):
-        facade = _Facade(_draw_facade(_rng(seed, _STREAM_DESIGN, i), canvas))
+    tasks = []
+    for i in range(params["n_landmarks"]):
         roles = (
             ["query"] * params["queries_per_landmark"]
             + ["easy"] * n_easy
@@ -372,21 +384,35 @@ def _generate(folder: Path, seed: int, params: dict[str, int], marker: dict[str,
             + ["junk"] * params["junk_per_landmark"]
         )
         roles = [roles[j] for j in _rng(seed, _STREAM_ORDER, 1, i).permutation(per_landmark)]
-        for k, role in enumerate(roles):
-            image, view = _photograph(_rng(seed, _STREAM_PHOTO, i, k), facade, role, size)
-            save(f"{landmark}_{k:06d}", image, {"landmark": landmark, "role": role, **view})
-    for j in range(params["n_distractors"]):
-        rng = _rng(seed, _STREAM_DISTRACTOR, j)
+        tasks += [("landmark", i, k, role) for k, role in enumerate(roles)]
+    return tasks + [("distractor", j, 0, "") for j in range(params["n_distractors"])]
+
+
+def _write_photo(image_dir: str, seed: int, size: int, quality: int, task: tuple[str, int, int, str]) -> dict:
+    """Draw one photograph from its own random stream, write its JPEG; its view record."""
+    kind, i, k, role = task
+    if kind == "landmark":
+        name, landmark = f"landmark_{i:02d}_{k:06d}", f"landmark_{i:02d}"
+        image, view = _photograph(_rng(seed, _STREAM_PHOTO, i, k), _facade(seed, _STREAM_DESIGN, i, size), role, size)
+        record = {"name": name, "landmark": landmark, "role": role, **view}
+    else:
+        name = f"distractor_{i:06d}"
+        rng = _rng(seed, _STREAM_DISTRACTOR, i)
         facade = None
         if rng.random() < 0.6:  # another building, seen once; else a street scene without one
-            facade = _Facade(_draw_facade(_rng(seed, _STREAM_DISTRACTOR_DESIGN, j), canvas))
+            facade = _facade(seed, _STREAM_DISTRACTOR_DESIGN, i, size)
         image, view = _photograph(rng, facade, "hard" if rng.random() < 0.3 else "easy", size)
-        save(f"distractor_{j:06d}", image, {"landmark": None, "role": "distractor", **view})
+        record = {"name": name, "landmark": None, "role": "distractor", **view}
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    _write_atomic(Path(image_dir) / f"{name}.jpg", buffer.getvalue())
+    return record
 
-    _write_ground_truth(folder, seed, landmarks, views)
-    views.sort(key=lambda v: v["name"])
-    _write_atomic(folder / VIEWS_NAME, _json_bytes({"images": views}))
-    _write_atomic(folder / COMPLETE_MARKER, _json_bytes(marker, indent=2))
+
+@functools.lru_cache(maxsize=2)
+def _facade(seed: int, stream: int, i: int, size: int) -> _Facade:
+    """The facade drawing of landmark (or distractor) ``i``: drawn once per process for its photographs."""
+    return _Facade(_draw_facade(_rng(seed, stream, i), (round(_CANVAS[0] * size), round(_CANVAS[1] * size))))
 
 
 def _write_ground_truth(folder: Path, seed: int, landmarks: list[str], views: list[dict[str, Any]]) -> None:

@@ -4,7 +4,10 @@ cuDNN builds an execution plan for every new input shape it sees (about 1.5 s pe
 channels_last on an H200, against a few milliseconds for the forward pass itself), and real photographs and
 query crops have almost as many sizes as images. So each test-time image is preprocessed exactly as before
 (long side downscaled, query cropped to its box), then padded at the bottom and the right to the smallest
-*bucket* that holds it; the pooling ignores the feature cells of the padding (masked GeM, MAC, average).
+*bucket* that holds it. The network runs each padded image as if it were alone: every convolution and max-pool
+sees zeros outside the image (:mod:`oxford_ir.models.valid_region`) and the pooling covers only the image's own
+feature cells (masked GeM, MAC, average), so the embeddings equal the unpadded ones up to floating-point
+rounding (about 1e-7) while the network sees a handful of shapes.
 
 The buckets are chosen from the collection's own shapes, which the planner reads from the image headers
 before anything is decoded (:func:`choose_buckets`): each shape is rounded up to a multiple of

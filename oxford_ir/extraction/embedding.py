@@ -1,23 +1,30 @@
-"""Embedding image lists and benchmarks: planned batches, single- or multi-scale, in the order of the paths.
+"""Embedding image lists and benchmarks: planned batches, single- or multi-scale, in the order of the images.
 
-Preprocessing follows cnnimageretrieval-pytorch (long side downscaled to ``image_size``, queries cropped
-to their boxes at full-image scale). The batches are planned from the image headers before decoding
-(:mod:`oxford_ir.extraction.planning`): images of equal preprocessed size share a forward pass (or, with
-``batching="aspect"``, images of similar aspect ratio, resized to a common size). DataLoader workers decode
-and stack whole batches; the main process only runs the network. Under a process group (torchrun, or
-:func:`oxford_ir.extraction.distributed.init_from_environment`) every process embeds its share of the
-batches and all processes receive every row, bit-identical to a single process.
+Preprocessing follows cnnimageretrieval-pytorch (long side downscaled to ``image_size``, queries cropped to
+their boxes at full-image scale) through the one test-time function
+(:func:`~oxford_ir.data.datasets.eval_image`). The batches are planned from the image headers before decoding
+(:mod:`oxford_ir.extraction.planning`): by default every image is padded to one of at most ``max_shapes``
+bucket shapes and pooled over its own feature cells, so the network sees a small, fixed set of input shapes.
+DataLoader workers decode and stack whole batches, or only read the bytes for the GPU to decode
+(``decode="gpu"``, the default on CUDA with ``decode="auto"``); the main process runs the network while the
+next batch is moved (and decoded) on a side CUDA stream, and reads results back one batch late, so that the
+GPU never waits for the host. Under a process group (torchrun, or
+:func:`oxford_ir.extraction.distributed.init_from_environment`) every process embeds its share of the batches
+and all processes receive every row, bit-identical to a single process.
+
+The same per-batch function, :func:`embed_image_batch`, embeds validation batches during training.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -26,16 +33,27 @@ from tqdm.auto import tqdm
 from oxford_ir.data.benchmark import Benchmark
 from oxford_ir.data.cache import ImageCache, build_image_cache, cache_folder
 from oxford_ir.data.datasets import ImageListDataset, rescale
-from oxford_ir.data.images import upright_size
+from oxford_ir.data.gpu_decode import EncodedEvalDataset, GpuEvalDecoder
 from oxford_ir.data.loading import benchmark_spec
 from oxford_ir.errors import ConfigError, DataError
+from oxford_ir.extraction.batches import (
+    EncodedPlannedBatch,
+    EncodedPlannedBatches,
+    Failure,
+    ImageBatch,
+    PlannedBatches,
+    decode_on_device,
+)
+from oxford_ir.extraction.buckets import MAX_SHAPES
 from oxford_ir.extraction.distributed import all_failures, barrier, gather_rows, rank_and_world
-from oxford_ir.extraction.planning import PlannedBatch, plan_batches, preprocessed_shape, shard
+from oxford_ir.extraction.planning import ExtractionPlan, plan_extraction, shard
 
 #: ``precision=`` values: float32, or bfloat16 autocast (Ampere GPUs and newer; CPUs with AVX512-BF16)
 PRECISIONS = ("32", "bf16")
-#: headers are read by this many threads when planning (file opening is I/O bound)
-_PROBE_THREADS = 8
+#: ``decode=`` values: PIL in DataLoader workers, torchvision's decode_jpeg on the device, or gpu on CUDA
+DECODES = ("cpu", "gpu", "auto")
+
+ImageSource = str | Path | Image.Image
 
 
 def embed_batch(
@@ -44,28 +62,59 @@ def embed_batch(
     scales: Sequence[float] = (1.0,),
     *,
     channels_last: bool = False,
+    sizes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Embeddings of a batch of equally sized images, combined over ``scales``.
+    """Embeddings of a batch of equally shaped images, combined over ``scales``.
 
-    With several scales this is cnnimageretrieval's ``extract_ms``: ``v = (mean_s f(x_s) ** p) ** (1 / p)``,
-    then L2-normalised, where ``x_s`` is the batch resized bilinearly by ``s`` and ``p`` is
-    ``model.power`` (GeM's p; 1 when absent). A single scale is the network output itself.
-    ``channels_last`` hands the network NHWC tensors (faster convolutions on GPUs with tensor cores).
+    ``sizes`` (B x 2): each image's own height and width when the batch is padded; the model then pools
+    over its own cells only (``model(x, sizes)``). With several scales this is cnnimageretrieval's
+    ``extract_ms``: ``v = (mean_s f(x_s) ** p) ** (1 / p)``, then L2-normalised, where ``x_s`` is the batch
+    resized bilinearly by ``s`` (a padded image's own size becomes ``floor(size * s)``) and ``p`` is
+    ``model.power`` (GeM's p; 1 when absent). A single scale is the network output itself. ``channels_last``
+    hands the network NHWC tensors (faster convolutions on GPUs with tensor cores).
     """
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward(s: float) -> torch.Tensor:
+        x = rescale(images, s)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return model(x)
+        if sizes is None:
+            return model(x)
+        return model(x, sizes if s == 1.0 else torch.floor(sizes * s).long().clamp_(min=1))
 
     if len(scales) == 1:
-        return forward(rescale(images, float(scales[0])))
+        return forward(float(scales[0]))
     p = float(getattr(model, "power", 1.0))
     total = None
     for s in scales:
-        v = forward(rescale(images, float(s))).float().pow(p)
+        v = forward(float(s)).float().pow(p)
         total = v if total is None else total + v
     return F.normalize((total / len(scales)).pow(1.0 / p), dim=1)
+
+
+def embed_image_batch(
+    model: nn.Module,
+    batch: ImageBatch,
+    scales: Sequence[float] = (1.0,),
+    *,
+    channels_last: bool = False,
+    fill_to: int | None = None,
+) -> torch.Tensor:
+    """Embeddings (B x D) of one :class:`~oxford_ir.extraction.batches.ImageBatch` on the model's device.
+
+    ``fill_to``: run the network on at least this many images, blank ones added after the real ones, so that
+    every batch of a bucket has one shape (on a GPU a new batch size costs a new cuDNN plan, a second or more;
+    a few blank images cost milliseconds). The model must be in eval mode (BatchNorm then treats every image
+    alone), so the blank images change nothing.
+    """
+    images, sizes = batch.images, batch.sizes if batch.padded else None
+    n = images.shape[0]
+    if fill_to is not None and n < fill_to:
+        images = torch.cat([images, images.new_zeros(fill_to - n, *images.shape[1:])])
+        if sizes is not None:
+            full = torch.tensor([images.shape[-2], images.shape[-1]], device=sizes.device)
+            sizes = torch.cat([sizes, full.expand(fill_to - n, 2)])
+    return embed_batch(model, images, scales, channels_last=channels_last, sizes=sizes)[:n]
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -77,76 +126,146 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-class PlannedBatches(Dataset):
-    """Item k: the images of planned batch k, decoded and stacked by a DataLoader worker.
-
-    Returns ``(groups, failures)``: ``groups`` is a list of ``(indices, B x 3 x H x W tensor)``, one per
-    distinct shape (normally one: the plan predicted it), ``failures`` a list of ``(index, message)`` for
-    images ``images[i]`` could not decode (a :class:`DataError`), which the caller raises or reports.
-    ``images[i]`` must return ``(3 x H x W tensor, ...)``.
-    """
-
-    def __init__(self, images: Dataset, batches: Sequence[PlannedBatch]) -> None:
-        self.images = images
-        self.batches = list(batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, k: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[int, str]]]:
-        batch = self.batches[k]
-        by_shape: dict[tuple[int, int], tuple[list[int], list[torch.Tensor]]] = {}
-        failures: list[tuple[int, str]] = []
-        for i in batch.indices:
-            try:
-                tensor = self.images[i][0]
-            except DataError as error:
-                failures.append((i, str(error)))
-                continue
-            if batch.resize_to is not None and tuple(tensor.shape[-2:]) != batch.resize_to:
-                tensor = F.interpolate(
-                    tensor.unsqueeze(0), size=batch.resize_to, mode="bilinear", align_corners=False, antialias=True
-                ).squeeze(0)
-            rows, tensors = by_shape.setdefault((int(tensor.shape[-2]), int(tensor.shape[-1])), ([], []))
-            rows.append(i)
-            tensors.append(tensor)
-        groups = [(torch.tensor(rows), torch.stack(tensors)) for rows, tensors in by_shape.values()]
-        return groups, failures
+def supports_padding(model: nn.Module) -> bool:
+    """Whether ``model(images, sizes)`` pools padded images over their own cells (bucket batching)."""
+    return bool(getattr(model, "supports_padding", False))
 
 
-def plan_extraction(
-    paths: Sequence[str | Path],
+def resolve_decode(decode: str, device: torch.device) -> bool:
+    """True when JPEGs are decoded on the device: ``gpu``, or ``auto`` on a CUDA device."""
+    if decode not in DECODES:
+        raise ConfigError(f"extraction.decode={decode!r}: choose one of {', '.join(DECODES)}")
+    return decode == "gpu" or (decode == "auto" and device.type == "cuda")
+
+
+def plan_for_model(
+    model: nn.Module,
+    sources: Sequence[ImageSource],
     image_size: int | None,
     batch_size: int,
     *,
-    bboxes: Sequence[Sequence[float] | None] | None = None,
-    batching: str = "shape",
-    aspect_tolerance: float = 0.1,
-) -> tuple[list[PlannedBatch], list[tuple[int, int] | None]]:
-    """The batches of ``paths`` (see :func:`~oxford_ir.extraction.planning.plan_batches`) and each image's
-    upright ``(width, height)`` read from its header (None when unreadable)."""
-    if batching not in ("shape", "aspect"):
-        raise ConfigError(f"extraction.batching={batching!r}: choose shape (exact) or aspect (faster, approximate)")
-    with warnings.catch_warnings():  # Pillow warns about large images at open; decoding handles them
-        warnings.simplefilter("ignore", Warning)
-        if len(paths) > 256:
-            with ThreadPoolExecutor(_PROBE_THREADS) as pool:
-                sizes = list(pool.map(upright_size, paths, chunksize=64))
-        else:
-            sizes = [upright_size(p) for p in paths]
-    shapes = [
-        None if size is None else preprocessed_shape(size, image_size, None if bboxes is None else bboxes[i])
-        for i, size in enumerate(sizes)
-    ]
-    return plan_batches(shapes, batch_size, batching=batching, aspect_tolerance=aspect_tolerance), sizes
+    batching: str = "bucket",
+    **kwargs: Any,
+) -> ExtractionPlan:
+    """:func:`~oxford_ir.extraction.planning.plan_extraction`, falling back from ``bucket`` to exact ``shape``
+    batches for a model that cannot pool padded images (said in the plan's note)."""
+    if batching == "bucket" and not supports_padding(model):
+        kwargs.pop("buckets", None)
+        plan = plan_extraction(sources, image_size, batch_size, batching="shape", **kwargs)
+        note = f"{type(model).__name__} cannot pool over padded images: exact shape batches instead of buckets"
+        return ExtractionPlan(plan.batches, plan.sizes, plan.shapes, plan.mode, note=note)
+    return plan_extraction(sources, image_size, batch_size, batching=batching, **kwargs)
+
+
+class _DeviceFeed:
+    """Moves (and, for encoded batches, decodes) each loader item on a side CUDA stream, so that the copy and
+    the decoding of batch n + 1 overlap the network's work on batch n; on the CPU it is a plain pass-through."""
+
+    def __init__(self, device: torch.device, decoder: GpuEvalDecoder | None) -> None:
+        self.device = device
+        self.decoder = decoder
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __call__(self, item: Any) -> tuple[list[ImageBatch], list[Failure]]:
+        context = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with context:
+            if isinstance(item, EncodedPlannedBatch):
+                batch = None if item.batch is None else item.batch.to(self.device, non_blocking=True)
+                moved = item._replace(batch=batch)
+                groups, failures = decode_on_device(moved, self.decoder)
+            else:
+                groups, failures = item
+                groups = [_to(batch, self.device) for batch in groups]
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            for batch in groups:  # allocated on the side stream, used on the current one
+                batch.images.record_stream(current)
+                batch.sizes.record_stream(current)
+        return groups, failures
+
+
+def _to(batch: ImageBatch, device: torch.device) -> ImageBatch:
+    return batch._replace(
+        images=batch.images.to(device, non_blocking=True), sizes=batch.sizes.to(device, non_blocking=True)
+    )
 
 
 def embed_planned(
     model: nn.Module,
     images: Dataset,
-    batches: Sequence[PlannedBatch],
+    batches: Sequence[Any],
     *,
     scales: Sequence[float] = (1.0,),
+    num_workers: int = 0,
+    device: torch.device = torch.device("cpu"),
+    precision: str = "32",
+    channels_last: bool = False,
+    fill_to: int | None = None,
+    decoder: GpuEvalDecoder | None = None,
+    progress: bool = False,
+    desc: str = "embedding",
+) -> Iterator[tuple[list[int], torch.Tensor | None, list[str]]]:
+    """Yield ``(indices, float32 vectors on the CPU, [])`` per forward pass and ``(indices, None, messages)``
+    for images that could not be decoded, running ``batches`` in order (the caller shards them).
+
+    ``images`` is a :class:`~oxford_ir.extraction.batches.PlannedBatches` or, for decoding on the device (with
+    ``decoder``), an :class:`~oxford_ir.extraction.batches.EncodedPlannedBatches`. The model must already be
+    on ``device`` and in eval mode; this runs under ``torch.inference_mode``.
+    """
+    loader = DataLoader(
+        images,
+        batch_size=None,  # each item is a whole planned batch
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    feed = _DeviceFeed(device, decoder)
+    total = sum(len(b.indices) for b in batches)
+    bar = tqdm(total=total, disable=not progress, desc=desc, unit="img", dynamic_ncols=True)
+    # on a GPU, results are read one batch late: the host queues the next batch before waiting for this one
+    lag = 1 if device.type == "cuda" else 0
+    pending: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
+
+    def ready(keep: int) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
+        while len(pending) > keep:
+            rows, vectors = pending.popleft()
+            bar.update(len(rows))
+            yield rows.tolist(), vectors.float().cpu(), []
+
+    try:
+        with torch.inference_mode(), autocast(device, precision):
+            for item in loader:
+                groups, failures = feed(item)
+                if failures:
+                    bar.update(len(failures))
+                    yield [i for i, _ in failures], None, [m for _, m in failures]
+                for batch in groups:
+                    vectors = embed_image_batch(model, batch, scales, channels_last=channels_last, fill_to=fill_to)
+                    pending.append((batch.indices, vectors))
+                yield from ready(lag)
+            yield from ready(0)
+    except BaseException:
+        yield from ready(0)  # what was computed before an interruption still reaches the caller (the index keeps it)
+        raise
+    finally:
+        bar.close()
+
+
+def embed_shard(
+    model: nn.Module,
+    sources: Sequence[ImageSource],
+    image_size: int | None,
+    plan: ExtractionPlan,
+    batches: Sequence[Any],
+    *,
+    bboxes: Sequence[Sequence[float] | None] | None = None,
+    labels: Sequence[str] | None = None,
+    images: Dataset | None = None,
+    on_device: bool = False,
+    scales: Sequence[float] = (1.0,),
+    batch_size: int = 16,
     num_workers: int = 0,
     device: torch.device = torch.device("cpu"),
     precision: str = "32",
@@ -154,39 +273,34 @@ def embed_planned(
     progress: bool = False,
     desc: str = "embedding",
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[str]]]:
-    """Yield ``(indices, float32 vectors on the CPU, [])`` per forward pass and ``(indices, None, messages)``
-    for images that could not be decoded, running ``batches`` in order (the caller shards them).
-
-    The model must already be on ``device`` and in eval mode; this runs under ``torch.inference_mode``.
-    """
-    loader = DataLoader(
-        PlannedBatches(images, batches),
-        batch_size=None,  # each item is a whole planned batch
-        shuffle=False,
+    """:func:`embed_planned` over ``batches`` (this process's share of ``plan``) of ``sources``: workers decode
+    them (``images``, default an ``ImageListDataset``), or only read their bytes for the device to decode
+    (``on_device``); on CUDA, bucket batches are filled up to ``batch_size``."""
+    if on_device:
+        dataset: Dataset = EncodedPlannedBatches(EncodedEvalDataset(sources, bboxes, labels), batches)
+        decoder: GpuEvalDecoder | None = GpuEvalDecoder(image_size)
+    else:
+        source = images if images is not None else ImageListDataset(sources, image_size, bboxes=bboxes, labels=labels)
+        dataset, decoder = PlannedBatches(source, batches), None
+    return embed_planned(
+        model,
+        dataset,
+        batches,
+        scales=scales,
         num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
+        device=device,
+        precision=precision,
+        channels_last=channels_last,
+        fill_to=batch_size if plan.mode == "bucket" and device.type == "cuda" else None,
+        decoder=decoder,
+        progress=progress,
+        desc=desc,
     )
-    total = sum(len(b.indices) for b in batches)
-    bar = tqdm(total=total, disable=not progress, desc=desc, unit="img", dynamic_ncols=True)
-    try:
-        with torch.inference_mode(), autocast(device, precision):
-            for groups, failures in loader:
-                if failures:
-                    bar.update(len(failures))
-                    yield [i for i, _ in failures], None, [m for _, m in failures]
-                for rows, batch in groups:
-                    batch = batch.to(device, non_blocking=True)
-                    vectors = embed_batch(model, batch, scales, channels_last=channels_last).float().cpu()
-                    bar.update(len(rows))
-                    yield rows.tolist(), vectors, []
-    finally:
-        bar.close()
 
 
 def extract_embeddings(
     model: nn.Module,
-    paths: Sequence[str | Path],
+    paths: Sequence[ImageSource],
     image_size: int | None,
     *,
     bboxes: Sequence[Sequence[float] | None] | None = None,
@@ -195,20 +309,28 @@ def extract_embeddings(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = False,
-    batching: str = "shape",
+    batching: str = "bucket",
+    max_shapes: int = MAX_SHAPES,
+    buckets: Sequence[tuple[int, int]] | None = None,
     aspect_tolerance: float = 0.1,
     precision: str = "32",
     channels_last: bool = False,
+    decode: str = "cpu",
     images: Dataset | None = None,
+    labels: Sequence[str] | None = None,
+    plan: ExtractionPlan | None = None,
 ) -> torch.Tensor:
     """N x D float32 L2-normalised embeddings of ``paths`` (row i is ``paths[i]``), on the CPU.
 
-    ``bboxes[i]`` (or None) crops image i, as queries are. The model is moved to ``device`` and run in
-    eval mode under ``torch.inference_mode`` (``precision="bf16"``: bfloat16 autocast; ``channels_last``:
-    NHWC inputs); its training mode is restored afterwards. An image that cannot be read raises the
-    :class:`~oxford_ir.errors.DataError` of ``load_image``, naming the file. ``images`` replaces the default
-    ``ImageListDataset(paths, image_size, bboxes=bboxes)`` (e.g. one reading a preprocessed cache): it must
-    give the same tensors.
+    ``paths`` are files or decoded PIL images (uploads, named by ``labels`` in messages); ``bboxes[i]`` (or
+    None) crops image i, as queries are. ``batching``, ``max_shapes``, ``buckets``, ``aspect_tolerance``: see
+    :mod:`~oxford_ir.extraction.planning` (or pass a ready ``plan``). The model is moved to ``device`` and run
+    in eval mode under ``torch.inference_mode`` (``precision="bf16"``: bfloat16 autocast; ``channels_last``:
+    NHWC inputs); its training mode is restored afterwards. ``decode``: ``cpu`` (PIL in DataLoader workers),
+    ``gpu`` (workers read bytes; torchvision decodes on ``device``) or ``auto`` (gpu on CUDA). An image that
+    cannot be read raises the :class:`~oxford_ir.errors.DataError` naming the file. ``images`` replaces the
+    default ``ImageListDataset(paths, image_size, bboxes=bboxes)`` (e.g. one reading a preprocessed cache): it
+    must give the same tensors.
 
     Inside an initialised ``torch.distributed`` process group each process embeds every ``world_size``-th
     planned batch and the rows are gathered: every process returns all N rows, equal to one process's.
@@ -219,16 +341,27 @@ def extract_embeddings(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = torch.device(device)
-    dataset = images if images is not None else ImageListDataset(paths, image_size, bboxes=bboxes)
+    on_device = resolve_decode(decode, device) and images is None
     n = len(paths)
-    if len(dataset) != n:
-        raise ValueError(f"the image dataset has {len(dataset)} items for {n} paths")
     embedding_dim = int(getattr(model, "embedding_dim", 0) or 0)
     if n == 0:
         return torch.empty(0, embedding_dim)
-    plan, _ = plan_extraction(
-        paths, image_size, batch_size, bboxes=bboxes, batching=batching, aspect_tolerance=aspect_tolerance
-    )
+    if plan is None:
+        plan = plan_for_model(
+            model,
+            paths,
+            image_size,
+            batch_size,
+            bboxes=bboxes,
+            batching=batching,
+            max_shapes=max_shapes,
+            buckets=buckets,
+            aspect_tolerance=aspect_tolerance,
+        )
+    elif len(plan.shapes) != n:
+        raise ValueError(f"the extraction plan covers {len(plan.shapes)} images, not the {n} given")
+    if images is not None and len(images) != n:
+        raise ValueError(f"the image dataset has {len(images)} items for {n} paths")
     rank, world = rank_and_world()
     out: torch.Tensor | None = torch.zeros(n, embedding_dim) if embedding_dim else None
     held = torch.zeros(n, dtype=torch.bool)
@@ -238,11 +371,18 @@ def extract_embeddings(
         model.to(memory_format=torch.channels_last)
     model.eval()
     try:
-        stream = embed_planned(
+        stream = embed_shard(
             model,
-            dataset,
-            shard(plan, rank, world),
+            paths,
+            image_size,
+            plan,
+            shard(plan.batches, rank, world),
+            bboxes=bboxes,
+            labels=labels,
+            images=images,
+            on_device=on_device,
             scales=scales,
+            batch_size=batch_size,
             num_workers=num_workers,
             device=device,
             precision=precision,
@@ -291,6 +431,61 @@ def gathered(
         yield done.tolist(), rows_all[done], []
 
 
+def plan_benchmark(
+    model: nn.Module,
+    benchmark: Benchmark,
+    image_size: int | None,
+    batch_size: int,
+    *,
+    batching: str = "bucket",
+    max_shapes: int = MAX_SHAPES,
+    aspect_tolerance: float = 0.1,
+) -> tuple[ExtractionPlan, ExtractionPlan]:
+    """``(database plan, query plan)`` of a benchmark, planned together: in bucket mode the database images and
+    the cropped queries share one bucket table, so the benchmark has at most ``max_shapes`` input shapes."""
+    sources = [*benchmark.db_paths, *benchmark.query_paths]
+    boxes = [None] * benchmark.n_db + list(benchmark.query_bboxes)
+    joint = plan_for_model(
+        model,
+        sources,
+        image_size,
+        batch_size,
+        bboxes=boxes,
+        batching=batching,
+        max_shapes=max_shapes,
+        aspect_tolerance=aspect_tolerance,
+    )
+    n_db = benchmark.n_db
+    return (
+        joint.part(0, n_db, batch_size, aspect_tolerance),
+        joint.part(n_db, len(sources), batch_size, aspect_tolerance),
+    )
+
+
+def plans_summary(plans: Sequence[ExtractionPlan]) -> dict[str, Any]:
+    """One summary of several plans run by one network (e.g. a benchmark's database and queries)."""
+    shapes: set[tuple[int, int]] = set()
+    valid = padded = 0
+    for plan in plans:
+        shapes |= plan.input_shapes()
+        plan_valid, plan_padded = plan.pixels()
+        valid, padded = valid + plan_valid, padded + plan_padded
+    out: dict[str, Any] = {
+        "mode": plans[0].mode,
+        "images": sum(len(p.shapes) for p in plans),
+        "batches": sum(len(p.batches) for p in plans),
+        "distinct_input_shapes": len(shapes),
+        "padded_over_valid_pixels": round((padded - valid) / valid, 6) if valid else 0.0,
+    }
+    if plans[0].mode == "bucket":
+        used = {tuple(b) for p in plans for b in p.buckets}
+        out["buckets"] = [list(b) for b in sorted(used, key=lambda b: (b[0] * b[1], b))]
+    notes = sorted({p.note for p in plans if p.note})
+    if notes:
+        out["note"] = "; ".join(notes)
+    return out
+
+
 def extract_benchmark(
     model: nn.Module,
     benchmark: Benchmark,
@@ -298,28 +493,120 @@ def extract_benchmark(
     *,
     scales: Sequence[float] = (1.0,),
     cache: ImageCache | None = None,
-    **kwargs,
+    plans: tuple[ExtractionPlan, ExtractionPlan] | None = None,
+    batch_size: int = 16,
+    batching: str = "bucket",
+    max_shapes: int = MAX_SHAPES,
+    aspect_tolerance: float = 0.1,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(database n_db x D, queries n_q x D)`` embeddings; queries are cropped to their boxes.
 
-    ``cache``: an evaluation :class:`~oxford_ir.data.cache.ImageCache` at ``image_size`` holding the database
-    images and the cropped queries (:func:`benchmark_cache`): the same tensors, read instead of decoded.
+    ``plans``: the database and query plans of :func:`plan_benchmark` (made here when None: in bucket mode one
+    bucket table for both). ``cache``: an evaluation :class:`~oxford_ir.data.cache.ImageCache` at ``image_size``
+    holding the database images and the cropped queries (:func:`benchmark_cache`): the same tensors, read
+    instead of decoded.
     """
+    if plans is None:
+        plans = plan_benchmark(
+            model,
+            benchmark,
+            image_size,
+            batch_size,
+            batching=batching,
+            max_shapes=max_shapes,
+            aspect_tolerance=aspect_tolerance,
+        )
     db_images = queries_images = None
     if cache is not None:
         db_images = ImageListDataset(benchmark.db_paths, image_size, cache=cache)
         queries_images = ImageListDataset(benchmark.query_paths, image_size, bboxes=benchmark.query_bboxes, cache=cache)
-    db = extract_embeddings(model, benchmark.db_paths, image_size, scales=scales, images=db_images, **kwargs)
+    common = {"scales": scales, "batch_size": batch_size, **kwargs}
+    db = extract_embeddings(model, benchmark.db_paths, image_size, images=db_images, plan=plans[0], **common)
     queries = extract_embeddings(
         model,
         benchmark.query_paths,
         image_size,
         bboxes=benchmark.query_bboxes,
-        scales=scales,
         images=queries_images,
-        **kwargs,
+        plan=plans[1],
+        **common,
     )
     return db, queries
+
+
+def benchmark_loaders(
+    model: nn.Module,
+    benchmark: Benchmark,
+    *,
+    image_size: int | None,
+    batch_size: int,
+    batching: str = "bucket",
+    max_shapes: int = MAX_SHAPES,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+    gpu_decode: bool = False,
+    images: tuple[Dataset, Dataset] | None = None,
+) -> tuple[list[DataLoader], tuple[ExtractionPlan, ExtractionPlan]]:
+    """``[database loader, query loader]`` of a benchmark's planned batches, and the two plans: what validation
+    during training iterates (each item is one planned batch, for :func:`embed_loader_item`).
+
+    ``images``: the ``(database, queries)`` test-time datasets (e.g. reading the image cache); None reads the
+    files. ``gpu_decode``: the loaders yield encoded batches for the device to decode.
+    """
+    plans = plan_benchmark(model, benchmark, image_size, batch_size, batching=batching, max_shapes=max_shapes)
+    parts = (
+        (benchmark.db_paths, None, plans[0]),
+        (benchmark.query_paths, benchmark.query_bboxes, plans[1]),
+    )
+    loaders = []
+    for k, (paths, bboxes, plan) in enumerate(parts):
+        if gpu_decode:
+            dataset: Dataset = EncodedPlannedBatches(EncodedEvalDataset(paths, bboxes), plan.batches)
+        else:
+            source = images[k] if images is not None else ImageListDataset(paths, image_size, bboxes=bboxes)
+            dataset = PlannedBatches(source, plan.batches)
+        loaders.append(
+            DataLoader(
+                dataset,
+                batch_size=None,  # each item is a whole planned batch
+                shuffle=False,
+                num_workers=num_workers,
+                pin_memory=pin_memory,
+                persistent_workers=persistent_workers and num_workers > 0,
+            )
+        )
+    return loaders, plans
+
+
+def embed_loader_item(
+    model: nn.Module,
+    item: Any,
+    scales: Sequence[float] = (1.0,),
+    *,
+    channels_last: bool = False,
+    fill_to: int | None = None,
+    decoder: GpuEvalDecoder | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices, embeddings)`` of one item of a :func:`benchmark_loaders` loader already on the model's device
+    (encoded items are decoded there by ``decoder``); an image that could not be read raises its DataError."""
+    if isinstance(item, EncodedPlannedBatch):
+        if decoder is None:
+            raise ValueError("an encoded batch needs a decoder (GpuEvalDecoder) to be decoded on the device")
+        groups, failures = decode_on_device(item, decoder)
+    else:
+        groups, failures = item
+    if failures:
+        raise DataError(failures[0][1])
+    indices, vectors = [], []
+    for batch in groups:
+        indices.append(batch.indices.long())
+        vectors.append(embed_image_batch(model, batch, scales, channels_last=channels_last, fill_to=fill_to))
+    if not vectors:
+        dim = int(getattr(model, "embedding_dim", 0) or 0)
+        return torch.empty(0, dtype=torch.long), torch.empty(0, dim)
+    return torch.cat(indices), torch.cat(vectors)
 
 
 def benchmark_cache(

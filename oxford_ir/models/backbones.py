@@ -4,6 +4,11 @@ Each backbone has ``out_channels`` and ``out_size`` (the fixed h x w of its outp
 the input size), an ordered list of stages that ``freeze(n)`` / ``unfreeze()`` act on, and, for the
 torchvision architectures, weights from ImageNet (``weights="imagenet"``), random (``"none"``) or a local
 ``.pth`` state dict in torchvision's layout.
+
+``valid_features(x, sizes)`` runs a batch of images padded to one shape (each image at the top left, its
+own height and width in ``sizes``) as if each were alone (:mod:`oxford_ir.models.valid_region`) and says
+which feature cells belong to each image, so that the pooling leaves the padding out (see
+:mod:`oxford_ir.extraction.buckets`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from oxford_ir.errors import CheckpointError, ConfigError
+from oxford_ir.models.pooling import valid_cell_mask
+from oxford_ir.models.valid_region import region_mask, valid_regions
 
 #: how many offending keys an error message lists
 _SHOWN_KEYS = 5
@@ -33,10 +40,34 @@ class Backbone(nn.Module):
     out_channels: int
     #: fixed spatial size of the output, or None when it scales with the input
     out_size: tuple[int, int] | None = None
+    #: output stride: ``n`` input pixels give ``ceil(n / stride)`` feature cells (None: not a strided map)
+    stride: int | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self._frozen_stages = 0
+
+    @property
+    def supports_padding(self) -> bool:
+        """Whether :meth:`valid_features` can run padded images (a strided convolutional map)."""
+        return self.stride is not None
+
+    def valid_features(self, x: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features of a padded batch and the B x 1 x h x w mask of each image's own cells (None: all cells).
+
+        Every convolution and max-pool sees zeros outside each image's region
+        (:func:`~oxford_ir.models.valid_region.valid_regions`), so an image's cells are those it has alone, up to
+        the floating-point order of the sums.
+        """
+        if self.stride is None:
+            raise ConfigError(f"{type(self).__name__} has no output stride: it cannot embed padded images")
+        with valid_regions(self, sizes, (x.shape[-2], x.shape[-1])) as regions:
+            features = self(x)
+        shape = (int(features.shape[-2]), int(features.shape[-1]))
+        region = regions.get(shape)
+        if region is None:  # a layer the tracking does not know changed the size: the stride's arithmetic
+            return features, valid_cell_mask(sizes, shape, self.stride)
+        return features, region_mask(region, shape)
 
     # -- stages --------------------------------------------------------------------------------
     def _stages(self) -> list[tuple[nn.Module, ...]]:
@@ -233,6 +264,7 @@ class ScratchCNN(Backbone):
         self.blocks = nn.Sequential(*blocks)
         self.channels = channels
         self.out_channels = channels[-1]
+        self.stride = 2 ** len(channels)
         self.apply(_init_conv)
         self._load_weights(weights, _no_imagenet)
         self._apply_freeze_options(freeze, frozen_stages)
@@ -252,6 +284,7 @@ class ResNet50(Backbone):
     """
 
     out_channels = 2048
+    stride = 32
     #: positions of the named modules in a ``nn.Sequential(*list(resnet.children())[:-2])`` (cnnimageretrieval)
     _SEQUENTIAL_NAMES = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 
@@ -300,6 +333,7 @@ class MobileNetV2(Backbone):
     """
 
     out_channels = 1280
+    stride = 32
 
     def __init__(
         self,
@@ -351,6 +385,13 @@ class RawPixels(Backbone):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(x, self.grid)
+
+    supports_padding = True
+
+    def valid_features(self, x: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Each image's own region pooled to the grid: exactly the unpadded image's features."""
+        rows = [(int(h), int(w)) for h, w in sizes.tolist()]
+        return torch.stack([self(x[i : i + 1, :, :h, :w])[0] for i, (h, w) in enumerate(rows)]), None
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}"

@@ -2,6 +2,10 @@
 
 One module with one set of weights embeds every image; the Siamese / triplet setup is this same network
 applied to anchors, positives and negatives, so there is nothing to tie or copy between branches.
+
+``forward(images, sizes)`` embeds a batch of test-time images padded to one input shape: each image's own
+``(height, width)`` in ``sizes``, and the pooling covers only its feature cells
+(:mod:`oxford_ir.extraction.buckets`).
 """
 
 from __future__ import annotations
@@ -51,8 +55,18 @@ class Embedder(nn.Module):
             self.projection = None
         self.embedding_dim = self.projection.out_features if self.projection is not None else self.pooled_dim
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.pooling(self.backbone(images))
+    @property
+    def supports_padding(self) -> bool:
+        """Whether ``forward`` can take padded images with their ``sizes`` (the extraction path asks)."""
+        return bool(getattr(self.backbone, "supports_padding", False))
+
+    def forward(self, images: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of ``images``; ``sizes`` (B x 2): each image's own height and width when padded."""
+        if sizes is None:
+            x = self.pooling(self.backbone(images))
+        else:
+            features, mask = self.backbone.valid_features(images, sizes)
+            x = self.pooling(features) if mask is None else self.pooling(features, mask)
         if self.projection is not None:
             x = self.projection(F.normalize(x, dim=1))
         return F.normalize(x, dim=1)

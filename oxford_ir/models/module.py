@@ -7,10 +7,13 @@ containers and ``RetrievalModule.load_from_checkpoint(path)`` rebuilds the model
 distance object is built and handed to both the miner and the loss, so they always agree on what "close"
 means (STYLE.md rule 6).
 
-Validation expects two dataloaders from the datamodule, which also exposes ``eval_benchmark``: index 0
-yields the database images, index 1 the (cropped) queries, each batch ``(list of C x H x W tensors,
-LongTensor of benchmark indices)``. Embeddings are placed by index, gathered across processes, ranked and
-evaluated once per epoch with the benchmark's own protocol.
+Validation embeds the datamodule's ``eval_benchmark`` through the one test-time path
+(:mod:`oxford_ir.extraction`), exactly as ``oxford-ir-eval`` does: the datamodule's ``val_dataloader`` asks
+:meth:`RetrievalModule.evaluation_loaders`, which plans the batches for this module's network (bucket shapes,
+padding support) from the datamodule's ``eval_images()`` and ``eval_settings``; loader 0 yields the database's
+planned batches, loader 1 the (cropped) queries'. Embeddings
+are placed by benchmark index, gathered across processes, ranked and evaluated once per epoch with the
+benchmark's own protocol.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_metric_learning.losses import ContrastiveLoss
 
 from oxford_ir.data.benchmark import INDEX_KEYS, POSITIVE_KEYS, Benchmark
+from oxford_ir.data.gpu_decode import GpuEvalDecoder
 from oxford_ir.errors import CheckpointError, ConfigError, DataError, OxfordIRError
-from oxford_ir.extraction.embedding import embed_batch
+from oxford_ir.extraction.embedding import benchmark_loaders, embed_loader_item
 from oxford_ir.models.mining import SUPPORTED_LOSSES, TupleStatistics, tuple_statistics
 from oxford_ir.retrieval.metrics import DEFAULT_KAPPAS
 from oxford_ir.retrieval.ranking import rank_database
@@ -142,40 +146,6 @@ def _scheduler_parts(cfg: dict | None) -> tuple[dict | None, dict]:
 
 
 # -- evaluation helpers -------------------------------------------------------------------------
-def embed_images(
-    embedder: torch.nn.Module,
-    images: Sequence[torch.Tensor] | torch.Tensor,
-    scales: Sequence[float] = (1.0,),
-    device: torch.device | str | None = None,
-    *,
-    channels_last: bool = False,
-) -> torch.Tensor:
-    """float32 embeddings (N x D) of images of any sizes, in input order.
-
-    Images of equal size share one forward pass; each is embedded at every scale and the scales combined
-    as cnnimageretrieval's ``extract_ms`` (:func:`oxford_ir.extraction.embedding.embed_batch`).
-    """
-    if isinstance(images, torch.Tensor):
-        images = list(images) if images.ndim == 4 else [images]
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, image in enumerate(images):
-        if image.ndim != 3:
-            raise ValueError(f"validation images must be C x H x W tensors, image {i} has shape {tuple(image.shape)}")
-        groups.setdefault(tuple(image.shape), []).append(i)
-    out: torch.Tensor | None = None
-    for rows in groups.values():
-        batch = torch.stack([images[i] for i in rows])
-        if device is not None:
-            batch = batch.to(device)
-        vectors = embed_batch(embedder, batch, scales, channels_last=channels_last).float()
-        if out is None:
-            out = vectors.new_empty(len(images), vectors.shape[1])
-        out[torch.tensor(rows, device=vectors.device)] = vectors
-    if out is None:
-        return torch.empty(0, int(getattr(embedder, "embedding_dim", 0)), device=device)
-    return out
-
-
 def assemble_by_index(indices: torch.Tensor, embeddings: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows placed at their benchmark index: ``(size x D embeddings, bool mask of indices present)``.
 
@@ -359,6 +329,11 @@ class RetrievalModule(pl.LightningModule):
             self.embedder.compile()
 
         self._val_outputs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        # set by evaluation_loaders: the database and query plans, the device decoder (decode=gpu), and the batch
+        # size that bucket batches are filled up to on a GPU (one cuDNN plan per bucket)
+        self._eval_plans: tuple[Any, Any] | None = None
+        self._eval_decoder: GpuEvalDecoder | None = None
+        self._eval_fill_to: int | None = None
         #: the last evaluation (benchmark, ranks, metrics, per_query, db, queries), for callbacks; None when
         #: the last validation pass was not evaluated
         self.last_evaluation: dict[str, Any] | None = None
@@ -469,27 +444,42 @@ class RetrievalModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # -- validation --------------------------------------------------------------------------------
+    def evaluation_loaders(self, datamodule: Any) -> list[Any]:
+        """``[database, queries]`` loaders of ``datamodule.eval_benchmark``, planned for this network: what the
+        datamodule's ``val_dataloader`` returns.
+
+        The datamodule holds the benchmark, its images and settings; the plan needs the network (can it pool
+        padded images?), so it is made here, with the extraction path of ``oxford-ir-eval``.
+        """
+        datamodule = self._eval_datamodule(datamodule)
+        settings = dict(datamodule.eval_settings)
+        loaders, self._eval_plans = benchmark_loaders(
+            self.embedder, datamodule.eval_benchmark, images=datamodule.eval_images(), **settings
+        )
+        self._eval_decoder = GpuEvalDecoder(settings["image_size"]) if settings["gpu_decode"] else None
+        bucketed = self._eval_plans[0].mode == "bucket"
+        self._eval_fill_to = settings["batch_size"] if bucketed and self.device.type == "cuda" else None
+        return loaders
+
     def on_validation_epoch_start(self) -> None:
         self._val_outputs = {DB_LOADER: ([], []), QUERY_LOADER: ([], [])}
 
-    def validation_step(
-        self, batch: tuple[Sequence[torch.Tensor], torch.Tensor], batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if dataloader_idx not in self._val_outputs:
             raise ConfigError(
                 f"validation dataloader {dataloader_idx}: the module expects two, database (0) and queries (1)"
             )
-        images, indices = batch
-        vectors = embed_images(
+        indices, vectors = embed_loader_item(
             self.embedder,
-            images,
+            batch,
             self.hparams.eval_scales,
-            device=self.device,
             channels_last=bool(self.hparams.get("channels_last", False)),
+            fill_to=self._eval_fill_to,
+            decoder=self._eval_decoder,
         )
         indices_list, vectors_list = self._val_outputs[dataloader_idx]
-        indices_list.append(torch.as_tensor(indices, device=self.device).long().reshape(-1))
-        vectors_list.append(vectors)
+        indices_list.append(indices.to(self.device).reshape(-1))
+        vectors_list.append(vectors.to(self.device))
 
     def _gather(self, loader: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This loader's (indices, embeddings) of every process; processes may hold different counts."""
@@ -512,14 +502,23 @@ class RetrievalModule(pl.LightningModule):
         gathered_idx = torch.cat([all_idx[r, rows[r]] for r in range(world)])
         return gathered_idx, torch.cat([all_vec[r, rows[r]] for r in range(world)])
 
-    def _eval_benchmark(self) -> Benchmark:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        benchmark = getattr(datamodule, "eval_benchmark", None)
-        if not isinstance(benchmark, Benchmark):
+    def _eval_datamodule(self, datamodule: Any = None) -> Any:
+        """``datamodule`` (default: the trainer's); it must have ``eval_benchmark``, ``eval_images()`` and
+        ``eval_settings``."""
+        if datamodule is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+        missing = [a for a in ("eval_benchmark", "eval_images", "eval_settings") if not hasattr(datamodule, a)]
+        if datamodule is None or missing:
             raise ConfigError(
-                "validation needs a datamodule with an eval_benchmark (the Benchmark its two val dataloaders "
-                f"list); got {type(datamodule).__name__ if datamodule is not None else 'no datamodule'}"
+                "validation needs a datamodule with eval_benchmark (the Benchmark), eval_images() and eval_settings "
+                f"(as RetrievalDataModule); got {type(datamodule).__name__ if datamodule is not None else 'none'}"
             )
+        return datamodule
+
+    def _eval_benchmark(self) -> Benchmark:
+        benchmark = self._eval_datamodule().eval_benchmark
+        if not isinstance(benchmark, Benchmark):
+            raise ConfigError(f"the datamodule's eval_benchmark is a {type(benchmark).__name__}, not a Benchmark")
         return benchmark
 
     def on_validation_epoch_end(self) -> None:

@@ -14,10 +14,13 @@ On-disk format (``format_version`` 1) of an index folder ``<out>/``::
 checkpoint of an interrupted build), ``model`` (:class:`~oxford_ir.retrieval.model_spec.ModelSpec` as a dict:
 checkpoint path or embedder config), ``model_description``, ``model_fingerprint``, ``fingerprint`` (of the model
 *and* the extraction settings: what query embeddings must match), ``extraction`` (``image_size``, ``scales``,
-``pooling_power``, ``preprocessing``), ``dtype``, ``count``, ``embedding_dim``, ``images`` (absolute ``root``
-that entry paths are relative to, and the ``source`` given on the command line), ``files`` (``sha256`` and
-``bytes`` of embeddings.npy and entries.json), ``skipped`` (files that could not be decoded, with the size and
-mtime they had, so an unchanged bad file is not decoded again), ``created`` and ``tool`` versions.
+``pooling_power``, ``preprocessing``, ``batching``, ``precision`` and, for bucket batching, ``buckets``: the
+input shapes chosen from the collection when it was first indexed, which updates and queries reuse, so that
+an image embeds the same whether it came in the first build, an update or a search), ``dtype``, ``count``,
+``embedding_dim``, ``images`` (absolute ``root`` that entry paths are relative to, and the ``source`` given on
+the command line), ``files`` (``sha256`` and ``bytes`` of embeddings.npy and entries.json), ``skipped`` (files
+that could not be decoded, with the size and mtime they had, so an unchanged bad file is not decoded again),
+``created`` and ``tool`` versions.
 
 Atomicity: a build writes a complete new version folder, fsyncs it, then replaces ``CURRENT`` with
 ``os.replace``; older versions are deleted only after that. A crash or Ctrl-C at any moment leaves ``CURRENT``
@@ -52,13 +55,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from oxford_ir.data.images import IMAGE_EXTENSIONS, load_image, upright_size
-from oxford_ir.data.transforms import resize_long_side, to_tensor_normalised
+from oxford_ir.data.images import IMAGE_EXTENSIONS, upright_size
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError
+from oxford_ir.extraction.buckets import MAX_SHAPES
 from oxford_ir.extraction.distributed import rank_and_world
-from oxford_ir.extraction.embedding import embed_planned, gathered, plan_extraction
+from oxford_ir.extraction.embedding import embed_shard, gathered, plan_for_model, resolve_decode
 from oxford_ir.extraction.planning import shard
 from oxford_ir.hashing import file_sha256
 from oxford_ir.retrieval.model_spec import ModelSpec
@@ -122,6 +124,9 @@ class ImageSource:
     root: Path
     paths: list[str]
     spec: str = ""
+    #: images whose shapes the bucket table also covers though they are not indexed: a benchmark's query crops
+    #: ``(absolute path, box)``, so that its index embeds every image as ``oxford-ir-eval`` does
+    queries: tuple[tuple[Path, tuple[float, ...] | None], ...] = ()
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.root, self.paths))
@@ -200,7 +205,11 @@ def _benchmark_images(text: str, data_dir: str | os.PathLike | None, allow_missi
         raise ConfigError(f"images={text}: a benchmark needs paths.data_dir, the folder holding its dataset")
     benchmark = load_benchmark(name, data_dir, allow_missing_images=allow_missing_images)
     paths = list(dict.fromkeys(f"{n}{benchmark.extension}" for n in benchmark.imlist))
-    return ImageSource(Path(benchmark.image_dir).resolve(), paths, text)
+    queries = tuple(
+        (Path(p).resolve(), None if b is None else tuple(float(v) for v in b))
+        for p, b in zip(benchmark.query_paths, benchmark.query_bboxes, strict=True)
+    )
+    return ImageSource(Path(benchmark.image_dir).resolve(), paths, text, queries)
 
 
 def index_fingerprint(
@@ -208,13 +217,15 @@ def index_fingerprint(
     image_size: int | None,
     scales: Sequence[float],
     *,
-    batching: str = "shape",
+    batching: str = "bucket",
     precision: str = "32",
 ) -> str:
     """Hex sha256 of everything an embedding depends on: the model, image size, scales and preprocessing.
 
-    The approximate speed options (aspect batching, bf16) change the embeddings slightly, so they are part of
-    it; at their exact defaults they are left out, so indexes written before they existed stay valid.
+    The approximate options (bucket or aspect batching, bf16) change the embeddings slightly, so they are part
+    of it; exact shape batching and float32 are left out, so indexes written before the options existed (all
+    exact) keep their fingerprint. The bucket shapes themselves are stored in the manifest, not here: an
+    update reuses the index's own.
     """
     payload = {
         "model": model_fingerprint,
@@ -245,6 +256,10 @@ class RetrievalIndex:
     dtype: str
     embedding_dim: int
     model_fingerprint: str = ""
+    #: how the images were batched (``bucket``, ``shape`` or ``aspect``) and, for buckets, the input shapes
+    batching: str = "shape"
+    buckets: tuple[tuple[int, int], ...] = ()
+    precision: str = "32"
     complete: bool = True
     version: str = ""
     manifest: dict = field(default_factory=dict, repr=False)
@@ -402,6 +417,8 @@ def _load_version(path: Path, version: str, *, mmap: bool) -> RetrievalIndex:
         skipped = [SkippedImage(**s) for s in manifest.get("skipped", [])]
         root = Path(manifest["images"]["root"])
         image_size = extraction["image_size"]
+        batching = str(extraction.get("batching", "shape"))
+        buckets = tuple((int(h), int(w)) for h, w in extraction.get("buckets", []))
     except FileNotFoundError:
         raise
     except IndexFormatError:
@@ -427,6 +444,9 @@ def _load_version(path: Path, version: str, *, mmap: bool) -> RetrievalIndex:
         dtype=dtype,
         embedding_dim=dim,
         model_fingerprint=str(manifest.get("model_fingerprint", "")),
+        batching=batching,
+        buckets=buckets,
+        precision=str(extraction.get("precision", "32")),
         complete=bool(manifest.get("complete", True)),
         version=version,
         manifest=manifest,
@@ -511,25 +531,6 @@ class IndexReport:
         return "\n".join(lines)
 
 
-class _IndexImages(Dataset):
-    """``(tensor, position)`` of each file, preprocessed as ImageListDataset's; a bad file raises its DataError,
-    which :class:`~oxford_ir.extraction.embedding.PlannedBatches` turns into a reported failure."""
-
-    def __init__(self, root: Path, paths: Sequence[str], image_size: int | None) -> None:
-        self.root = root
-        self.paths = list(paths)
-        self.image_size = image_size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = load_image(self.root / self.paths[i], draft_size=self.image_size)
-        if self.image_size is not None:
-            image = resize_long_side(image, self.image_size)
-        return to_tensor_normalised(image), i
-
-
 @dataclass
 class _Previous:
     """The rows of the existing index that may be reused, and its skipped files."""
@@ -553,17 +554,21 @@ def build_index(
     progress: bool = True,
     incremental: str = "auto",
     checkpoint_every: float | None = 600.0,
-    batching: str = "shape",
+    batching: str = "bucket",
+    max_shapes: int = MAX_SHAPES,
     aspect_tolerance: float = 0.1,
     precision: str = "32",
     channels_last: bool = False,
+    decode: str = "cpu",
 ) -> IndexReport:
     """Build or update the index of ``images`` in folder ``out`` with ``model``; returns what was done.
 
-    ``batching``, ``aspect_tolerance``, ``precision``, ``channels_last``: as
-    :func:`~oxford_ir.extraction.embedding.extract_embeddings`. Inside a ``torch.distributed`` process group
-    (``torchrun ... oxford-ir-index``) every process embeds its share of the planned batches and the first
-    process writes the index, identical to one process's; intermediate commits are then skipped.
+    ``batching``, ``max_shapes``, ``aspect_tolerance``, ``precision``, ``channels_last``, ``decode``: as
+    :func:`~oxford_ir.extraction.embedding.extract_embeddings`. With bucket batching the buckets are chosen
+    from the images embedded by the first build and kept in the manifest; updates reuse them. Inside a
+    ``torch.distributed`` process group (``torchrun ... oxford-ir-index``) every process embeds its share of the
+    planned batches and the first process writes the index, identical to one process's; intermediate commits
+    are then skipped.
 
     Embeds only new and changed files (see the module docstring for ``incremental``); undecodable files are
     skipped and reported, never fatal. ``checkpoint_every`` (seconds, None = never) commits the work done so
@@ -636,6 +641,9 @@ def build_index(
             current=current,
             skipped=skipped,
             pooling_power=(old.manifest.get("extraction", {}).get("pooling_power") if old is not None else None),
+            batching=batching,
+            precision=precision,
+            buckets=old.buckets if old is not None else (),
         )
         nothing_to_do = (
             not todo
@@ -652,19 +660,34 @@ def build_index(
                 net.to(memory_format=torch.channels_last)
             state.pooling_power = float(getattr(net, "power", 1.0))
             embed_started = time.perf_counter()
-            plan, sizes = plan_extraction(
-                [source.root / p for p in todo],
+            files = [source.root / p for p in todo]
+            # a fresh bucket table covers the images to embed and, for a benchmark, its query crops (which
+            # searches embed with this table), as oxford-ir-eval's does; an update keeps the index's table
+            extra = [] if state.buckets else list(source.queries)
+            plan = plan_for_model(
+                net,
+                files + [path for path, _ in extra],
                 image_size,
                 batch_size,
+                bboxes=[None] * len(files) + [box for _, box in extra],
                 batching=batching,
+                max_shapes=max_shapes,
+                buckets=state.buckets if state.buckets else None,
                 aspect_tolerance=aspect_tolerance,
-            )
+            ).part(0, len(files), batch_size, aspect_tolerance)
+            state.batching = plan.mode
+            state.buckets = plan.buckets  # the table it was given or chose, and any bucket a larger image added
+            sizes = plan.sizes
             stream = gathered(  # in a process group: this process's share first, then everyone's rows
-                embed_planned(
+                embed_shard(
                     net,
-                    _IndexImages(source.root, todo, image_size),
-                    shard(plan, rank, world),
+                    files,
+                    image_size,
+                    plan,
+                    shard(plan.batches, rank, world),
+                    on_device=resolve_decode(decode, device),
                     scales=scales,
+                    batch_size=batch_size,
                     num_workers=num_workers,
                     device=device,
                     precision=precision,
@@ -791,6 +814,10 @@ class _BuildState:
     current: dict[str, tuple[int, int]]
     skipped: dict[str, SkippedImage]
     pooling_power: float | None
+    batching: str = "bucket"
+    precision: str = "32"
+    #: bucket batching: the input shapes of every row (the old index's, plus any a larger new image needed)
+    buckets: tuple[tuple[int, int], ...] = ()
     new: dict[str, tuple[np.ndarray, IndexEntry]] = field(default_factory=dict)
     uncommitted: int = 0
     version: str = ""
@@ -855,6 +882,9 @@ class _BuildState:
                 "scales": self.scales,
                 "pooling_power": self.pooling_power,
                 "preprocessing": PREPROCESSING,
+                "batching": self.batching,
+                "precision": self.precision,
+                **({"buckets": [list(b) for b in self.buckets]} if self.batching == "bucket" else {}),
             },
             "dtype": self.dtype,
             "count": len(entries),

@@ -1,10 +1,12 @@
 """Searching a :class:`~oxford_ir.retrieval.index.RetrievalIndex`: embed queries, find the top-k, evaluate.
 
-- Queries are embedded by the index's own model with its extraction settings (image size, scales), cropped
-  to their boxes exactly as benchmark queries are (``extract_embeddings`` / ``ImageListDataset``), so a
-  search and ``oxford-ir-eval`` see the same vectors.
-- ``backend="exact"`` (default): a matrix product with the database, chunked so that a float16 index is
-  upcast one block of rows at a time; top-k best first, ties broken by the lower database row.
+- Queries (files or uploaded PIL images) are embedded by the index's own model through the one test-time path
+  (``extract_embeddings``) with the index's extraction settings (image size, scales, batching and its bucket
+  shapes, precision), cropped to their boxes exactly as benchmark queries are, so a search and
+  ``oxford-ir-eval`` see the same vectors.
+- ``backend="exact"`` (default): :class:`~oxford_ir.retrieval.exact_search.ExactSearch` on the searcher's device
+  (on a GPU the database stays resident and is multiplied in half precision with float32 accumulation); top-k
+  best first, ties broken by the lower database row.
   ``backend="faiss"``: see :mod:`oxford_ir.retrieval.faiss_backend` (flat or IVF-PQ).
 - Optional re-ranking (:mod:`oxford_ir.retrieval.reranking`): database-side augmentation (computed once,
   when the searcher first needs the database) and alpha query expansion (per query: search, expand, search).
@@ -23,14 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps
 
 from oxford_ir.data.benchmark import Benchmark
-from oxford_ir.data.datasets import crop
-from oxford_ir.data.images import load_image, to_rgb
-from oxford_ir.data.transforms import resize_long_side, to_tensor_normalised
+from oxford_ir.data.images import load_image, to_rgb, upright_size
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError
-from oxford_ir.extraction.embedding import embed_batch, extract_embeddings
+from oxford_ir.extraction.embedding import extract_embeddings
 from oxford_ir.retrieval.exact_search import ExactSearch
 from oxford_ir.retrieval.faiss_backend import FaissOptions, FaissSearch, import_faiss
 from oxford_ir.retrieval.reranking import ReRanking, augment, drop_self
@@ -79,30 +79,17 @@ def parse_bbox(value: Any, key: str = "bbox") -> BBox | None:
 
 
 def oriented_size(image: QueryImage) -> tuple[int, int]:
-    """``(width, height)`` of an image as ``load_image`` presents it (EXIF orientation applied), from the header."""
-    if isinstance(image, Image.Image):
-        width, height = image.size
-        return (height, width) if _orientation(image) in (5, 6, 7, 8) else (width, height)
-    path = Path(image)
-    try:
-        with Image.open(path) as opened:
-            width, height = opened.size
-            orientation = _orientation(opened)
-    except FileNotFoundError:
-        raise DataError(f"query image not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"query {path} is a folder, not an image") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"cannot decode query image {path}: {error}; the file is corrupt or not an image") from None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
-def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation tag (1 = as stored); a broken EXIF block counts as 1, as ``load_image`` treats it."""
-    try:
-        return int(image.getexif().get(0x0112, 1) or 1)
-    except Exception:  # noqa: BLE001 - Pillow's EXIF parser raises many types on damaged blocks
-        return 1
+    """``(width, height)`` of an image as ``load_image`` presents it (EXIF orientation applied), from the header;
+    a missing or unreadable file is a DataError naming it."""
+    size = upright_size(image)
+    if size is not None:
+        return size
+    path = Path(image)  # a PIL image always has a size: only files get here
+    if not path.exists():
+        raise DataError(f"query image not found: {path}")
+    if path.is_dir():
+        raise DataError(f"query {path} is a folder, not an image")
+    raise DataError(f"cannot decode query image {path}: unreadable header; the file is corrupt or not an image")
 
 
 def check_bbox(bbox: Sequence[float], size: tuple[int, int], label: str) -> None:
@@ -114,23 +101,6 @@ def check_bbox(bbox: Sequence[float], size: tuple[int, int], label: str) -> None
             f"{label}: bbox {','.join(f'{v:g}' for v in bbox)} lies outside the {width} x {height} image; "
             "boxes are x1,y1,x2,y2 in pixels of the image as displayed (EXIF rotation applied)"
         )
-
-
-def preprocess_pil(
-    image: Image.Image, image_size: int | None, bbox: Sequence[float] | None, label: str
-) -> torch.Tensor:
-    """A PIL image (an upload) as ``ImageListDataset`` would give it from a file: RGB, EXIF-rotated, cropped
-    to ``bbox`` at full-image scale, long side downscaled, ImageNet-normalised."""
-    image = to_rgb(ImageOps.exif_transpose(image))
-    size: float | None = image_size
-    if bbox is not None:
-        full_size = max(image.size)
-        image = crop(image, bbox, Path(label))
-        if size is not None:
-            size = size * max(image.size) / full_size
-    if size is not None:
-        image = resize_long_side(image, max(size, 1.0))
-    return to_tensor_normalised(image)
 
 
 # -- the searcher -------------------------------------------------------------------------------------------------
@@ -191,9 +161,11 @@ class Searcher:
 
     # -- database side --------------------------------------------------------------------------------------
     def _new_engine(self, database: np.ndarray) -> ExactSearch | FaissSearch:
+        """The search backend over ``database``; exact search runs on the searcher's device (on CUDA the
+        database is uploaded once, here, and stays there)."""
         if self.backend == "faiss":
             return FaissSearch(database, self.faiss_options)
-        return ExactSearch(database)
+        return ExactSearch(database, device=self.device)
 
     @property
     def database(self) -> np.ndarray:
@@ -235,7 +207,7 @@ class Searcher:
     ) -> np.ndarray:
         """N x D float32 L2-normalised embeddings of files or PIL images, each cropped to its box (or None).
 
-        Files go through ``extract_embeddings`` exactly as benchmark queries do. Boxes are x1,y1,x2,y2 in
+        Files and uploads go through ``extract_embeddings`` exactly as benchmark queries do. Boxes are x1,y1,x2,y2 in
         pixels of the image as displayed; one outside the image is a DataError (``check_boxes``; benchmark
         evaluation turns it off to crop exactly as the published code, which tolerates such boxes).
         """
@@ -251,30 +223,25 @@ class Searcher:
                 size = oriented_size(image)  # also turns a missing or undecodable file into a DataError here
                 if bbox is not None:
                     check_bbox(bbox, size, label)
-        out = np.empty((len(images), self.index.embedding_dim), dtype=np.float32)
-        files = [i for i, image in enumerate(images) if not isinstance(image, Image.Image)]
-        uploads = [i for i, image in enumerate(images) if isinstance(image, Image.Image)]
+        if not images:
+            return np.empty((0, self.index.embedding_dim), dtype=np.float32)
+        index = self.index
         with self._lock:
-            model = self.model
-            if files:
-                vectors = extract_embeddings(
-                    model,
-                    [Path(images[i]) for i in files],
-                    self.index.image_size,
-                    bboxes=[bboxes[i] for i in files],
-                    scales=self.index.scales,
-                    batch_size=self.batch_size,
-                    num_workers=self.num_workers,
-                    device=self.device,
-                )
-                out[files] = vectors.numpy()
-            if uploads:
-                with torch.inference_mode():
-                    for i in uploads:
-                        tensor = preprocess_pil(images[i], self.index.image_size, bboxes[i], labels[i])
-                        vector = embed_batch(model, tensor.unsqueeze(0).to(self.device), self.index.scales)
-                        out[i] = vector.float().cpu().numpy()[0]
-        return out
+            vectors = extract_embeddings(
+                self.model,
+                [image if isinstance(image, Image.Image) else Path(image) for image in images],
+                index.image_size,
+                bboxes=bboxes,
+                labels=labels,
+                scales=index.scales,
+                batch_size=self.batch_size,
+                num_workers=self.num_workers if all(not isinstance(i, Image.Image) for i in images) else 0,
+                device=self.device,
+                batching=getattr(index, "batching", "shape"),  # an index without these settings is exact
+                buckets=getattr(index, "buckets", None) or None,
+                precision=getattr(index, "precision", "32"),
+            )
+        return vectors.numpy()
 
     def _expand(self, queries: np.ndarray) -> np.ndarray:
         qe = self.query_expansion

@@ -29,6 +29,7 @@ from oxford_ir.data.images import decode_image, load_image
 from oxford_ir.data.loading import load_benchmark
 from oxford_ir.data.transforms import resize_long_side, to_tensor_normalised
 from oxford_ir.errors import ConfigError, DataError
+from tests.data.test_datamodule import _eval_loaders as eval_loaders
 from tests.data.test_datamodule import make as make_datamodule
 
 
@@ -427,11 +428,12 @@ def test_datamodule_reads_training_and_evaluation_images_from_the_cache(data_dir
         assert images.shape == (8, 3, 32, 32) and torch.equal(labels, ref_labels)
         assert torch.equal(images, ref_images)
     # evaluation: the same images, in the same order, bit for bit
-    for loader, reference in zip(cached.val_dataloader(), plain.val_dataloader(), strict=True):
-        assert loader.dataset.cache is not None
-        for (batch, indices), (ref_batch, ref_indices) in zip(loader, reference, strict=True):
-            assert torch.equal(indices, ref_indices)
-            assert all(torch.equal(a, b) for a, b in zip(batch, ref_batch, strict=True))
+    for loader, reference in zip(eval_loaders(cached), eval_loaders(plain), strict=True):
+        assert loader.dataset.images.cache is not None
+        for (groups, _), (ref_groups, _) in zip(loader, reference, strict=True):
+            for batch, ref in zip(groups, ref_groups, strict=True):
+                assert torch.equal(batch.indices, ref.indices) and torch.equal(batch.sizes, ref.sizes)
+                assert torch.equal(batch.images, ref.images)
 
 
 def test_datamodule_training_cache_at_a_smaller_long_side(data_dir: Path, tmp_path: Path) -> None:
@@ -476,14 +478,13 @@ def test_datamodule_cache_follows_a_changed_image(tmp_path: Path) -> None:
     dm = make(data, tmp_path / "cache")
     dm.prepare_data()
     dm.setup("validate")
-    database, _ = dm.val_dataloader()
-    first = database.dataset[0][0]
+    first = dm.eval_images()[0][0][0]
     path = dm.eval_benchmark.db_paths[0]
     write_image(path, 64, 48, seed=321, quality=95)
     touch_later(path)
     again = make(data, tmp_path / "cache")
     again.setup("validate")
-    changed = again.val_dataloader()[0].dataset[0][0]
+    changed = again.eval_images()[0][0][0]
     assert not torch.equal(first, changed)
     assert torch.equal(changed, ImageListDataset([path], 48)[0][0])
 
@@ -511,7 +512,7 @@ def test_fast_dev_run_with_the_cache(tmp_path: Path) -> None:
     assert caches == ["eval-synthetic-64", "train-synthetic-64"]
     trainer = objects["trainer"]
     assert trainer.train_dataloader.dataset.cache is not None
-    assert all(loader.dataset.cache is not None for loader in trainer.val_dataloaders)
+    assert all(loader.dataset.images.cache is not None for loader in trainer.val_dataloaders)
     assert 0.0 <= metrics["val/mAP"] <= 1.0 and metrics["train/num_triplets"] >= 0
 
 

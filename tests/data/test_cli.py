@@ -98,6 +98,8 @@ def test_synthetic_passes_only_the_options_given(monkeypatch: pytest.MonkeyPatch
     assert calls[-1] == (tmp_path / "t", {"n_landmarks": 2, "images_per_landmark": 3})
     assert main(["synthetic", "--root", str(tmp_path / "u"), "--preset", "tiny", "--distractors", "0"]) == 0
     assert calls[-1] == (tmp_path / "u", {**synthetic.SYNTHETIC_TINY, "n_distractors": 0})
+    assert main(["synthetic", "--root", str(tmp_path / "w"), "--workers", "3"]) == 0
+    assert calls[-1] == (tmp_path / "w", {"workers": 3})
     monkeypatch.setenv("OXFORD_IR_DATA", str(tmp_path / "env"))
     assert main(["synthetic"]) == 0
     assert calls[-1] == (tmp_path / "env" / "synthetic", {})

@@ -20,12 +20,15 @@ from torch.utils.data.distributed import DistributedSampler
 
 from oxford_ir.callbacks.distributed import SpawnedProcessGroupTeardown
 from oxford_ir.data.augmentation import Augmentation, train_transform
-from oxford_ir.data.collate import collate_variable_size
 from oxford_ir.data.datamodule import ClassBalancedSampler, RetrievalDataModule
 from oxford_ir.data.loading import load_benchmark
 from oxford_ir.data.splits import full_ground_truth
 from oxford_ir.data.synthetic import SYNTHETIC_DEFAULTS
 from oxford_ir.errors import ConfigError, DataError
+from oxford_ir.extraction.embedding import benchmark_loaders
+from oxford_ir.models.backbones import ScratchCNN
+from oxford_ir.models.embedder import Embedder
+from oxford_ir.models.pooling import GeM
 from tests.data.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,48 +189,56 @@ def test_held_out_settings_are_ignored_by_the_other_splits(data_dir: Path) -> No
     assert dm.split.held_out_landmarks == () and dm.eval_benchmark.n_queries == 10
 
 
+def _eval_loaders(dm: RetrievalDataModule) -> list:
+    """The validation loaders as the module plans them (``RetrievalModule.evaluation_loaders``), for a tiny CNN."""
+    model = Embedder(ScratchCNN(channels=(4, 8)), GeM())
+    loaders, _ = benchmark_loaders(model, dm.eval_benchmark, images=dm.eval_images(), **dm.eval_settings)
+    return loaders
+
+
 def test_val_loaders_cover_every_image_once_in_order(data_dir: Path) -> None:
     dm = make(data_dir)
     dm.setup("validate")
     benchmark = dm.eval_benchmark
-    database, queries = dm.val_dataloader()
+    database, queries = _eval_loaders(dm)
     seen = []
-    for images, indices in database:
-        assert isinstance(images, list) and indices.dtype == torch.long
-        for image, index in zip(images, indices.tolist(), strict=True):
-            with Image.open(benchmark.db_paths[index]) as original:
-                w, h = original.size
-            assert max(image.shape[1:]) == min(48, max(w, h))
-        seen += indices.tolist()
-    assert seen == list(range(benchmark.n_db))
+    for groups, failures in database:
+        assert not failures
+        for batch in groups:
+            assert batch.indices.dtype == torch.long and batch.images.shape[0] == len(batch.indices)
+            for (h, w), index in zip(batch.sizes.tolist(), batch.indices.tolist(), strict=True):
+                with Image.open(benchmark.db_paths[index]) as original:
+                    full_w, full_h = original.size
+                assert max(h, w) == min(48, max(full_w, full_h))
+                assert batch.images.shape[-2] >= h and batch.images.shape[-1] >= w  # padded to its bucket
+            seen += batch.indices.tolist()
+    assert sorted(seen) == list(range(benchmark.n_db))
     seen = []
-    for images, indices in queries:
-        for image, index in zip(images, indices.tolist(), strict=True):
-            # by hand: PIL crops at the rounded box, then the crop keeps the scale of the whole image
-            with Image.open(benchmark.query_paths[index]) as original:
-                full_long = max(original.size)
-            x1, y1, x2, y2 = (round(v) for v in benchmark.query_bboxes[index])
-            crop_w, crop_h = x2 - x1, y2 - y1
-            target = 48 * max(crop_w, crop_h) / full_long
-            long_side = min(max(crop_w, crop_h), math.floor(target))
-            short_side = long_side * min(crop_w, crop_h) / max(crop_w, crop_h)
-            got_long, got_short = max(image.shape[1:]), min(image.shape[1:])
-            assert got_long == long_side and abs(got_short - short_side) <= 1
-            assert (image.shape[2] >= image.shape[1]) == (crop_w >= crop_h)
-        seen += indices.tolist()
-    assert seen == list(range(benchmark.n_queries))
-    test_database, test_queries = dm.test_dataloader()
-    assert [i.tolist() for _, i in test_queries] == [i.tolist() for _, i in queries]
+    for groups, _ in queries:
+        for batch in groups:
+            for (h, w), index in zip(batch.sizes.tolist(), batch.indices.tolist(), strict=True):
+                # by hand: PIL crops at the rounded box, then the crop keeps the scale of the whole image
+                with Image.open(benchmark.query_paths[index]) as original:
+                    full_long = max(original.size)
+                x1, y1, x2, y2 = (round(v) for v in benchmark.query_bboxes[index])
+                crop_w, crop_h = x2 - x1, y2 - y1
+                target = 48 * max(crop_w, crop_h) / full_long
+                long_side = min(max(crop_w, crop_h), math.floor(target))
+                short_side = long_side * min(crop_w, crop_h) / max(crop_w, crop_h)
+                assert max(h, w) == long_side and abs(min(h, w) - short_side) <= 1
+                assert (w >= h) == (crop_w >= crop_h)
+            seen += batch.indices.tolist()
+    assert sorted(seen) == list(range(benchmark.n_queries))
 
 
-def test_collate_variable_size() -> None:
-    a, b = torch.zeros(3, 4, 5), torch.ones(3, 6, 2)
-    images, indices = collate_variable_size([(a, 3), (b, 9)])
-    assert images[0] is a and images[1] is b and indices.tolist() == [3, 9] and indices.dtype == torch.long
-    with pytest.raises(TypeError, match="batch item 1: expected a C x H x W tensor"):
-        collate_variable_size([(a, 0), (torch.zeros(4, 5), 1)])
-    with pytest.raises(ValueError, match="empty batch"):
-        collate_variable_size([])
+def test_val_dataloader_is_planned_by_the_module(data_dir: Path) -> None:
+    dm = make(data_dir, eval_batching="shape")
+    dm.setup("validate")
+    assert dm.eval_settings["batching"] == "shape" and dm.eval_settings["batch_size"] == 4
+    with pytest.raises(ConfigError, match="planned by the LightningModule"):
+        dm.val_dataloader()
+    with pytest.raises(ConfigError, match="data.eval_batching='padded'"):
+        make(data_dir, eval_batching="padded")
 
 
 # -- errors -------------------------------------------------------------------------------------------
@@ -527,7 +538,7 @@ def test_loader_defaults_pin_and_keep_workers(data_dir: Path) -> None:
         assert cfg.cache.enabled is False and cfg.cache.dir is None and cfg.cache.train_long_side is None, path.name
     dm = make(data_dir, num_workers=1)
     dm.setup("fit")
-    loaders = [dm.train_dataloader(), *dm.val_dataloader()]
+    loaders = [dm.train_dataloader(), *_eval_loaders(dm)]
     assert all(loader.persistent_workers for loader in loaders)
     assert all(loader.pin_memory == torch.cuda.is_available() for loader in loaders)
     no_workers = make(data_dir, num_workers=0)

@@ -66,10 +66,11 @@ def _views(root: Path) -> dict[str, dict]:
 
 def test_signature_defaults_are_the_published_defaults() -> None:
     parameters = inspect.signature(write_synthetic_benchmark).parameters
-    defaults = {name: p.default for name, p in parameters.items() if name not in ("root", "seed")}
+    defaults = {name: p.default for name, p in parameters.items() if name not in ("root", "seed", "workers")}
     assert defaults == SYNTHETIC_DEFAULTS
     assert parameters["seed"].default == 0
     assert synthetic_params() == SYNTHETIC_DEFAULTS
+    assert parameters["workers"].default == 1  # how it is written, not what: the files do not depend on it
 
 
 def test_layout_and_counts(tiny: Path) -> None:

@@ -15,7 +15,8 @@ from oxford_ir.data.benchmark import Benchmark
 from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.data.transforms import eval_transform, resize_long_side, to_tensor_normalised
 from oxford_ir.errors import ConfigError, DataError
-from oxford_ir.extraction.embedding import extract_benchmark, extract_embeddings
+from oxford_ir.extraction.batches import PlannedBatches
+from oxford_ir.extraction.embedding import embed_image_batch, extract_benchmark, extract_embeddings, plan_for_model
 from oxford_ir.models.backbones import MobileNetV2, ScratchCNN
 from oxford_ir.models.embedder import Embedder
 from oxford_ir.models.pooling import GeM
@@ -47,6 +48,10 @@ def _model(p: float = 3.0) -> Embedder:
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
     return model
+
+
+#: exact extraction (no padding): what the tests comparing with images embedded one by one need
+EXACT = {"batching": "shape"}
 
 
 def _one_by_one(model: Embedder, dataset: ImageListDataset) -> torch.Tensor:
@@ -126,7 +131,7 @@ def test_batched_extraction_equals_one_by_one_in_path_order(images: list[Path]) 
     model = _model()
     reference = _one_by_one(model, ImageListDataset(images, 40))
     for batch_size in (1, 2, 3, 16):
-        out = extract_embeddings(model, images, 40, batch_size=batch_size)
+        out = extract_embeddings(model, images, 40, batch_size=batch_size, **EXACT)
         assert out.shape == (len(images), 8) and out.dtype == torch.float32
         torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.norm(dim=1), torch.ones(len(images)))
@@ -138,7 +143,9 @@ def test_many_distinct_sizes_are_flushed_without_losing_rows(tmp_path: Path) -> 
     paths = [_write_image(tmp_path / f"s{i}.png", 30 + 3 * i, 40, seed=i) for i in range(11)]
     model = _model()
     reference = _one_by_one(model, ImageListDataset(paths, None))
-    torch.testing.assert_close(extract_embeddings(model, paths, None, batch_size=2), reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        extract_embeddings(model, paths, None, batch_size=2, **EXACT), reference, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_reversed_paths_give_reversed_rows(images: list[Path]) -> None:
@@ -169,7 +176,7 @@ def test_multi_scale_is_the_power_mean_of_the_scales(images: list[Path]) -> None
     model = _model(p=2.5).eval()
     scales = (1.0, 1 / math.sqrt(2))
     bboxes = [None, (5, 5, 55, 75)] + [None] * (len(images) - 2)
-    out = extract_embeddings(model, images, 40, bboxes=bboxes, scales=scales, batch_size=3)
+    out = extract_embeddings(model, images, 40, bboxes=bboxes, scales=scales, batch_size=3, **EXACT)
     dataset = ImageListDataset(images, 40, bboxes=bboxes)
     with torch.no_grad():
         for i in range(len(images)):
@@ -177,7 +184,7 @@ def test_multi_scale_is_the_power_mean_of_the_scales(images: list[Path]) -> None
             small = F.interpolate(x, scale_factor=1 / math.sqrt(2), mode="bilinear", align_corners=False)
             v = ((model(x).pow(2.5) + model(small).pow(2.5)) / 2).pow(1 / 2.5)
             torch.testing.assert_close(out[i], (v / v.norm()).squeeze(0), rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(out, extract_embeddings(model, images, 40, bboxes=bboxes))
+    assert not torch.allclose(out, extract_embeddings(model, images, 40, bboxes=bboxes, **EXACT))
 
 
 def test_bboxes_crop_only_their_images(images: list[Path]) -> None:
@@ -229,10 +236,15 @@ def test_extract_benchmark_crops_queries_to_their_boxes(images: list[Path], tmp_
         extension=".png",
     )
     model = _model()
+    db, queries = extract_benchmark(model, benchmark, 40, batch_size=4, **EXACT)
+    torch.testing.assert_close(db, extract_embeddings(model, images, 40, **EXACT))
+    boxes = [(10, 5, 50, 45), (0, 10, 60, 70)]
+    torch.testing.assert_close(queries, extract_embeddings(model, [images[0], images[4]], 40, bboxes=boxes, **EXACT))
+    # bucket batching: the database and the queries share one table, so each image embeds as it would in a
+    # single list of every image with those buckets
     db, queries = extract_benchmark(model, benchmark, 40, batch_size=4)
-    torch.testing.assert_close(db, extract_embeddings(model, images, 40))
-    expected = extract_embeddings(model, [images[0], images[4]], 40, bboxes=[(10, 5, 50, 45), (0, 10, 60, 70)])
-    torch.testing.assert_close(queries, expected)
+    every = extract_embeddings(model, [*images, images[0], images[4]], 40, bboxes=[None] * len(images) + boxes)
+    torch.testing.assert_close(torch.cat([db, queries]), every, rtol=1e-5, atol=1e-6)
 
 
 # -- real images, real ImageNet weights -----------------------------------------------------------------
@@ -264,7 +276,7 @@ def test_pretrained_mobilenet_gem_matches_landmarks_on_real_paris_images(
 def test_aspect_batching_runs_fewer_passes_and_stays_close_to_exact(tmp_path: Path) -> None:
     paths = [_write_image(tmp_path / f"a{i}.png", 60 + i, 80 - i, seed=i) for i in range(6)]  # all distinct
     model = _model()
-    exact = extract_embeddings(model, paths, 40, batch_size=6)
+    exact = extract_embeddings(model, paths, 40, batch_size=6, **EXACT)
     calls = []
     hook = model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     approx = extract_embeddings(model, paths, 40, batch_size=6, batching="aspect", aspect_tolerance=0.2)
@@ -316,3 +328,147 @@ def test_sharded_extraction_across_processes_is_bit_identical_to_one_process(
     mp.spawn(_extract_in_process_group, args=(2, str(tmp_path / "init"), paths, out), nprocs=2, join=True)
     for rank in range(2):
         assert torch.equal(torch.load(f"{out}.{rank}"), single)
+
+
+# -- bucket batching (the default): few input shapes, pooled over each image's own cells ---------------------------
+class _ShapeRecorder(torch.nn.Module):
+    """Wraps an embedder and records the (batch, height, width) of every input it receives."""
+
+    def __init__(self, inner: Embedder) -> None:
+        super().__init__()
+        self.inner = inner
+        self.seen: list[tuple[int, int, int]] = []
+        self.embedding_dim, self.supports_padding = inner.embedding_dim, inner.supports_padding
+
+    @property
+    def power(self) -> float:
+        return self.inner.power
+
+    def forward(self, x: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        self.seen.append(tuple(x.shape[:1]) + tuple(x.shape[-2:]))
+        return self.inner(x, sizes) if sizes is not None else self.inner(x)
+
+
+def _photos(tmp_path: Path, n: int, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    sizes = [(int(rng.integers(60, 200)), int(rng.integers(60, 200))) for _ in range(n)]
+    return [_write_image(tmp_path / f"p{i}.jpg", w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+
+
+def test_bucket_batching_bounds_the_input_shapes_and_equals_exact(tmp_path: Path) -> None:
+    paths = _photos(tmp_path, 40)
+    model = _model()
+    exact = extract_embeddings(model, paths, 160, batch_size=8, **EXACT)
+    recorder = _ShapeRecorder(model)
+    for max_shapes in (1, 3, 6):
+        recorder.seen.clear()
+        bucketed = extract_embeddings(recorder, paths, 160, batch_size=8, max_shapes=max_shapes)
+        assert len({s[1:] for s in recorder.seen}) <= max_shapes
+        assert sum(s[0] for s in recorder.seen) == len(paths)
+        torch.testing.assert_close(bucketed, exact, rtol=0, atol=1e-5)
+    recorder.seen.clear()
+    extract_embeddings(recorder, paths, 160, batch_size=8, **EXACT)
+    assert len({s[1:] for s in recorder.seen}) > 6  # what the buckets save
+
+
+def test_bucket_plan_summary_and_multi_scale_sizes(tmp_path: Path) -> None:
+    paths = _photos(tmp_path, 12, seed=1)
+    model = _model(p=2.5)
+    plan = plan_for_model(model, paths, 160, 4, max_shapes=4)
+    summary = plan.summary()
+    assert summary["mode"] == "bucket" and summary["distinct_input_shapes"] <= 4 and summary["images"] == 12
+    assert 0 < summary["padded_over_valid_pixels"] < 1
+    recorder = _ShapeRecorder(model)
+    out = extract_embeddings(recorder, paths, 160, scales=(1.0, 0.5), plan=plan, batch_size=4)
+    # each scale adds one shape per bucket: floor(H * s) x floor(W * s)
+    buckets = {tuple(b) for b in plan.input_shapes()}
+    assert {s[1:] for s in recorder.seen} == buckets | {(h // 2, w // 2) for h, w in buckets}
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(12))
+
+
+def test_a_model_that_cannot_pool_padded_images_gets_exact_batches(images: list[Path]) -> None:
+    class Plain(torch.nn.Module):  # no supports_padding: forward takes images only
+        embedding_dim = 3
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.normalize(x.mean(dim=(-2, -1)), dim=1)
+
+    plan = plan_for_model(Plain(), images, 40, 4)
+    assert plan.mode == "shape" and "cannot pool" in plan.note
+    extract_embeddings(Plain(), images, 40)  # runs, exact
+
+
+def test_uploads_embed_exactly_as_their_files(images: list[Path]) -> None:
+    model = _model()
+    uploads = [Image.open(p) for p in images]
+    labels = [f"upload-{i}" for i in range(len(images))]
+    torch.testing.assert_close(
+        extract_embeddings(model, uploads, 40, labels=labels, batch_size=3),
+        extract_embeddings(model, images, 40, batch_size=3),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_filling_a_bucket_batch_with_blank_images_changes_nothing(tmp_path: Path) -> None:
+    """What a GPU does to keep one batch size per bucket (one cuDNN plan): the real rows are unchanged."""
+    paths = _photos(tmp_path, 5, seed=2)
+    model = _model().eval()
+    plan = plan_for_model(model, paths, 160, 8, max_shapes=1)
+    (groups, failures) = PlannedBatches(ImageListDataset(paths, 160), plan.batches)[0]
+    assert not failures and len(groups) == 1 and groups[0].padded
+    with torch.no_grad():
+        plain = embed_image_batch(model, groups[0], (1.0, 0.75))
+        filled = embed_image_batch(model, groups[0], (1.0, 0.75), fill_to=8)
+    assert filled.shape == plain.shape == (5, 8)
+    torch.testing.assert_close(filled, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_decode_path_runs_on_the_cpu_and_reports_bad_files(images: list[Path], tmp_path: Path) -> None:
+    """decode=gpu: workers read bytes, torchvision decodes (here with libjpeg on the CPU), bicubic resize."""
+    jpegs = []
+    for i, path in enumerate(images[:6]):
+        jpegs.append(tmp_path / f"j{i}.jpg")
+        Image.open(path).convert("RGB").save(jpegs[-1], quality=95)
+    png = images[6]  # not a JPEG: decoded by PIL in the worker
+    model = _model()
+    sources = [*jpegs, png]
+    boxes = [None, (5, 5, 50, 40)] + [None] * 5
+    cpu = extract_embeddings(model, sources, 40, bboxes=boxes, batch_size=3)
+    device = extract_embeddings(model, sources, 40, bboxes=boxes, batch_size=3, decode="gpu", num_workers=1)
+    cosine = (cpu * device).sum(dim=1)
+    assert float(cosine.min()) > 0.99  # Lanczos in PIL vs antialiased bicubic on tensors: close, not equal
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(jpegs[0].read_bytes()[:200])  # truncated: no end-of-image marker, PIL refuses it
+    with pytest.raises(DataError, match="broken.jpg"):
+        extract_embeddings(model, [jpegs[1], broken], 40, decode="gpu")
+
+
+# -- on a GPU ----------------------------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_extraction_paths_agree_with_the_cpu(tmp_path: Path) -> None:
+    """Bucket batches filled to one batch size, the side stream, results read one batch late, GPU decoding and
+    bf16 + channels_last on a real GPU, each against the exact CPU embeddings."""
+    paths = _photos(tmp_path, 21)
+    model = _model()
+    cpu = extract_embeddings(model, paths, 160, batch_size=8, **EXACT)
+    recorder = _ShapeRecorder(model)
+    cases = {
+        "bucket": ({"decode": "cpu"}, 2e-3),  # float32 (cuDNN may use TF32: about 1e-3)
+        "bucket, decoded on the GPU": ({"decode": "gpu"}, 3e-2),  # nvJPEG + bicubic vs libjpeg + Lanczos
+        "bucket, bf16, channels_last": ({"precision": "bf16", "channels_last": True}, 3e-2),
+        "exact shapes": ({**EXACT, "decode": "cpu"}, 2e-3),
+    }
+    for name, (options, tolerance) in cases.items():
+        recorder.seen.clear()
+        out = extract_embeddings(
+            recorder, paths, 160, batch_size=8, max_shapes=4, device="cuda", num_workers=2, **options
+        )
+        assert out.device.type == "cpu" and out.shape == cpu.shape, name
+        assert float((1 - (out * cpu).sum(dim=1)).max()) < tolerance, name
+        if options.get("batching", "bucket") == "bucket":
+            assert len({s[1:] for s in recorder.seen}) <= 4 and {s[0] for s in recorder.seen} == {8}, name
+    model.cpu()

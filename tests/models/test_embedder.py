@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 from torch.nn import functional as F
 
 from oxford_ir.errors import ConfigError
-from oxford_ir.models.backbones import MobileNetV2, RawPixels, ResNet50, ScratchCNN
+from oxford_ir.models.backbones import Backbone, MobileNetV2, RawPixels, ResNet50, ScratchCNN
 from oxford_ir.models.embedder import Embedder
-from oxford_ir.models.pooling import MAC, AvgPooling, FlattenPooling, GeM
+from oxford_ir.models.pooling import MAC, AvgPooling, FlattenPooling, GeM, valid_cell_mask
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -141,3 +141,75 @@ def test_square_whitening_starts_as_the_identity():
     x = torch.rand(3, 3, 32, 32)
     torch.testing.assert_close(whitened(x), plain(x))
     assert not torch.equal(Embedder(backbone, GeM(), projection_dim=4).projection.weight[:, :4], torch.eye(4))
+
+
+# -- padded images: the embedding of each image's own region ----------------------------------------------------
+class _Patches(Backbone):
+    """Strided patches without spatial mixing across them: 8 x 8 average, then 1 x 1 convolutions. Padding cannot
+    reach a cell of an image whose sides are multiples of the stride."""
+
+    out_channels = 6
+    stride = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), torch.nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(F.avg_pool2d(x, 8, ceil_mode=True))
+
+
+@pytest.mark.parametrize("pooling", [GeM(), MAC(), AvgPooling()], ids=["gem", "mac", "avg"])
+def test_padded_images_embed_as_unpadded_where_the_padding_cannot_reach(pooling: torch.nn.Module) -> None:
+    torch.manual_seed(0)
+    model = Embedder(_Patches(), pooling, whitening=True).eval()
+    own = [(16, 24), (40, 8), (32, 40)]
+    images = [torch.randn(1, 3, h, w) for h, w in own]
+    padded = torch.randn(3, 3, 40, 40) * 10  # the padding holds anything
+    for i, (h, w) in enumerate(own):
+        padded[i, :, :h, :w] = images[i][0]
+    with torch.no_grad():
+        out = model(padded, torch.tensor(own))
+        for i, image in enumerate(images):
+            torch.testing.assert_close(out[i : i + 1], model(image))
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [lambda: ScratchCNN(channels=(8, 16, 32)), lambda: MobileNetV2(weights=None), lambda: ResNet50(weights=None)],
+    ids=["scratch", "mobilenetv2", "resnet50"],
+)
+def test_padded_images_through_a_cnn_equal_each_image_alone(backbone) -> None:
+    """3 x 3 convolutions, strided convolutions, max-pools and BatchNorm (which turns zero padding into non-zero
+    values) near the edges: with each layer's input masked, each image embeds as alone, whatever the padding."""
+    torch.manual_seed(0)
+    model = Embedder(backbone(), GeM()).eval()
+    with torch.no_grad():
+        for module in model.modules():  # BatchNorm statistics that move zeros away from zero
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    own = [(50, 60), (37, 45), (64, 41), (1, 1)]
+    images = [torch.randn(1, 3, h, w) for h, w in own]
+    padded = torch.randn(len(own), 3, 64, 64) * 5
+    for i, (h, w) in enumerate(own):
+        padded[i, :, :h, :w] = images[i][0]
+    with torch.no_grad():
+        out = model(padded, torch.tensor(own))
+        alone = torch.cat([model(image) for image in images])
+        features = model.backbone(padded)
+        cells = valid_cell_mask(torch.tensor(own), tuple(features.shape[-2:]), model.backbone.stride)
+        pooled_only = model.pooling(features, cells)
+    torch.testing.assert_close(out, alone, rtol=0, atol=1e-6)
+    # masking the pooling alone is not enough: the edge cells see the padding through the convolutions
+    error_pooling_only = (F.normalize(pooled_only, dim=1) - alone)[:3].abs().max()
+    assert error_pooling_only > 100 * (out - alone).abs().max()
+
+
+def test_raw_pixels_of_a_padded_image_are_exact_and_every_embedder_says_if_it_pads() -> None:
+    model = Embedder(RawPixels(grid=4), FlattenPooling())
+    image = torch.randn(1, 3, 20, 30)
+    padded = torch.full((1, 3, 32, 32), 7.0)
+    padded[..., :20, :30] = image
+    torch.testing.assert_close(model(padded, torch.tensor([[20, 30]])), model(image))
+    assert model.supports_padding and _tiny().supports_padding

@@ -6,6 +6,7 @@ takes about a second on a CPU.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -19,16 +20,16 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 from PIL import Image
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from oxford_ir.callbacks.distributed import SpawnedProcessGroupTeardown
 from oxford_ir.data.benchmark import Benchmark
 from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.errors import CheckpointError, ConfigError, DataError
+from oxford_ir.extraction.embedding import extract_benchmark
 from oxford_ir.models.module import (
     RetrievalModule,
     assemble_by_index,
-    embed_images,
     load_retrieval_checkpoint,
     restrict_benchmark,
 )
@@ -125,19 +126,16 @@ def train_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def collate_images(batch):
-    """Validation batches as the datamodule gives them: a list of C x H x W tensors and their indices."""
-    return [tensor for tensor, _ in batch], torch.tensor([index for _, index in batch], dtype=torch.long)
-
-
 class StandInDataModule(pl.LightningDataModule):
-    """The datamodule contract the module relies on: P x K train batches, two val loaders, eval_benchmark."""
+    """The datamodule contract the module relies on: P x K train batches, and the evaluation benchmark with its
+    images and settings (the module plans and loads them). Exact ``shape`` batches by default, so that
+    validation can be compared with images embedded one by one."""
 
-    def __init__(self, benchmark: Benchmark, eval_batch_size: int = 64, db_order: list[int] | None = None) -> None:
+    def __init__(self, benchmark: Benchmark, eval_batch_size: int = 64, batching: str = "shape") -> None:
         super().__init__()
         self.eval_benchmark = benchmark
         self.eval_batch_size = eval_batch_size
-        self.db_order = db_order  # the database images the db loader yields, in this order (default: all)
+        self.batching = batching
         self.train_images, self.train_labels = train_tensors()
 
     def train_dataloader(self) -> DataLoader:
@@ -149,12 +147,24 @@ class StandInDataModule(pl.LightningDataModule):
     def query_dataset(self):
         return ImageListDataset(self.eval_benchmark.query_paths, None, bboxes=self.eval_benchmark.query_bboxes)
 
-    def val_dataloader(self) -> list[DataLoader]:
-        db = self.db_dataset()
-        if self.db_order is not None:
-            db = Subset(db, self.db_order)
-        kwargs = dict(batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_images)
-        return [DataLoader(db, **kwargs), DataLoader(self.query_dataset(), **kwargs)]
+    def eval_images(self):
+        return self.db_dataset(), self.query_dataset()
+
+    def val_dataloader(self):
+        return self.trainer.lightning_module.evaluation_loaders(self)
+
+    @property
+    def eval_settings(self) -> dict:
+        return {
+            "image_size": None,
+            "batch_size": self.eval_batch_size,
+            "batching": self.batching,
+            "max_shapes": 16,
+            "num_workers": 0,
+            "pin_memory": False,
+            "persistent_workers": False,
+            "gpu_decode": False,
+        }
 
 
 class MemoryLogger(Logger):
@@ -329,15 +339,19 @@ def test_multi_scale_validation_is_the_generalised_mean_over_scales(trained):
         assert float(trainer.callback_metrics[f"val/{BENCH}/{key}"]) == pytest.approx(value, abs=1e-6)
 
 
-def test_embed_images_groups_sizes_and_keeps_the_input_order():
-    module = make_module().eval()
-    gen = torch.Generator().manual_seed(3)
-    shapes = [(3, 32, 32), (3, 24, 40), (3, 32, 32), (3, 40, 24), (3, 24, 40)]
-    images = [torch.randn(*s, generator=gen) for s in shapes]
-    with torch.no_grad():
-        batched = embed_images(module.embedder, images, scales=(1.0, 0.5))
-        single = torch.stack([literal_embedding(module.embedder, x, (1.0, 0.5)) for x in images])
-    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+def test_bucket_validation_equals_oxford_ir_eval_extraction(tmp_path):
+    """Validation goes through the extraction path of oxford-ir-eval: padded buckets, one table for the database
+    and the queries, the same embeddings."""
+    datamodule = StandInDataModule(write_benchmark(tmp_path), eval_batch_size=3, batching="bucket")
+    module = make_module(eval_scales=[1.0, 0.75])
+    pl.Trainer(logger=False, **TRAINER_KWARGS).validate(module, datamodule=datamodule, verbose=False)
+    benchmark = datamodule.eval_benchmark
+    db, queries = extract_benchmark(module.embedder, benchmark, None, scales=(1.0, 0.75), batch_size=3)
+    torch.testing.assert_close(module.last_evaluation["db"], db, atol=1e-6, rtol=0)
+    torch.testing.assert_close(module.last_evaluation["queries"], queries, atol=1e-6, rtol=0)
+    assert module._eval_plans[0].mode == "bucket" and module._eval_plans[0].buckets
+    shapes = module._eval_plans[0].input_shapes() | module._eval_plans[1].input_shapes()
+    assert len(shapes) <= 16 and all(h % 32 == 0 and w % 32 == 0 for h, w in shapes)
 
 
 def test_sanity_check_and_shortened_passes_evaluate_the_embedded_subset(tmp_path):
@@ -365,7 +379,10 @@ def test_sanity_check_and_shortened_passes_evaluate_the_embedded_subset(tmp_path
     (sanity, sanity_bench), (full, full_bench) = recorder.seen
     assert sanity and sanity_bench.is_subset and sanity_bench.n_db == 4
     assert "4/12 database images" in sanity_bench.subset_note
-    assert sanity_bench.n_queries == 2  # database images 0..3: positives of queries 0 (0, 1) and 1 (3) only
+    # the first planned batch of each loader: database images 0, 3, 6, 9 (the 32 x 32 ones) and query 0
+    # (each query crop has its own size), whose positives 0 and 1 include image 0
+    assert sanity_bench.imlist == datamodule.eval_benchmark.imlist[0:12:3]
+    assert sanity_bench.qimlist == datamodule.eval_benchmark.qimlist[:1]
     assert not full and full_bench is datamodule.eval_benchmark and not full_bench.is_subset
 
     limited = pl.Trainer(limit_val_batches=1, logger=False, **TRAINER_KWARGS)
@@ -375,18 +392,40 @@ def test_sanity_check_and_shortened_passes_evaluate_the_embedded_subset(tmp_path
     assert module.last_evaluation["benchmark"].is_subset and "val/mAP" in limited.callback_metrics
 
     # a shortened pass whose queries have no positive among the embedded images: nothing to evaluate
-    reversed_db = StandInDataModule(datamodule.eval_benchmark, eval_batch_size=1, db_order=list(range(11, -1, -1)))
+    no_positive = StandInDataModule(_database_reversed(datamodule.eval_benchmark), eval_batch_size=1)
     limited = pl.Trainer(limit_val_batches=1, logger=False, **TRAINER_KWARGS)
     with pytest.warns(UserWarning, match="1/12 database images and 1/4 queries.*not evaluated"):
-        limited.validate(module, datamodule=reversed_db, verbose=False)
+        limited.validate(module, datamodule=no_positive, verbose=False)
     assert module.last_evaluation is None and not limited.callback_metrics
 
 
+def _database_reversed(benchmark: Benchmark) -> Benchmark:
+    """The same benchmark with the database listed backwards (ground truth renumbered): its first image, a
+    positive of the last query only, comes first."""
+    n = benchmark.n_db
+    gnd = [
+        {**entry, "ok": [n - 1 - i for i in entry["ok"]], "junk": [n - 1 - i for i in entry["junk"]]}
+        for entry in benchmark.gnd
+    ]
+    return replace(benchmark, imlist=benchmark.imlist[::-1], gnd=gnd)
+
+
 def test_a_full_pass_missing_images_is_a_clear_error(tmp_path):
-    datamodule = StandInDataModule(write_benchmark(tmp_path), db_order=[i for i in range(12) if i not in (5, 7)])
+    datamodule = StandInDataModule(write_benchmark(tmp_path))
+    module = make_module()
+    planned = module.evaluation_loaders
+
+    def losing_two_images(dm):  # a broken loader: database images 5 and 7 never arrive
+        loaders = planned(dm)
+        database = loaders[0].dataset
+        kept = [replace(b, indices=tuple(i for i in b.indices if i not in (5, 7))) for b in database.batches]
+        database.batches = [b for b in kept if b.indices]
+        return loaders
+
+    module.evaluation_loaders = losing_two_images
     trainer = pl.Trainer(logger=False, **TRAINER_KWARGS)
-    with pytest.raises(DataError, match=r"11/12 database images|10/12 database images") as info:
-        trainer.validate(make_module(), datamodule=datamodule, verbose=False)
+    with pytest.raises(DataError, match=r"10/12 database images") as info:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     assert "missing database indices [5, 7]" in str(info.value) and BENCH in str(info.value)
 
 

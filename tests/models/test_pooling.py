@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from oxford_ir.errors import ConfigError
-from oxford_ir.models.pooling import MAC, AvgPooling, FlattenPooling, GeM
+from oxford_ir.models.pooling import MAC, AvgPooling, FlattenPooling, GeM, valid_cell_mask
 
 
 def test_gem_of_a_constant_map_is_the_constant() -> None:
@@ -98,3 +98,37 @@ def test_gem_is_finite_on_zero_maps_and_differentiable_there() -> None:
     torch.testing.assert_close(out, torch.full((1, 2), 1e-6))
     assert torch.isfinite(gem.p.grad).all() and torch.isfinite(x.grad).all()
     assert math.isfinite(gem.power)
+
+
+# -- masked pooling: padded images pooled over their own cells ------------------------------------------------
+@pytest.mark.parametrize("pooling", [GeM(p=3.0), MAC(), AvgPooling()], ids=["gem", "mac", "avg"])
+def test_masked_pooling_of_a_padded_map_equals_pooling_of_the_unpadded_map(pooling: torch.nn.Module) -> None:
+    """Whatever the padding holds (here: large values that would dominate a max or a mean), it is left out."""
+    torch.manual_seed(0)
+    own = [(3, 5), (6, 2), (6, 7)]
+    padded = torch.rand(len(own), 4, 6, 7, dtype=torch.float64) * 50.0 + 100.0
+    crops = []
+    for i, (h, w) in enumerate(own):
+        crop = torch.rand(1, 4, h, w, dtype=torch.float64) + 0.05
+        padded[i, :, :h, :w] = crop[0]
+        crops.append(crop)
+    mask = valid_cell_mask(torch.tensor(own), (6, 7), stride=1)
+    pooling = pooling.double()
+    out = pooling(padded, mask)
+    for i, crop in enumerate(crops):
+        torch.testing.assert_close(out[i : i + 1], pooling(crop))
+
+
+def test_valid_cell_mask_by_hand() -> None:
+    # stride 32: 33 pixels reach 2 cells, 32 pixels 1, 64 pixels 2
+    mask = valid_cell_mask(torch.tensor([[33, 32], [64, 64]]), (3, 3), stride=32)
+    assert mask.shape == (2, 1, 3, 3)
+    assert mask[0, 0].tolist() == [[True, False, False], [True, False, False], [False, False, False]]
+    assert mask[1, 0].sum() == 4 and bool(mask[1, 0, :2, :2].all())
+
+
+def test_flatten_refuses_a_mask_with_padding() -> None:
+    x = torch.rand(1, 2, 2, 2)
+    torch.testing.assert_close(FlattenPooling()(x, torch.ones(1, 1, 2, 2, dtype=torch.bool)), x.flatten(1))
+    with pytest.raises(ValueError, match="flatten"):
+        FlattenPooling()(x, valid_cell_mask(torch.tensor([[1, 2]]), (2, 2), stride=1))

@@ -787,3 +787,32 @@ def test_an_index_built_by_two_processes_is_identical_to_one_process(tmp_path):
     assert sharded.entries == single.entries and len(sharded) == 11
     assert np.array_equal(sharded.embeddings, single.embeddings)
     assert [s.path for s in sharded.skipped] == [s.path for s in single.skipped] == ["broken.jpg"]
+
+
+# -- bucket shapes: chosen by the first build, kept by updates and searches ----------------------------------------
+def test_the_bucket_table_is_kept_for_updates_and_queries(tmp_path):
+    from oxford_ir.retrieval.search import Searcher
+
+    photos = tmp_path / "photos"
+    for i, size in enumerate([(40, 30), (30, 40), (44, 30), (36, 28), (40, 30)]):
+        write_photo(photos / f"p{i}.png", seed=i, size=size)
+    out = tmp_path / "index"
+    options = {**FAST, "image_size": 64, "dtype": "float32", "max_shapes": 2}
+    build_index(tiny_spec(), photos, out, **options)
+    first = RetrievalIndex.load(out)
+    assert first.batching == "bucket" and 1 <= len(first.buckets) <= 2
+    assert first.manifest["extraction"]["buckets"] == [list(b) for b in first.buckets]
+    # an update with an image no bucket holds: old rows and buckets kept, one bucket added for it
+    write_photo(photos / "square.png", seed=9, size=(80, 80))  # 64 x 64: neither 32 x 64 nor 64 x 32 holds it
+    build_index(tiny_spec(), photos, out, **options)
+    updated = RetrievalIndex.load(out)
+    assert set(first.buckets) < set(updated.buckets) and len(updated.buckets) == len(first.buckets) + 1
+    for path, row in rows_by_path(first).items():
+        assert np.array_equal(rows_by_path(updated)[path], row)
+    # every row equals the image embedded alone, and a search embeds a query with the index's table
+    model = tiny_spec().build()
+    paths = [photos / e.path for e in updated.entries]
+    exact = extract_embeddings(model, paths, 64, batching="shape").numpy()
+    np.testing.assert_allclose(updated.embeddings, exact, atol=1e-5)
+    queries = Searcher(updated, batch_size=3).embed_images(paths[:3])
+    np.testing.assert_allclose(queries, updated.embeddings[:3], atol=1e-5)

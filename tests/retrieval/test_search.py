@@ -20,7 +20,6 @@ from oxford_ir.extraction.embedding import extract_embeddings
 from oxford_ir.models.backbones import RawPixels
 from oxford_ir.models.embedder import Embedder
 from oxford_ir.models.pooling import FlattenPooling
-from oxford_ir.retrieval.exact_search import ExactSearch
 from oxford_ir.retrieval.faiss_backend import FaissOptions, FaissSearch
 from oxford_ir.retrieval.index import RetrievalIndex, build_index, resolve_images
 from oxford_ir.retrieval.model_spec import ModelSpec
@@ -81,47 +80,7 @@ class VectorIndex:
         return self.embeddings.shape[0]
 
 
-def numpy_top_k(db: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    scores = queries.astype(np.float64) @ db.astype(np.float64).T
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, 1), order
-
-
 # -- exact search ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("block_rows", [None, 7, 50])
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_exact_top_k_equals_numpy(block_rows, dtype):
-    db, queries = clustered_vectors(n=203, dim=24, clusters=10, n_queries=13, seed=1)
-    db = db.astype(dtype)
-    scores, indices = ExactSearch(db, block_rows=block_rows).search(queries, k=17)
-    expected_scores, expected = numpy_top_k(db.astype(np.float32), queries, 17)
-    assert indices.dtype == np.int64 and scores.dtype == np.float32 and indices.shape == (13, 17)
-    assert np.array_equal(indices, expected)
-    np.testing.assert_allclose(scores, expected_scores, atol=1e-6)
-
-
-def test_ties_go_to_the_lower_row_across_blocks():
-    """Equal scores (duplicated rows) come out in increasing row order, also across block boundaries."""
-    rng = np.random.default_rng(0)
-    base = rng.standard_normal((4, 8)).astype(np.float32)
-    base /= np.linalg.norm(base, axis=1, keepdims=True)
-    db = base[[2, 0, 1, 0, 3, 0, 2, 0, 1, 0]]  # base 0 at rows 1, 3, 5, 7, 9; base 2 at rows 0 and 6
-    for block_rows in (None, 1, 3, 4):
-        search = ExactSearch(db, block_rows=block_rows)
-        _, indices = search.search(base[[0, 2]], k=6)
-        assert indices[0, :5].tolist() == [1, 3, 5, 7, 9], block_rows
-        assert indices[1, :2].tolist() == [0, 6], block_rows
-        _, indices = search.search(np.zeros((1, 8), np.float32), k=4)  # every score 0: plain row order
-        assert indices.tolist() == [[0, 1, 2, 3]], block_rows
-
-
-def test_k_larger_than_the_database_returns_everything():
-    db, queries = clustered_vectors(n=5, dim=4, clusters=2, n_queries=2)
-    scores, indices = ExactSearch(db).search(queries, k=50)
-    assert indices.shape == (2, 5) and sorted(indices[0].tolist()) == [0, 1, 2, 3, 4]
-    assert np.all(np.diff(scores, axis=1) <= 0)
-
-
 def test_rank_all_is_the_evaluation_ranking():
     db, queries = clustered_vectors(n=120, dim=16, clusters=6, n_queries=7)
     searcher = Searcher(VectorIndex(db))
@@ -374,7 +333,7 @@ def index_benchmark(spec: ModelSpec, name: str, data: Path, out: Path, dtype: st
 
 def compare_with_oxford_ir_eval(spec: ModelSpec, names: list[str], data: Path, tmp_path: Path, image_size: int):
     """Metrics through float32 and float16 indexes next to evaluate_model's (the oxford-ir-eval path)."""
-    expected, _ = evaluate_model(
+    expected, _, _ = evaluate_model(
         spec.build("cpu"), names, data, image_size=image_size, scales=[1.0], batch_size=4, num_workers=0
     )
     deviations = {}
@@ -399,6 +358,7 @@ def test_evaluation_through_a_float32_index_equals_oxford_ir_eval(tiny_synthetic
     assert 0.0 < expected["synthetic"]["mAP"] < 1.0
 
 
+@pytest.mark.slow  # the same check runs fast with raw pixels and a scratch CNN above
 @pytest.mark.shared_data
 def test_evaluation_through_an_index_equals_oxford_ir_eval_with_pretrained_mobilenet(mobilenet_weights, tmp_path):
     """The default synthetic benchmark, ImageNet MobileNetV2 + GeM at its 160 px images."""
@@ -448,6 +408,7 @@ def paris_landmark(path: str | Path) -> str:
     return stem[len("paris_") : stem.rindex("_")]
 
 
+@pytest.mark.slow  # real Paris images are also embedded and matched by test_index.py and test_embedding.py
 @pytest.mark.shared_data
 def test_real_paris_queries_find_their_landmark(paris_root, mobilenet_weights, tmp_path):
     """Index the 250 real Paris images (ImageNet MobileNetV2 + GeM, 224 px) and search with the rparis6k
