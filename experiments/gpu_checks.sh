@@ -30,7 +30,7 @@ python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchv
 started=$SECONDS
 
 echo "== 1. CUDA tests"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs \
+timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs \
     tests/data/test_gpu_decode.py tests/retrieval/test_exact_search.py \
     tests/extraction/test_embedding.py::test_cuda_extraction_paths_agree_with_the_cpu \
     $(ls tests/data/test_batch_augment.py tests/data/test_prefetch.py 2>/dev/null) \
@@ -57,10 +57,10 @@ eval_run() {  # name, timeout, overrides...
     [ -f "$runs/$name/table.txt" ] && cat "$runs/$name/table.txt" || tail -3 "$runs.$name.log"
 }
 {
-    eval_run default 50
-    eval_run exact_protocol 50 extraction.batching=shape extraction.decode=cpu
-    eval_run bucket_bf16 40 extraction.precision=bf16 extraction.channels_last=true
-    eval_run shape_bf16 40 extraction.batching=shape extraction.precision=bf16 extraction.channels_last=true
+    eval_run default 40
+    eval_run exact_protocol 40 extraction.batching=shape extraction.decode=cpu
+    eval_run bucket_bf16 30 extraction.precision=bf16 extraction.channels_last=true
+    eval_run shape_bf16 30 extraction.batching=shape extraction.precision=bf16 extraction.channels_last=true
 } 2>&1 | tee "$OUT/paris.log"
 python3 - "$runs" "$OUT/paris.json" <<'EOF'
 import json, pathlib, sys

@@ -38,7 +38,8 @@ Failure = tuple[int, str]
 
 class ImageBatch(NamedTuple):
     """One forward pass: ``images`` (B x 3 x H x W, normalised; zeros where padded), each image's own
-    ``sizes`` (B x 2: height, width at the top left), and its ``indices`` in the image list."""
+    ``sizes`` (B x 2: height, width at the top left), and its ``indices`` in the image list. Sizes and indices
+    stay on the CPU where the images go to a GPU: the host reads them without waiting for the device."""
 
     images: torch.Tensor
     sizes: torch.Tensor
@@ -84,7 +85,7 @@ def assemble(items: Sequence[tuple[int, torch.Tensor]], planned: PlannedBatch) -
             sizes[row, 0], sizes[row, 1] = h, w
         padded = bool((sizes[:, 0] < height).any() or (sizes[:, 1] < width).any())
         indices = torch.tensor([i for i, _ in members], dtype=torch.long)
-        out.append(ImageBatch(images, sizes.to(images.device), indices.to(images.device), padded))
+        out.append(ImageBatch(images, sizes, indices, padded))
     return out
 
 

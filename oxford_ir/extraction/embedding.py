@@ -181,14 +181,11 @@ class _DeviceFeed:
             current.wait_stream(self.stream)
             for batch in groups:  # allocated on the side stream, used on the current one
                 batch.images.record_stream(current)
-                batch.sizes.record_stream(current)
         return groups, failures
 
 
 def _to(batch: ImageBatch, device: torch.device) -> ImageBatch:
-    return batch._replace(
-        images=batch.images.to(device, non_blocking=True), sizes=batch.sizes.to(device, non_blocking=True)
-    )
+    return batch._replace(images=batch.images.to(device, non_blocking=True))  # sizes and indices stay on the CPU
 
 
 def embed_planned(

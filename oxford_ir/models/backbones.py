@@ -23,8 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from oxford_ir.errors import CheckpointError, ConfigError
-from oxford_ir.models.pooling import valid_cell_mask
-from oxford_ir.models.valid_region import region_mask, valid_regions
+from oxford_ir.models.valid_region import region_mask, to_device, valid_regions
 
 #: how many offending keys an error message lists
 _SHOWN_KEYS = 5
@@ -66,8 +65,10 @@ class Backbone(nn.Module):
         shape = (int(features.shape[-2]), int(features.shape[-1]))
         region = regions.get(shape)
         if region is None:  # a layer the tracking does not know changed the size: the stride's arithmetic
-            return features, valid_cell_mask(sizes, shape, self.stride)
-        return features, region_mask(region, shape)
+            region = torch.div(
+                regions[(int(x.shape[-2]), int(x.shape[-1]))] + self.stride - 1, self.stride, rounding_mode="floor"
+            )
+        return features, region_mask(to_device(region, features.device), shape)
 
     # -- stages --------------------------------------------------------------------------------
     def _stages(self) -> list[tuple[nn.Module, ...]]:

@@ -73,21 +73,40 @@ def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
 def valid_regions(network: nn.Module, sizes: torch.Tensor, shape: Shape) -> Iterator[dict[Shape, torch.Tensor]]:
     """While inside, every ``nn.Conv2d`` and ``nn.MaxPool2d`` of ``network`` sees zeros outside each image's own
     region. ``sizes`` (B x 2) are the images' own sizes in a padded input of spatial ``shape``. Yields the map
-    ``feature-map shape -> B x 2 regions``, filled as the network runs (the caller reads its output's there)."""
-    regions: dict[Shape, torch.Tensor] = {(int(shape[0]), int(shape[1])): sizes.to(torch.long)}
-    masks: dict[tuple[Shape, torch.dtype], torch.Tensor | None] = {}
+    ``feature-map shape -> B x 2 regions`` (on the CPU), filled as the network runs (the caller reads its
+    output's there).
 
-    def mask_for(x: torch.Tensor) -> torch.Tensor | None:
-        key = ((int(x.shape[-2]), int(x.shape[-1])), x.dtype)
-        if key not in masks:
+    Sizes on the CPU keep the host from waiting for the GPU: the regions are computed there and only the band
+    of each feature map that holds padding (below the shortest image, right of the narrowest) is zeroed, in
+    place (under ``torch.no_grad``; with gradients, a masked copy). The zeros change nothing but padding, which
+    no valid cell reads once every layer that reads neighbours has its input masked.
+    """
+    regions: dict[Shape, torch.Tensor] = {(int(shape[0]), int(shape[1])): sizes.detach().to("cpu", torch.long)}
+    bands: dict[tuple[Shape, torch.device], tuple[int, int, torch.Tensor] | None] = {}
+
+    def band_for(x: torch.Tensor) -> tuple[int, int, torch.Tensor] | None:
+        key = ((int(x.shape[-2]), int(x.shape[-1])), x.device)
+        if key not in bands:
             region = regions.get(key[0])
-            full = region is None or bool((region[:, 0] >= key[0][0]).all() and (region[:, 1] >= key[0][1]).all())
-            masks[key] = None if full else region_mask(region, key[0]).to(x.dtype)
-        return masks[key]
+            rows, cols = key[0]
+            top = None if region is None else (min(int(region[:, 0].min()), rows), min(int(region[:, 1].min()), cols))
+            if top is None or top == (rows, cols):
+                bands[key] = None
+            else:
+                bands[key] = (*top, ~region_mask(to_device(region, x.device), key[0]))
+        return bands[key]
 
     def before(layer: nn.Module, args: tuple) -> tuple | None:
-        mask = mask_for(args[0])
-        return None if mask is None else (args[0] * mask, *args[1:])
+        x = args[0]
+        band = band_for(x)
+        if band is None:
+            return None
+        top, left, outside = band
+        if torch.is_grad_enabled() and x.requires_grad:
+            return (x.masked_fill(outside, 0), *args[1:])
+        x[..., top:, :].masked_fill_(outside[..., top:, :], 0)
+        x[..., :top, left:].masked_fill_(outside[..., :top, left:], 0)
+        return None
 
     def after(layer: nn.Module, args: tuple, output: torch.Tensor) -> None:
         region = regions.get((int(args[0].shape[-2]), int(args[0].shape[-1])))
@@ -103,3 +122,10 @@ def valid_regions(network: nn.Module, sizes: torch.Tensor, shape: Shape) -> Iter
     finally:
         for handle in handles:
             handle.remove()
+
+
+def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on ``device`` without making the host wait for the GPU (pinned, asynchronous copy)."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
