@@ -15,14 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from oxford_ir.config import CONFIG_DIR
 from oxford_ir.data.loading import BENCHMARKS, load_benchmark
 from oxford_ir.errors import ConfigError, exit_on_user_error
+from oxford_ir.extraction.benchmark import benchmark_cache, extract_benchmark, plan_benchmark, plans_summary
 from oxford_ir.extraction.distributed import barrier, init_from_environment, rank_and_world
-from oxford_ir.extraction.embedding import (
-    benchmark_cache,
-    extract_benchmark,
-    plan_benchmark,
-    plans_summary,
-    resolve_decode,
-)
+from oxford_ir.extraction.embedding import resolve_decode
 from oxford_ir.extraction.options import extraction_options, resolve_device
 from oxford_ir.extraction.planning import ExtractionPlan
 from oxford_ir.retrieval.ranking import rank_database

@@ -32,7 +32,8 @@ from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.data.loading import load_benchmark
 from oxford_ir.data.synthetic import SYNTHETIC_TINY, landmark_of, write_synthetic_benchmark
 from oxford_ir.extraction.batches import PlannedBatches
-from oxford_ir.extraction.embedding import embed_planned, extract_benchmark, extract_embeddings, plan_for_model
+from oxford_ir.extraction.benchmark import extract_benchmark
+from oxford_ir.extraction.embedding import embed_planned, extract_embeddings, plan_for_model
 from oxford_ir.models.backbones import ScratchCNN
 from oxford_ir.models.embedder import Embedder
 from oxford_ir.models.pooling import GeM

@@ -25,7 +25,7 @@ from oxford_ir.data.loading import load_benchmark
 from oxford_ir.data.splits import full_ground_truth
 from oxford_ir.data.synthetic import SYNTHETIC_DEFAULTS
 from oxford_ir.errors import ConfigError, DataError
-from oxford_ir.extraction.embedding import benchmark_loaders
+from oxford_ir.extraction.benchmark import benchmark_loaders
 from oxford_ir.models.backbones import ScratchCNN
 from oxford_ir.models.embedder import Embedder
 from oxford_ir.models.pooling import GeM

@@ -16,7 +16,8 @@ from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.data.transforms import eval_transform, resize_long_side, to_tensor_normalised
 from oxford_ir.errors import ConfigError, DataError
 from oxford_ir.extraction.batches import PlannedBatches
-from oxford_ir.extraction.embedding import embed_image_batch, extract_benchmark, extract_embeddings, plan_for_model
+from oxford_ir.extraction.benchmark import extract_benchmark
+from oxford_ir.extraction.embedding import embed_image_batch, extract_embeddings, plan_for_model
 from oxford_ir.models.backbones import MobileNetV2, ScratchCNN
 from oxford_ir.models.embedder import Embedder
 from oxford_ir.models.pooling import GeM

@@ -26,7 +26,7 @@ from oxford_ir.callbacks.distributed import SpawnedProcessGroupTeardown
 from oxford_ir.data.benchmark import Benchmark
 from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.errors import CheckpointError, ConfigError, DataError
-from oxford_ir.extraction.embedding import extract_benchmark
+from oxford_ir.extraction.benchmark import extract_benchmark
 from oxford_ir.models.module import (
     RetrievalModule,
     assemble_by_index,

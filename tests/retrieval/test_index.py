@@ -426,7 +426,7 @@ def test_folders_globs_and_single_files_resolve_to_sorted_relative_paths(tmp_pat
 def test_a_benchmark_source_is_its_database_in_list_order_and_embeds_as_oxford_ir_eval(tmp_path):
     from oxford_ir.data.loading import load_benchmark
     from oxford_ir.data.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
-    from oxford_ir.extraction.embedding import extract_benchmark
+    from oxford_ir.extraction.benchmark import extract_benchmark
 
     write_synthetic_benchmark(tmp_path / "data" / "synthetic", **SYNTHETIC_PRESETS["tiny"])
     benchmark = load_benchmark("synthetic", tmp_path / "data")
