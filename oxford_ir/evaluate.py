@@ -12,6 +12,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from oxford_ir.benchmarks.ranking import rank_database
 from oxford_ir.config import CONFIG_DIR
 from oxford_ir.data.loading import BENCHMARKS, load_benchmark
 from oxford_ir.errors import ConfigError, exit_on_user_error
@@ -20,7 +21,6 @@ from oxford_ir.extraction.distributed import barrier, init_from_environment, ran
 from oxford_ir.extraction.embedding import resolve_decode
 from oxford_ir.extraction.options import extraction_options, resolve_device
 from oxford_ir.extraction.planning import ExtractionPlan
-from oxford_ir.retrieval.ranking import rank_database
 from oxford_ir.retrieval.report import format_table
 
 log = logging.getLogger(__name__)

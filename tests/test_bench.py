@@ -28,6 +28,7 @@ from experiments.bench import search as search_rows
 from experiments.bench.evaluation import warmup_pairs
 from experiments.bench.search import ClusterMixture, recall_at
 from experiments.bench.training import throughput
+from oxford_ir.benchmarks.ranking import rank_database
 from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.data.loading import load_benchmark
 from oxford_ir.data.synthetic import SYNTHETIC_TINY, landmark_of, write_synthetic_benchmark
@@ -38,7 +39,6 @@ from oxford_ir.models.backbones import ScratchCNN
 from oxford_ir.models.embedder import Embedder
 from oxford_ir.models.pooling import GeM
 from oxford_ir.retrieval.exact_search import ExactSearch, search_resident
-from oxford_ir.retrieval.ranking import rank_database
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "experiments" / "bench" / "run.py"

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from oxford_ir.benchmarks.metrics import compute_map, revisited_gnd
 from oxford_ir.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from oxford_ir.errors import ConfigError
 from oxford_ir.evaluate import evaluate
-from oxford_ir.retrieval.metrics import compute_map, revisited_gnd
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_SCRIPT = Path(sys.executable).parent / "oxford-ir-eval"

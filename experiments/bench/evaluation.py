@@ -26,9 +26,9 @@ import torch
 from experiments.bench import common
 from experiments.bench.extraction import benchmark_and_model, effective_settings, recorded_forwards, shapes_summary
 from experiments.bench.original import all_pairs, pairwise_distances
+from oxford_ir.benchmarks.ranking import rank_database
 from oxford_ir.extraction.benchmark import extract_benchmark, plan_benchmark, plans_summary
 from oxford_ir.extraction.planning import plan_extraction
-from oxford_ir.retrieval.ranking import rank_database
 
 
 def measure_ours(settings: dict[str, Any]) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from oxford_ir.benchmarks.metrics import DEFAULT_KAPPAS, evaluate_ranks
 from oxford_ir.errors import DataError, GroundTruthError
-from oxford_ir.retrieval.metrics import DEFAULT_KAPPAS, evaluate_ranks
 
 PROTOCOLS = ("original", "revisited")
 #: ground-truth keys holding database indices, per protocol

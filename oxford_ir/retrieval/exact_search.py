@@ -3,7 +3,7 @@
 Index rows and query embeddings are L2-normalised, so the inner product is the cosine similarity. Every path
 ranks the same way: best first, equal scores by the lower database row, NaN scores last (as -inf); results
 are deterministic and, on the CPU, equal to the full ranking of
-:func:`~oxford_ir.retrieval.ranking.rank_database`. The top-k of a block of scores is taken through the maxima
+:func:`~oxford_ir.benchmarks.ranking.rank_database`. The top-k of a block of scores is taken through the maxima
 of groups of columns (:func:`_grouped_top_k`: one extra read of the scores, then a selection among a few
 thousand values instead of every score), by int64 keys that hold score and row (:func:`_top_k`: no tie is
 left to chance, and nothing waits for the host), and merged across blocks the same way.
@@ -54,8 +54,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from oxford_ir.benchmarks.ranking import rank_database
 from oxford_ir.errors import ConfigError
-from oxford_ir.retrieval.ranking import rank_database
 
 #: CPU: floats held by one block of scores (rows x queries); top-k is taken per block and merged
 _BLOCK_ELEMENTS = 1 << 24

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from oxford_ir.benchmarks.metrics import evaluate_ranks
+from oxford_ir.benchmarks.ranking import rank_database
 from oxford_ir.data import synthetic
 from oxford_ir.data.images import load_image
 from oxford_ir.data.synthetic import (
@@ -26,8 +28,6 @@ from oxford_ir.data.synthetic import (
     write_synthetic_benchmark,
 )
 from oxford_ir.errors import ConfigError, DataError
-from oxford_ir.retrieval.metrics import evaluate_ranks
-from oxford_ir.retrieval.ranking import rank_database
 
 
 def _load(path: Path) -> dict:

@@ -22,6 +22,7 @@ from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from oxford_ir.benchmarks.ranking import rank_database
 from oxford_ir.callbacks.distributed import SpawnedProcessGroupTeardown
 from oxford_ir.data.benchmark import Benchmark
 from oxford_ir.data.datasets import ImageListDataset
@@ -33,7 +34,6 @@ from oxford_ir.models.module import (
     load_retrieval_checkpoint,
     restrict_benchmark,
 )
-from oxford_ir.retrieval.ranking import rank_database
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 BENCH = "tinybench"

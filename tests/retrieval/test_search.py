@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from oxford_ir.benchmarks.ranking import rank_database
 from oxford_ir.data.loading import load_benchmark
 from oxford_ir.data.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError
@@ -23,7 +24,6 @@ from oxford_ir.models.pooling import FlattenPooling
 from oxford_ir.retrieval.faiss_backend import FaissOptions, FaissSearch
 from oxford_ir.retrieval.index import RetrievalIndex, build_index, resolve_images
 from oxford_ir.retrieval.model_spec import ModelSpec
-from oxford_ir.retrieval.ranking import rank_database
 from oxford_ir.retrieval.search import (
     RESULT_COLOUR,
     Searcher,

@@ -7,9 +7,9 @@ import pickle
 import numpy as np
 import pytest
 
-from oxford_ir.retrieval import metrics
-from oxford_ir.retrieval.metrics import compute_ap, compute_map, evaluate_ranks, revisited_gnd
-from tests.retrieval import revisitop_reference as reference
+from oxford_ir.benchmarks import metrics
+from oxford_ir.benchmarks.metrics import compute_ap, compute_map, evaluate_ranks, revisited_gnd
+from tests.benchmarks import revisitop_reference as reference
 
 
 def column(*order: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """A literal copy of ``compute_ap`` / ``compute_map`` from the public Revisited Oxford/Paris code.
 
 Kept verbatim (loops and all, ``np.in1d`` replaced by its successor ``np.isin``) as the
-brute-force reference that ``oxford_ir.retrieval.metrics`` is checked against.
+brute-force reference that ``oxford_ir.benchmarks.metrics`` is checked against.
 Source: filipradenovic/revisitop, python/evaluate.py (MIT licence).
 """
 
