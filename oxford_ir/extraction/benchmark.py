@@ -20,13 +20,16 @@ from torch.utils.data import DataLoader, Dataset
 from oxford_ir.data.benchmark import Benchmark
 from oxford_ir.data.cache import ImageCache, build_image_cache, cache_folder
 from oxford_ir.data.datasets import ImageListDataset
-from oxford_ir.data.gpu_decode import EncodedEvalDataset
 from oxford_ir.data.loading import benchmark_spec
-from oxford_ir.extraction.batches import EncodedPlannedBatches, PlannedBatches
 from oxford_ir.extraction.buckets import MAX_SHAPES
 from oxford_ir.extraction.distributed import barrier, rank_and_world
-from oxford_ir.extraction.embedding import extract_embeddings, plan_for_model
-from oxford_ir.extraction.planning import ExtractionPlan
+from oxford_ir.extraction.embedding import extract_embeddings, plan_for_model, planned_dataset
+from oxford_ir.extraction.planning import ExtractionPlan, union_buckets
+
+
+def every_image(benchmark: Benchmark) -> tuple[list[Path], list[Sequence[float] | None]]:
+    """The database images then the queries of ``benchmark``, with each query's box (None for the database)."""
+    return [*benchmark.db_paths, *benchmark.query_paths], [None] * benchmark.n_db + list(benchmark.query_bboxes)
 
 
 def plan_benchmark(
@@ -41,8 +44,7 @@ def plan_benchmark(
 ) -> tuple[ExtractionPlan, ExtractionPlan]:
     """``(database plan, query plan)`` of a benchmark, planned together: in bucket mode the database images and
     the cropped queries share one bucket table, so the benchmark has at most ``max_shapes`` input shapes."""
-    sources = [*benchmark.db_paths, *benchmark.query_paths]
-    boxes = [None] * benchmark.n_db + list(benchmark.query_bboxes)
+    sources, boxes = every_image(benchmark)
     joint = plan_for_model(
         model,
         sources,
@@ -76,8 +78,7 @@ def plans_summary(plans: Sequence[ExtractionPlan]) -> dict[str, Any]:
         "padded_over_valid_pixels": round((padded - valid) / valid, 6) if valid else 0.0,
     }
     if plans[0].mode == "bucket":
-        used = {tuple(b) for p in plans for b in p.buckets}
-        out["buckets"] = [list(b) for b in sorted(used, key=lambda b: (b[0] * b[1], b))]
+        out["buckets"] = [list(b) for b in union_buckets(*(p.buckets for p in plans))]
     notes = sorted({p.note for p in plans if p.note})
     if notes:
         out["note"] = "; ".join(notes)
@@ -160,11 +161,8 @@ def benchmark_loaders(
     )
     loaders = []
     for k, (paths, bboxes, plan) in enumerate(parts):
-        if gpu_decode:
-            dataset: Dataset = EncodedPlannedBatches(EncodedEvalDataset(paths, bboxes), plan.batches)
-        else:
-            source = images[k] if images is not None else ImageListDataset(paths, image_size, bboxes=bboxes)
-            dataset = PlannedBatches(source, plan.batches)
+        source = None if images is None else images[k]
+        dataset = planned_dataset(paths, image_size, plan.batches, bboxes=bboxes, images=source, on_device=gpu_decode)
         loaders.append(
             DataLoader(
                 dataset,
@@ -183,8 +181,7 @@ def benchmark_cache(
 ) -> ImageCache:
     """The evaluation image cache of ``benchmark`` at ``image_size`` under ``cache_dir`` (the folder the
     datamodule uses too), built or updated by the first process of a group and opened by all."""
-    paths = [*benchmark.db_paths, *benchmark.query_paths]
-    boxes = [None] * benchmark.n_db + list(benchmark.query_bboxes)
+    paths, boxes = every_image(benchmark)
     folder = cache_folder(cache_dir, "eval", benchmark_spec(benchmark.name).folder, image_size)
 
     def build() -> ImageCache:

@@ -249,6 +249,25 @@ def embed_planned(
         bar.close()
 
 
+def planned_dataset(
+    sources: Sequence[ImageSource],
+    image_size: int | None,
+    batches: Sequence[Any],
+    *,
+    bboxes: Sequence[Sequence[float] | None] | None = None,
+    labels: Sequence[str] | None = None,
+    images: Dataset | None = None,
+    on_device: bool = False,
+) -> Dataset:
+    """The dataset of planned ``batches`` of ``sources``, one item a batch: decoded by DataLoader workers
+    (``images``, default an ``ImageListDataset``), or with ``on_device`` only read, for the device to decode
+    (:func:`~oxford_ir.extraction.batches.decode_on_device` with a ``GpuEvalDecoder(image_size)``)."""
+    if on_device:
+        return EncodedPlannedBatches(EncodedEvalDataset(sources, bboxes, labels), batches)
+    source = images if images is not None else ImageListDataset(sources, image_size, bboxes=bboxes, labels=labels)
+    return PlannedBatches(source, batches)
+
+
 def embed_shard(
     model: nn.Module,
     sources: Sequence[ImageSource],
@@ -272,12 +291,10 @@ def embed_shard(
     """:func:`embed_planned` over ``batches`` (this process's share of ``plan``) of ``sources``: workers decode
     them (``images``, default an ``ImageListDataset``), or only read their bytes for the device to decode
     (``on_device``); on CUDA, bucket batches are filled up to ``batch_size``."""
-    if on_device:
-        dataset: Dataset = EncodedPlannedBatches(EncodedEvalDataset(sources, bboxes, labels), batches)
-        decoder: GpuEvalDecoder | None = GpuEvalDecoder(image_size)
-    else:
-        source = images if images is not None else ImageListDataset(sources, image_size, bboxes=bboxes, labels=labels)
-        dataset, decoder = PlannedBatches(source, batches), None
+    dataset = planned_dataset(
+        sources, image_size, batches, bboxes=bboxes, labels=labels, images=images, on_device=on_device
+    )
+    decoder = GpuEvalDecoder(image_size) if on_device else None
     return embed_planned(
         model,
         dataset,

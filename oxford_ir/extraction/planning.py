@@ -105,7 +105,7 @@ class ExtractionPlan:
         shapes = self.shapes[start:stop]
         if self.mode == "bucket":
             batches, used = plan_buckets(shapes, batch_size, self.buckets)
-            table = _union(self.buckets, used)
+            table = union_buckets(self.buckets, used)
             return ExtractionPlan(batches, self.sizes[start:stop], shapes, self.mode, table, self.note)
         batches = plan_batches(shapes, batch_size, batching=self.mode, aspect_tolerance=aspect_tolerance)
         return ExtractionPlan(batches, self.sizes[start:stop], shapes, self.mode, note=self.note)
@@ -196,12 +196,13 @@ def plan_extraction(
         known = [s for s in shapes if s is not None]
         table = tuple(tuple(b) for b in buckets) if buckets is not None else choose_buckets(known, max_shapes)
         batches, used = plan_buckets(shapes, batch_size, table)
-        return ExtractionPlan(batches, sizes, shapes, "bucket", _union(table, used))
+        return ExtractionPlan(batches, sizes, shapes, "bucket", union_buckets(table, used))
     batches = plan_batches(shapes, batch_size, batching=batching, aspect_tolerance=aspect_tolerance)
     return ExtractionPlan(batches, sizes, shapes, batching)
 
 
-def _union(*tables: Sequence[Shape]) -> tuple[Shape, ...]:
+def union_buckets(*tables: Sequence[Shape]) -> tuple[Shape, ...]:
+    """The buckets of several tables, once each, smallest first."""
     return tuple(sorted({tuple(b) for table in tables for b in table}, key=lambda b: (b[0] * b[1], b)))
 
 
