@@ -148,10 +148,12 @@ def serve(cfg: DictConfig) -> None:
     )
     try:
         uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then re-raises it: the normal way to stop
-        print("oxford-ir-serve: stopped", flush=True)
+    except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then usually re-raises it: the normal way to stop
+        pass
     finally:
         sock.close()
+    # also when uvicorn returned without re-raising the signal it shut down on (seen on a fresh CI install)
+    print("oxford-ir-serve: stopped", flush=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="serve")
