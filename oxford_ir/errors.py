@@ -41,9 +41,27 @@ class IndexFormatError(OxfordIRError):
     """An image index folder is missing, corrupt, busy, or was built with another model or settings."""
 
 
+class ResourceError(OxfordIRError):
+    """The disk is full, a file-size or quota limit was hit, or a worker process died or stopped answering."""
+
+
+#: environment variables that ask for the full traceback of a user error (Hydra's own, and ours for every command)
+DEBUG_VARIABLES = ("OXFORD_IR_DEBUG", "HYDRA_FULL_ERROR")
+
+#: errno values of a write that failed for want of room: the fix is the same for all of them
+NO_ROOM = {"ENOSPC": "no space left on the device", "EFBIG": "the file-size limit was reached",
+           "EDQUOT": "the disk quota is exhausted"}  # fmt: skip
+
+
 def exit_on_user_error(func):
-    """Wrap a command-line entry point: print an :class:`OxfordIRError` as one line and exit 2, no traceback."""
+    """Wrap a command-line entry point: print a user error as one line and exit 2, no traceback.
+
+    User errors are :class:`OxfordIRError` (anywhere in the chain of causes, as libraries wrap them) and writes that
+    failed for want of room (ENOSPC, EFBIG, EDQUOT). ``OXFORD_IR_DEBUG=1`` or ``HYDRA_FULL_ERROR=1`` re-raises
+    them with their traceback.
+    """
     import functools
+    import os
     import sys
 
     @functools.wraps(func)
@@ -52,7 +70,7 @@ def exit_on_user_error(func):
             return func(*args, **kwargs)
         except Exception as error:
             cause = user_error_in(error)
-            if cause is None:
+            if cause is None or any(os.environ.get(v, "") not in ("", "0") for v in DEBUG_VARIABLES):
                 raise
             print(f"error: {cause}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -60,12 +78,32 @@ def exit_on_user_error(func):
     return wrapper
 
 
+def no_room_error(error: BaseException) -> ResourceError | None:
+    """A :class:`ResourceError` naming the file and the fix when ``error`` is a write that ran out of room."""
+    import errno
+
+    if not isinstance(error, OSError) or error.errno is None:
+        return None
+    reason = NO_ROOM.get(errno.errorcode.get(error.errno, ""))
+    if reason is None:
+        return None
+    where = f" writing {error.filename}" if error.filename else ""
+    return ResourceError(
+        f"{reason}{where}: free space (or raise the limit) and run the same command again; "
+        "complete results written before are kept and nothing half-written is used"
+    )
+
+
 def user_error_in(error: BaseException) -> OxfordIRError | None:
-    """The :class:`OxfordIRError` behind ``error``, also when a library wrapped it (Hydra's instantiate does)."""
+    """The :class:`OxfordIRError` behind ``error``, also when a library wrapped it (Hydra's instantiate does); a
+    write that ran out of room counts as one (:func:`no_room_error`)."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, OxfordIRError):
             return error
+        room = no_room_error(error)
+        if room is not None:
+            return room
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
