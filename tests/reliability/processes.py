@@ -8,6 +8,7 @@ fail with EFBIG), or a small tmpfs is not available here without root, so "disk 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -100,10 +101,8 @@ def run(
                 break
             time.sleep(poll)
         process.wait()
-        try:  # workers left behind by a killed command die with its group
+        with contextlib.suppress(ProcessLookupError):  # workers left behind by a killed command die with its group
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         out.seek(0)
         err.seek(0)
         outcome = Outcome(process.returncode, out.read(), err.read(), killed, time.monotonic() - start)
