@@ -8,6 +8,8 @@ errors as one line instead of a traceback.
 
 from __future__ import annotations
 
+import re
+
 
 class OxfordIRError(Exception):
     """Base class: a problem with the user's input, with a message that says how to fix it."""
@@ -96,14 +98,46 @@ def no_room_error(error: BaseException) -> ResourceError | None:
 
 def user_error_in(error: BaseException) -> OxfordIRError | None:
     """The :class:`OxfordIRError` behind ``error``, also when a library wrapped it (Hydra's instantiate does); a
-    write that ran out of room counts as one (:func:`no_room_error`)."""
+    write that ran out of room (:func:`no_room_error`) and a DataLoader worker that died or stopped answering
+    (:func:`worker_error`) count as one."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, OxfordIRError):
             return error
-        room = no_room_error(error)
-        if room is not None:
-            return room
+        resource = no_room_error(error) or worker_error(error)
+        if resource is not None:
+            return resource
         seen.add(id(error))
         error = error.__cause__ or error.__context__
+    return None
+
+
+#: what torch's DataLoader says when a worker process died or stopped delivering batches, and what to do
+WORKER_FAILURES = (
+    (
+        re.compile(
+            r"DataLoader worker \(pid\(?s?\)? ?([\d, ]+)\)? (?:is killed by signal: ([\w ]+)|exited unexpectedly)"
+        ),
+        "a data-loading worker process (pid {0}) died{1}: it was killed (out of memory? see `dmesg`) or crashed; "
+        "run the same command again, with fewer workers (num_workers=0 shows the worker's own error)",
+    ),
+    (
+        re.compile(r"DataLoader timed out after (\d+) seconds"),
+        "no batch came from the data-loading workers for {0} s: a worker hangs (an unreadable file, a network "
+        "mount?) or could not hand its batch over (shared memory /dev/shm full or a file-size limit); run the same "
+        "command with num_workers=0 to see the worker's own error, or raise the worker timeout",
+    ),
+)
+
+
+def worker_error(error: BaseException) -> ResourceError | None:
+    """A :class:`ResourceError` with the fix when ``error`` is torch's report of a dead or silent DataLoader worker."""
+    if not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    for pattern, message in WORKER_FAILURES:
+        found = pattern.search(text)
+        if found:
+            pid, signal = (found.groups() + (None, None))[:2]
+            return ResourceError(message.format(pid.strip() if pid else "?", f" ({signal})" if signal else ""))
     return None
