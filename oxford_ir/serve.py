@@ -3,12 +3,17 @@
 ``oxford-ir-serve index=<dir> [host=127.0.0.1] [port=8000] [k=12] [backend=exact] ...`` loads the index,
 builds the model and the search backend once (so a broken checkpoint fails here, not at the first
 query), binds the socket, prints the URL and serves until Ctrl-C. ``port=0`` picks a free port.
+
+uvicorn runs with the h11 protocol subclassed only so that a request too malformed to reach the app (a broken
+request line or header, a Content-Length that is not a number, headers over ``max_header_kb``) is also answered
+with the API's JSON error, not uvicorn's plain text (:func:`server_config`).
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import logging
 import socket
 from pathlib import Path
@@ -21,7 +26,7 @@ from oxford_ir.config import CONFIG_DIR
 from oxford_ir.errors import ConfigError, exit_on_user_error
 from oxford_ir.web.app import ServeSettings, create_app
 
-__all__ = ["ServeSettings", "bind_socket", "build_app", "create_app", "main", "serve", "url_for"]
+__all__ = ["ServeSettings", "bind_socket", "build_app", "create_app", "main", "serve", "server_config", "url_for"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,9 @@ def settings_from_config(cfg: DictConfig) -> ServeSettings:
             examples=int(cfg.examples),
             allowed_hosts=_allowed_hosts(_plain(cfg, "allowed_hosts"), str(cfg.host)),
             backend=str(cfg.backend),
+            max_parallel_decodes=int(cfg.max_parallel_decodes),
+            upload_wait_s=float(cfg.upload_wait_s),
+            upload_timeout_s=float(cfg.upload_timeout_s),
         )
     except (TypeError, ValueError) as error:
         raise ConfigError(f"conf/serve.yaml: a limit is not a number ({error}); see the comments there") from None
@@ -122,6 +130,63 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _json_error_protocol(max_header_kb: float) -> Any:
+    """uvicorn's h11 protocol answering requests it cannot parse with a JSON error (None: uvicorn lacks the hook)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    if not callable(getattr(H11Protocol, "send_400_response", None)):
+        return None
+    body = json.dumps(  # ASCII: its length in bytes is its length in characters
+        {
+            "error": "the request is not valid HTTP/1.1: a malformed request line or header, a Content-Length that "
+            f"is not a number, or headers over {max_header_kb:g} KB (max_header_kb); send a well-formed request"
+        }
+    )
+
+    class JsonErrorH11Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            import h11
+
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ]
+            try:
+                for event in (
+                    h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                    h11.Data(data=body.encode()),
+                    h11.EndOfMessage(),
+                ):
+                    self.transport.write(self.conn.send(event))
+            except h11.LocalProtocolError:  # a response had already begun: just close
+                pass
+            self.transport.close()
+
+    return JsonErrorH11Protocol
+
+
+def server_config(app: Any, cfg: DictConfig | None = None) -> Any:
+    """The ``uvicorn.Config`` that :func:`serve` runs ``app`` with (``cfg``: ``conf/serve.yaml``; None: defaults)."""
+    import uvicorn
+
+    def value(key: str, default: Any) -> Any:
+        return default if cfg is None or cfg.get(key) is None else cfg.get(key)
+
+    max_header_kb = float(value("max_header_kb", 16))
+    protocol = _json_error_protocol(max_header_kb)
+    return uvicorn.Config(
+        app,
+        http=protocol or "auto",
+        h11_max_incomplete_event_size=int(max_header_kb * 1024),
+        log_config=None,  # keep Hydra's logging (console + the run's log file)
+        log_level=str(value("log_level", "info")),
+        access_log=bool(value("access_log", False)),
+        server_header=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
 def url_for(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
@@ -137,17 +202,9 @@ def serve(cfg: DictConfig) -> None:
     url = url_for(sock)
     if not is_loopback(host):
         log.warning("serving on %s: anyone who can reach this machine can search and view the indexed images", host)
-    print(f"oxford-ir-serve: {url}  ({len(index)} images, {searcher.backend} search; Ctrl-C stops)", flush=True)
-    config = uvicorn.Config(
-        app,
-        log_config=None,  # keep Hydra's logging (console + the run's log file)
-        log_level=str(cfg.log_level),
-        access_log=bool(cfg.access_log),
-        server_header=False,
-        timeout_graceful_shutdown=5,
-    )
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
+    try:  # a Ctrl-C right after the URL line, before uvicorn handles signals, is a normal stop too
+        print(f"oxford-ir-serve: {url}  ({len(index)} images, {searcher.backend} search; Ctrl-C stops)", flush=True)
+        uvicorn.Server(server_config(app, cfg)).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then usually re-raises it: the normal way to stop
         pass
     finally:

@@ -9,9 +9,16 @@ Routes
   ``POST /api/search``         search with an uploaded image: multipart ``file``, optional ``bbox``, ``k``
   ``GET /thumb/<id>?size=``    a JPEG thumbnail of indexed image ``id``
 
-Errors are JSON ``{"error": "<one sentence>"}`` with the status that fits: 404 unknown id, 413 upload too
-large, 415 not an image, 400 undecodable image, 422 bad ``k``/``bbox``/parameter. Files are only ever
-reached through integer ids into the index, never through a path from the request.
+Errors are JSON ``{"error": "<one sentence>"}`` with the status that fits: 404 unknown id or page, 405 wrong
+method, 408 upload body too slow, 413 upload too large (bytes or pixels), 415 not an image, 400 undecodable
+image or malformed body, 422 bad ``k``/``bbox``/parameter, 503 (with ``Retry-After``) when an upload waited
+``upload_wait_s`` for a decode slot; an unexpected failure is a 500 with one line, its traceback only in the
+server's log. Messages name the field and what to send instead, and never show a path of the server's file
+system. Files are only ever reached through integer ids into the index, never through a path from the request.
+
+What one request may cost is bounded (:mod:`oxford_ir.web.limits`): the body by size and time, decoding by
+at most ``max_parallel_decodes`` uploads at once (the rest wait in line without holding a thread), and the
+memory of a large decode is handed back to the operating system afterwards.
 """
 
 from __future__ import annotations
@@ -24,21 +31,32 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from oxford_ir.errors import ConfigError, DataError, OxfordIRError
-from oxford_ir.web.queries import ApiError, check_bbox, check_content_type, check_k, decode_upload, parse_bbox
+from oxford_ir.web.limits import DecodeSlots, GuardMiddleware, HostGuard, release_memory
+from oxford_ir.web.queries import (
+    ApiError,
+    check_bbox,
+    check_content_type,
+    check_k,
+    echo,
+    parse_bbox,
+    probe_upload,
+    scrub_paths,
+    upload_pixels,
+)
 from oxford_ir.web.thumbnails import ThumbnailCache, contained_path, make_thumbnail
 
 log = logging.getLogger(__name__)
@@ -47,17 +65,24 @@ WEB_DIR = Path(__file__).resolve().parent
 #: what a multipart body may carry besides the file itself (boundaries, part headers, k and bbox)
 MULTIPART_OVERHEAD = 64 * 1024
 MIN_THUMB_SIZE = 16
-#: the browser may only load scripts, styles and images from this server (and the page's own blob: previews)
-SECURITY_HEADERS = [
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"x-frame-options", b"DENY"),
-    (
-        b"content-security-policy",
-        b"default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
-        b"object-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
-    ),
-]
+#: uploads of more pixels than this hand their freed memory back to the operating system once decoded
+TRIM_PIXELS = 4_000_000
+#: what a 503 for a busy server asks the client to wait, in seconds
+RETRY_AFTER_S = 5
+#: what to do about each request field, appended to its validation error
+FIELD_HINTS = {
+    "file": "send the query image as the multipart/form-data field 'file' (as the page and curl -F file=@photo.jpg do)",
+    "id": "give the integer id of an indexed image (GET /api/images?q= lists them)",
+    "image_id": "give the integer id of an indexed image (GET /api/images?q= lists them)",
+    "k": "give a whole number of results",
+    "bbox": "give four numbers x1,y1,x2,y2 in pixels of the query image",
+    "size": "give a thumbnail size in pixels",
+    "n": "give a whole number of examples",
+    "limit": "give a whole number of results",
+    "seed": "give a whole number",
+    "q": "give a shorter part of a file name",
+    "v": "use the thumbnail URL the API gave",
+}
 
 
 @dataclass(frozen=True)
@@ -77,6 +102,12 @@ class ServeSettings:
     allowed_hosts: tuple[str, ...] | None = None
     #: a line for the page and /api/info, e.g. the search backend
     backend: str = "exact"
+    #: uploads decoded at once (each needs 8.5 to 31 bytes per pixel while it is decoded); others wait in line
+    max_parallel_decodes: int = 1
+    #: how long an upload may wait in that line before it is refused with 503 and Retry-After
+    upload_wait_s: float = 30.0
+    #: how long the whole body of a request may take to arrive before it is refused with 408
+    upload_timeout_s: float = 60.0
 
     @property
     def max_upload_bytes(self) -> int:
@@ -100,61 +131,13 @@ class ServeSettings:
             ),
             ("thumb_cache_mb", self.thumb_cache_mb >= 0, "0 (no cache) or more"),
             ("examples", self.examples >= 0, "0 or more"),
+            ("max_parallel_decodes", self.max_parallel_decodes >= 1, "at least 1"),
+            ("upload_wait_s", self.upload_wait_s >= 0, "0 (refuse at once when busy) or more"),
+            ("upload_timeout_s", self.upload_timeout_s > 0, "positive"),
         ]
         for key, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"{key}={getattr(self, key)!r} must be {expected} (see conf/serve.yaml)")
-
-
-class PayloadTooLarge(HTTPException):
-    """Raised from inside the body stream once it passes the limit; FastAPI re-raises HTTPExceptions."""
-
-    def __init__(self, limit_mb: float) -> None:
-        super().__init__(413, f"the upload is larger than the limit of {limit_mb:.3g} MB: send a smaller image")
-
-
-class GuardMiddleware:
-    """Pure ASGI: refuse bodies over ``max_body`` (by Content-Length, else while streaming) and add
-    :data:`SECURITY_HEADERS` to every response."""
-
-    def __init__(self, app: ASGIApp, max_body: int, limit_mb: float) -> None:
-        self.app = app
-        self.max_body = max_body
-        self.limit_mb = limit_mb
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
-            await send(message)
-
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            message = f"the upload is larger than the limit of {self.limit_mb:.3g} MB: send a smaller image"
-            status = 413 if length.isdigit() else 400
-            if status == 400:
-                message = "the Content-Length header is not a number"
-            await JSONResponse({"error": message}, status_code=status, headers={"connection": "close"})(
-                scope, receive, send_with_headers
-            )
-            return
-
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise PayloadTooLarge(self.limit_mb)
-            return message
-
-        await self.app(scope, limited_receive, send_with_headers)
 
 
 def _version_token(index: Any) -> str:
@@ -184,6 +167,8 @@ def create_app(searcher: Any, index: Any, settings: ServeSettings | None = None)
     thumbs = ThumbnailCache(int(settings.thumb_cache_mb * 1024 * 1024))
     # one search at a time: torch already spreads one query over every core, so a queue keeps latencies honest
     search_lock = threading.Lock()
+    # uploads are decoded (the memory-hungry part) outside that lock, a bounded number at once
+    slots = DecodeSlots(settings.max_parallel_decodes)
     templates = Jinja2Templates(directory=str(WEB_DIR / "templates"))
     static_version = hashlib.sha256(
         b"".join(p.read_bytes() for p in sorted((WEB_DIR / "static").iterdir()) if p.is_file())
@@ -194,11 +179,12 @@ def create_app(searcher: Any, index: Any, settings: ServeSettings | None = None)
     app.state.searcher = searcher
     app.state.settings = settings
     app.state.thumbnails = thumbs
+    app.state.decode_slots = slots
     app.mount("/static", StaticFiles(directory=str(WEB_DIR / "static")), name="static")
 
     info = {
         "images": n_images,
-        "model": index.model.describe(),
+        "model": scrub_paths(index.model.describe()),  # weights and checkpoints by file name only
         "fingerprint": str(index.fingerprint),
         "image_size": None if index.image_size is None else int(index.image_size),
         "scales": [float(s) for s in index.scales],
@@ -211,6 +197,8 @@ def create_app(searcher: Any, index: Any, settings: ServeSettings | None = None)
         "max_k": k_limit,
         "max_upload_mb": settings.max_upload_mb,
         "max_image_megapixels": settings.max_image_megapixels,
+        "max_parallel_decodes": settings.max_parallel_decodes,
+        "upload_timeout_s": settings.upload_timeout_s,
         "thumb_size": settings.thumb_size,
         "max_thumb_size": settings.max_thumb_size,
         "examples": settings.examples,
@@ -226,16 +214,20 @@ def create_app(searcher: Any, index: Any, settings: ServeSettings | None = None)
 
     def check_id(i: int) -> int:
         if not 0 <= i < n_images:
-            raise ApiError(404, f"no indexed image with id {i}: ids run from 0 to {n_images - 1}")
+            raise ApiError(404, f"no indexed image with id {echo(i)}: ids run from 0 to {n_images - 1}")
         return i
 
-    def run_search(query: dict[str, Any], k: int, search: Any) -> dict[str, Any]:
+    def run_search(query: dict[str, Any], k: int, search: Callable[[], Any], embeds: bool = False) -> dict[str, Any]:
+        """``search()`` under the search lock; ``embeds``: it runs the network (memory handed back after)."""
         start = time.perf_counter()
-        with search_lock:
-            try:
+        try:
+            with search_lock:
                 result = search()
-            except OxfordIRError as error:
-                raise ApiError(422, str(error)) from None
+        except OxfordIRError as error:
+            raise ApiError(422, scrub_paths(str(error), root)) from None
+        finally:
+            if embeds:  # the activations were freed in this worker thread's heap arena: give them back
+                release_memory()
         took_ms = (time.perf_counter() - start) * 1000.0
         scores, indices = result.scores[0], result.indices[0]
         found = [(float(s), int(i)) for s, i in zip(scores, indices, strict=True) if i >= 0 and math.isfinite(s)]
@@ -245,22 +237,43 @@ def create_app(searcher: Any, index: Any, settings: ServeSettings | None = None)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse({"error": error.message}, status_code=error.status)
+        return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         message = error.detail if isinstance(error.detail, str) else str(error.detail)
+        headers = dict(error.headers or {})
         if error.status_code == 404 and message == "Not Found":
-            message = f"no such page: {request.url.path}"
-        return JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
+            message = f"no such page: {echo(request.url.path)}"
+        elif error.status_code == 405:
+            allowed = headers.get("allow") or headers.get("Allow") or "GET"
+            message = f"{request.method} is not allowed on {echo(request.url.path)}: use {allowed}"
+        elif error.status_code == 400 and request.method == "POST":  # the multipart parser's own errors
+            message = (
+                f"{message.rstrip('.')}: the body is not a valid multipart/form-data upload; {FIELD_HINTS['file']}"
+            )
+        return JSONResponse({"error": message}, status_code=error.status_code, headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = []
         for problem in error.errors():
-            where = ".".join(str(p) for p in problem.get("loc", ()) if p not in ("query", "path", "body"))
-            problems.append(f"{where or 'request'}: {problem.get('msg', 'invalid')}")
+            names = [str(p) for p in problem.get("loc", ()) if p not in ("query", "path", "body", "form")]
+            where = ".".join(names)
+            message = str(problem.get("msg", "invalid"))
+            if problem.get("type") == "value_error" and where == "file":  # a text field named file
+                message = "not a file"
+            hint = FIELD_HINTS.get(names[-1] if names else "", "")
+            problems.append(f"{where or 'request'}: {message}" + (f": {hint}" if hint else ""))
         return JSONResponse({"error": "; ".join(problems)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(error).__name__, error)
+        return JSONResponse(
+            {"error": f"the server failed on this request ({type(error).__name__}); its log has the details"},
+            status_code=500,
+        )
 
     @app.get("/", response_class=HTMLResponse)
     def page(request: Request) -> Response:
@@ -305,18 +318,18 @@ def create_app(searcher: Any, index: Any, settings: ServeSettings | None = None)
         if box is None:
             return run_search(query, k, lambda: searcher.search_ids([i], k=k))
         path = _indexed_path(i)
-        return run_search(query, k, lambda: searcher.search_images([path], [box], k=k))
+        return run_search(query, k, lambda: searcher.search_images([path], [box], k=k), embeds=True)
 
-    @app.post("/api/search")
-    def api_search_upload(
-        file: UploadFile = File(description="the query image"),
-        k: int = Form(default=default_k),
-        bbox: str | None = Form(default=None, max_length=200),
-    ) -> dict[str, Any]:
-        name = Path(file.filename or "upload").name
-        k = check_k(k, k_limit)
-        box = parse_bbox(bbox)
-        check_content_type(file.content_type, name)
+    def busy() -> ApiError:
+        return ApiError(
+            503,
+            f"the server is busy decoding other uploads ({slots.busy} at a time, {slots.waiting} waiting): "
+            f"try again in {RETRY_AFTER_S} s",
+            headers={"retry-after": str(RETRY_AFTER_S)},
+        )
+
+    def prepare_upload(file: UploadFile, name: str, box: Any) -> tuple[Any, int, int]:
+        """The upload's test-time pixels and its size as shown; the big decode happens here, in a slot."""
         with tempfile.NamedTemporaryFile(prefix="oxford-ir-upload-") as spool:
             shutil.copyfileobj(file.file, spool)
             spool.flush()
@@ -325,16 +338,42 @@ def create_app(searcher: Any, index: Any, settings: ServeSettings | None = None)
                 raise ApiError(413, f"{name!r} is {size / 2**20:.3g} MB; the limit is {settings.max_upload_mb:.3g} MB")
             if size == 0:
                 raise ApiError(400, f"{name!r} is empty: choose an image file")
-            image = decode_upload(Path(spool.name), name, settings.max_pixels)
-        check_bbox(box, image.width, image.height)
-        query = {
-            "kind": "upload",
-            "name": name,
-            "width": image.width,
-            "height": image.height,
-            "bbox": list(box) if box else None,
-        }
-        return run_search(query, k, lambda: searcher.search_images([image], [box], k=k))
+            path = Path(spool.name)
+            width, height = probe_upload(path, name, settings.max_pixels)
+            check_bbox(box, width, height)
+            try:
+                pixels = upload_pixels(path, name, index.image_size, box)
+            finally:
+                if width * height > TRIM_PIXELS:
+                    release_memory()
+        return pixels, width, height
+
+    @app.post("/api/search")
+    async def api_search_upload(
+        request: Request,
+        file: UploadFile = File(description="the query image"),
+        k: int = Form(default=default_k),
+        bbox: str | None = Form(default=None, max_length=200),
+    ) -> dict[str, Any]:
+        name = echo(Path(file.filename or "upload").name)
+        k = check_k(k, k_limit)
+        box = parse_bbox(bbox)
+        check_content_type(file.content_type, name)
+        async with slots.hold(settings.upload_wait_s, busy, request.is_disconnected):
+            pixels, width, height = await run_in_threadpool(prepare_upload, file, name, box)
+            query = {
+                "kind": "upload",
+                "name": name,
+                "width": width,
+                "height": height,
+                "bbox": list(box) if box else None,
+            }
+            # the pixels are the test-time ones already (cropped, downscaled): the searcher's own eval_image leaves
+            # them as they are, so no box here and no second resize
+            search = lambda: searcher.search_images([pixels], [None], k=k)  # noqa: E731
+            if index.image_size is None:  # a full-resolution index: the pixels stay large until embedded
+                return await run_in_threadpool(run_search, query, k, search, True)
+        return await run_in_threadpool(run_search, query, k, search, True)
 
     def _indexed_path(i: int) -> Path:
         try:
@@ -360,14 +399,18 @@ def create_app(searcher: Any, index: Any, settings: ServeSettings | None = None)
                 data = make_thumbnail(path, size)
             except DataError as error:
                 log.warning("thumbnail %d: %s", i, error)
-                raise ApiError(404, f"image {i} ({index.entries[i].path}) cannot be read any more: {error}") from None
+                reason = scrub_paths(str(error), root)
+                raise ApiError(404, f"image {i} ({index.entries[i].path}) cannot be read any more: {reason}") from None
             thumbs.put(key, data)
         cache = "public, max-age=31536000, immutable" if v == version else "no-cache"
         return Response(data, media_type="image/jpeg", headers={"cache-control": cache})
 
     if settings.allowed_hosts is not None:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))
+        app.add_middleware(HostGuard, allowed_hosts=list(settings.allowed_hosts))
     app.add_middleware(
-        GuardMiddleware, max_body=settings.max_upload_bytes + MULTIPART_OVERHEAD, limit_mb=settings.max_upload_mb
+        GuardMiddleware,
+        max_body=settings.max_upload_bytes + MULTIPART_OVERHEAD,
+        limit_mb=settings.max_upload_mb,
+        body_timeout_s=settings.upload_timeout_s,
     )
     return app

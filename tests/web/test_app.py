@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from oxford_ir.errors import ConfigError  # noqa: E402
 from oxford_ir.extraction.embedding import extract_embeddings  # noqa: E402
@@ -32,7 +33,7 @@ from oxford_ir.models.backbones import ScratchCNN  # noqa: E402
 from oxford_ir.retrieval.index import RetrievalIndex, build_index  # noqa: E402
 from oxford_ir.retrieval.model_spec import ModelSpec  # noqa: E402
 from oxford_ir.retrieval.search import Searcher  # noqa: E402
-from oxford_ir.serve import bind_socket, build_app  # noqa: E402
+from oxford_ir.serve import bind_socket, build_app, server_config  # noqa: E402
 from oxford_ir.web.app import ServeSettings, create_app  # noqa: E402
 from oxford_ir.web.thumbnails import ThumbnailCache  # noqa: E402
 
@@ -159,8 +160,12 @@ def test_info_describes_the_index(client: TestClient, index: RetrievalIndex) -> 
     assert info["images"] == N_IMAGES == len(index)
     assert info["image_size"] == IMAGE_SIZE
     assert info["embedding_dim"] == index.embedding_dim == 16
-    assert info["model"] == index.model.describe() and "ScratchCNN" in info["model"]
+    # the model as described, its weights file by name only: no path of the server's file system
+    assert info["model"] == "ScratchCNN(channels=[8, 16], weights=scratch_cnn.pth) + GeM()"
+    assert str(index.model.describe()).startswith("ScratchCNN") and "/" in index.model.describe()
     assert (info["k"], info["max_k"], info["backend"]) == (5, 10, "exact")
+    text = client.get("/api/info").text + client.get("/").text
+    assert str(Path(index.root).parent) not in text and "/tmp" not in text
 
 
 def test_page_and_static_files_are_served_with_security_headers(client: TestClient) -> None:
@@ -468,7 +473,9 @@ def test_an_image_deleted_since_indexing_is_a_404_not_a_crash(client: TestClient
     try:
         response = client.get("/thumb/6", params={"size": 77})  # a size nothing cached yet
         assert response.status_code == 404
-        assert f"image 6 ({index.entries[6].path}) cannot be read any more: image not found" in error_of(response)
+        message = error_of(response)
+        assert f"image 6 ({index.entries[6].path}) cannot be read any more: image not found" in message
+        assert str(index.root) not in message and "/tmp" not in message  # no path of the server's file system
         assert client.get("/api/search", params={"id": 6, "k": 2}).status_code == 200  # stored vector: still works
     finally:
         moved.rename(path)
@@ -492,7 +499,13 @@ def test_unknown_host_header_is_refused(index: RetrievalIndex, searcher: Searche
     settings = ServeSettings(allowed_hosts=("127.0.0.1", "localhost"))
     with TestClient(create_app(searcher, index, settings), base_url="http://127.0.0.1") as test_client:
         assert test_client.get("/api/info").status_code == 200
-        assert test_client.get("/api/info", headers={"host": "attacker.example"}).status_code == 400
+        refused = test_client.get("/api/info", headers={"host": "attacker.example"})
+        assert refused.status_code == 400
+        assert error_of(refused) == (
+            "this server does not answer to the Host 'attacker.example' (allowed_hosts: 127.0.0.1, localhost): "
+            "use one of those"
+        )
+        assert test_client.get("/api/info", headers={"host": "localhost:8000"}).status_code == 200
 
 
 # -- over a real socket: raw paths that an HTTP client library would normalise --------------------------------
@@ -502,7 +515,7 @@ def running(app) -> Iterator[tuple[str, int]]:
     import uvicorn
 
     sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(server_config(app, OmegaConf.create({"log_level": "warning"})))  # as oxford-ir-serve
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -638,6 +651,9 @@ def test_serve_config_builds_the_app(index_dir: Path) -> None:
         ("thumb_size=2000", "thumb_size=2000 must be between 16 and max_thumb_size=1024"),
         ("max_upload_mb=0", "max_upload_mb=0.0 must be positive"),
         ("backend=annoy", "backend='annoy': choose one of exact, faiss"),
+        ("max_parallel_decodes=0", "max_parallel_decodes=0 must be at least 1"),
+        ("upload_timeout_s=0", "upload_timeout_s=0.0 must be positive"),
+        ("upload_wait_s=-1", "upload_wait_s=-1.0 must be 0 (refuse at once when busy) or more"),
         ("query_expansion.n=-1", "query_expansion.n=-1"),
     ],
 )
