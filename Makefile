@@ -49,6 +49,9 @@ serve: $(STAMP) ## the search web page for an index: make serve INDEX=indexes/ph
 bench: $(STAMP) ## benchmarks: training, extraction, evaluation, search vs the compute ceiling and the original method (CPU, ~2 min); writes bench.json; ARGS="--quick|--only training,search"
 	$(PY) experiments/bench/run.py --profile cpu --out bench.json $(ARGS)
 
+compare: $(STAMP) ## compare runs without a dashboard (table + val/mAP plot): make compare RUNS=logs/train/multiruns/<time> [ARGS="--sort M"]
+	$(VENV)/bin/oxford-ir-compare $(RUNS) $(ARGS)
+
 data: $(STAMP) ## write the synthetic benchmark to data/synthetic
 	$(VENV)/bin/oxford-ir-data synthetic --root data/synthetic
 
@@ -56,4 +59,4 @@ clean: ## remove run outputs and caches (keeps .venv and data/)
 	rm -rf outputs multirun logs wandb .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help install test test-full lint train sweep eval index search serve bench data clean
+.PHONY: help install test test-full lint train sweep eval index search serve bench compare data clean

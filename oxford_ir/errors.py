@@ -75,9 +75,21 @@ def exit_on_user_error(func):
             if cause is None or any(os.environ.get(v, "") not in ("", "0") for v in DEBUG_VARIABLES):
                 raise
             print(f"error: {cause}", file=sys.stderr)
+            if isinstance(cause, ResourceError):
+                _kill_child_processes()
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def _kill_child_processes() -> None:
+    """SIGKILL this process's worker processes: after a worker failure some may be stopped or hung, and the
+    interpreter's exit would wait for them forever (a stopped process does not act on SIGTERM)."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=5)
 
 
 def no_room_error(error: BaseException) -> ResourceError | None:
@@ -122,10 +134,11 @@ WORKER_FAILURES = (
         "run the same command again, with fewer workers (num_workers=0 shows the worker's own error)",
     ),
     (
-        re.compile(r"DataLoader timed out after (\d+) seconds"),
+        re.compile(r"DataLoader timed out after ([\d.]+) seconds"),
         "no batch came from the data-loading workers for {0} s: a worker hangs (an unreadable file, a network "
         "mount?) or could not hand its batch over (shared memory /dev/shm full or a file-size limit); run the same "
-        "command with num_workers=0 to see the worker's own error, or raise the worker timeout",
+        "command with num_workers=0 to see the worker's own error, or raise the timeout "
+        "(data.worker_timeout, extraction.worker_timeout)",
     ),
 )
 
@@ -138,6 +151,8 @@ def worker_error(error: BaseException) -> ResourceError | None:
     for pattern, message in WORKER_FAILURES:
         found = pattern.search(text)
         if found:
-            pid, signal = (found.groups() + (None, None))[:2]
+            if pattern.groups == 1:  # the timeout, in seconds: 3.0 reads 3
+                return ResourceError(message.format(f"{float(found.group(1)):g}"))
+            pid, signal = found.groups()
             return ResourceError(message.format(pid.strip() if pid else "?", f" ({signal})" if signal else ""))
     return None

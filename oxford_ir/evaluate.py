@@ -1,10 +1,14 @@
-"""``oxford-ir-eval``: embed each benchmark's database and queries, rank, print the protocol's table."""
+"""``oxford-ir-eval``: embed each benchmark's database and queries, rank, print the protocol's table.
+
+Every setting is checked and the model built before any data is read or written, so a bad value fails at once
+with one line naming it. The run folder gets ``table.txt`` and then ``metrics.json``, each written whole or not at
+all; ``metrics.json`` marks a finished evaluation (see :func:`write_results`).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from oxford_ir.benchmarks.ranking import rank_database
-from oxford_ir.config import CONFIG_DIR
+from oxford_ir.config import CONFIG_DIR, instantiate
 from oxford_ir.data.loading import BENCHMARKS, load_benchmark
 from oxford_ir.errors import ConfigError, exit_on_user_error
 from oxford_ir.extraction.benchmark import benchmark_cache, extract_benchmark, plan_benchmark, plans_summary
@@ -21,6 +25,7 @@ from oxford_ir.extraction.distributed import barrier, init_from_environment, ran
 from oxford_ir.extraction.embedding import resolve_decode
 from oxford_ir.extraction.options import extraction_options, resolve_device
 from oxford_ir.extraction.planning import ExtractionPlan
+from oxford_ir.fs import replace_file
 from oxford_ir.retrieval.report import format_table
 
 log = logging.getLogger(__name__)
@@ -142,58 +147,111 @@ def extraction_report(
     }
 
 
-def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Evaluate the configured model on ``cfg.benchmarks``; returns flat metrics and the objects used."""
-    names = list(cfg.benchmarks)
-    unknown = [n for n in names if n not in BENCHMARKS]
+def _benchmark_names(value: Any) -> list[str]:
+    """``benchmarks=``: a list of names, or one name (``benchmarks=roxford5k``)."""
+    names = [value] if isinstance(value, str) else list(value) if OmegaConf.is_list(value) else None
+    unknown = [n for n in names if n not in BENCHMARKS] if names is not None else [value]
     if not names or unknown:
-        raise ConfigError(f"benchmarks={names}: unknown {unknown}; choose from {sorted(BENCHMARKS)}")
+        raise ConfigError(
+            f"benchmarks={OmegaConf.to_container(value) if OmegaConf.is_config(value) else value!r}: unknown "
+            f"{unknown}; give one or a list of {sorted(BENCHMARKS)}, e.g. benchmarks=[roxford5k,rparis6k]"
+        )
+    return [str(n) for n in names]
+
+
+def _whole_numbers(value: Any, key: str, *, least: int, single: bool = False) -> list[int]:
+    """Whole numbers >= ``least`` (one when ``single``), or a ConfigError naming ``key``."""
+    values = [value] if single else OmegaConf.to_container(value) if OmegaConf.is_list(value) else None
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < least for v in values):
+        what = "a whole number" if single else "a list of whole numbers"
+        raise ConfigError(f"{key}={_shown(value)}: expected {what} >= {least}")
+    return [int(v) for v in values]
+
+
+def _positive_numbers(value: Any, key: str) -> list[float]:
+    values = OmegaConf.to_container(value) if OmegaConf.is_list(value) else None
+    if not values or any(isinstance(v, bool) or not isinstance(v, int | float) or not v > 0 for v in values):
+        raise ConfigError(f"{key}={_shown(value)}: expected a list of positive numbers, e.g. {key}=[1.0,0.7071]")
+    return [float(v) for v in values]
+
+
+def _shown(value: Any) -> str:
+    return repr(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+
+
+def _build_model(cfg: DictConfig) -> torch.nn.Module:
+    """The network to evaluate: a checkpoint's embedder, or the configured embedder."""
+    if cfg.get("ckpt_path"):
+        from oxford_ir.models.module import load_retrieval_checkpoint
+
+        return load_retrieval_checkpoint(cfg.ckpt_path).embedder
+    # randomly initialised parts (a baseline without weights) are the same in every run and process
+    torch.manual_seed(int(cfg.get("seed", 0)))
+    return instantiate(cfg.embedder, "embedder")
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Evaluate the configured model on ``cfg.benchmarks``; returns flat metrics and the objects used.
+
+    Every value is checked and the model built (or its checkpoint read) before any data is written or read, so a
+    bad setting fails at once. ``metrics.json`` is written last, whole or not at all: a run folder with it holds
+    finished results.
+    """
+    names = _benchmark_names(cfg.benchmarks)
     data_dir = Path(cfg.paths.data_dir)
     ex = cfg.extraction
     options = extraction_options(ex)
+    image_size = _whole_numbers(ex.image_size, "extraction.image_size", least=1, single=True)[0]
+    scales = _positive_numbers(ex.scales, "extraction.scales")
+    batch_size = _whole_numbers(ex.batch_size, "extraction.batch_size", least=1, single=True)[0]
+    num_workers = _whole_numbers(ex.num_workers, "extraction.num_workers", least=0, single=True)[0]
+    kappas = tuple(_whole_numbers(cfg.kappas, "kappas", least=1))
+    cache_dir = _cache_dir(ex, data_dir)
     device = init_from_environment() or resolve_device(str(ex.device))  # torchrun: one process per device
+    model = _build_model(cfg)
     rank, _ = rank_and_world()
     if rank == 0:
         for name in names:
             synthetic = OmegaConf.to_container(cfg.get("synthetic") or {})
             prepare_benchmark_data(name, data_dir, bool(cfg.download), synthetic)
     barrier()
-    if cfg.get("ckpt_path"):
-        from oxford_ir.models.module import load_retrieval_checkpoint
-
-        model = load_retrieval_checkpoint(cfg.ckpt_path).embedder
-    else:
-        # randomly initialised parts (a baseline without weights) are the same in every run and process
-        torch.manual_seed(int(cfg.get("seed", 0)))
-        model = hydra.utils.instantiate(cfg.embedder)
     results, notes, extraction = evaluate_model(
         model,
         names,
         data_dir,
-        image_size=int(ex.image_size),
-        scales=[float(s) for s in ex.scales],
+        image_size=image_size,
+        scales=scales,
         allow_missing_images=bool(cfg.allow_missing_images),
-        kappas=tuple(int(k) for k in cfg.kappas),
-        cache_dir=_cache_dir(ex, data_dir),
-        batch_size=int(ex.batch_size),
-        num_workers=int(ex.num_workers),
+        kappas=kappas,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+        num_workers=num_workers,
         device=device,
         progress=True,
         **options,
     )
-    table = format_table(results, notes, cfg.kappas)
+    table = format_table(results, notes, kappas)
     flat = {f"{name}/{key}": value for name, metrics in results.items() for key, value in metrics.items()}
     if rank != 0:  # every process holds the same results; the first one reports them
         return flat, {"model": model, "results": results, "table": table}
     print(table)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    summary = extraction_report(extraction, options, [float(s) for s in ex.scales], device)
-    tmp = output_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps({"metrics": flat, "notes": notes, "extraction": summary}, indent=2))
-    os.replace(tmp, output_dir / "metrics.json")
-    (output_dir / "table.txt").write_text(table + "\n")
+    summary = extraction_report(extraction, options, scales, device)
+    write_results(Path(cfg.paths.output_dir), {"metrics": flat, "notes": notes, "extraction": summary}, table)
     return flat, {"model": model, "results": results, "table": table}
+
+
+def write_results(output_dir: Path, results: dict[str, Any], table: str) -> None:
+    """``table.txt``, then ``metrics.json``, each whole or not at all (:func:`~oxford_ir.fs.replace_file`).
+
+    ``metrics.json`` marks a finished evaluation: an older one in the folder is removed first and the new one is
+    written last, so whenever it exists, it and ``table.txt`` are of the same run. A write that fails (a full
+    disk, a file-size limit) or a process killed on the way leaves no temporary file and no ``metrics.json``;
+    running the same command again writes both.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").unlink(missing_ok=True)
+    replace_file(output_dir / "table.txt", (table + "\n").encode())
+    replace_file(output_dir / "metrics.json", json.dumps(results, indent=2).encode())
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")

@@ -12,15 +12,16 @@ import os
 import secrets
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
+from oxford_ir.config import instantiate
 from oxford_ir.errors import ConfigError
+from oxford_ir.fs import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class RunInfo:
     wandb_id: str
     wandb_group: str | None
     tags: list[str]
+    #: the global step of the checkpoint a resumed run continues from (None: a new run)
+    resume_step: int | None = None
 
     @property
     def wandb_dir(self) -> Path | None:
@@ -77,10 +80,14 @@ def resolve_run(cfg: DictConfig) -> RunInfo:
             raise ConfigError(f"resume={resume}: no such run folder")
         ckpt_path = folder / LAST_CHECKPOINT
         if not ckpt_path.is_file():
-            raise ConfigError(
-                f"resume={resume}: {ckpt_path} does not exist; the run saved no checkpoint yet "
-                "(it stopped before its first epoch ended). Start a new run instead."
-            )
+            if not _is_run_folder(folder):
+                raise ConfigError(
+                    f"resume={resume}: {ckpt_path} does not exist and {folder} is not a run folder (no .hydra/); "
+                    "pass the folder printed as 'run folder' by oxford-ir-train, or start a new run"
+                )
+            # stopped before its first checkpoint: start the run again from the beginning, in its own folder
+            log.info("resume=%s: the run saved no checkpoint yet; it starts again from the beginning", resume)
+            ckpt_path = None
         if folder != output_dir:
             raise ConfigError(
                 f"resume={resume} but this run writes to {output_dir}; resume through `oxford-ir-train resume=...` "
@@ -108,6 +115,34 @@ def resolve_run(cfg: DictConfig) -> RunInfo:
     if benchmark:
         tags.append(f"dataset:{benchmark}")
     return RunInfo(output_dir, ckpt_path, resumed, wandb_id, group, list(dict.fromkeys(tags)))
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step stored in a (validated) Lightning checkpoint, read without loading its tensors."""
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+
+
+RUN_LOCK = ".lock"
+
+
+def run_folder_lock(run: RunInfo) -> AbstractContextManager[None]:
+    """Hold ``<run>/.lock`` while the run writes its folder; a second process on the same folder is refused.
+
+    Two processes resuming (or writing) one run folder would interleave checkpoints and logs. The lock dies with
+    its process (:func:`oxford_ir.fs.exclusive_lock`), so a run killed with SIGKILL never leaves it stale. Take it
+    on global rank 0 only (the other processes of a DDP run share the folder with it).
+    """
+
+    def busy(pid: int | None) -> ConfigError:
+        holder = f"pid {pid}" if pid else "another process"
+        return ConfigError(
+            f"run folder {run.output_dir} is in use by {holder}: wait for that run to end (or stop it), "
+            "then run the command again"
+        )
+
+    return exclusive_lock(run.output_dir / RUN_LOCK, wait=False, busy=busy)
 
 
 def save_wandb_id(run: RunInfo) -> None:
@@ -267,7 +302,7 @@ def instantiate_callbacks(cfg: DictConfig | None, has_logger: bool = True) -> li
         if not has_logger and node._target_ in NEEDS_LOGGER:
             log.info("callbacks.%s skipped: it reports to a logger and logger=none", name)
             continue
-        callbacks.append(hydra.utils.instantiate(node))
+        callbacks.append(instantiate(node, f"callbacks.{name}"))
     return callbacks
 
 
@@ -290,9 +325,11 @@ def instantiate_loggers(cfg: DictConfig | None, run: RunInfo) -> list[pl.loggers
                 "tags": list(dict.fromkeys([*(node.get("tags") or []), *run.tags])),
                 "resume": "allow",
             }
-            loggers.append(hydra.utils.instantiate(node, **extra))
+            loggers.append(instantiate(node, f"logger.{name}", **extra))
+        elif node._target_.endswith("RunCSVLogger"):
+            loggers.append(instantiate(node, f"logger.{name}", keep_before_step=run.resume_step))
         else:
-            loggers.append(hydra.utils.instantiate(node))
+            loggers.append(instantiate(node, f"logger.{name}"))
     return loggers
 
 

@@ -6,6 +6,7 @@ Query images are embedded by the index's own model with its extraction settings,
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from oxford_ir.config import CONFIG_DIR
 from oxford_ir.data.images import IMAGE_EXTENSIONS
 from oxford_ir.errors import ConfigError, DataError, exit_on_user_error
 from oxford_ir.extraction.options import resolve_device
+from oxford_ir.fs import replace_file
 from oxford_ir.retrieval.report import format_table
 from oxford_ir.retrieval.search import BBox, Searcher, _check_k, parse_bbox, render_result_grid
 
@@ -190,9 +192,9 @@ def _write_grids(cfg: DictConfig, records: list[dict[str, Any]], output_dir: Pat
             thumbnail_size=int(cfg.grid.thumbnail_size),
         )
         path = output_dir / ("results.png" if page == 1 else f"results_{page:03d}.png")
-        tmp = path.with_name(f".{path.name}.tmp")
-        grid.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        encoded = io.BytesIO()
+        grid.save(encoded, format="PNG")
+        replace_file(path, encoded.getvalue(), temp=path.with_name(f".{path.name}.tmp"))
         paths.append(path)
     return paths
 
@@ -208,9 +210,8 @@ def _evaluate(cfg: DictConfig, name: str, index: Any, searcher: Searcher, output
     table = format_table({name: metrics}, {name: benchmark.subset_note}, kappas)
     print(table)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps({"metrics": {f"{name}/{k}": v for k, v in metrics.items()}, "index": str(index.path)}))
-    os.replace(tmp, output_dir / "metrics.json")
+    results = {"metrics": {f"{name}/{k}": v for k, v in metrics.items()}, "index": str(index.path)}
+    replace_file(output_dir / "metrics.json", json.dumps(results).encode(), temp=output_dir / ".metrics.json.tmp")
     return metrics, {"index": index, "searcher": searcher, "table": table}
 
 

@@ -107,8 +107,8 @@ def build_app(cfg: DictConfig) -> tuple[Any, Any, Any]:
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (``port=0``: a free one); a clear ConfigError if impossible."""
-    if isinstance(port, bool) or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"port={port!r} must be 0 (any free port) to 65535")
+    if isinstance(port, bool) or not str(port).isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"port={port!r} must be a whole number from 0 (any free port) to 65535")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
     except socket.gaierror as error:

@@ -7,9 +7,9 @@ into that same folder" (Hydra would otherwise make a new folder).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,12 +18,14 @@ import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
-from oxford_ir.config import CONFIG_DIR
+from oxford_ir.config import CONFIG_DIR, instantiate
 from oxford_ir.errors import exit_on_user_error
+from oxford_ir.fs import replace_file
 from oxford_ir.models.module import load_retrieval_checkpoint
 from oxford_ir.retrieval.report import format_table
 from oxford_ir.run import (
     RunInfo,
+    checkpoint_step,
     distributed_scope,
     finish_wandb,
     instantiate_callbacks,
@@ -32,6 +34,7 @@ from oxford_ir.run import (
     prepare_distributed,
     resolve_run,
     resume_overrides,
+    run_folder_lock,
     save_wandb_id,
 )
 
@@ -60,47 +63,64 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     pl.seed_everything(int(cfg.seed), workers=True)
 
     log.info("data <%s>", cfg.data._target_)
-    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    datamodule: pl.LightningDataModule = instantiate(cfg.data, "data")
     log.info("model <%s>", cfg.model._target_)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _recursive_=False)
     if run.ckpt_path is not None:
         # fail here, with the file named, rather than deep inside Trainer.fit
         load_retrieval_checkpoint(run.ckpt_path, expected=model)
+        if run.resumed:
+            run.resume_step = checkpoint_step(run.ckpt_path)
 
     loggers = instantiate_loggers(cfg.get("logger"), run)
     callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     prepare_distributed(cfg, trainer, model)
-    if trainer.is_global_zero:  # the run folder's files are written by one process of a DDP run
-        save_wandb_id(run)
+    # the run folder's files are written by one process of a DDP run, which holds its lock
+    folder_lock = run_folder_lock(run) if trainer.is_global_zero else contextlib.nullcontext()
 
     metrics: dict[str, float] = {}
     tables: dict[str, str] = {}
     evaluations: dict[str, dict] = {}
     try:
-        with distributed_scope():  # closes the process group this run opened
+        with folder_lock, distributed_scope():  # the scope closes the process group this run opened
+            if trainer.is_global_zero:
+                save_wandb_id(run)
             log_config(cfg, loggers, model)
             if cfg.get("validate_before_training") and run.ckpt_path is None:
                 trainer.validate(model, datamodule=datamodule, verbose=False)
                 tables["untrained"] = _evaluation_table(model) or ""
                 evaluations["untrained"] = _evaluation_metrics(model)
                 metrics.update({f"untrained/{k}": float(v) for k, v in trainer.callback_metrics.items()})
+                if trainer.is_global_zero:
+                    _write_json(run.output_dir / UNTRAINED_FILE, _untrained(metrics, evaluations, tables))
+            elif cfg.get("validate_before_training") and run.resumed:
+                _restore_untrained(run.output_dir / UNTRAINED_FILE, metrics, evaluations, tables)
             if cfg.get("train", True):
                 trainer.fit(model, datamodule=datamodule, ckpt_path=str(run.ckpt_path) if run.ckpt_path else None)
-                metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+                metrics.update(_fit_metrics(trainer))
             if cfg.get("test", True) and not trainer.fast_dev_run:
                 best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
                 trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
                 tables["final"] = _evaluation_table(model) or ""
                 evaluations["final"] = _evaluation_metrics(model)
                 metrics.update({f"final/{k}": float(v) for k, v in trainer.callback_metrics.items()})
+            if trainer.is_global_zero:
+                _write_results(run, metrics, evaluations, tables)
     finally:
         finish_wandb()
 
     if trainer.is_global_zero:
-        _write_results(run, metrics, evaluations, tables)
         _print_summary(tables, run, trainer)
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer, "run": run, "tables": tables}
+
+
+def _fit_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """What training logged last; for a run resumed after its last epoch (nothing left to train), what it had
+    logged by the time of that checkpoint, as the checkpoint callback stored it."""
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    restored = getattr(trainer.checkpoint_callback, "restored_metrics", None)
+    return logged or dict(restored or {})
 
 
 def _evaluation_metrics(module: Any) -> dict[str, dict[str, float]]:
@@ -111,21 +131,49 @@ def _evaluation_metrics(module: Any) -> dict[str, dict[str, float]]:
     return {evaluation["benchmark"].name: {k: float(v) for k, v in evaluation["metrics"].items()}}
 
 
+#: the untrained network's evaluation, kept in the run folder so that a resumed run reports it too
+UNTRAINED_FILE = "untrained.json"
+
+
+def _untrained(metrics: dict[str, float], evaluations: dict[str, dict], tables: dict[str, str]) -> dict:
+    return {
+        "metrics": {k: v for k, v in metrics.items() if k.startswith("untrained/")},
+        "evaluation": evaluations.get("untrained", {}),
+        "table": tables.get("untrained", ""),
+    }
+
+
+def _restore_untrained(
+    path: Path, metrics: dict[str, float], evaluations: dict[str, dict], tables: dict[str, str]
+) -> None:
+    """The interrupted run's evaluation of the untrained network (a resume does not evaluate it again)."""
+    if not path.is_file():
+        log.warning("%s is missing: the resumed run's table has no 'before training' row", path)
+        return
+    saved = json.loads(path.read_text())
+    metrics.update(saved["metrics"])
+    evaluations["untrained"] = saved["evaluation"]
+    tables["untrained"] = saved["table"]
+
+
 def _write_results(
     run: RunInfo, metrics: dict[str, float], evaluations: dict[str, dict], tables: dict[str, str]
 ) -> None:
     """``metrics.json`` (logged metrics and the evaluation tables' values) and ``table.txt``, atomically."""
     results = {"metrics": metrics, "evaluations": {k: v for k, v in evaluations.items() if v}}
-    target = run.output_dir / "metrics.json"
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, target)
+    _write_json(run.output_dir / "metrics.json", results)
     text = "".join(f"{TABLE_TITLES[key]}\n{table}\n\n" for key, table in tables.items() if table)
     if text:
-        target = run.output_dir / "table.txt"
-        tmp = target.with_suffix(".txt.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        _write_text(run.output_dir / "table.txt", text)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    _write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a temp file beside it, fsynced, renamed over it)."""
+    replace_file(path, text.encode())
 
 
 def _print_summary(tables: dict[str, str], run: RunInfo, trainer: pl.Trainer) -> None:

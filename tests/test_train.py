@@ -261,26 +261,32 @@ def test_quickstart_learns_on_the_default_synthetic_benchmark(tmp_path):
     assert after > before + 0.1
 
 
-def test_resume_continues_the_same_run_exactly(tmp_path, two_epochs):
-    """Stop after one epoch and resume: same folder, step counter, weights and W&B id as an uninterrupted run.
+def test_resume_after_sigkill_mid_epoch_continues_the_same_run_exactly(tmp_path, two_epochs):
+    """SIGKILL in the middle of epoch 1, resume: the same folder, W&B id, step counter, weights, optimizer state,
+    logged rows and results as an uninterrupted run (the shared two-epoch run, same overrides and data).
 
-    The uninterrupted run is the shared two-epoch run (same overrides and data); the stopped run is
-    ``oxford-ir-train`` in this process, the resume the installed console script in a fresh process (nothing
-    it needs may come from the memory of the run it continues).
+    The killed run and the resume are real processes; the killed one loads its batches with 2 workers (the
+    uninterrupted one with none: what is trained on depends on the sampler only). On the code before the fix the
+    resumed epoch trained on epoch 0's batches (the workers drew them before Lightning set the sampler's epoch),
+    and the CSV logger deleted the rows logged before the kill.
     """
-    args = [*TWO_EPOCHS, f"paths.data_dir={two_epochs.data}"]
-    stopped = tmp_path / "stopped"
-    part = run_main(*args, "trainer.max_epochs=1", f"hydra.run.dir={stopped}", cwd=tmp_path)
-    assert part.returncode == 0, part.stderr[-3000:]
-    run_id = (stopped / "wandb_run_id").read_text()
-    # the saved overrides are re-applied; the new max_epochs wins
-    resumed = cli(f"resume={stopped}", "trainer.max_epochs=2", cwd=tmp_path)
+    args = [*TWO_EPOCHS, f"paths.data_dir={two_epochs.data}", "trainer.max_epochs=2"]
+    killed = tmp_path / "killed"
+    kill = ["+callbacks.kill._target_=tests.reliability.kill_training.KillAt", "+callbacks.kill.point=train_batch"]
+    environment = {"PYTHONPATH": str(REPO)}
+    part = cli(*args, "data.num_workers=2", *kill, "+callbacks.kill.at=4", f"hydra.run.dir={killed}", cwd=tmp_path,
+               env=environment)  # fmt: skip
+    assert part.returncode == -9, part.stderr[-3000:]
+    assert (killed / "checkpoints" / "last.ckpt").is_file() and not (killed / "metrics.json").exists()
+    run_id = (killed / "wandb_run_id").read_text()
+    # the saved overrides are re-applied; the kill is taken out
+    resumed = cli(f"resume={killed}", "~callbacks.kill", cwd=tmp_path, env=environment)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (stopped / "wandb_run_id").read_text() == run_id
+    assert (killed / "wandb_run_id").read_text() == run_id
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").rglob("last.ckpt"))
 
     a = torch.load(two_epochs.run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    b = torch.load(stopped / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert a["global_step"] == b["global_step"] == 6
     assert a["epoch"] == b["epoch"]
     for key, value in a["state_dict"].items():
@@ -289,6 +295,11 @@ def test_resume_continues_the_same_run_exactly(tmp_path, two_epochs):
         a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(), strict=True
     ):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    # every row of the uninterrupted run, none twice; the same results and table
+    assert read_csv_metrics(killed) == read_csv_metrics(two_epochs.run)
+    results = [json.loads((folder / "metrics.json").read_text()) for folder in (killed, two_epochs.run)]
+    assert results[0] == results[1]
+    assert (killed / "table.txt").read_text() == (two_epochs.run / "table.txt").read_text()
 
 
 def test_resume_errors_are_clear(tmp_path):
@@ -297,7 +308,7 @@ def test_resume_errors_are_clear(tmp_path):
         train(cfg)
     (tmp_path / "empty").mkdir()
     cfg = compose_train(tmp_path, *TINY, *TINY_SCRATCH, "logger=none", f"resume={tmp_path / 'empty'}", run="empty")
-    with pytest.raises(ConfigError, match="last.ckpt does not exist"):
+    with pytest.raises(ConfigError, match="last.ckpt does not exist and .* is not a run folder"):
         train(cfg)
     # the console script's own check, before Hydra composes anything
     result = run_main(f"resume={tmp_path / 'empty'}", cwd=tmp_path)

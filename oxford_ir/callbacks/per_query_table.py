@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import os
+import io
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -11,6 +11,7 @@ import numpy as np
 from lightning.pytorch.loggers import WandbLogger
 
 from oxford_ir.callbacks import artifact_stem
+from oxford_ir.fs import replace_file
 
 
 def per_query_rows(evaluation: dict) -> tuple[list[str], list[list]]:
@@ -37,13 +38,11 @@ class PerQueryTableCallback(pl.Callback):
         columns, rows = per_query_rows(evaluation)
         folder = Path(trainer.default_root_dir) / "per_query_ap"
         folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{artifact_stem(trainer)}.csv"
-        tmp = target.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(columns)
-            writer.writerows(rows)
-        os.replace(tmp, target)
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(columns)
+        writer.writerows(rows)
+        replace_file(folder / f"{artifact_stem(trainer)}.csv", text.getvalue().encode())
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_table(key="val/per_query_ap", columns=columns, data=rows, step=trainer.global_step)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
 
 from oxford_ir.callbacks import artifact_stem
+from oxford_ir.fs import replace_file
 from oxford_ir.retrieval.visualize import fixed_query_indices, render_retrieval_grid
 
 
@@ -34,10 +35,9 @@ class RetrievalGridCallback(pl.Callback):
         grid = render_retrieval_grid(benchmark, evaluation["ranks"], queries, self.top_k, self.thumbnail_size)
         folder = Path(trainer.default_root_dir) / "retrieval_grids"
         folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{artifact_stem(trainer)}.png"
-        tmp = target.with_suffix(".tmp.png")
-        grid.save(tmp)
-        os.replace(tmp, target)
+        png = io.BytesIO()
+        grid.save(png, format="PNG")
+        replace_file(folder / f"{artifact_stem(trainer)}.png", png.getvalue())
         captions = ", ".join(benchmark.qimlist[q] for q in queries)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

@@ -8,7 +8,7 @@ On-disk format (``format_version`` 1) of a cache folder::
 
     manifest.json        what the cache holds (below); replacing it is the commit of a build
     pixels-<token>.u8    every image's pixels, row-major H x W x 3 uint8, back to back
-    .lock                held (flock) while a build runs
+    .lock                held (flock) while a build runs; holds the pid of the process building
 
 ``manifest.json`` holds ``format`` ("oxford-ir-image-cache"), ``format_version``, ``settings`` (``kind``:
 "eval" or "train", ``long_side``, the ``preprocessing`` text and the ``pillow`` version: a change of any
@@ -39,14 +39,21 @@ pixel file. A crash at any moment leaves the previous manifest and its pixel fil
 manifest naming pixels that are not complete. A reader takes the manifest and the pixel file it names
 together (retrying when a build replaced both in between), so it never mixes two builds. Several processes
 (DDP ranks, parallel sweep jobs) may call :func:`build_image_cache` at once: the lock makes one build while
-the others wait and then find the cache fresh. Under Lightning, ``prepare_data`` (local rank 0) builds and
-``setup`` (every rank) opens.
+the others wait (logging the pid they wait for) and then find the cache fresh. Under Lightning,
+``prepare_data`` (local rank 0) builds and ``setup`` (every rank) opens.
+
+Faults: a full disk or file-size limit raises :class:`ImageCacheError` naming the file, after removing the new
+pixel file; a process killed mid-build leaves a pixel file (or temp manifest) that no manifest names, which
+readers ignore and the next build deletes. Decoding workers that die, fail or deliver nothing for
+``worker_timeout`` seconds end the build with one :class:`~oxford_ir.errors.ResourceError`
+(:func:`~oxford_ir.fs.worker_items`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import logging
 import math
@@ -61,11 +68,12 @@ from typing import Any
 import numpy as np
 import PIL
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from oxford_ir.data.datasets import BBox, eval_image, train_image
-from oxford_ir.errors import DataError
+from oxford_ir.errors import NO_ROOM, DataError
+from oxford_ir.fs import WORKER_TIMEOUT, exclusive_lock, replace_file, worker_call, worker_items, write_new
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +97,10 @@ _PIXELS_RE = re.compile(r"^pixels-[0-9a-f]{32}\.u8$")
 _TEMP_RE = re.compile(r"^(pixels-[0-9a-f]{32}\.u8|manifest\.[0-9a-f]{32}\.tmp)$")
 _OPEN_RETRIES = 5
 _SHOWN = 5
+_WORKER_HINT = (
+    "rerun with fewer decoding workers (oxford-ir-data cache --workers, data.cache.num_workers), or 0 to decode in "
+    "the main process"
+)
 
 Key = tuple[str, tuple[float, float, float, float] | None]
 
@@ -335,14 +347,17 @@ def build_image_cache(
     boxes: Sequence[BBox | None] | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    worker_timeout: float | None = WORKER_TIMEOUT,
 ) -> ImageCache:
     """The cache of ``paths`` (cropped to ``boxes``) in ``folder``, built or updated as needed, opened.
 
     ``kind="eval"``: :func:`~oxford_ir.data.datasets.eval_image` at ``long_side`` (None: full size);
     ``kind="train"``: :func:`~oxford_ir.data.datasets.train_image` at ``long_side``. A fresh cache (every
-    image present and unchanged, same settings) is opened without taking the lock or writing anything.
-    ``num_workers > 0`` decodes in that many processes. Raises :class:`DataError` naming a missing source
-    image, :class:`ImageCacheError` for a folder that cannot be written.
+    image present and unchanged, same settings) is opened without taking the lock or writing anything (but for
+    deleting the files a killed build left, when no build runs).
+    ``num_workers > 0`` decodes in that many processes; one that fails or delivers nothing for ``worker_timeout``
+    seconds (None: no limit) raises :class:`~oxford_ir.errors.ResourceError`. Raises :class:`DataError` naming a
+    missing source image, :class:`ImageCacheError` for a folder that cannot be written (or a full disk).
     """
     settings = CacheSettings(kind, long_side)
     if boxes is not None and len(boxes) != len(paths):
@@ -352,6 +367,7 @@ def build_image_cache(
     stats = _stat_sources(keys, folder)
     cache = _open_if_fresh(folder, settings, keys, stats, log_reason=False)
     if cache is not None:
+        _tidy(folder, cache.pixel_file)
         return cache
     _make_folder(folder)
     with _build_lock(folder):
@@ -360,7 +376,9 @@ def build_image_cache(
         if cache is not None:
             return cache
         old = _open_same_settings(folder, settings)
-        _write_cache(folder, settings, keys, stats, old, num_workers=num_workers, progress=progress)
+        _write_cache(
+            folder, settings, keys, stats, old, num_workers=num_workers, progress=progress, timeout=worker_timeout
+        )
         _remove_unreferenced(folder)
         return open_image_cache(folder)
 
@@ -374,6 +392,11 @@ def _stat_sources(keys: Sequence[Key], folder: Path) -> dict[str, tuple[int, int
         if stat is None:
             raise DataError(
                 f"image not found: {path} (asked for by the image cache {folder}); restore it or leave it out"
+            )
+        if not os.path.isfile(path):  # a FIFO or device would block the process reading it
+            raise DataError(
+                f"{path} is not a regular file (a FIFO, socket or device; asked for by the image cache {folder}); "
+                "replace it with the image file or leave it out"
             )
         stats[path] = stat
     return stats
@@ -424,6 +447,7 @@ def _write_cache(
     *,
     num_workers: int,
     progress: bool,
+    timeout: float | None = WORKER_TIMEOUT,
 ) -> None:
     """Write a new pixel file and commit its manifest (the lock is held)."""
     reuse: list[tuple[Key, int]] = []
@@ -451,28 +475,30 @@ def _write_cache(
     name = f"pixels-{uuid.uuid4().hex}.u8"
     entries: list[list[Any]] = []
     pixel_path = folder / name
-    try:
-        with _writable(folder, "write"), open(pixel_path, "xb") as handle:
-            offset = 0
-            for key, row in reuse:
-                data = old.pixels(row)
+    size = 0
+
+    def fill(handle: Any) -> None:
+        nonlocal size
+        for key, row in reuse:
+            data = old.pixels(row)
+            handle.write(memoryview(data).cast("B"))
+            entries.append(_entry(key, stats[key[0]], size, data.shape))
+            size += data.nbytes
+        with tqdm(total=len(decode), disable=not progress, desc=f"caching {folder.name}", unit="img") as bar:
+            for key, data in _preprocessed(decode, settings, num_workers, timeout):
                 handle.write(memoryview(data).cast("B"))
-                entries.append(_entry(key, stats[key[0]], offset, data.shape))
-                offset += data.nbytes
-            bar = tqdm(total=len(decode), disable=not progress, desc=f"caching {folder.name}", unit="img")
-            with bar:
-                for key, data in _preprocessed(decode, settings, num_workers):
-                    handle.write(memoryview(data).cast("B"))
-                    entries.append(_entry(key, stats[key[0]], offset, data.shape))
-                    offset += data.nbytes
-                    bar.update(1)
-            handle.flush()
-            os.fsync(handle.fileno())
+                entries.append(_entry(key, stats[key[0]], size, data.shape))
+                size += data.nbytes
+                bar.update(1)
+
+    try:
+        with _writable(folder, "write"):
+            write_new(pixel_path, fill)
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "settings": settings.as_dict(),
-            "pixels": {"file": name, "bytes": offset},
+            "pixels": {"file": name, "bytes": size},
             "count": len(entries),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "entries": entries,
@@ -501,20 +527,9 @@ def _manifest_names(folder: Path, name: str) -> bool:
 
 
 def _commit_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    tmp = folder / f"manifest.{uuid.uuid4().hex}.tmp"
     text = json.dumps(manifest, separators=(",", ":"), allow_nan=False)
-    try:
-        with _writable(folder, "write"):
-            with open(tmp, "x") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, folder / MANIFEST_FILE)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(folder)
+    with _writable(folder, "write"):
+        replace_file(folder / MANIFEST_FILE, text.encode(), temp=folder / f"manifest.{uuid.uuid4().hex}.tmp")
 
 
 def _remove_unreferenced(folder: Path) -> None:
@@ -529,6 +544,20 @@ def _remove_unreferenced(folder: Path) -> None:
                 entry.unlink()
 
 
+class _Busy(Exception):
+    pass
+
+
+def _tidy(folder: Path, current: str) -> None:
+    """Delete what a build killed after its commit (or before it) left beside a fresh cache, unless a build is
+    running now (its new pixel file is not named yet either); best effort: a read-only folder stays as it is."""
+    with contextlib.suppress(OSError):
+        if not any(_TEMP_RE.match(p.name) and p.name != current for p in folder.iterdir()):
+            return
+        with contextlib.suppress(_Busy), exclusive_lock(folder / LOCK_FILE, wait=False, busy=lambda pid: _Busy()):
+            _remove_unreferenced(folder)
+
+
 class _Preprocess(Dataset):
     """Entry ``i`` -> ``(i, pixels)``, or ``(i, message)`` when the source cannot be decoded (no worker traceback)."""
 
@@ -540,18 +569,27 @@ class _Preprocess(Dataset):
         return len(self.keys)
 
     def __getitem__(self, index: int) -> tuple[int, np.ndarray | str]:
+        return worker_call(lambda: self.describe(index), lambda: self._item(index), _WORKER_HINT)
+
+    def _item(self, index: int) -> tuple[int, np.ndarray | str]:
         path, box = self.keys[index]
         try:
             return index, self.settings.preprocess(path, box)
         except DataError as error:
             return index, str(error)
 
+    def describe(self, index: int) -> str:
+        path, box = self.keys[index]
+        return f"image {index + 1} of {len(self.keys)} ({path}{'' if box is None else f' box {list(box)}'})"
+
 
 def _as_is(item: Any) -> Any:
     return item
 
 
-def _preprocessed(keys: Sequence[Key], settings: CacheSettings, num_workers: int) -> Iterator[tuple[Key, np.ndarray]]:
+def _preprocessed(
+    keys: Sequence[Key], settings: CacheSettings, num_workers: int, timeout: float | None = WORKER_TIMEOUT
+) -> Iterator[tuple[Key, np.ndarray]]:
     """``(key, pixels)`` of every key in order, decoded in ``num_workers`` processes (0: this one)."""
     if not keys:
         return
@@ -560,7 +598,17 @@ def _preprocessed(keys: Sequence[Key], settings: CacheSettings, num_workers: int
     if workers == 0:
         results: Any = (dataset[i] for i in range(len(dataset)))
     else:
-        results = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is)
+        results = worker_items(
+            dataset,
+            num_workers=workers,
+            timeout=timeout,
+            describe=dataset.describe,
+            hint=_WORKER_HINT,
+            timeout_key=None,
+            batch_size=None,
+            shuffle=False,
+            collate_fn=_as_is,
+        )
     for index, data in results:
         if isinstance(data, str):
             raise DataError(f"{data} (while building the image cache)")
@@ -570,10 +618,18 @@ def _preprocessed(keys: Sequence[Key], settings: CacheSettings, num_workers: int
 # -- files and locks -------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _writable(folder: Path, action: str) -> Iterator[None]:
-    """Turn an OS error while writing into :class:`ImageCacheError` naming the folder and the fix."""
+    """Turn an OS error while writing into :class:`ImageCacheError` naming the folder (and file) and the fix."""
     try:
         yield
     except OSError as error:
+        reason = NO_ROOM.get(errno.errorcode.get(error.errno or 0, ""))
+        if reason is not None:
+            where = f" writing {error.filename}" if error.filename else ""
+            raise ImageCacheError(
+                f"{reason}{where} (the image cache in {folder}): free space (or raise the limit) and run again, or "
+                "build the cache on a disk with room (data.cache.dir, oxford-ir-data cache --dir); the previous "
+                "cache is kept and nothing half-written is used"
+            ) from error
         raise ImageCacheError(
             f"cannot {action} the image cache in {folder}: {error.strerror or error}; set data.cache.dir to a "
             "writable folder with enough space, or disable the cache (data.cache.enabled=false)"
@@ -590,34 +646,15 @@ def _make_folder(folder: Path) -> None:
 @contextlib.contextmanager
 def _build_lock(folder: Path) -> Iterator[None]:
     """An exclusive lock on ``folder/.lock`` for the whole build: one process builds, the others wait."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock
-        yield
-        return
+
+    def waiting(pid: int | None) -> None:
+        who = f"another process (pid {pid})" if pid is not None else "another process"
+        log.info("image cache %s: %s is building it; waiting", folder, who)
+
     with _writable(folder, "lock"):
-        handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - closed in the finally below
-    try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("image cache %s: another process is building it; waiting", folder)
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-    finally:
-        handle.close()
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a folder
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        (folder / LOCK_FILE).touch()
+    with exclusive_lock(folder / LOCK_FILE, wait=True, busy=waiting):
+        yield
 
 
 def cache_folder(cache_dir: str | Path, kind: str, dataset: str, long_side: int | None) -> Path:

@@ -4,6 +4,9 @@ oxford-ir-data download oxford5k --root data          # -> data/oxford5k/{jpg,gt
 oxford-ir-data verify roxford5k --root data           # exit 0 when every listed image decodes
 oxford-ir-data synthetic --root data/synthetic --seed 0
 oxford-ir-data cache roxford5k --root data --eval-size 1024 --train-long-side 724 --workers 8
+
+A bad argument, like any error a user can fix, is one ``error:`` line on stderr naming the option and what it takes,
+exit status 2 (argparse's usage block is left out: ``--help`` shows it).
 """
 
 from __future__ import annotations
@@ -14,23 +17,45 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from oxford_ir.errors import exit_on_user_error
 
 BENCHMARK_NAMES = ("oxford5k", "roxford5k", "paris6k", "rparis6k", "synthetic", "rsynthetic")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: one ``error:`` line naming the option and the fix, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _whole_number(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {value}")
     return value
 
 
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
 def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return _whole_number(text, 0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 
@@ -38,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     from oxford_ir.data.download import DATASET_FOLDERS
 
     data_dir = Path(os.environ.get("OXFORD_IR_DATA", "data"))  # the default of paths.data_dir
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="oxford-ir-data",
         description=(
             "Download the Oxford5k / Paris6k benchmarks, verify their images, write the synthetic benchmark, "
@@ -68,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--base-url", help="fetch the same file names from this mirror instead")
     download.add_argument("--keep-archives", action="store_true", help="keep the .tgz files after extraction")
     download.add_argument("--retries", type=_non_negative_int, default=3, help="retries on connection errors")
-    download.add_argument("--timeout", type=float, default=60.0, help="seconds without data before giving up")
+    download.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds without data before giving up")
     download.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     verify = commands.add_parser(

@@ -57,6 +57,7 @@ from oxford_ir.data.loading import benchmark_spec, load_benchmark
 from oxford_ir.data.prefetch import DevicePrefetchLoader, ReadyBatch
 from oxford_ir.data.splits import SPLIT_KINDS, TrainSplit, build_split, full_ground_truth
 from oxford_ir.errors import ConfigError, DataError
+from oxford_ir.fs import WORKER_TIMEOUT
 
 _SHOWN = 5
 #: ``data.eval_batching`` values (:mod:`oxford_ir.extraction.planning` implements them)
@@ -336,6 +337,8 @@ class RetrievalDataModule(pl.LightningDataModule):
             ``oxford-ir-eval`` (:mod:`oxford_ir.extraction.planning`).
         num_workers / pin_memory / persistent_workers: of every loader (pinning only with an accelerator,
             persistent workers only with ``num_workers > 0``).
+        worker_timeout: seconds a loader's worker may take to deliver a batch before the run stops with an error
+            naming the cause (a hung or silently failed worker would otherwise stall it forever); None: no limit.
         cache: ``data.cache`` (:class:`CacheConfig`): the preprocessed image cache.
         allow_missing_images: train and evaluate on the images present (a subset) instead of failing.
         download: fetch a missing real dataset in ``prepare_data`` (needs internet).
@@ -366,6 +369,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = True,
         persistent_workers: bool = True,
+        worker_timeout: float | None = WORKER_TIMEOUT,
         allow_missing_images: bool = False,
         download: bool = False,
         seed: int = 0,
@@ -406,6 +410,8 @@ class RetrievalDataModule(pl.LightningDataModule):
                 f"data.eval_batching={eval_batching!r}: choose bucket (few input shapes), shape (exact) or aspect"
             )
         _non_negative_int(num_workers, "num_workers")
+        if worker_timeout is not None and (isinstance(worker_timeout, bool) or not float(worker_timeout) > 0):
+            raise ConfigError(f"data.worker_timeout={worker_timeout!r}: seconds (e.g. 300), or null for no limit")
         _non_negative_int(distractors_per_batch, "distractors_per_batch")
         _non_negative_int(seed, "seed")
         if eval_image_size is not None:
@@ -661,6 +667,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         hp = self.hparams
         split = self.train_split
         sampler = self.train_sampler()
+        sampler.set_epoch(self._resumed_epoch())
         device = self._training_device(device)
         if self._gpu_decode:  # workers only read the files; the device decodes and augments
             dataset, collate = EncodedTrainDataset(split.paths, split.labels), collate_encoded
@@ -684,9 +691,22 @@ class RetrievalDataModule(pl.LightningDataModule):
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),  # pinning needs an accelerator
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            timeout=float(hp.worker_timeout or 0) if hp.num_workers > 0 else 0,
             prepare=prepare if device.type == "cuda" else None,
             device=device,
         )
+
+    def _resumed_epoch(self) -> int:
+        """The epoch the attached trainer's fit loop is about to run (0 without a trainer).
+
+        Lightning creates the training iterator (and with workers, starts drawing the sampler's indices) before it
+        calls ``set_epoch`` for the epoch; in a fresh run that is epoch 0 either way, but a run resumed from the
+        checkpoint of epoch ``e`` would train epoch ``e + 1`` on the batches of epoch 0. Starting the sampler at
+        the fit loop's epoch makes a resumed run draw exactly the batches of an uninterrupted one.
+        """
+        fit_loop = getattr(getattr(self, "trainer", None), "fit_loop", None)
+        progress = getattr(getattr(fit_loop, "epoch_progress", None), "current", None)
+        return int(progress.processed) if progress is not None else 0
 
     def _training_device(self, device: torch.device | str | None) -> torch.device:
         """``device``, else the attached trainer's root device, else the CPU."""
@@ -728,7 +748,7 @@ class RetrievalDataModule(pl.LightningDataModule):
     @property
     def eval_settings(self) -> dict[str, Any]:
         """How evaluation images are batched and loaded: ``image_size``, ``batch_size``, ``batching``,
-        ``max_shapes``, ``num_workers``, ``pin_memory``, ``persistent_workers``, ``gpu_decode``."""
+        ``max_shapes``, ``num_workers``, ``pin_memory``, ``persistent_workers``, ``worker_timeout``, ``gpu_decode``."""
         hp = self.hparams
         return {
             "image_size": hp.eval_image_size,
@@ -738,6 +758,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             "num_workers": hp.num_workers,
             "pin_memory": hp.pin_memory and torch.cuda.is_available(),  # pinning needs an accelerator
             "persistent_workers": hp.persistent_workers and hp.num_workers > 0,
+            "worker_timeout": hp.get("worker_timeout", WORKER_TIMEOUT),
             "gpu_decode": self._gpu_decode,
         }
 

@@ -3,9 +3,13 @@
 The archives are large (1.8 GB and 2.5 GB) and hosted on academic servers that drop
 connections, so every step is resumable: a transfer continues from its ``.part`` file
 with an HTTP Range request, an extraction happens in a temporary folder that is moved
-into place only when it succeeded, and the dataset folder gets its ``.complete.json``
-marker only after every file is in place. An interrupted run therefore never leaves a
-half-dataset that looks whole, and re-running picks up where it stopped.
+into place only when it succeeded (with one rename when its folder is new), and the dataset
+folder gets its ``.complete.json`` marker only after every file is in place. Until then the
+folder holds ``.download-state.json``, and :func:`oxford_ir.data.loading.load_benchmark` refuses it as an
+unfinished download. An interrupted run (also one killed with SIGKILL at any point) therefore never leaves a
+half-dataset that looks whole, and re-running picks up where it stopped and ends with the same files as an
+uninterrupted run. A write that fails for want of room (a full disk, a file-size limit) is not retried: it
+is reported as such, naming the file, and what was fetched so far is kept for the next run.
 
 The URLs live in ``conf/download/<dataset>.yaml`` (a list of entries
 ``{url, filename, sha256, extract_to, flatten}``); ``--sources FILE`` replaces them and
@@ -38,9 +42,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from oxford_ir import __version__
-from oxford_ir.errors import ConfigError, DownloadError
+from oxford_ir.errors import ConfigError, DownloadError, no_room_error
 from oxford_ir.hashing import file_sha256
 
 log = logging.getLogger(__name__)
@@ -287,21 +292,44 @@ def _transfer(url: str, part: Path, *, progress: bool, timeout: float, hint: str
                 ) as bar,
             ):
                 try:
-                    while chunk := response.read(CHUNK_BYTES):
-                        out.write(chunk)
+                    while True:
+                        try:
+                            chunk = response.read(CHUNK_BYTES)
+                        except TimeoutError:
+                            raise _Transient(f"timed out after {timeout:g} s reading {url}") from None
+                        except (http.client.HTTPException, OSError) as error:
+                            raise _Transient(
+                                f"connection to {url} broke after {offset + received} bytes: {error}"
+                            ) from None
+                        if not chunk:
+                            break
+                        _write(out, chunk, part)
                         received += len(chunk)
                         bar.update(len(chunk))
-                except TimeoutError:
-                    raise _Transient(f"timed out after {timeout:g} s reading {url}") from None
-                except (http.client.HTTPException, OSError) as error:
-                    raise _Transient(f"connection to {url} broke after {offset + received} bytes: {error}") from None
-                finally:
-                    out.flush()
-                    os.fsync(out.fileno())
+                    _write(out, b"", part, sync=True)
+                except BaseException:
+                    with contextlib.suppress(OSError):  # keep what reached the disk: the next attempt resumes it
+                        out.flush()
+                    raise
             if remaining is not None and received < remaining:
                 raise _Transient(f"connection to {url} closed after {offset + received} of {offset + remaining} bytes")
             return
     raise _Transient(f"could not resume {url}")
+
+
+def _write(out: Any, data: bytes, path: Path, *, sync: bool = False) -> None:
+    """Append ``data`` (and flush and fsync when ``sync``); a failed write is an OSError naming ``path`` (a full
+    disk or a file-size limit is not worth retrying and is reported as such, see ``no_room_error``)."""
+    try:
+        if data:
+            out.write(data)
+        if sync:
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            raise OSError(error.errno, error.strerror or os.strerror(error.errno), str(path)) from None
+        raise
 
 
 def _content_range(header: str | None) -> tuple[int | None, int | None, int | None]:
@@ -356,7 +384,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, flatten: b
                     "The archive is not the official one or was tampered with: delete it and download it again"
                 )
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extract-", dir=dest.parent))
+        tmp = _staging_folder(dest)
         try:
             try:
                 if is_zip or not hasattr(tarfile, "data_filter"):
@@ -435,8 +463,25 @@ def _zip_member_problem(info: zipfile.ZipInfo) -> str | None:
     return why
 
 
+def _staging_folder(dest: Path) -> Path:
+    """A new hidden folder beside ``dest`` (``.<name>.extract-<pid>-<random>``, removed by the next run when left
+    behind), with the permissions of the user's umask (``mkdtemp`` would make it 0700, and it may become ``dest``)."""
+    while True:
+        folder = dest.parent / f".{dest.name}.extract-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
 def _merge_into(src: Path, dest: Path) -> list[Path]:
-    """Move the tree ``src`` into ``dest``, replacing files of the same name (a re-run re-extracts)."""
+    """Move the tree ``src`` into ``dest``, replacing files of the same name (a re-run re-extracts).
+
+    A new ``dest`` is ``src`` renamed, in one step: it never exists half-filled."""
+    if not dest.exists() and not dest.is_symlink():
+        os.replace(src, dest)
+        return sorted(p for p in dest.rglob("*") if p.is_file() or p.is_symlink())
     placed: list[Path] = []
     dest.mkdir(exist_ok=True)
     for entry in sorted(src.iterdir()):
@@ -475,12 +520,19 @@ def _flatten_into(src: Path, dest: Path, archive: Path) -> list[Path]:
                     )
                 continue
             chosen[name] = path
-    placed = []
-    dest.mkdir(exist_ok=True)
-    for name in sorted(chosen):
-        os.replace(chosen[name], dest / name)
-        placed.append(dest / name)
-    return placed
+    # a new dest is filled beside it and renamed into place in one step; an existing one (a second archive into
+    # the same folder, or a re-run) receives the files one by one
+    fresh = not dest.exists() and not dest.is_symlink()
+    target = _staging_folder(dest) if fresh else dest
+    try:
+        for name in sorted(chosen):
+            os.replace(chosen[name], target / name)
+        if fresh:
+            os.replace(target, dest)
+    finally:
+        if fresh:
+            shutil.rmtree(target, ignore_errors=True)
+    return [dest / name for name in sorted(chosen)]
 
 
 # -- whole datasets ------------------------------------------------------------------------------
@@ -533,6 +585,7 @@ def download_dataset(
     target = dataset_dir(name, root)
     if is_complete(target):
         log.info("%s is complete (%s)", target, COMPLETE_MARKER)
+        (target / STATE_FILE).unlink(missing_ok=True)  # left by a run killed just after writing the marker
         return target
     if sources is None or isinstance(sources, (str, os.PathLike)):
         origin = str(sources if sources is not None else SOURCES_DIR / f"{DATASET_FOLDERS[name]}.yaml")
@@ -543,12 +596,23 @@ def download_dataset(
         f"the file moved or the URL is wrong: fix its url in {origin}, pass --sources FILE, "
         "or --base-url URL of a mirror holding the same file names"
     )
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        if no_room_error(error) is not None:
+            raise
+        raise ConfigError(
+            f"cannot create the dataset folder {target}: {error.strerror or error}; give a --root folder that "
+            "you can write to (not a file)"
+        ) from None
     with _locked(target):
         if is_complete(target):  # another process finished while we waited for the lock
+            (target / STATE_FILE).unlink(missing_ok=True)
             return target
-        for stale in target.glob(".*.extract-*"):
+        for stale in target.glob(".*.extract-*"):  # left by a killed run: nothing in them is used
             shutil.rmtree(stale, ignore_errors=True)
+        for stale in (*target.glob(f".{STATE_FILE}.*.tmp"), *target.glob(f".{COMPLETE_MARKER}.*.tmp")):
+            stale.unlink(missing_ok=True)
         state_path = target / STATE_FILE
         state = _read_json(state_path)
         records = []
@@ -581,6 +645,11 @@ def download_dataset(
             state[source.filename] = record
             _write_json_atomic(state_path, state)
             records.append(record)
+        # archives go before the marker: a run killed in between finds every step done and only writes it
+        if not keep_archives:
+            for record in records:
+                if record.get("extract_to") is not None:
+                    (target / record["filename"]).unlink(missing_ok=True)
         marker = {
             "dataset": name,
             "completed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -589,10 +658,6 @@ def download_dataset(
         }
         _write_json_atomic(target / COMPLETE_MARKER, marker)
         state_path.unlink(missing_ok=True)
-        if not keep_archives:
-            for record in records:
-                if record.get("extract_to") is not None:
-                    (target / record["filename"]).unlink(missing_ok=True)
     log.info("%s is complete", target)
     return target
 
@@ -635,6 +700,8 @@ def _write_json_atomic(path: Path, data: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+            raise OSError(error.errno, error.strerror or os.strerror(error.errno), str(path)) from None
         raise

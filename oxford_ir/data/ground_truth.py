@@ -12,7 +12,15 @@ Three forms circulate, and all of them end up as the same :class:`GroundTruth`:
 
 Pickles are opened with :class:`RestrictedUnpickler`, which builds plain containers,
 numbers, strings and numpy arrays only: a downloaded ``.pkl`` is otherwise a program.
-Every problem with a file raises one :class:`GroundTruthError` naming the file.
+Every problem with a file raises one :class:`GroundTruthError` naming the file and where in it: the line
+(``all_souls_1_good.txt:3: 'x y': ...``) of a text file, the key and position (``landmark 'tower' 'good'[2]``,
+``'qimlist'[4]``) of a JSON file or pickle, and what is expected there.
+
+Every image the ground truth names (query or positive) must be in the dataset's image list (``imlist.txt``, the
+``jpg/`` folder, or the pickle's own ``imlist``; a revisited pickle's queries are the exception: its database
+leaves them out). A name outside that list is an error of the ground truth, not a missing download: it is never
+reported as a file to download, nor dropped with the missing images of a subset. Names are file names without
+extension; one with a path separator or ``..`` is refused, so no name can point outside the image folder.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import math
 import pickle
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,6 +193,12 @@ def read_gnd_pickle(path: str | Path) -> GroundTruth:
         )
     imlist = _name_list(data["imlist"], path, "imlist")
     qimlist = _name_list(data["qimlist"], path, "qimlist")
+    repeated = _first_repeat(imlist)
+    if repeated is not None:
+        raise GroundTruthError(
+            f"{path}: 'imlist'[{repeated[1]}] = {imlist[repeated[1]]!r} repeats 'imlist'[{repeated[0]}]; every "
+            "database image is listed once (the file is corrupt or was edited)"
+        )
     entries = data["gnd"]
     if not isinstance(entries, (list, tuple)) or not all(isinstance(e, dict) for e in entries):
         raise GroundTruthError(f"{path}: 'gnd' must be a list of dicts, one per query")
@@ -204,6 +218,15 @@ def read_gnd_pickle(path: str | Path) -> GroundTruth:
             f"(revisited protocol), all entries the same; query {bad} ({qimlist[bad]!r}) has "
             f"{sorted(map(str, entries[bad]))}, query 0 has {sorted(map(str, entries[0]))}"
         )
+    if protocol == "original":  # queries are database images (the revisited database leaves them out)
+        known = set(imlist)
+        for q, name in enumerate(qimlist):
+            if name not in known:
+                raise GroundTruthError(
+                    f"{path}: 'qimlist'[{q}] = {name!r} is not in the pickle's 'imlist' ({len(imlist)} names); in the "
+                    "original protocol every query is a database image: the file is corrupt or its lists do not "
+                    "belong together"
+                )
     gnd = []
     for q, entry in enumerate(entries):
         where = f"query {q} ({qimlist[q]!r})"
@@ -315,28 +338,53 @@ def read_gt_files(
     for landmark, _, n_text in queries:
         prefix = folder / f"{landmark}_{n_text}"
         query_file = Path(f"{prefix}_query.txt")
-        name, bbx = _parse_query_line(_read_lines(query_file), query_file)
+        name, bbx = _parse_query_file(query_file, index, imlist_source)
         lists = {}
         for kind in ("good", "ok", "junk"):
             list_file = Path(f"{prefix}_{kind}.txt")
-            lists[kind] = _lookup(_read_names(list_file), index, list_file, imlist_source)
+            lists[kind] = _lookup_lines(_read_name_lines(list_file), index, list_file, imlist_source)
         qimlist.append(name)
         landmarks.append(landmark)
         gnd.append({"bbx": bbx, "ok": np.union1d(lists["good"], lists["ok"]), "junk": lists["junk"]})
     return GroundTruth("original", list(imlist), qimlist, gnd, landmarks, folder)
 
 
-def _parse_query_line(lines: list[str], path: Path) -> tuple[str, list[float]]:
+def _parse_query_file(path: Path, index: dict[str, int], imlist_source: str | Path) -> tuple[str, list[float]]:
+    """The query image and box of a ``_query.txt``: one line ``<image> x1 y1 x2 y2``, the image in the list."""
+    lines = _numbered_lines(path)
+    expected = "one line '<image> x1 y1 x2 y2', e.g. 'oxc1_all_souls_000013 136.5 34.1 648.5 955.4'"
     if not lines:
-        raise GroundTruthError(f"{path}: empty query file; expected '<image> x1 y1 x2 y2'")
-    fields = lines[0].split()
+        raise GroundTruthError(f"{path}: empty query file; expected {expected}")
+    number, line = lines[0]
+    if len(lines) > 1:
+        extra_number, extra = lines[1]
+        raise GroundTruthError(
+            f"{path}:{extra_number}: unexpected second line {extra!r}; a query file holds {expected}"
+        )
+    fields = line.split()
     if len(fields) != 5:
-        raise GroundTruthError(f"{path}: expected '<image> x1 y1 x2 y2' on the first line, got {lines[0]!r}")
-    return _clean_name(fields[0]), _bbox(fields[1:], path, f"query {fields[0]!r}")
+        raise GroundTruthError(f"{path}:{number}: {line!r} is not {expected}")
+    name = _checked_name(fields[0], f"{path}:{number}: {line!r}")
+    if name not in index:
+        raise GroundTruthError(
+            f"{path}:{number}: query image {name!r} is not in {imlist_source} ({len(index)} names): a query must be "
+            "one of the dataset's images. The ground truth belongs to another dataset, or its line was edited; "
+            "this is not a missing download"
+        )
+    return name, _bbox(fields[1:], path, f"line {number} {line!r}: query {fields[0]!r}")
 
 
-def _read_names(path: Path) -> list[str]:
-    return [_clean_name(line) for line in _read_lines(path)]
+def _read_name_lines(path: Path) -> list[tuple[int, str]]:
+    """``(line number, image name)`` of a list file: one name per non-empty line."""
+    names = []
+    for number, line in _numbered_lines(path):
+        if len(line.split()) != 1:
+            raise GroundTruthError(
+                f"{path}:{number}: {line!r} is not an image name; the file lists one name per line "
+                "(e.g. all_souls_000013)"
+            )
+        names.append((number, _checked_name(line, f"{path}:{number}: {line!r}")))
+    return names
 
 
 # -- landmark JSON ----------------------------------------------------------------------------------
@@ -387,15 +435,24 @@ def read_landmark_json(
                 raise GroundTruthError(f"{path}: {where} {problem} {key!r} list (keys: {sorted(lists)})")
         names = {}
         for key in ("good", "ok", "junk"):
-            if not all(isinstance(v, str) for v in lists[key]):
-                raise GroundTruthError(f"{path}: {where} {key!r} must list image names (strings)")
-            names[key] = [_clean_name(v) for v in lists[key]]
-        ok = _lookup(names["good"] + names["ok"], index, f"{path} ({where} good/ok)", imlist_source)
-        junk = _lookup(names["junk"], index, f"{path} ({where} junk)", imlist_source)
+            names[key] = []
+            for i, value in enumerate(lists[key]):
+                at = f"{path}: {where} {key!r}[{i}]"
+                if not isinstance(value, str):
+                    raise GroundTruthError(f"{at} is {value!r}; {key!r} must list image names (strings)")
+                names[key].append((f"{where} {key!r}[{i}]", _checked_name(value, f"{at} {value!r}")))
+        ok = _lookup_lines(names["good"] + names["ok"], index, path, imlist_source)
+        junk = _lookup_lines(names["junk"], index, path, imlist_source)
         if not lists["query"]:
             raise GroundTruthError(f"{path}: {where} has an empty 'query' list")
-        for entry in lists["query"]:
-            name, bbx = _json_query(entry, path, where)
+        for i, entry in enumerate(lists["query"]):
+            name, bbx = _json_query(entry, path, f"{where} 'query'[{i}]")
+            if name not in index:
+                raise GroundTruthError(
+                    f"{path}: {where} 'query'[{i}] names image {name!r}, which is not in {imlist_source} "
+                    f"({len(index)} names): a query must be one of the dataset's images; this is not a missing "
+                    "download"
+                )
             qimlist.append(name)
             landmarks.append(landmark)
             gnd.append({"bbx": bbx, "ok": ok.copy(), "junk": junk.copy()})
@@ -406,14 +463,15 @@ def _json_query(entry: Any, path: Path, where: str) -> tuple[str, list[float] | 
     if isinstance(entry, str):
         fields = entry.split()
         if len(fields) == 1:
-            return _clean_name(fields[0]), None
+            return _checked_name(fields[0], f"{path}: {where} {entry!r}"), None
         if len(fields) == 5:
-            return _clean_name(fields[0]), _bbox(fields[1:], path, f"{where} query {fields[0]!r}")
+            name = _checked_name(fields[0], f"{path}: {where} {entry!r}")
+            return name, _bbox(fields[1:], path, f"{where} query {fields[0]!r}")
     elif isinstance(entry, dict):
         name = entry.get("name", entry.get("image"))
         if isinstance(name, str):
             box = entry.get("bbx", entry.get("bbox"))
-            return _clean_name(name), _bbox(box, path, f"{where} query {name!r}")
+            return _checked_name(name, f"{path}: {where} {name!r}"), _bbox(box, path, f"{where} query {name!r}")
     raise GroundTruthError(
         f"{path}: {where} query entry {entry!r} is not '<image>', '<image> x1 y1 x2 y2' or "
         "{'name': <image>, 'bbx': [x1, y1, x2, y2]}"
@@ -432,13 +490,18 @@ def read_image_list(dataset_dir: str | Path) -> tuple[list[str], Path]:
     dataset_dir = Path(dataset_dir)
     listing = dataset_dir / IMLIST_NAME
     if listing.is_file():
-        names = _read_names(listing)
-        if not names:
-            raise GroundTruthError(f"{listing}: the image list is empty")
-        duplicates = [n for n, c in Counter(names).items() if c > 1]
-        if duplicates:
-            raise GroundTruthError(f"{listing}: image names listed more than once, e.g. {duplicates[:3]}")
-        return names, listing
+        lines = _read_name_lines(listing)
+        if not lines:
+            raise GroundTruthError(f"{listing}: the image list is empty; it lists one image name per line")
+        first: dict[str, int] = {}
+        for number, name in lines:
+            if name in first:
+                raise GroundTruthError(
+                    f"{listing}:{number}: {name!r} is listed again (first on line {first[name]}); every image is "
+                    "listed once"
+                )
+            first[name] = number
+        return [name for _, name in lines], listing
     image_dir = dataset_dir / IMAGE_FOLDER
     names = (
         sorted({p.stem for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS})
@@ -493,8 +556,10 @@ def _read_text(path: Path) -> str:
         raise GroundTruthError(f"{path}: not a UTF-8 text file (byte {error.start}); the file is corrupt") from None
 
 
-def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+def _numbered_lines(path: Path) -> list[tuple[int, str]]:
+    """``(line number, stripped text)`` of every non-empty line."""
+    lines = [(number, line.strip()) for number, line in enumerate(_read_text(path).splitlines(), start=1)]
+    return [(number, line) for number, line in lines if line]
 
 
 def _clean_name(name: str) -> str:
@@ -506,19 +571,39 @@ def _clean_name(name: str) -> str:
     return stem if dot and f".{ext.lower()}" in IMAGE_EXTENSIONS else name
 
 
+def _checked_name(text: str, where: str) -> str:
+    """``text`` as an image name (prefix and extension removed); ``where`` names the place for the error."""
+    name = _clean_name(text)
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+        raise GroundTruthError(
+            f"{where}: not an image name; expected a file name without folders (e.g. all_souls_000013)"
+        )
+    return name
+
+
 def _name_list(values: Any, path: Path, key: str) -> list[str]:
     if isinstance(values, np.ndarray):
         values = values.reshape(-1).tolist()
     if not isinstance(values, (list, tuple)):
         raise GroundTruthError(f"{path}: {key!r} must be a list of image names, got {type(values).__name__}")
     names = []
-    for value in values:
+    for i, value in enumerate(values):
         if isinstance(value, bytes):
             value = value.decode("latin-1")
         if not isinstance(value, str):
-            raise GroundTruthError(f"{path}: {key!r} must list image names, found {value!r}")
-        names.append(_clean_name(value))
+            raise GroundTruthError(f"{path}: {key!r}[{i}] is {value!r}; {key!r} must list image names (strings)")
+        names.append(_checked_name(value, f"{path}: {key!r}[{i}] {value!r}"))
     return names
+
+
+def _first_repeat(names: Sequence[str]) -> tuple[int, int] | None:
+    """``(first, second)`` positions of the first name listed twice, or None."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            return seen[name], i
+        seen[name] = i
+    return None
 
 
 def _name_index(imlist: Sequence[str]) -> dict[str, int]:
@@ -528,17 +613,22 @@ def _name_index(imlist: Sequence[str]) -> dict[str, int]:
     return index
 
 
-def _lookup(names: Iterable[str], index: dict[str, int], where: str, imlist_source: str | Path) -> np.ndarray:
-    names = list(names)
-    unknown = [n for n in dict.fromkeys(names) if n not in index]
+def _lookup_lines(
+    names: Sequence[tuple[int | str, str]], index: dict[str, int], path: Path, imlist_source: str | Path
+) -> np.ndarray:
+    """Sorted unique indices of ``(where, name)`` pairs (``where``: a line number of ``path``, or a JSON position);
+    a name outside the image list is an error naming the file, the place and the image."""
+    unknown = [(where, name) for where, name in names if name not in index]
     if unknown:
+        where, name = unknown[0]
+        at = f"{path}:{where}" if isinstance(where, int) else f"{path}: {where}"
+        more = len({n for _, n in unknown}) - 1
         raise GroundTruthError(
-            f"{where}: image {unknown[0]!r}"
-            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
-            + f" is not in {imlist_source} ({len(index)} names); the ground truth and the image list belong to "
-            "different datasets or the image list is incomplete"
+            f"{at}: image {name!r}" + (f" (and {more} more)" if more else "") + f" is not in {imlist_source} "
+            f"({len(index)} names); the ground truth and the image list belong to different datasets or the image "
+            "list is incomplete: this is not a missing download"
         )
-    return np.unique(np.array([index[n] for n in names], dtype=np.int64))
+    return np.unique(np.array([index[name] for _, name in names], dtype=np.int64))
 
 
 def _index_array(values: Any, n_db: int, path: Path, where: str) -> np.ndarray:

@@ -4,7 +4,9 @@ Oxford5k and Revisited Oxford share one folder (``oxford5k/``), Paris6k and Revi
 Paris another (``paris6k/``), the offline synthetic benchmark a third; the name picks
 the protocol and which ground truth to read. Missing images are an error unless the
 caller asks for the subset on disk, because a silently smaller benchmark gives numbers
-that look comparable with published ones and are not.
+that look comparable with published ones and are not. For the same reason a dataset folder that
+``oxford-ir-data download`` has not finished (its state file, no completion marker) is refused: a run
+interrupted while it placed the files would otherwise read as a dataset with fewer queries or images.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from oxford_ir.data.benchmark import Benchmark
+from oxford_ir.data.download import COMPLETE_MARKER, STATE_FILE, is_complete
 from oxford_ir.data.ground_truth import (
     GT_JSON_NAME,
     GT_TEXT_FOLDERS,
@@ -106,6 +109,12 @@ def load_listed_benchmark(name: str, root: str | Path, gt_file: str | Path | Non
     """
     spec = benchmark_spec(name)
     folder = dataset_dir(name, root)
+    if (folder / STATE_FILE).exists() and not is_complete(folder):
+        raise DataError(
+            f"{name}: {folder} holds an unfinished download ({STATE_FILE}, no {COMPLETE_MARKER}: it was interrupted "
+            f"or is still running); finish it with `oxford-ir-data download {spec.folder} --root {folder.parent}`, "
+            "which resumes where it stopped"
+        )
     source = Path(gt_file).expanduser() if gt_file is not None else find_ground_truth(name, folder)
     truth = read_ground_truth(source, dataset_dir=folder)
     if truth.protocol != spec.protocol:

@@ -206,7 +206,9 @@ def write_synthetic_benchmark(
     A folder already complete for the same seed and parameters is returned as is. Otherwise
     the benchmark is written into a hidden sibling folder and swapped into place, so a
     half-written folder never appears at ``root``; a synthetic folder with other parameters
-    is replaced. A folder holding anything else raises :class:`ConfigError`.
+    is replaced. A folder holding anything else raises :class:`ConfigError`. Hidden folders left by a run that
+    was killed (SIGKILL, power cut) are removed, or, when one holds the finished benchmark and was about to be
+    swapped in, moved into place; a write that fails (a full disk, a file-size limit) removes what it wrote.
 
     ``workers`` > 1 draws the photographs in that many forked processes. Every photograph has its own random
     stream, so the files are byte-identical whatever the number of workers.
@@ -230,6 +232,9 @@ def write_synthetic_benchmark(
         return root
     _check_replaceable(root)
     root.parent.mkdir(parents=True, exist_ok=True)
+    if _recover_stale(root, seed, params):
+        log.info("%s: moved the benchmark finished by an interrupted run into place", root)
+        return root
     # os.mkdir, not mkdtemp: the folder keeps the permissions of the user's umask, not 0700
     staging = root.parent / f".{root.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir()
@@ -308,6 +313,50 @@ def _check_replaceable(root: Path) -> None:
     log.info("%s holds an unfinished or outdated synthetic benchmark; replacing it", root)
 
 
+def _stale_folders(root: Path) -> list[Path]:
+    """Staging folders (and replaced benchmarks) beside ``root`` whose writing process is gone."""
+    pattern = re.compile(rf"^\.{re.escape(root.name)}\.tmp-(\d+)-[0-9a-f]+(\.old)?$")
+    stale = []
+    for entry in root.parent.iterdir() if root.parent.is_dir() else ():
+        match = pattern.match(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match[1])):
+            stale.append(entry)
+    return sorted(stale)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _recover_stale(root: Path, seed: int, params: dict[str, int]) -> bool:
+    """Remove what killed runs left beside ``root``; True when one of them had finished this very benchmark and
+    was killed while swapping it in (``root`` then missing): it is moved into place instead of drawn again."""
+    recovered = False
+    for folder in _stale_folders(root):
+        if (
+            not recovered
+            and not root.exists()
+            and not folder.name.endswith(".old")
+            and is_synthetic_complete(folder, seed, params)
+        ):
+            try:
+                os.replace(folder, root)
+                recovered = True
+                continue
+            except OSError:
+                pass
+        shutil.rmtree(folder, ignore_errors=True)
+    return recovered
+
+
 def _swap_into_place(staging: Path, root: Path, seed: int, params: dict[str, int]) -> None:
     """Move the finished ``staging`` folder to ``root``, replacing an outdated benchmark there."""
     if is_synthetic_complete(root, seed, params):
@@ -336,8 +385,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
         with open(tmp, "xb") as handle:
             handle.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+            # name the file: a full disk or a file-size limit then reads as one line naming it
+            raise OSError(error.errno, error.strerror or os.strerror(error.errno), str(path)) from None
         raise
 
 

@@ -16,12 +16,15 @@ Two ways to decode:
   the CPU path (nvJPEG's IDCT, antialiased bicubic instead of Lanczos): report publication numbers from the CPU.
 
 An image that cannot be decoded is a ``(index, message)`` failure beside the batches, never an exception in a
-worker: the caller raises it (evaluation) or skips and reports the file (the index).
+worker: the caller raises it (evaluation) or skips and reports the file (the index). Anything else that goes wrong
+in a worker, including handing the batch over through shared memory, comes back as a
+:class:`~oxford_ir.fs.WorkerFault` naming the worker and the batch (:func:`~oxford_ir.fs.worker_call`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -31,9 +34,14 @@ from torch.utils.data import Dataset
 from oxford_ir.data.gpu_decode import EncodedBatch, EncodedEvalDataset, GpuEvalDecoder, collate_encoded
 from oxford_ir.errors import DataError
 from oxford_ir.extraction.planning import PlannedBatch
+from oxford_ir.fs import worker_call
 
 #: ``(image index, message)`` of an image that could not be decoded
 Failure = tuple[int, str]
+#: what a user can do when a DataLoader worker of the extraction fails
+WORKER_HINT = "rerun with fewer workers (extraction.num_workers), or 0 to read the images in the main process"
+#: image names shown per batch in a message
+_SHOWN = 3
 
 
 class ImageBatch(NamedTuple):
@@ -104,6 +112,9 @@ class PlannedBatches(Dataset):
         return len(self.batches)
 
     def __getitem__(self, k: int) -> tuple[list[ImageBatch], list[Failure]]:
+        return worker_call(lambda: self.describe(k), lambda: self._batch(k), WORKER_HINT, share=True)
+
+    def _batch(self, k: int) -> tuple[list[ImageBatch], list[Failure]]:
         planned = self.batches[k]
         items, failures = [], []
         for i in planned.indices:
@@ -112,6 +123,10 @@ class PlannedBatches(Dataset):
             except DataError as error:
                 failures.append((i, str(error)))
         return (assemble(items, planned) if items else []), failures
+
+    def describe(self, k: int) -> str:
+        """Batch ``k`` and its first images, for messages."""
+        return describe_batch(self.images, self.batches, k)
 
 
 class EncodedPlannedBatches(Dataset):
@@ -127,6 +142,13 @@ class EncodedPlannedBatches(Dataset):
         return len(self.batches)
 
     def __getitem__(self, k: int) -> EncodedPlannedBatch:
+        return worker_call(lambda: self.describe(k), lambda: self._batch(k), WORKER_HINT, share=True)
+
+    def describe(self, k: int) -> str:
+        """Batch ``k`` and its first images, for messages."""
+        return describe_batch(self.images, self.batches, k)
+
+    def _batch(self, k: int) -> EncodedPlannedBatch:
         planned = self.batches[k]
         items, failures = [], []
         for i in planned.indices:
@@ -136,6 +158,26 @@ class EncodedPlannedBatches(Dataset):
                 failures.append((i, str(error)))
         batch = collate_encoded(items) if items else None
         return EncodedPlannedBatch(batch, planned.pad_to, planned.resize_to, failures)
+
+
+def describe_batch(images: Dataset, batches: Sequence[PlannedBatch], k: int) -> str:
+    """``batch k of n (first image, second image, ... and m more)``: the files a worker was reading."""
+    indices = list(batches[k].indices) if 0 <= k < len(batches) else []
+    names = [image_name(images, i) for i in indices[:_SHOWN]]
+    more = f" and {len(indices) - _SHOWN} more" if len(indices) > _SHOWN else ""
+    return f"batch {k + 1} of {len(batches)} ({', '.join(names)}{more})"
+
+
+def image_name(images: Dataset, i: int) -> str:
+    """The file (or label) of image ``i`` of a test-time dataset, for messages."""
+    labels = getattr(images, "labels", None)
+    if labels is not None:
+        return str(labels[i])
+    paths = getattr(images, "paths", None)
+    if paths is None:
+        return f"image {i}"
+    path = paths[i]
+    return str(path) if isinstance(path, str | Path) else f"image {i}"
 
 
 def decode_on_device(item: EncodedPlannedBatch, decoder: GpuEvalDecoder) -> tuple[list[ImageBatch], list[Failure]]:

@@ -25,6 +25,7 @@ from oxford_ir.extraction.buckets import MAX_SHAPES
 from oxford_ir.extraction.distributed import barrier, rank_and_world
 from oxford_ir.extraction.embedding import extract_embeddings, plan_for_model, planned_dataset
 from oxford_ir.extraction.planning import ExtractionPlan, union_buckets
+from oxford_ir.fs import WORKER_TIMEOUT
 
 
 def every_image(benchmark: Benchmark) -> tuple[list[Path], list[Sequence[float] | None]]:
@@ -147,12 +148,15 @@ def benchmark_loaders(
     persistent_workers: bool = False,
     gpu_decode: bool = False,
     images: tuple[Dataset, Dataset] | None = None,
+    worker_timeout: float | None = WORKER_TIMEOUT,
 ) -> tuple[list[DataLoader], tuple[ExtractionPlan, ExtractionPlan]]:
     """``[database loader, query loader]`` of a benchmark's planned batches, and the two plans: what validation
     during training iterates (each item is one planned batch, for :func:`embed_loader_item`).
 
     ``images``: the ``(database, queries)`` test-time datasets (e.g. reading the image cache); None reads the
-    files. ``gpu_decode``: the loaders yield encoded batches for the device to decode.
+    files. ``gpu_decode``: the loaders yield encoded batches for the device to decode. ``worker_timeout``: seconds
+    a worker may take to deliver a batch (None: no limit) before the loader raises (a hung worker would stall
+    validation forever); a worker's own failure arrives as an item that :func:`embed_loader_item` raises.
     """
     plans = plan_benchmark(model, benchmark, image_size, batch_size, batching=batching, max_shapes=max_shapes)
     parts = (
@@ -171,6 +175,7 @@ def benchmark_loaders(
                 num_workers=num_workers,
                 pin_memory=pin_memory,
                 persistent_workers=persistent_workers and num_workers > 0,
+                timeout=float(worker_timeout or 0) if num_workers > 0 else 0,
             )
         )
     return loaders, plans

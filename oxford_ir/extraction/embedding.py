@@ -29,13 +29,14 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from oxford_ir.data.datasets import ImageListDataset, rescale
 from oxford_ir.data.gpu_decode import EncodedEvalDataset, GpuEvalDecoder
-from oxford_ir.errors import ConfigError, DataError
+from oxford_ir.errors import ConfigError, DataError, ResourceError
 from oxford_ir.extraction.batches import (
+    WORKER_HINT,
     EncodedPlannedBatch,
     EncodedPlannedBatches,
     Failure,
@@ -46,6 +47,7 @@ from oxford_ir.extraction.batches import (
 from oxford_ir.extraction.buckets import MAX_SHAPES
 from oxford_ir.extraction.distributed import all_failures, gather_rows, rank_and_world
 from oxford_ir.extraction.planning import ExtractionPlan, plan_extraction, shard
+from oxford_ir.fs import WORKER_TIMEOUT, WorkerFault, WorkerTraceback, worker_items
 
 #: ``precision=`` values: float32, or bfloat16 autocast (Ampere GPUs and newer; CPUs with AVX512-BF16)
 PRECISIONS = ("32", "bf16")
@@ -201,6 +203,7 @@ def embed_planned(
     decoder: GpuEvalDecoder | None = None,
     progress: bool = False,
     desc: str = "embedding",
+    worker_timeout: float | None = WORKER_TIMEOUT,
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[str]]]:
     """Yield ``(indices, float32 vectors on the CPU, [])`` per forward pass and ``(indices, None, messages)``
     for images that could not be decoded, running ``batches`` in order (the caller shards them).
@@ -208,14 +211,20 @@ def embed_planned(
     ``images`` is a :class:`~oxford_ir.extraction.batches.PlannedBatches` or, for decoding on the device (with
     ``decoder``), an :class:`~oxford_ir.extraction.batches.EncodedPlannedBatches`. The model must already be
     on ``device`` and in eval mode; this runs under ``torch.inference_mode``.
+
+    A DataLoader worker that dies, raises, cannot hand its batch over (shared memory full) or delivers nothing
+    for ``worker_timeout`` seconds (None: no limit) raises a one-line
+    :class:`~oxford_ir.errors.ResourceError` naming it and its images (:func:`~oxford_ir.fs.worker_items`).
     """
-    loader = DataLoader(
+    loader = worker_items(
         images,
+        num_workers=num_workers,
+        timeout=worker_timeout,
+        describe=getattr(images, "describe", lambda k: f"batch {k + 1} of {len(batches)}"),
+        hint=WORKER_HINT,
         batch_size=None,  # each item is a whole planned batch
         shuffle=False,
-        num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
     )
     feed = _DeviceFeed(device, decoder)
     total = sum(len(b.indices) for b in batches)
@@ -246,6 +255,7 @@ def embed_planned(
         yield from ready(0)  # what was computed before an interruption still reaches the caller (the index keeps it)
         raise
     finally:
+        loader.close()  # an early end stops the workers now, not when the traceback is freed
         bar.close()
 
 
@@ -287,6 +297,7 @@ def embed_shard(
     channels_last: bool = False,
     progress: bool = False,
     desc: str = "embedding",
+    worker_timeout: float | None = WORKER_TIMEOUT,
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[str]]]:
     """:func:`embed_planned` over ``batches`` (this process's share of ``plan``) of ``sources``: workers decode
     them (``images``, default an ``ImageListDataset``), or only read their bytes for the device to decode
@@ -308,6 +319,7 @@ def embed_shard(
         decoder=decoder,
         progress=progress,
         desc=desc,
+        worker_timeout=worker_timeout,
     )
 
 
@@ -332,6 +344,7 @@ def extract_embeddings(
     images: Dataset | None = None,
     labels: Sequence[str] | None = None,
     plan: ExtractionPlan | None = None,
+    worker_timeout: float | None = WORKER_TIMEOUT,
 ) -> torch.Tensor:
     """N x D float32 L2-normalised embeddings of ``paths`` (row i is ``paths[i]``), on the CPU.
 
@@ -343,7 +356,8 @@ def extract_embeddings(
     ``gpu`` (workers read bytes; torchvision decodes on ``device``) or ``auto`` (gpu on CUDA). An image that
     cannot be read raises the :class:`~oxford_ir.errors.DataError` naming the file. ``images`` replaces the
     default ``ImageListDataset(paths, image_size, bboxes=bboxes)`` (e.g. one reading a preprocessed cache): it
-    must give the same tensors.
+    must give the same tensors. A DataLoader worker that fails or delivers nothing for ``worker_timeout``
+    seconds raises a one-line :class:`~oxford_ir.errors.ResourceError` naming it and its images.
 
     Inside an initialised ``torch.distributed`` process group each process embeds every ``world_size``-th
     planned batch and the rows are gathered: every process returns all N rows, equal to one process's.
@@ -401,6 +415,7 @@ def extract_embeddings(
             precision=precision,
             channels_last=channels_last,
             progress=progress and rank == 0,
+            worker_timeout=worker_timeout,
         )
         for rows, vectors, errors in gathered(stream, n, embedding_dim):
             if vectors is None:  # alone: at the first bad image; in a group: every process, together
@@ -456,6 +471,8 @@ def embed_loader_item(
     """``(indices, embeddings)`` of one item of a :func:`~oxford_ir.extraction.benchmark.benchmark_loaders`
     loader already on the model's device (encoded items are decoded there by ``decoder``); an image that could
     not be read raises its DataError."""
+    if isinstance(item, WorkerFault):
+        raise ResourceError(item.message) from WorkerTraceback(item.traceback)
     if isinstance(item, EncodedPlannedBatch):
         if decoder is None:
             raise ValueError("an encoded batch needs a decoder (GpuEvalDecoder) to be decoded on the device")

@@ -15,6 +15,7 @@ from oxford_ir.errors import ConfigError
 from oxford_ir.extraction.buckets import MAX_SHAPES
 from oxford_ir.extraction.embedding import DECODES, PRECISIONS
 from oxford_ir.extraction.planning import check_batching
+from oxford_ir.fs import WORKER_TIMEOUT
 
 
 def resolve_device(name: str) -> torch.device:
@@ -30,7 +31,8 @@ def resolve_device(name: str) -> torch.device:
 def extraction_options(ex: Mapping[str, Any]) -> dict[str, Any]:
     """The speed options of an ``extraction`` config node, checked: ``batching`` (bucket | shape | aspect),
     ``max_shapes``, ``aspect_tolerance``, ``precision`` (32 | bf16), ``channels_last``, ``decode``
-    (cpu | gpu | auto), as keyword arguments of :func:`~oxford_ir.extraction.embedding.extract_embeddings`."""
+    (cpu | gpu | auto), ``worker_timeout`` (seconds a DataLoader worker may take to deliver a batch, null: no
+    limit), as keyword arguments of :func:`~oxford_ir.extraction.embedding.extract_embeddings`."""
     options = {
         "batching": str(ex.get("batching", "bucket")),
         "max_shapes": ex.get("max_shapes", MAX_SHAPES),
@@ -38,6 +40,7 @@ def extraction_options(ex: Mapping[str, Any]) -> dict[str, Any]:
         "precision": str(ex.get("precision", "32")),
         "channels_last": ex.get("channels_last", False),
         "decode": str(ex.get("decode", "cpu")),
+        "worker_timeout": ex.get("worker_timeout", WORKER_TIMEOUT),
     }
     check_batching(options["batching"], options["max_shapes"], options["aspect_tolerance"])
     if options["precision"] not in PRECISIONS:
@@ -46,6 +49,18 @@ def extraction_options(ex: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"extraction.decode={options['decode']!r}: choose one of {', '.join(DECODES)}")
     if not isinstance(options["channels_last"], bool):
         raise ConfigError(f"extraction.channels_last={options['channels_last']!r}: true or false")
+    timeout = options["worker_timeout"]
+    if timeout is not None:
+        try:
+            timeout = float(timeout)
+        except (TypeError, ValueError):
+            timeout = -1.0
+        if not timeout > 0 or isinstance(options["worker_timeout"], bool):
+            raise ConfigError(
+                f"extraction.worker_timeout={options['worker_timeout']!r}: seconds a DataLoader worker may take to "
+                "deliver a batch (e.g. 300), or null for no limit"
+            )
+    options["worker_timeout"] = timeout
     options["aspect_tolerance"] = float(options["aspect_tolerance"])
     options["max_shapes"] = int(options["max_shapes"])
     return options

@@ -25,6 +25,8 @@ result, so sharding image by image would not).
 from __future__ import annotations
 
 import math
+import os
+import stat
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -152,9 +154,12 @@ def header_sizes(
 ) -> list[tuple[tuple[int, int], tuple[int, int]] | None]:
     """``(full size, decoded size)`` (upright ``(width, height)``) of each image, from headers only: the decoded
     size is what the test-time decoder produces (a huge JPEG without a box is decoded at reduced size: see
-    :func:`~oxford_ir.data.datasets.eval_image`). None for an unreadable header."""
+    :func:`~oxford_ir.data.datasets.eval_image`). None for an unreadable header, and for a path that is not a
+    regular file (a FIFO or device would block this process; its decoding fails or times out in a worker)."""
 
     def sizes(i: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        if isinstance(sources[i], str | Path) and not _regular_file(sources[i]):
+            return None
         boxed = bboxes is not None and bboxes[i] is not None
         draft = None if boxed or image_size is None else math.ceil(image_size)
         return upright_sizes(sources[i], draft_size=draft)
@@ -165,6 +170,13 @@ def header_sizes(
             with ThreadPoolExecutor(_PROBE_THREADS) as pool:
                 return list(pool.map(sizes, range(len(sources)), chunksize=64))
         return [sizes(i) for i in range(len(sources))]
+
+
+def _regular_file(path: str | Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True  # missing: reading the header says so
 
 
 def plan_extraction(

@@ -3,7 +3,11 @@ Oxford / Paris evaluation protocol as its validation.
 
 Everything swappable arrives as a config with ``_target_`` (embedder, distance, loss, miner, optimizer and
 scheduler with ``_partial_: true``) and is built here, so ``save_hyperparameters()`` records plain
-containers and ``RetrievalModule.load_from_checkpoint(path)`` rebuilds the model with nothing else. One
+containers and ``RetrievalModule.load_from_checkpoint(path)`` rebuilds the model with nothing else. Each part is
+built by :func:`oxford_ir.config.instantiate`, which checks its values against the target's signature and turns
+what the target refuses into one ConfigError naming the key as typed (``optimizer.lr='abc': expected a number``);
+the optimizer and scheduler, completed only when training starts, are also built once here on a stand-in
+parameter, so that ``optimizer.lr=-1`` fails at construction and not minutes later inside ``Trainer.fit``. One
 distance object is built and handed to both the miner and the loss, so they always agree on what "close"
 means (STYLE.md rule 6).
 
@@ -26,17 +30,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from hydra.errors import InstantiationException
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_metric_learning.losses import ContrastiveLoss
 
 from oxford_ir.benchmarks.metrics import DEFAULT_KAPPAS
 from oxford_ir.benchmarks.ranking import rank_database
+from oxford_ir.config import call, instantiate
 from oxford_ir.data.benchmark import INDEX_KEYS, POSITIVE_KEYS, Benchmark
 from oxford_ir.data.gpu_decode import GpuEvalDecoder
 from oxford_ir.errors import CheckpointError, ConfigError, DataError, OxfordIRError
@@ -95,16 +98,37 @@ def _require_target(cfg: Mapping, name: str, *, partial: bool = False) -> None:
 
 
 def _build(name: str, cfg: Mapping, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` with errors that name the config key; project errors pass through."""
-    try:
-        return hydra.utils.instantiate(cfg, **kwargs)
-    except InstantiationException as error:
-        cause = error.__cause__
-        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
-            cause = cause.__cause__
-        if isinstance(cause, OxfordIRError):
-            raise cause from None
-        raise ConfigError(f"model.{name}: cannot build {cfg.get('_target_')}: {error}") from None
+    """The part ``name`` built from its config by :func:`oxford_ir.config.instantiate`: values checked against the
+    target's signature, construction errors a ConfigError naming the key (``optimizer.lr``); project errors pass
+    through."""
+    return instantiate(cfg, name, **kwargs)
+
+
+def _probe_parameters() -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(torch.zeros(1))]
+
+
+def check_training_length(trainer: pl.Trainer) -> None:
+    """The trainer's epoch limits are whole numbers, and training has an end.
+
+    Lightning takes ``max_epochs='abc'`` and fails deep inside ``fit``; ``max_epochs=-1`` without ``max_steps`` or
+    ``max_time`` is its endless mode, whose final evaluation and cosine schedule never come. Called when ``fit``
+    starts, before any step.
+    """
+    from lightning.pytorch.callbacks import Timer
+
+    for key in ("max_epochs", "min_epochs"):
+        value = getattr(trainer, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < -1):
+            raise ConfigError(
+                f"trainer.{key}={value!r}: expected a whole number of epochs (0 or more), e.g. trainer.{key}=10"
+            )
+    endless = trainer.max_epochs == -1 and trainer.max_steps == -1
+    if endless and not any(isinstance(callback, Timer) for callback in trainer.callbacks):
+        raise ConfigError(
+            "trainer.max_epochs=-1 with no trainer.max_steps or trainer.max_time trains forever and never reaches "
+            "the final evaluation; give the number of epochs (e.g. trainer.max_epochs=10) or a trainer.max_steps"
+        )
 
 
 def _describe(cfg: Any) -> str:
@@ -300,7 +324,15 @@ class RetrievalModule(pl.LightningModule):
         self.loss_fn = _build("loss", loss, distance=self.distance)
         self.miner = None if miner is None else _build("miner", miner, distance=self.distance)
         self._optimizer_factory = _build("optimizer", optimizer)
-        self._scheduler_factory = None if scheduler_cfg is None else _build("scheduler", scheduler_cfg)
+        # the key a user overrides: scheduler.<name> for a bare scheduler config, else scheduler.scheduler.<name>
+        flat = scheduler is not None and "_target_" in scheduler
+        self._scheduler_key = "scheduler" if flat else "scheduler.scheduler"
+        self._scheduler_factory = None if scheduler_cfg is None else _build(self._scheduler_key, scheduler_cfg)
+        # the optimizer and scheduler are completed when training starts: build them once now on a stand-in
+        # parameter, so that values torch refuses (lr=-1, betas=[0.9, 2]) fail here, naming their key
+        probe = call(self._optimizer_factory, "optimizer", _probe_parameters())
+        if self._scheduler_factory is not None:
+            call(self._scheduler_factory, self._scheduler_key, probe)
         self._check_loss_margins()
         if not isinstance(self.loss_fn, SUPPORTED_LOSSES):
             rank_zero_warn(
@@ -356,6 +388,10 @@ class RetrievalModule(pl.LightningModule):
             )
 
     # -- training ----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            check_training_length(self.trainer)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedder(images)
 
@@ -437,10 +473,14 @@ class RetrievalModule(pl.LightningModule):
         return groups
 
     def configure_optimizers(self) -> Any:
-        optimizer = self._optimizer_factory(self.parameter_groups())
+        optimizer = call(self._optimizer_factory, "optimizer", self.parameter_groups())
         if self._scheduler_factory is None:
             return optimizer
-        scheduler = {"scheduler": self._scheduler_factory(optimizer), "interval": "epoch", "frequency": 1}
+        scheduler = {
+            "scheduler": call(self._scheduler_factory, self._scheduler_key, optimizer),
+            "interval": "epoch",
+            "frequency": 1,
+        }
         scheduler.update(self._scheduler_settings)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
@@ -628,6 +668,8 @@ def _read_checkpoint(path: Path, map_location: Any) -> dict:
             ) from None
         detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
         reason = detail.group(1) if detail else (text.strip().splitlines() or [type(error).__name__])[0]
+        if isinstance(error, KeyError) or reason.isdigit():  # pickle's reader on bytes that are no pickle at all
+            reason = "not a PyTorch file (no pickle or zip archive inside)"
         raise CheckpointError(
             f"cannot read checkpoint {path}: {reason}; the file is corrupt or truncated (an interrupted copy or "
             "save?): use another checkpoint, e.g. last.ckpt or the best-*.ckpt of the run"

@@ -8,7 +8,7 @@ On-disk format (``format_version`` 1) of an index folder ``<out>/``::
       embeddings.npy      N x D float16 or float32 (NumPy .npy, C order), one L2-normalised row per image
       entries.json        N records {"path", "size", "mtime_ns", "width", "height"}, row i of the embeddings
     report.json           what the last run did: added/updated/removed/kept counts, skipped files and why
-    .lock                 held (flock) while a build runs
+    .lock                 held (flock) while a build runs; holds the pid of the process building
 
 ``manifest.json`` holds ``format`` ("oxford-ir-index"), ``format_version``, ``complete`` (false for a
 checkpoint of an interrupted build), ``model`` (:class:`~oxford_ir.retrieval.model_spec.ModelSpec` as a dict:
@@ -23,10 +23,17 @@ that could not be decoded, with the size and mtime they had, so an unchanged bad
 ``created`` and ``tool`` versions.
 
 Atomicity: a build writes a complete new version folder, fsyncs it, then replaces ``CURRENT`` with
-``os.replace``; older versions are deleted only after that. A crash or Ctrl-C at any moment leaves ``CURRENT``
-naming a complete version, which :meth:`RetrievalIndex.load` verifies against its checksums. A long build
-also commits checkpoints (every ``checkpoint_every`` seconds, and when interrupted): valid indexes marked
-``complete: false`` whose finished rows the next run reuses.
+``os.replace``; older versions are deleted only after that. A crash, Ctrl-C or SIGKILL at any moment leaves
+``CURRENT`` naming a complete version, which :meth:`RetrievalIndex.load` verifies against its checksums; a
+version folder that is not named by ``CURRENT`` is never read, and a failed write (disk full, file-size limit)
+removes it at once (a killed process leaves it to the next build, which deletes it). A long build also commits
+checkpoints (every ``checkpoint_every`` seconds, default 60, but never more often than 20 times the time the
+last one took to write, so that they cost at most ~5% of the run; and when interrupted or failing): valid
+indexes marked ``complete: false`` whose finished rows the next run reuses, so a SIGKILL loses at most the last
+interval.
+
+Concurrency: a build holds ``.lock`` (``flock``, released by the kernel when the process dies, also by
+SIGKILL); a second build of the same folder is refused with a message naming the pid of the first.
 
 Incremental updates: a file is unchanged when its relative path, size and mtime_ns equal those recorded;
 only new and changed files are embedded, deleted ones dropped, the rows of the rest copied bit for bit.
@@ -47,6 +54,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -62,6 +70,7 @@ from oxford_ir.extraction.buckets import MAX_SHAPES
 from oxford_ir.extraction.distributed import rank_and_world
 from oxford_ir.extraction.embedding import embed_shard, gathered, plan_for_model, resolve_decode
 from oxford_ir.extraction.planning import shard
+from oxford_ir.fs import WORKER_TIMEOUT, exclusive_lock, fsync_dir, replace_file, write_new
 from oxford_ir.hashing import file_sha256
 from oxford_ir.retrieval.model_spec import ModelSpec
 
@@ -86,6 +95,10 @@ _VERSION_RE = re.compile(r"^v(\d{6,})$")
 _OWN_NAMES = re.compile(r"^(CURRENT|CURRENT\.tmp|report\.json|report\.json\.tmp|\.lock|v\d{6,})$")
 #: paths listed per category in report.json (the counts are always complete; skipped files are all listed)
 _LISTED_PATHS = 1000
+#: seconds between checkpoints of a long build (index.checkpoint_every)
+CHECKPOINT_EVERY = 60.0
+#: a checkpoint waits at least this many times as long as the last one took to write: <= ~5% of the run
+_CHECKPOINT_SHARE = 20
 
 
 # -- entries and sources ---------------------------------------------------------------------------
@@ -553,13 +566,14 @@ def build_index(
     device: str | torch.device = "cpu",
     progress: bool = True,
     incremental: str = "auto",
-    checkpoint_every: float | None = 600.0,
+    checkpoint_every: float | None = CHECKPOINT_EVERY,
     batching: str = "bucket",
     max_shapes: int = MAX_SHAPES,
     aspect_tolerance: float = 0.1,
     precision: str = "32",
     channels_last: bool = False,
     decode: str = "cpu",
+    worker_timeout: float | None = WORKER_TIMEOUT,
 ) -> IndexReport:
     """Build or update the index of ``images`` in folder ``out`` with ``model``; returns what was done.
 
@@ -571,9 +585,13 @@ def build_index(
     are then skipped.
 
     Embeds only new and changed files (see the module docstring for ``incremental``); undecodable files are
-    skipped and reported, never fatal. ``checkpoint_every`` (seconds, None = never) commits the work done so
-    far during a long run, so that an interrupted run loses at most that much; an interruption (Ctrl-C or
-    an error) also commits what was finished, then re-raises. ``out/report.json`` records the run.
+    skipped and reported, never fatal (files that are not regular files, such as FIFOs, are skipped unread).
+    ``checkpoint_every`` (seconds, None = never) commits the work done so far during a long run, so that a run
+    killed without warning loses at most that much (checkpoints are spaced at least 20 times the time the last
+    one took to write); an interruption (Ctrl-C or an error) also commits what was finished, then re-raises.
+    ``worker_timeout``: seconds a DataLoader worker may take to deliver a batch (None: no limit); a worker that
+    dies, hangs or fails raises :class:`~oxford_ir.errors.ResourceError`. A full disk or file-size limit raises
+    the OSError (naming the file) after removing what was half-written. ``out/report.json`` records the run.
     """
     started = time.perf_counter()
     if dtype not in DTYPES:
@@ -594,7 +612,10 @@ def build_index(
     rank, world = rank_and_world()
     writer = rank == 0  # in a process group every process embeds its share; the first one writes
 
-    with _build_lock(out) if writer else contextlib.nullcontext():
+    lock = exclusive_lock(out / LOCK_FILE, wait=False, busy=lambda pid: _busy(out, pid))
+    with lock if writer else contextlib.nullcontext():
+        if writer:
+            _remove_unreferenced(out)
         model_fp = model.fingerprint()
         fingerprint = index_fingerprint(model_fp, image_size, scales, batching=batching, precision=precision)
         previous = _previous_index(out, fingerprint, source.root, dtype, incremental)
@@ -610,11 +631,14 @@ def build_index(
         kept_rows: dict[str, IndexEntry] = {}
         for rel in source.paths:
             try:
-                stat = os.stat(source.root / rel)
+                info = os.stat(source.root / rel)
             except OSError as error:
                 skipped[rel] = SkippedImage(rel, f"cannot read the file: {error.strerror or error}")
                 continue
-            current[rel] = (stat.st_size, stat.st_mtime_ns)
+            if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block the reader
+                skipped[rel] = SkippedImage(rel, "not a regular file (a FIFO, socket or device): not read")
+                continue
+            current[rel] = (info.st_size, info.st_mtime_ns)
             entry = old_rows.get(rel, (None, None))[1]
             bad = old_skipped.get(rel)
             if entry is not None and (entry.size, entry.mtime_ns) == current[rel]:
@@ -694,11 +718,12 @@ def build_index(
                     channels_last=channels_last,
                     progress=progress and rank == 0,
                     desc="indexing",
+                    worker_timeout=worker_timeout,
                 ),
                 len(todo),
                 int(net.embedding_dim),
             )
-            last_commit = time.monotonic()
+            last_commit, commit_seconds = time.monotonic(), 0.0
             try:
                 for positions, vectors, info in stream:
                     attempted += len(positions)
@@ -709,9 +734,15 @@ def build_index(
                             skipped[rel] = SkippedImage(rel, _short_reason(reason, source.root / rel), size, mtime_ns)
                         continue
                     state.add(names, vectors.numpy(), [_upright(sizes, p, source.root / todo[p]) for p in positions])
-                    if writer and checkpoint_every is not None and time.monotonic() - last_commit >= checkpoint_every:
+                    if (
+                        writer
+                        and checkpoint_every is not None
+                        and time.monotonic() - last_commit >= max(checkpoint_every, _CHECKPOINT_SHARE * commit_seconds)
+                    ):
+                        commit_started = time.monotonic()
                         state.commit(complete=False)
                         last_commit = time.monotonic()
+                        commit_seconds = last_commit - commit_started
             except BaseException:
                 if writer and state.uncommitted:
                     with contextlib.suppress(Exception):
@@ -851,20 +882,26 @@ class _BuildState:
         their old size and mtime, so the next run still sees them as changed.
         """
         dtype = np.dtype(self.dtype)
-        entries, parts = [], []
+        entries: list[IndexEntry] = []
+        new_vectors, old_rows, is_new = [], [], []
         for rel in self.source.paths:
             if rel in self.new:
                 vector, entry = self.new[rel]
-                parts.append(_normalise(vector[None, :], dtype))
+                new_vectors.append(vector)
             elif rel in self.kept or (not complete and rel in self.old_rows and rel in self.current):
                 row, entry = self.old_rows[rel]
-                parts.append(np.asarray(self.old.embeddings[row : row + 1]))
+                old_rows.append(row)
             else:
                 continue
+            is_new.append(rel in self.new)
             entries.append(entry)
-        dim = self.embedding_dim or 0
-        embeddings = np.concatenate(parts, axis=0).astype(dtype, copy=False) if parts else np.zeros((0, dim), dtype)
-        return entries, np.ascontiguousarray(embeddings)
+        embeddings = np.zeros((len(entries), self.embedding_dim or 0), dtype)
+        mask = np.asarray(is_new, dtype=bool)
+        if new_vectors:  # rows normalised each on its own (bit-identical whatever else is in the commit)
+            embeddings[mask] = _normalise(np.stack(new_vectors), dtype)
+        if old_rows:  # copied bit for bit
+            embeddings[~mask] = np.asarray(self.old.embeddings[np.asarray(old_rows, dtype=np.int64)])
+        return entries, embeddings
 
     def commit(self, complete: bool) -> None:
         entries, embeddings = self.rows(complete)
@@ -898,12 +935,12 @@ class _BuildState:
 
 
 def _normalise(vectors: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Rows at unit L2 norm in the stored dtype: re-normalised in float32 first when rounding would matter."""
+    """Rows at unit L2 norm in the stored dtype: each row re-normalised in float32 first when rounding would
+    matter for it (always for float16)."""
     v = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(v, axis=1, keepdims=True)
-    if dtype == np.float16 or np.abs(norms - 1.0).max(initial=0.0) > 1e-5:
-        v = v / np.maximum(norms, 1e-12)
-    return v.astype(dtype)
+    redo = np.ones(len(v), dtype=bool) if dtype == np.float16 else np.abs(norms[:, 0] - 1.0) > 1e-5
+    return np.where(redo[:, None], v / np.maximum(norms, 1e-12), v).astype(dtype)
 
 
 def _tool_versions() -> dict[str, str]:
@@ -934,25 +971,12 @@ def _prepare_out(out: Path) -> Path:
     return out.resolve()
 
 
-@contextlib.contextmanager
-def _build_lock(out: Path) -> Iterator[None]:
-    """An exclusive lock on ``out/.lock`` for the whole build: two builds never interleave their versions."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock
-        yield
-        return
-    with open(out / LOCK_FILE, "a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise IndexFormatError(
-                f"index {out} is being updated by another oxford-ir-index run; wait for it to finish"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+def _busy(out: Path, pid: int | None) -> IndexFormatError:
+    who = f"another oxford-ir-index run (pid {pid})" if pid is not None else "another oxford-ir-index run"
+    return IndexFormatError(
+        f"index {out} is being updated by {who}; wait for it to finish, then run this command again (it embeds "
+        "only what is still missing)"
+    )
 
 
 def _previous_index(out: Path, fingerprint: str, root: Path, dtype: str, incremental: str) -> _Previous:
@@ -1007,12 +1031,14 @@ class _HashingWriter:
 
 
 def _write_file(path: Path, write: Any) -> dict[str, Any]:
-    """Create ``path`` with ``write(file)``, fsync it; returns its sha256 and size."""
-    with open(path, "xb") as handle:
-        writer = _HashingWriter(handle)
+    """Create ``path`` with ``write(file)``, fsync it (:func:`~oxford_ir.fs.write_new`); its sha256 and size."""
+    writer = _HashingWriter(None)
+
+    def fill(handle: Any) -> None:
+        writer.handle = handle
         write(writer)
-        handle.flush()
-        os.fsync(handle.fileno())
+
+    write_new(path, fill)
     return {"sha256": writer.digest.hexdigest(), "bytes": writer.bytes}
 
 
@@ -1021,7 +1047,8 @@ def _write_embeddings(folder: Path, embeddings: np.ndarray) -> dict[str, Any]:
 
 
 def _write_entries(folder: Path, entries: list[IndexEntry]) -> dict[str, Any]:
-    text = json.dumps([asdict(e) for e in entries], separators=(",", ":"))
+    fields = ("path", "size", "mtime_ns", "width", "height")  # asdict's order, without its deep copies
+    text = json.dumps([{f: getattr(e, f) for f in fields} for e in entries], separators=(",", ":"))
     return _write_file(folder / ENTRIES_FILE, lambda f: f.write(text.encode()))
 
 
@@ -1030,40 +1057,55 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
     _write_file(folder / MANIFEST_FILE, lambda f: f.write(text.encode()))
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a folder
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_version(out: Path, entries: list[IndexEntry], embeddings: np.ndarray, manifest: dict) -> str:
-    """Write a complete new version folder, then point ``CURRENT`` at it, then delete the others."""
+    """Write a complete new version folder, then point ``CURRENT`` at it, then delete the others.
+
+    A failure before ``CURRENT`` names the new folder (disk full, file-size limit, Ctrl-C) removes the folder:
+    nothing half-written stays behind, and ``CURRENT`` still names the previous version.
+    """
     numbers = [int(m.group(1)) for p in out.iterdir() if (m := _VERSION_RE.match(p.name))]
     version = f"v{max(numbers, default=0) + 1:06d}"
     folder = out / version
     folder.mkdir()
-    files = {EMBEDDINGS_FILE: _write_embeddings(folder, embeddings), ENTRIES_FILE: _write_entries(folder, entries)}
-    _write_manifest(folder, {**manifest, "files": files})
-    _fsync_dir(folder)
-    _replace_text(out / CURRENT_FILE, version + "\n")
+    try:
+        files = {EMBEDDINGS_FILE: _write_embeddings(folder, embeddings), ENTRIES_FILE: _write_entries(folder, entries)}
+        _write_manifest(folder, {**manifest, "files": files})
+        fsync_dir(folder)
+        replace_file(out / CURRENT_FILE, (version + "\n").encode())
+    except BaseException:
+        try:
+            named = (out / CURRENT_FILE).read_text().strip()
+        except FileNotFoundError:
+            named = None
+        except (OSError, UnicodeDecodeError):
+            named = version  # unknown: keep the folder (the next build deletes it unless CURRENT names it)
+        if named != version:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     for other in out.iterdir():
         if _VERSION_RE.match(other.name) and other.name != version:
             shutil.rmtree(other, ignore_errors=True)
     return version
 
 
-def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def _remove_unreferenced(out: Path) -> None:
+    """Delete the version folders and temp files that ``CURRENT`` does not name: left by a build killed while it
+    wrote them, or after its commit but before it deleted the older version (the lock is held)."""
+    try:
+        current = (out / CURRENT_FILE).read_text().strip()
+    except FileNotFoundError:
+        current = None  # no index yet: every version folder is a killed first build's
+    except (OSError, UnicodeDecodeError):
+        return
+    if current is not None and not _VERSION_RE.match(current):
+        return  # a corrupt CURRENT: the build replaces the index and then deletes the rest
+    for entry in out.iterdir():
+        if _VERSION_RE.match(entry.name) and entry.name != current:
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name in (CURRENT_FILE + ".tmp", REPORT_FILE + ".tmp"):
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
 
 def _write_report(out: Path, report: IndexReport) -> None:
-    _replace_text(out / REPORT_FILE, json.dumps(report.to_dict(), indent=2) + "\n")
+    replace_file(out / REPORT_FILE, (json.dumps(report.to_dict(), indent=2) + "\n").encode())

@@ -114,14 +114,22 @@ def test_synthetic_then_verify_for_real(tmp_path: Path, capsys: pytest.CaptureFi
     assert capsys.readouterr().out.count("OK: every listed image is present and decodable") == 2
 
 
-def test_bad_arguments_are_argparse_errors(capsys: pytest.CaptureFixture) -> None:
+def test_bad_arguments_are_one_error_line(capsys: pytest.CaptureFixture) -> None:
+    """argparse's refusals in the project's format: one ``error:`` line naming the option, no usage block."""
     with pytest.raises(SystemExit) as exit_info:
         main(["download", "holidays"])
     assert exit_info.value.code == 2
-    assert "invalid choice: 'holidays'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["synthetic", "--landmarks", "0"])
-    assert "must be at least 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: oxford-ir-data download: argument dataset: invalid choice: 'holidays'")
+    assert len(err.splitlines()) == 1 and "oxford-ir-data download --help" in err
+    for value, shown in (("0", "got 0"), ("abc", "got 'abc'")):
+        with pytest.raises(SystemExit):
+            main(["synthetic", "--landmarks", value])
+        err = capsys.readouterr().err
+        assert err.splitlines() == [
+            f"error: oxford-ir-data synthetic: argument --landmarks: expected a whole number >= 1, {shown} "
+            "(see oxford-ir-data synthetic --help)"
+        ]
 
 
 def test_help_in_a_subprocess() -> None:

@@ -487,3 +487,110 @@ def test_derive_query_landmarks_components_and_names() -> None:
     revisited = [{"easy": np.array(p[:1]), "hard": np.array(p[1:])} for p in positives]
     assert derive_query_landmarks(qimlist, revisited, "revisited") == derive_query_landmarks(qimlist, gnd, "original")
     assert name_stem("paris_defense_000605") == "defense" and name_stem("all_souls_000013") == "all_souls"
+
+
+# -- hostile files: every error names the file, the line or position, and what is expected ------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "lines", "expected"),
+    [
+        ("good", ["tower_000000", "tower_000002 0 0 4 4"], r"tower_1_good.txt:2: 'tower_000002 0 0 4 4' is not an"),
+        ("ok", ["", "tower_000000", "castle_000009"], r"tower_1_ok.txt:3: image 'castle_000009' is not in imlist.txt"),
+        ("junk", ["../../etc/passwd"], r"tower_1_junk.txt:1: '../../etc/passwd': not an image name"),
+    ],
+)
+def test_garbage_line_in_a_list_file_names_its_line(tmp_path: Path, kind: str, lines, expected: str) -> None:
+    _write_gt(tmp_path, "tower", 1, "tower_000001 0 0 5 5", good=["tower_000000"])
+    (tmp_path / f"tower_1_{kind}.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(GroundTruthError, match=expected):
+        read_gt_files(tmp_path, IMLIST, "imlist.txt")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("tower_000001 0 0 5 5\ntower_000002 0 0 5 5\n", r"tower_1_query.txt:2: unexpected second line"),
+        ("\n\ntower_000001 0 0 5\n", r"tower_1_query.txt:3: 'tower_000001 0 0 5' is not one line '<image> x1 y1"),
+        ("tower_000001 0 0 five 5\n", r"tower_1_query.txt: line 1 'tower_000001 0 0 five 5'.*not numeric"),
+    ],
+)
+def test_malformed_query_file_names_its_line(tmp_path: Path, text: str, expected: str) -> None:
+    _write_gt(tmp_path, "tower", 1, "tower_000001 0 0 5 5", good=["tower_000000"])
+    (tmp_path / "tower_1_query.txt").write_text(text)
+    with pytest.raises(GroundTruthError, match=expected):
+        read_gt_files(tmp_path, IMLIST)
+
+
+def test_query_outside_the_image_list_is_a_ground_truth_error(tmp_path: Path) -> None:
+    """Before: the unknown query was accepted here and later reported as an image to download."""
+    _write_gt(tmp_path, "tower", 1, "oxc1_tower_000099 0 0 5 5", good=["tower_000000"])
+    with pytest.raises(GroundTruthError) as error:
+        read_gt_files(tmp_path, IMLIST, "imlist.txt")
+    message = str(error.value)
+    assert "tower_1_query.txt:1: query image 'tower_000099' is not in imlist.txt (12 names)" in message
+    assert "not a missing download" in message
+
+
+@pytest.mark.parametrize(
+    ("lists", "expected"),
+    [
+        ({"good": ["tower_000000.jpg", 7]}, r"landmark 'tower' 'good'\[1\] is 7; 'good' must list image names"),
+        ({"junk": ["nowhere_000001.jpg"]}, r"landmark 'tower' 'junk'\[0\]: image 'nowhere_000001' is not in"),
+        (
+            {"query": ["tower_000001.jpg", "tower_000099.jpg"]},
+            r"landmark 'tower' 'query'\[1\] names image 'tower_00009",
+        ),
+        ({"ok": ["sub/tower_000002.jpg"]}, r"landmark 'tower' 'ok'\[0\] 'sub/tower_000002.jpg': not an image name"),
+    ],
+)
+def test_bad_json_entry_names_its_key_and_position(tmp_path: Path, lists, expected: str) -> None:
+    entry = {"good": ["tower_000000.jpg"], "ok": [], "junk": [], "query": ["tower_000001.jpg"], **lists}
+    path = _write_json(tmp_path / "gt.json", {"tower": entry})
+    with pytest.raises(GroundTruthError, match=expected) as error:
+        read_landmark_json(path, IMLIST)
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda d: d["qimlist"].__setitem__(1, 5), r"'qimlist'\[1\] is 5; 'qimlist' must list image names"),
+        (lambda d: d["imlist"].__setitem__(3, "../x"), r"'imlist'\[3\] '../x': not an image name"),
+        (lambda d: d["imlist"].__setitem__(4, "tower_000000"), r"'imlist'\[4\] = 'tower_000000' repeats 'imlist'\[0\]"),
+        (lambda d: d["qimlist"].__setitem__(0, "castle_000001"), r"'qimlist'\[0\] = 'castle_000001' is not in the"),
+    ],
+)
+def test_bad_pickle_entry_names_its_key_and_position(tmp_path: Path, edit, expected: str) -> None:
+    data = _gnd_dict()
+    edit(data)
+    path = tmp_path / "gnd_bad.pkl"
+    path.write_bytes(pickle.dumps(data))
+    with pytest.raises(GroundTruthError, match=expected) as error:
+        read_gnd_pickle(path)
+    assert str(path) in str(error.value)
+
+
+def test_revisited_pickle_queries_stay_outside_its_database(tmp_path: Path) -> None:
+    """The revisited database leaves its queries out: a query name outside 'imlist' is right there."""
+    data = _gnd_dict("revisited")
+    data["qimlist"] = ["castle_000001", "castle_000002"]
+    path = tmp_path / "gnd_rbad.pkl"
+    path.write_bytes(pickle.dumps(data))
+    assert read_gnd_pickle(path).qimlist == ["castle_000001", "castle_000002"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("tower_000000\ntower_000001 extra\n", r"imlist.txt:2: 'tower_000001 extra' is not an image name"),
+        (
+            "tower_000000\n\ntower_000001\ntower_000000\n",
+            r"imlist.txt:4: 'tower_000000' is listed again \(first on line 1",
+        ),
+    ],
+)
+def test_bad_image_list_names_its_line(tmp_path: Path, text: str, expected: str) -> None:
+    (tmp_path / "imlist.txt").write_text(text)
+    with pytest.raises(GroundTruthError, match=expected):
+        read_image_list(tmp_path)

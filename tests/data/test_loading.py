@@ -281,3 +281,18 @@ def test_evaluate_real_revisited_oxford_ground_truth(oxford_root: Path) -> None:
     assert swapped["E/mAP"] == pytest.approx(1.0) and swapped["H/mAP"] == pytest.approx(1.0)
     reversed_metrics = benchmark.evaluate(_perfect_ranks(benchmark, ("easy", "hard", "junk"))[::-1])
     assert all(reversed_metrics[f"{s}/mAP"] < 0.1 for s in ("E", "M", "H"))
+
+
+def test_a_query_outside_the_image_list_is_never_a_missing_download(tmp_path: Path) -> None:
+    """A gt query naming no image of the dataset: an error of the ground truth (file and line), not an image to
+    download, and not a query silently dropped from the subset with allow_missing_images=true."""
+    folder = _make_dataset(tmp_path / "oxford5k")
+    for pickle_file in folder.glob("gnd_*.pkl"):
+        pickle_file.unlink()  # the text files are read
+    (folder / "gt_files_170407" / "tower_2_query.txt").write_text("oxc1_tower_000077 1.0 1.0 7.0 5.0\n")
+    for allow in (False, True):
+        with pytest.raises(GroundTruthError) as error:
+            load_benchmark("oxford5k", tmp_path, allow_missing_images=allow)
+        message = str(error.value)
+        assert "tower_2_query.txt:1: query image 'tower_000077' is not in" in message and "imlist.txt" in message
+        assert "download" not in message.replace("not a missing download", "")

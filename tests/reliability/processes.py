@@ -68,12 +68,14 @@ def run(
     env: dict[str, str] | None = None,
     kill_when: Callable[[], bool] | None = None,
     kill_on_output: str | None = None,
+    each_poll: Callable[[int], object] | None = None,
     timeout: float = 300,
     file_size: int | None = None,
     poll: float = 0.02,
 ) -> Outcome:
     """Run ``args``; SIGKILL its whole process group as soon as ``kill_when()`` is true or ``kill_on_output``
-    appears in what it has printed (stdout or stderr), polled every ``poll`` s.
+    appears in what it has printed (stdout or stderr), polled every ``poll`` s. ``each_poll(pid)`` runs at every
+    poll (a fault injected into the running command's processes, e.g. stopping one of its workers).
 
     ``timeout`` bounds the run: a command still running then is killed and the outcome says so with
     ``returncode == -9`` and ``killed == False`` (a hang, which the tests treat as a failure).
@@ -88,6 +90,8 @@ def run(
         )  # fmt: skip
         killed = False
         while process.poll() is None:
+            if each_poll is not None:
+                each_poll(process.pid)
             due = kill_when is not None and kill_when()
             if kill_on_output is not None and not due:
                 out.flush()
@@ -114,3 +118,38 @@ def run(
 def exists(path: Path) -> Callable[[], bool]:
     """A ``kill_when`` predicate: ``path`` exists (a folder or file the command creates at the point to kill)."""
     return path.exists
+
+
+def children(pid: int | None = None) -> list[int]:
+    """The running (not zombie) child processes of ``pid`` (default: this one), e.g. its DataLoader workers."""
+    found = []
+    for task in Path(f"/proc/{pid or os.getpid()}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return [c for c in found if _running(c)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(path: Path):
+    """Another process holds the lock on ``path`` (``lockf``, as :func:`oxford_ir.fs.exclusive_lock` takes it, with
+    its pid written in the file) for the block; yields that pid. A POSIX lock: this process could take its own."""
+    code = (
+        "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX); "
+        "f.write(str(os.getpid())); f.flush(); print('held', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()

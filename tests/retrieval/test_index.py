@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -36,6 +35,7 @@ from oxford_ir.retrieval.index import (
     resolve_images,
 )
 from oxford_ir.retrieval.model_spec import ModelSpec
+from tests.reliability.processes import lock_held_elsewhere
 
 TINY = {
     "_target_": "oxford_ir.models.embedder.Embedder",
@@ -240,14 +240,14 @@ def test_a_crash_while_writing_leaves_the_previous_index_loadable_and_unchanged(
     monkeypatch.setattr(index_module, "_write_entries", crash)
     with pytest.raises(OSError, match="simulated"):
         build_index(tiny_spec(), photos, out, **FAST)
-    assert (out / "v000002" / EMBEDDINGS_FILE).is_file()  # it died after writing the embeddings
+    assert not (out / "v000002").exists()  # it died after writing the embeddings; the half-written folder is gone
     after = RetrievalIndex.load(out)
     assert after.version == before.version == "v000001"
     assert after.entries == before.entries and np.array_equal(after.embeddings, before.embeddings)
 
     monkeypatch.undo()
     report = build_index(tiny_spec(), photos, out, **FAST)
-    assert report.version == "v000003" and sorted(os.listdir(out)) == [".lock", "CURRENT", "report.json", "v000003"]
+    assert report.version == "v000002" and sorted(os.listdir(out)) == [".lock", "CURRENT", "report.json", "v000002"]
     assert "new.jpg" in [e.path for e in RetrievalIndex.load(out).entries]
 
 
@@ -314,9 +314,8 @@ def test_a_second_build_of_the_same_index_is_refused_while_one_runs(tmp_path):
     make_folder(tmp_path / "photos", n=2)
     out = tmp_path / "index"
     out.mkdir()
-    with open(out / ".lock", "a+") as held:
-        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
-        with pytest.raises(IndexFormatError, match="being updated by another"):
+    with lock_held_elsewhere(out / ".lock") as pid:  # noqa: SIM117 - the match needs the pid
+        with pytest.raises(IndexFormatError, match=rf"being updated by another .*\(pid {pid}\)"):
             build_index(tiny_spec(), tmp_path / "photos", out, **FAST)
     assert not (out / CURRENT_FILE).exists()
 

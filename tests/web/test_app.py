@@ -670,7 +670,7 @@ def test_bind_socket_reports_a_busy_port() -> None:
         port = busy.getsockname()[1]
         with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is in use: choose another port="):
             bind_socket("127.0.0.1", port)
-    with pytest.raises(ConfigError, match="port=70000 must be 0"):
+    with pytest.raises(ConfigError, match="port=70000 must be a whole number from 0"):
         bind_socket("127.0.0.1", 70000)
 
 

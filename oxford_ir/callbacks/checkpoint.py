@@ -1,0 +1,98 @@
+"""The run's checkpoints: ``last.ckpt`` after every epoch, and a run folder that can be copied or moved.
+
+Lightning's ``ModelCheckpoint`` (2.6) rewrites ``last.ckpt`` only when it also saved a top-k checkpoint at that
+step: with ``monitor=val/mAP, save_top_k=1`` an epoch that does not improve leaves ``last.ckpt`` at the best epoch,
+so a run killed later resumes from there and trains those epochs again. And when a checkpoint is restored into
+another folder (a copied run folder), Lightning keeps none of the stored paths but ``best_model_path``, which still
+points into the old folder, and saves the next ``last.ckpt`` as ``last-v1.ckpt`` beside the copied one, which the
+next resume then picks up, stale. :class:`RunCheckpoint` fixes both, and keeps the metrics logged by the time of
+each checkpoint, so that a run resumed after its last epoch (killed while it evaluated the best checkpoint or wrote
+its results) reports the same final metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+#: the callback-state fields of ModelCheckpoint that hold paths of checkpoint files
+PATH_FIELDS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that saves ``last.ckpt`` at the end of every epoch and follows a moved run folder.
+
+    ``restored_metrics``: the metrics logged when the checkpoint a run resumed from was saved (empty otherwise).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.restored_metrics: dict[str, float] = {}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the parent's saves (top-k, and ``last.ckpt`` when it saved one), ``last.ckpt`` of this epoch.
+
+        Here, not at the end of validation: the epoch's validation has run by now, and a validation in the middle
+        of an epoch (``val_check_interval < 1``) must not leave a mid-epoch ``last.ckpt`` that a resume could not
+        continue exactly. The parent skips a step it has saved at; so does this.
+        """
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = getattr(self, "_trainer", None)
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items()} if trainer is not None else {}
+        return {**super().state_dict(), "logged_metrics": logged}
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        """The parent's save (atomic: a temp file renamed into place); a failed write names the checkpoint file,
+        so that a full disk reads as one line naming it (:func:`oxford_ir.errors.no_room_error`)."""
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except OSError as error:
+            if error.filename is not None or error.errno is None:
+                raise
+            raise OSError(error.errno, error.strerror or os.strerror(error.errno), filepath) from error
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the stored paths relative to this folder when the checkpoint was written in another one."""
+        self.restored_metrics = dict(state_dict.get("logged_metrics") or {})
+        stored = state_dict.get("dirpath")
+        if stored and self.dirpath and Path(stored) != Path(self.dirpath):
+            state_dict = moved_state(state_dict, Path(stored), Path(self.dirpath))
+        super().load_state_dict(state_dict)
+
+
+def moved_state(state: dict[str, Any], old: Path, new: Path) -> dict[str, Any]:
+    """``ModelCheckpoint`` state whose files under ``old`` now live under ``new`` (a copied or moved run folder).
+
+    A path is carried over only when its file exists in ``new``; files that do not (a new run started from another
+    run's checkpoint) are dropped, with the score they held, so nothing of this run refers to another folder.
+    """
+
+    def here(path: str | None) -> str:
+        if not path:
+            return ""
+        candidate = new / Path(path).name
+        return str(candidate) if Path(path).parent == old and candidate.is_file() else ""
+
+    moved = {**state, "dirpath": str(new)}
+    for field in PATH_FIELDS:
+        moved[field] = here(state.get(field))
+    best_k = {here(path): score for path, score in (state.get("best_k_models") or {}).items()}
+    moved["best_k_models"] = {path: score for path, score in best_k.items() if path}
+    if not moved["best_model_path"]:
+        moved["best_model_score"] = None
+        moved["best_k_models"] = {}
+        moved["kth_best_model_path"] = ""
+        moved.pop("kth_value", None)  # the callback keeps its initial value (no model ranked yet)
+    return moved
