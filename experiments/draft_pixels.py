@@ -15,8 +15,8 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from oxford_ir.data.images import load_image  # noqa: E402
 from oxford_ir.data.transforms import resize_long_side  # noqa: E402
+from oxford_ir.images import load_image  # noqa: E402
 
 
 def compare(path: Path, size: int) -> tuple[float, float, float] | None:

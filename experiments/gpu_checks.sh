@@ -48,7 +48,7 @@ eval_run() {  # name, timeout, overrides...
     local name=$1 limit=$2
     shift 2
     local t0=$SECONDS
-    timeout "$limit" python3 -m oxford_ir.evaluate benchmarks=[rparis6k] allow_missing_images=true \
+    timeout "$limit" python3 -m oxford_ir.cli.evaluate benchmarks=[rparis6k] allow_missing_images=true \
         paths.data_dir="$PWD/.gpu/data" backbone.weights="$PWD/.gpu/weights/mobilenet_v2_imagenet_features.pth" \
         extraction.image_size=1024 extraction.device=cuda extraction.num_workers=8 extraction.batch_size=16 \
         hydra.run.dir="$runs/$name" "$@" >"$runs.$name.log" 2>&1

@@ -96,7 +96,7 @@ def build_index(workdir: Path, n_images: int, image_size: int) -> Path:
     torch.manual_seed(0)
     torch.save(ScratchCNN(channels=channels).state_dict(), weights)
     command = [
-        *entry_point("oxford_ir.index"),
+        *entry_point("oxford_ir.cli.index"),
         f"images={images}",
         f"out={out}",
         "backbone=scratch",
@@ -140,7 +140,7 @@ class Server:
 
     def __init__(self, index: Path, run_dir: Path, overrides: list[str]) -> None:
         self.process = subprocess.Popen(
-            [*entry_point("oxford_ir.serve"), f"index={index}", "port=0", "extraction.device=cpu"]
+            [*entry_point("oxford_ir.cli.serve"), f"index={index}", "port=0", "extraction.device=cpu"]
             + [f"hydra.run.dir={run_dir}", *overrides],
             cwd=REPO,
             env=environment(),

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from oxford_ir.data.loading import load_benchmark
-from oxford_ir.data.synthetic import write_synthetic_benchmark
+from oxford_ir.benchmarks.registry import load_benchmark
+from oxford_ir.benchmarks.synthetic import write_synthetic_benchmark
 from oxford_ir.retrieval.index import RetrievalIndex, build_index, resolve_images
 from oxford_ir.retrieval.model_spec import ModelSpec
 from oxford_ir.retrieval.search import Searcher, embed_benchmark_queries, evaluate_benchmark

@@ -1,6 +1,6 @@
 """What a training run's folder says about it: its overrides, ``val/mAP`` per epoch, final evaluation, state, time.
 
-A run folder (the Hydra output folder of ``oxford-ir-train``, see :mod:`oxford_ir.run`) holds ``.hydra/``
+A run folder (the Hydra output folder of ``oxford-ir-train``, see :mod:`oxford_ir.cli.run_folder`) holds ``.hydra/``
 (config, choices, overrides), ``wandb_run_id``, ``checkpoints/``, ``metrics.json`` once the run has finished, and
 the metrics logged per epoch: ``csv/metrics.csv`` (``logger=csv``) and/or W&B's transaction log
 ``wandb/offline-run-*/run-<id>.wandb`` (``logger=wandb``, offline by default). A multirun folder holds
@@ -27,7 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from oxford_ir.errors import DataError
 
-#: files of :mod:`oxford_ir.run` (not imported from there: it imports Lightning, which takes seconds)
+#: files of :mod:`oxford_ir.cli.run_folder` (not imported from there: it imports Lightning, which takes seconds)
 WANDB_ID_FILE = "wandb_run_id"
 RUN_LOCK = ".lock"
 UNTRAINED_FILE = "untrained.json"
@@ -352,8 +352,8 @@ FLOCK_LAYOUTS = {"linux": ("hhqqi4x", 0), "darwin": ("qqihh", 3)}
 
 
 def folder_in_use(folder: Path) -> bool | None:
-    """Whether a process holds the run folder's lock (``oxford_ir.run.run_folder_lock``: a training run writes
-    there now). Asked with ``F_GETLK``, which takes no lock: a run starting at this moment is never refused.
+    """Whether a process holds the run folder's lock (``oxford_ir.cli.run_folder.run_folder_lock``: a training run
+    writes there now). Asked with ``F_GETLK``, which takes no lock: a run starting at this moment is never refused.
     None: cannot tell on this platform."""
     try:
         import fcntl

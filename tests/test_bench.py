@@ -29,9 +29,9 @@ from experiments.bench.evaluation import warmup_pairs
 from experiments.bench.search import ClusterMixture, recall_at
 from experiments.bench.training import throughput
 from oxford_ir.benchmarks.ranking import rank_database
+from oxford_ir.benchmarks.registry import load_benchmark
+from oxford_ir.benchmarks.synthetic import SYNTHETIC_TINY, landmark_of, write_synthetic_benchmark
 from oxford_ir.data.datasets import ImageListDataset
-from oxford_ir.data.loading import load_benchmark
-from oxford_ir.data.synthetic import SYNTHETIC_TINY, landmark_of, write_synthetic_benchmark
 from oxford_ir.extraction.batches import PlannedBatches
 from oxford_ir.extraction.benchmark import extract_benchmark
 from oxford_ir.extraction.embedding import embed_planned, extract_embeddings, plan_for_model

@@ -17,9 +17,9 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from oxford_ir.benchmarks.metrics import compute_map, revisited_gnd
+from oxford_ir.cli.evaluate import evaluate
 from oxford_ir.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from oxford_ir.errors import ConfigError
-from oxford_ir.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_SCRIPT = Path(sys.executable).parent / "oxford-ir-eval"
@@ -91,7 +91,7 @@ def test_missing_real_dataset_is_one_clear_line(tmp_path):
 
     (In this process; tests/test_train.py checks the one-line form on a console script's own stderr.)
     """
-    from oxford_ir.evaluate import main
+    from oxford_ir.cli.evaluate import main
     from tests.test_train import run_main
 
     result = run_main(
@@ -105,7 +105,7 @@ def test_missing_real_dataset_is_one_clear_line(tmp_path):
 
 def test_evaluates_a_training_checkpoint_like_the_training_run(tmp_path):
     """oxford-ir-eval ckpt_path=... gives the numbers the training run logged for that checkpoint."""
-    from oxford_ir.train import train
+    from oxford_ir.cli.train import train
     from tests.test_train import TINY, TINY_SCRATCH, TINY_SYNTHETIC, compose_train
 
     cfg = compose_train(tmp_path, *TINY, *TINY_SCRATCH, "logger=none", "trainer.max_epochs=1", "test=false")
@@ -121,7 +121,7 @@ def test_evaluates_a_training_checkpoint_like_the_training_run(tmp_path):
 
 # ~8 s: torchrun and its two processes import torch and Hydra
 def test_torchrun_evaluation_with_two_processes_equals_one_process(tmp_path):
-    """`torchrun --nproc-per-node 2 -m oxford_ir.evaluate`: gloo on the CPU, each process embeds every other
+    """`torchrun --nproc-per-node 2 -m oxford_ir.cli.evaluate`: gloo on the CPU, each process embeds every other
     planned batch; the first writes metrics.json, equal to the single-process run's (in this process, one thread
     like each torchrun process)."""
     from tests.test_train import restored_process_state
@@ -134,7 +134,8 @@ def test_torchrun_evaluation_with_two_processes_equals_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     sharded = subprocess.run(
         [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m",
-         "oxford_ir.evaluate", *common, f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'sharded'}"],
+         "oxford_ir.cli.evaluate", *common, f"paths.data_dir={tmp_path / 'data'}",
+         f"hydra.run.dir={tmp_path / 'sharded'}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=180, env=env,
     )  # fmt: skip
     assert sharded.returncode == 0, sharded.stderr[-3000:]

@@ -11,8 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from oxford_ir.cli.index import index
 from oxford_ir.errors import CheckpointError, ConfigError, DataError
-from oxford_ir.index import index
 from oxford_ir.retrieval.index import RetrievalIndex
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,8 +60,8 @@ def test_index_command_builds_updates_and_summarises(tmp_path, capsys):
 
 
 def test_index_command_with_a_benchmark_and_multi_scale(tmp_path, capsys):
-    from oxford_ir.data.loading import load_benchmark
-    from oxford_ir.data.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
+    from oxford_ir.benchmarks.registry import load_benchmark
+    from oxford_ir.benchmarks.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
 
     write_synthetic_benchmark(tmp_path / "data" / "synthetic", **SYNTHETIC_PRESETS["tiny"])
     out = tmp_path / "index"
@@ -93,7 +93,7 @@ def test_bad_arguments_are_clear_errors(tmp_path, overrides, error, match):
 def test_console_entry_point_indexes_and_reports_bad_input_in_one_line(tmp_path):
     write_photos(tmp_path / "photos", 3)
     common = [*TINY_MODEL, "extraction.image_size=32", "extraction.num_workers=0", "progress=false"]
-    run = [sys.executable, "-m", "oxford_ir.index", f"hydra.run.dir={tmp_path / 'run'}", *common]
+    run = [sys.executable, "-m", "oxford_ir.cli.index", f"hydra.run.dir={tmp_path / 'run'}", *common]
     ok = subprocess.run(
         [*run, f"images={tmp_path / 'photos'}", f"out={tmp_path / 'index'}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=180,

@@ -8,9 +8,9 @@ import math
 
 import pytest
 
+from oxford_ir.cli.train import train
 from oxford_ir.data.prefetch import DevicePrefetchLoader
 from oxford_ir.errors import ConfigError
-from oxford_ir.train import train
 from tests.test_train import TINY, TINY_SCRATCH, compose_train
 
 

@@ -12,10 +12,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from oxford_ir.cli.search import main, resolve_queries, search
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError
 from oxford_ir.retrieval.index import EMBEDDINGS_FILE, RetrievalIndex, build_index
 from oxford_ir.retrieval.model_spec import ModelSpec
-from oxford_ir.search import main, resolve_queries, search
 
 REPO = Path(__file__).resolve().parents[1]
 RAW_PIXELS = ModelSpec(
@@ -175,7 +175,7 @@ def test_a_corrupt_index_is_one_error_line(indexed, tmp_path, monkeypatch, capsy
 def test_the_console_script_with_an_unquoted_box_and_json_for_pipes(indexed, tmp_path):
     """``bbox=x1,y1,x2,y2`` as the usage writes it (Hydra alone would read a sweep), stdout pure JSON."""
     photos, index = indexed
-    command = [sys.executable, "-m", "oxford_ir.search", f"index={index}", f"query={photos / 'p4.png'}"]
+    command = [sys.executable, "-m", "oxford_ir.cli.search", f"index={index}", f"query={photos / 'p4.png'}"]
     options = ["bbox=0,0,40,30", "k=2", "output=json", f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run([*command, *options], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr

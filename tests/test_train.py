@@ -27,8 +27,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
+from oxford_ir.cli.train import main, train
 from oxford_ir.errors import CheckpointError, ConfigError
-from oxford_ir.train import main, train
 from tests.wandb_files import read_records
 
 REPO = Path(__file__).resolve().parents[1]

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from experiments.bench import common, images
-from oxford_ir.data.loading import load_benchmark
+from oxford_ir.benchmarks.registry import load_benchmark
 from oxford_ir.extraction.buckets import MAX_SHAPES
 from oxford_ir.extraction.embedding import extract_embeddings, plan_for_model
 from oxford_ir.extraction.planning import ExtractionPlan

@@ -1,6 +1,6 @@
 """The benchmark's JPEGs, written by a process pool and reused between runs.
 
-- :func:`write_synthetic`: the synthetic benchmark of :mod:`oxford_ir.data.synthetic` (training, data loading and
+- :func:`write_synthetic`: the synthetic benchmark of :mod:`oxford_ir.benchmarks.synthetic` (training, data loading and
   evaluation rows), its photographs drawn in as many processes as the writer has
   (``write_synthetic_benchmark(..., workers=...)``: each photograph has its own random stream, so the files are
   the same whatever the number); a folder already complete for the same seed and parameters is reused as it is.
@@ -100,7 +100,7 @@ def write_synthetic(
     """The synthetic benchmark in ``root``, drawn in as many processes as ``writer`` has (the package's
     ``write_synthetic_benchmark(..., workers=...)``: the same files); seconds spent writing (0 when ``root`` was
     already complete)."""
-    from oxford_ir.data import synthetic as s
+    from oxford_ir.benchmarks import synthetic as s
 
     params = s.synthetic_params(seed, **params)
     root = Path(root).expanduser().resolve()

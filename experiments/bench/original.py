@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from oxford_ir.data.benchmark import Benchmark
+from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 

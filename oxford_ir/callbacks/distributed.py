@@ -6,7 +6,7 @@ an active exception", seen with torch 2.14 about one run in two). A barrier foll
 explicit ``destroy_process_group`` at teardown removes the race. Processes of the subprocess
 launcher (``strategy=ddp``) and SLURM tasks live on after ``fit`` (``train`` validates the best
 checkpoint next), so their group is left alone here and closed at the end of the run by
-:func:`oxford_ir.run.distributed_scope`.
+:func:`oxford_ir.cli.run_folder.distributed_scope`.
 """
 
 from __future__ import annotations

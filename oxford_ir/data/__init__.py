@@ -1,7 +1,3 @@
-"""Benchmarks (Oxford5k, Paris6k, their Revisited versions, a synthetic one) and image loading."""
-
-from oxford_ir.data.benchmark import Benchmark
-from oxford_ir.data.images import load_image
-from oxford_ir.data.loading import BENCHMARKS, load_benchmark
-
-__all__ = ["BENCHMARKS", "Benchmark", "load_benchmark", "load_image"]
+"""The input pipeline: test-time and training datasets, transforms, augmentation (per image and batched), the
+P x K sampler, the image cache, GPU decoding, prefetching and the DataModule. Benchmarks and their ground truth
+live one layer below, in :mod:`oxford_ir.benchmarks`."""

@@ -40,9 +40,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from oxford_ir.benchmarks.benchmark import Benchmark
+from oxford_ir.benchmarks.registry import benchmark_spec, load_benchmark
+from oxford_ir.benchmarks.splits import SPLIT_KINDS, TrainSplit, build_split, full_ground_truth
 from oxford_ir.data.augmentation import Augmentation, SeededCrop
 from oxford_ir.data.batch_augment import BatchAugmentation, CropBatch, CropCollate, CropItem
-from oxford_ir.data.benchmark import Benchmark
 from oxford_ir.data.cache import ImageCache, build_image_cache, cache_folder, default_train_long_side
 from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.data.gpu_decode import (
@@ -52,12 +54,10 @@ from oxford_ir.data.gpu_decode import (
     check_decode,
     collate_encoded,
 )
-from oxford_ir.data.images import load_image
-from oxford_ir.data.loading import benchmark_spec, load_benchmark
 from oxford_ir.data.prefetch import DevicePrefetchLoader, ReadyBatch
-from oxford_ir.data.splits import SPLIT_KINDS, TrainSplit, build_split, full_ground_truth
 from oxford_ir.errors import ConfigError, DataError
 from oxford_ir.fs import WORKER_TIMEOUT
+from oxford_ir.images import load_image
 
 _SHOWN = 5
 #: ``data.eval_batching`` values (:mod:`oxford_ir.extraction.planning` implements them)
@@ -270,7 +270,7 @@ class TrainImageDataset(Dataset):
     ``crop``: a :class:`~oxford_ir.data.augmentation.SeededCrop`, the per-image part of the augmentation (random
     resized crop and flip with PIL); its colour jitter and normalisation run on the whole batch
     (:class:`~oxford_ir.data.batch_augment.BatchAugmentation`). ``draft_size``: the long side the image is needed
-    at (JPEGs at least twice that are decoded in draft mode, see :func:`~oxford_ir.data.images.decode_image`);
+    at (JPEGs at least twice that are decoded in draft mode, see :func:`~oxford_ir.images.decode_image`);
     None decodes in full. ``cache``: an opened training :class:`~oxford_ir.data.cache.ImageCache` holding every
     path; the augmentation then runs on its pixels.
     """
@@ -320,7 +320,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         data_dir: folder holding the dataset folders (``oxford5k/``, ``paris6k/``, ``synthetic/``), or a
             dataset folder itself.
         benchmark: the training benchmark (oxford5k, roxford5k, paris6k, rparis6k, synthetic, rsynthetic).
-        split: ``seed``, ``landmarks`` or ``cross`` (:mod:`oxford_ir.data.splits`).
+        split: ``seed``, ``landmarks`` or ``cross`` (:mod:`oxford_ir.benchmarks.splits`).
         eval_benchmark: the benchmark evaluated; default ``benchmark``; required (and different) for ``cross``.
         held_out_landmarks / n_held_out: the held-out landmarks of the ``landmarks`` split.
         image_size: side of the square training crops.
@@ -460,11 +460,11 @@ class RetrievalDataModule(pl.LightningDataModule):
             folder = benchmark_spec(name).folder
             target = self.data_dir if self.data_dir.name == folder else self.data_dir / folder
             if folder == "synthetic":
-                from oxford_ir.data.synthetic import write_synthetic_benchmark
+                from oxford_ir.benchmarks.synthetic import write_synthetic_benchmark
 
                 write_synthetic_benchmark(target, **self.hparams.synthetic)
             elif self.hparams.download:
-                from oxford_ir.data.download import download_dataset, is_complete
+                from oxford_ir.benchmarks.download import download_dataset, is_complete
 
                 if not is_complete(target):
                     download_dataset(folder, target.parent)

@@ -19,9 +19,9 @@ from PIL import Image, ImageOps
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from oxford_ir.data.images import load_image, to_rgb
 from oxford_ir.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_long_side
 from oxford_ir.errors import DataError
+from oxford_ir.images import load_image, to_rgb
 
 if TYPE_CHECKING:
     from oxford_ir.data.cache import ImageCache
@@ -44,7 +44,7 @@ def eval_image(
     to RGB with its EXIF orientation applied, as files are). The crop is resized to
     ``image_size * max(crop.size) / max(full.size)`` (see :class:`ImageListDataset`); ``image_size=None``
     keeps the original resolution. Files are decoded in full, except JPEGs above
-    :data:`~oxford_ir.data.images.DRAFT_MIN_PIXELS` without a box, which libjpeg decodes at reduced size first
+    :data:`~oxford_ir.images.DRAFT_MIN_PIXELS` without a box, which libjpeg decodes at reduced size first
     (memory; no benchmark image is that large). ``label`` names an upload in error messages.
     """
     if isinstance(source, Image.Image):

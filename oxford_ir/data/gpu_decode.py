@@ -13,10 +13,10 @@ the device. Training batches are decoded in ``RetrievalDataModule.on_after_batch
 Same images as the CPU path:
 
 - Files the device decoder cannot be trusted with are decoded in the worker by
-  :func:`~oxford_ir.data.images.load_image` and travel as ``3 x H x W`` uint8 pixels: anything that is not
+  :func:`~oxford_ir.images.load_image` and travel as ``3 x H x W`` uint8 pixels: anything that is not
   a JPEG (PNG, WebP, ...), CMYK/YCCK and RGB-coded (Adobe transform 0) JPEGs, JPEGs that do not end with
   the end-of-image marker (truncated files: nvJPEG may not report them), above
-  :data:`~oxford_ir.data.images.MAX_DECODED_PIXELS`, or whose header PIL cannot parse. A corrupt file
+  :data:`~oxford_ir.images.MAX_DECODED_PIXELS`, or whose header PIL cannot parse. A corrupt file
   therefore raises :class:`~oxford_ir.errors.DataError` naming it, as on the CPU path; no image is dropped.
 - The EXIF orientation is read in the worker (a header parse) and applied on the device after decoding
   (exact flips and transposes; ``decode_jpeg`` applies it only on the CPU).
@@ -59,9 +59,9 @@ from torchvision.transforms.v2 import functional as TF
 from oxford_ir.data.augmentation import INTERPOLATIONS, Augmentation
 from oxford_ir.data.batch_augment import BatchAugmentation, check_resampling
 from oxford_ir.data.datasets import rounded_box
-from oxford_ir.data.images import DECODE_ERRORS, MAX_DECODED_PIXELS, load_image, to_rgb
 from oxford_ir.data.transforms import IMAGENET_MEAN, IMAGENET_STD, thumbnail_size
 from oxford_ir.errors import ConfigError
+from oxford_ir.images import DECODE_ERRORS, MAX_DECODED_PIXELS, load_image, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def read_encoded(path: str | Path | Image.Image, label: str | None = None) -> En
     """The bytes of a JPEG the device decoder handles, else the pixels decoded here by ``load_image``.
 
     Runs in DataLoader workers: reads the file and parses its header (no decoding) for a JPEG; anything
-    else (see the module doc) is decoded with :func:`~oxford_ir.data.images.load_image`, which raises
+    else (see the module doc) is decoded with :func:`~oxford_ir.images.load_image`, which raises
     :class:`DataError` naming an unreadable file. An already decoded PIL image (an upload, named ``label``)
     travels as its RGB pixels with its EXIF orientation applied, as a file's would be.
     """

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from oxford_ir.data.benchmark import Benchmark
+from oxford_ir.benchmarks.benchmark import Benchmark
+from oxford_ir.benchmarks.registry import benchmark_spec
 from oxford_ir.data.cache import ImageCache, build_image_cache, cache_folder
 from oxford_ir.data.datasets import ImageListDataset
-from oxford_ir.data.loading import benchmark_spec
 from oxford_ir.extraction.buckets import MAX_SHAPES
 from oxford_ir.extraction.distributed import barrier, rank_and_world
 from oxford_ir.extraction.embedding import extract_embeddings, plan_for_model, planned_dataset

@@ -36,10 +36,10 @@ from typing import Any
 
 from PIL import Image
 
-from oxford_ir.data.images import upright_sizes
 from oxford_ir.data.transforms import thumbnail_size
 from oxford_ir.errors import ConfigError
 from oxford_ir.extraction.buckets import ALIGN, MAX_SHAPES, Shape, aligned, assign, choose_buckets
+from oxford_ir.images import upright_sizes
 
 BATCHINGS = ("bucket", "shape", "aspect")
 #: headers are read by this many threads when planning (file opening is I/O bound)

@@ -37,15 +37,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_metric_learning.losses import ContrastiveLoss
 
+from oxford_ir.benchmarks.benchmark import INDEX_KEYS, POSITIVE_KEYS, Benchmark
 from oxford_ir.benchmarks.metrics import DEFAULT_KAPPAS
 from oxford_ir.benchmarks.ranking import rank_database
 from oxford_ir.config import call, instantiate
-from oxford_ir.data.benchmark import INDEX_KEYS, POSITIVE_KEYS, Benchmark
 from oxford_ir.data.gpu_decode import GpuEvalDecoder
 from oxford_ir.errors import CheckpointError, ConfigError, DataError, OxfordIRError
 from oxford_ir.extraction.benchmark import benchmark_loaders
 from oxford_ir.extraction.embedding import embed_loader_item
-from oxford_ir.models.mining import SUPPORTED_LOSSES, TupleStatistics, tuple_statistics
+from oxford_ir.models.tuple_stats import SUPPORTED_LOSSES, TupleStatistics, tuple_statistics
 
 log = logging.getLogger(__name__)
 

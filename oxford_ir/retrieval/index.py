@@ -64,7 +64,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from oxford_ir.data.images import IMAGE_EXTENSIONS, upright_size
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError
 from oxford_ir.extraction.buckets import MAX_SHAPES
 from oxford_ir.extraction.distributed import rank_and_world
@@ -72,6 +71,7 @@ from oxford_ir.extraction.embedding import embed_shard, gathered, plan_for_model
 from oxford_ir.extraction.planning import shard
 from oxford_ir.fs import WORKER_TIMEOUT, exclusive_lock, fsync_dir, replace_file, write_new
 from oxford_ir.hashing import file_sha256
+from oxford_ir.images import IMAGE_EXTENSIONS, upright_size
 from oxford_ir.retrieval.model_spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def resolve_images(
     (``photos/**/*.jpg``; its root is the folder before the first wildcard), or ``benchmark:<name>``
     (that benchmark's database images, in its image-list order, read from ``data_dir``).
 
-    Folders and globs keep files with an image extension (:data:`~oxford_ir.data.images.IMAGE_EXTENSIONS`,
+    Folders and globs keep files with an image extension (:data:`~oxford_ir.images.IMAGE_EXTENSIONS`,
     any case) and skip hidden files and folders; symbolic links to folders are not followed.
     """
     text = str(spec).strip()
@@ -211,7 +211,7 @@ def _glob_images(pattern: str) -> ImageSource:
 
 
 def _benchmark_images(text: str, data_dir: str | os.PathLike | None, allow_missing_images: bool) -> ImageSource:
-    from oxford_ir.data.loading import load_benchmark
+    from oxford_ir.benchmarks.registry import load_benchmark
 
     name = text.split(":", 1)[1].strip()
     if data_dir is None:

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from oxford_ir.data.benchmark import Benchmark
-from oxford_ir.data.images import load_image, to_rgb, upright_size
+from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError
 from oxford_ir.extraction.embedding import extract_embeddings
+from oxford_ir.images import load_image, to_rgb, upright_size
 from oxford_ir.retrieval.exact_search import ExactSearch
 from oxford_ir.retrieval.faiss_backend import FaissOptions, FaissSearch, import_faiss
 from oxford_ir.retrieval.reranking import ReRanking, augment, drop_self

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from oxford_ir.data.benchmark import Benchmark
-from oxford_ir.data.images import load_image
+from oxford_ir.benchmarks.benchmark import Benchmark
+from oxford_ir.images import load_image
 
 #: frame colours: positive, negative, junk (ignored by the protocol), and the query itself
 COLOURS = {"positive": (40, 170, 60), "negative": (210, 40, 40), "junk": (150, 150, 150), "query": (40, 90, 220)}

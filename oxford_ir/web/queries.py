@@ -21,8 +21,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from oxford_ir.data.datasets import eval_image
-from oxford_ir.data.images import DECODE_ERRORS, upright_size
 from oxford_ir.errors import DataError
+from oxford_ir.images import DECODE_ERRORS, upright_size
 
 #: what an upload may be: the formats a camera, phone or browser produces (no EPS, PDF, ... decoders);
 #: the JPEG plugin also opens multi-picture (MPO) files, as phones write them

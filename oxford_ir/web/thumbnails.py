@@ -14,8 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from oxford_ir.data.images import DECODE_ERRORS, to_rgb
 from oxford_ir.errors import DataError
+from oxford_ir.images import DECODE_ERRORS, to_rgb
 
 
 def contained_path(root: Path, path: Path) -> Path:
@@ -30,7 +30,7 @@ def contained_path(root: Path, path: Path) -> Path:
 def make_thumbnail(path: Path, size: int, quality: int = 85) -> bytes:
     """JPEG bytes of ``path`` fitted into ``size`` x ``size`` (aspect kept, never upscaled).
 
-    Decodes as :func:`oxford_ir.data.images.load_image` does (EXIF orientation, any mode to RGB), but
+    Decodes as :func:`oxford_ir.images.load_image` does (EXIF orientation, any mode to RGB), but
     lets the JPEG decoder skip detail first (``draft``): a 12-megapixel photo is decoded at 1/8 scale
     for a 256-pixel thumbnail, which is what keeps a page of results fast.
     """

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import oxford_ir.data.cache as cache_module
+from oxford_ir.benchmarks.registry import load_benchmark
 from oxford_ir.data.cache import (
     ImageCacheError,
     build_image_cache,
@@ -25,10 +26,9 @@ from oxford_ir.data.cache import (
 )
 from oxford_ir.data.datamodule import RetrievalDataModule
 from oxford_ir.data.datasets import ImageListDataset, crop, eval_image, pixels_to_tensor, train_image
-from oxford_ir.data.images import decode_image, load_image
-from oxford_ir.data.loading import load_benchmark
 from oxford_ir.data.transforms import resize_long_side, to_tensor_normalised
 from oxford_ir.errors import ConfigError, DataError
+from oxford_ir.images import decode_image, load_image
 from tests.data.test_datamodule import _eval_loaders as eval_loaders
 from tests.data.test_datamodule import make as make_datamodule
 
@@ -493,7 +493,7 @@ def test_datamodule_cache_follows_a_changed_image(tmp_path: Path) -> None:
 
 
 def test_fast_dev_run_with_the_cache(tmp_path: Path) -> None:
-    from oxford_ir.train import train
+    from oxford_ir.cli.train import train
     from tests.test_train import TINY as TRAIN_TINY
     from tests.test_train import TINY_SCRATCH, compose_train
 
@@ -517,7 +517,7 @@ def test_fast_dev_run_with_the_cache(tmp_path: Path) -> None:
 
 
 def test_cli_builds_what_the_datamodule_reads(data_dir: Path, tmp_path: Path, capsys) -> None:
-    from oxford_ir.data.cli import main
+    from oxford_ir.cli.data import main
 
     cache_dir = tmp_path / "cache"
     args = ["-q", "cache", "synthetic", "--root", str(data_dir), "--dir", str(cache_dir), "--eval-size", "48"]

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from oxford_ir.data.cli import main
-from oxford_ir.data.download import COMPLETE_MARKER
-from tests.data.http_server import FileServer
-from tests.data.test_download import IMAGES, fake_oxford, tree
-from tests.data.test_verify import write_benchmark
+from oxford_ir.benchmarks.download import COMPLETE_MARKER
+from oxford_ir.cli.data import main
+from tests.benchmarks.http_server import FileServer
+from tests.benchmarks.test_download import IMAGES, fake_oxford, tree
+from tests.benchmarks.test_verify import write_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,7 +83,7 @@ def test_verify_without_ground_truth_exits_2(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_synthetic_passes_only_the_options_given(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
-    import oxford_ir.data.synthetic as synthetic
+    import oxford_ir.benchmarks.synthetic as synthetic
 
     calls = []
 
@@ -134,13 +134,13 @@ def test_bad_arguments_are_one_error_line(capsys: pytest.CaptureFixture) -> None
 
 def test_help_in_a_subprocess() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "oxford_ir.data.cli", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "oxford_ir.cli.data", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
     for command in ("download", "verify", "synthetic"):
         assert command in result.stdout
     result = subprocess.run(
-        [sys.executable, "-m", "oxford_ir.data.cli", "download", "--help"],
+        [sys.executable, "-m", "oxford_ir.cli.data", "download", "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -18,12 +18,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data.distributed import DistributedSampler
 
+from oxford_ir.benchmarks.registry import load_benchmark
+from oxford_ir.benchmarks.splits import full_ground_truth
+from oxford_ir.benchmarks.synthetic import SYNTHETIC_DEFAULTS
 from oxford_ir.callbacks.distributed import SpawnedProcessGroupTeardown
 from oxford_ir.data.augmentation import Augmentation, train_transform
 from oxford_ir.data.datamodule import ClassBalancedSampler, RetrievalDataModule
-from oxford_ir.data.loading import load_benchmark
-from oxford_ir.data.splits import full_ground_truth
-from oxford_ir.data.synthetic import SYNTHETIC_DEFAULTS
 from oxford_ir.errors import ConfigError, DataError
 from oxford_ir.extraction.benchmark import benchmark_loaders
 from oxford_ir.models.backbones import ScratchCNN

@@ -38,9 +38,9 @@ from oxford_ir.data.gpu_decode import (
     pil_to_tensor,
     read_encoded,
 )
-from oxford_ir.data.images import load_image
 from oxford_ir.data.transforms import IMAGENET_STD, thumbnail_size
 from oxford_ir.errors import ConfigError, DataError
+from oxford_ir.images import load_image
 
 #: one grey level in normalised units, for the channel with the smallest std (the largest step)
 LEVEL = 1 / 255 / min(IMAGENET_STD)

@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from oxford_ir.benchmarks.synthetic import SYNTHETIC_TINY, write_synthetic_benchmark
 from oxford_ir.data.batch_augment import CropBatch
 from oxford_ir.data.datamodule import RetrievalDataModule
 from oxford_ir.data.prefetch import DevicePrefetchLoader, ReadyBatch
-from oxford_ir.data.synthetic import SYNTHETIC_TINY, write_synthetic_benchmark
 from oxford_ir.errors import DataError
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from oxford_ir.data.benchmark import Benchmark
+from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.data.transforms import eval_transform, resize_long_side, to_tensor_normalised
 from oxford_ir.errors import ConfigError, DataError

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from oxford_ir.cli.evaluate import evaluate
 from oxford_ir.errors import ConfigError
-from oxford_ir.evaluate import evaluate
 from tests.test_evaluate import compose_eval
 
 TINY_NET = ["backbone=scratch", "backbone.channels=[8,16]", "extraction.image_size=64", "extraction.device=cpu"]

@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from oxford_ir.data.datasets import ImageListDataset
-from oxford_ir.data.images import upright_size
 from oxford_ir.data.transforms import thumbnail_size
 from oxford_ir.extraction.planning import (
     PlannedBatch,
@@ -17,6 +16,7 @@ from oxford_ir.extraction.planning import (
     preprocessed_shape,
     shard,
 )
+from oxford_ir.images import upright_size
 
 
 def test_thumbnail_size_is_pillows_arithmetic() -> None:

@@ -22,9 +22,9 @@ from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.benchmarks.ranking import rank_database
 from oxford_ir.callbacks.distributed import SpawnedProcessGroupTeardown
-from oxford_ir.data.benchmark import Benchmark
 from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.errors import CheckpointError, ConfigError, DataError
 from oxford_ir.extraction.benchmark import extract_benchmark

@@ -185,7 +185,7 @@ def test_a_second_builder_waits_for_the_first_naming_it_then_finds_the_cache_fre
 @pytest.fixture
 def benchmark(tmp_path: Path) -> Path:
     """A data folder with a synthetic benchmark of 121 images of 128 px."""
-    from oxford_ir.data.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
+    from oxford_ir.benchmarks.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
 
     write_synthetic_benchmark(
         tmp_path / "data" / "synthetic", **{**SYNTHETIC_PRESETS["tiny"], "n_distractors": 100, "image_size": 128}

@@ -24,23 +24,23 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
-import oxford_ir.data.cli
-import oxford_ir.evaluate
-import oxford_ir.index
-import oxford_ir.search
-import oxford_ir.serve
-import oxford_ir.train
+import oxford_ir.cli.data
+import oxford_ir.cli.evaluate
+import oxford_ir.cli.index
+import oxford_ir.cli.search
+import oxford_ir.cli.serve
+import oxford_ir.cli.train
 from oxford_ir.errors import ConfigError, user_error_in
 from tests.reliability.processes import environment, script
 from tests.test_train import REPO, TINY, TINY_SCRATCH, run_main
 
 ENTRIES = {
-    "train": oxford_ir.train.main,
-    "eval": oxford_ir.evaluate.main,
-    "index": oxford_ir.index.main,
-    "search": oxford_ir.search.main,
-    "serve": oxford_ir.serve.main,
-    "data": oxford_ir.data.cli.main,
+    "train": oxford_ir.cli.train.main,
+    "eval": oxford_ir.cli.evaluate.main,
+    "index": oxford_ir.cli.index.main,
+    "search": oxford_ir.cli.search.main,
+    "serve": oxford_ir.cli.serve.main,
+    "data": oxford_ir.cli.data.main,
 }
 #: a user error is shown as it is, without its traceback
 QUIET = {"HYDRA_FULL_ERROR": "0", "OXFORD_IR_DEBUG": "0"}

@@ -35,11 +35,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oxford_ir.data.download import COMPLETE_MARKER
-from oxford_ir.data.loading import load_benchmark
-from oxford_ir.data.synthetic import SYNTHETIC_TINY, write_synthetic_benchmark
+from oxford_ir.benchmarks.download import COMPLETE_MARKER
+from oxford_ir.benchmarks.registry import load_benchmark
+from oxford_ir.benchmarks.synthetic import SYNTHETIC_TINY, write_synthetic_benchmark
 from oxford_ir.errors import DataError, GroundTruthError
-from tests.data.http_server import FileServer
+from tests.benchmarks.http_server import FileServer
 from tests.reliability.processes import Outcome, environment, run, script
 
 #: the command's own output (stderr, stdout) is written to files in cwd, which a file-size limit also limits:
@@ -443,7 +443,7 @@ def test_evaluation_over_the_file_size_limit_is_one_line_without_metrics(eval_wo
 def test_results_written_in_order_with_no_metrics_on_failure(tmp_path: Path, monkeypatch) -> None:
     """The states between the renames, by hand: metrics.json of an earlier run is gone before the new table is
     written, and a failure to write the new metrics.json leaves none (the table alone is not a finished run)."""
-    import oxford_ir.evaluate as evaluate
+    import oxford_ir.cli.evaluate as evaluate
 
     folder = tmp_path / "run"
     evaluate.write_results(folder, {"metrics": {"a": 1.0}}, "old table")

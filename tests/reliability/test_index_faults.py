@@ -28,8 +28,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from oxford_ir.cli.index import index
 from oxford_ir.errors import IndexFormatError, user_error_in
-from oxford_ir.index import index
 from oxford_ir.retrieval.index import CURRENT_FILE, RetrievalIndex, build_index
 from oxford_ir.retrieval.model_spec import ModelSpec
 from tests.reliability.processes import Outcome, children, environment, exists, run, script

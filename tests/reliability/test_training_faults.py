@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from oxford_ir.callbacks.checkpoint import moved_state
+from oxford_ir.cli.train import train
 from oxford_ir.errors import ConfigError
-from oxford_ir.train import train
 from tests.reliability.processes import children, environment, lock_held_elsewhere, run, script
 from tests.test_train import REPO, TINY, TINY_SCRATCH, compose_train, read_csv_metrics
 

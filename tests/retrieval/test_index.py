@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-import oxford_ir.data.images as images_module
 import oxford_ir.extraction.embedding as extraction_module
+import oxford_ir.images as images_module
 import oxford_ir.retrieval.index as index_module
-from oxford_ir.data.images import decode_image, load_image
 from oxford_ir.errors import CheckpointError, ConfigError, DataError, IndexFormatError
 from oxford_ir.extraction.embedding import extract_embeddings
+from oxford_ir.images import decode_image, load_image
 from oxford_ir.retrieval.index import (
     CURRENT_FILE,
     EMBEDDINGS_FILE,
@@ -423,8 +423,8 @@ def test_folders_globs_and_single_files_resolve_to_sorted_relative_paths(tmp_pat
 
 
 def test_a_benchmark_source_is_its_database_in_list_order_and_embeds_as_oxford_ir_eval(tmp_path):
-    from oxford_ir.data.loading import load_benchmark
-    from oxford_ir.data.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
+    from oxford_ir.benchmarks.registry import load_benchmark
+    from oxford_ir.benchmarks.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
     from oxford_ir.extraction.benchmark import extract_benchmark
 
     write_synthetic_benchmark(tmp_path / "data" / "synthetic", **SYNTHETIC_PRESETS["tiny"])

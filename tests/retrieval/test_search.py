@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from oxford_ir.benchmarks.ranking import rank_database
-from oxford_ir.data.loading import load_benchmark
-from oxford_ir.data.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
+from oxford_ir.benchmarks.registry import load_benchmark
+from oxford_ir.benchmarks.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
+from oxford_ir.cli.evaluate import evaluate_model
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError
-from oxford_ir.evaluate import evaluate_model
 from oxford_ir.extraction.embedding import extract_embeddings
 from oxford_ir.models.backbones import RawPixels
 from oxford_ir.models.embedder import Embedder

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.callbacks.per_query_table import per_query_rows
-from oxford_ir.data.benchmark import Benchmark
 from oxford_ir.retrieval.visualize import COLOURS, fixed_query_indices, render_retrieval_grid, result_labels
 
 

@@ -27,13 +27,13 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from oxford_ir.cli.serve import bind_socket, build_app, server_config  # noqa: E402
 from oxford_ir.errors import ConfigError  # noqa: E402
 from oxford_ir.extraction.embedding import extract_embeddings  # noqa: E402
 from oxford_ir.models.backbones import ScratchCNN  # noqa: E402
 from oxford_ir.retrieval.index import RetrievalIndex, build_index  # noqa: E402
 from oxford_ir.retrieval.model_spec import ModelSpec  # noqa: E402
 from oxford_ir.retrieval.search import Searcher  # noqa: E402
-from oxford_ir.serve import bind_socket, build_app, server_config  # noqa: E402
 from oxford_ir.web.app import ServeSettings, create_app  # noqa: E402
 from oxford_ir.web.thumbnails import ThumbnailCache  # noqa: E402
 
@@ -676,7 +676,13 @@ def test_bind_socket_reports_a_busy_port() -> None:
 
 def test_cli_fails_with_one_line_for_a_missing_index(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "oxford_ir.serve", "index=/nonexistent/oxford-ir-index", f"hydra.run.dir={tmp_path}"],
+        [
+            sys.executable,
+            "-m",
+            "oxford_ir.cli.serve",
+            "index=/nonexistent/oxford-ir-index",
+            f"hydra.run.dir={tmp_path}",
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -704,7 +710,7 @@ def test_cli_refuses_a_corrupt_index(tmp_path: Path, index_dir: Path) -> None:
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     result = subprocess.run(
-        [sys.executable, "-m", "oxford_ir.serve", f"index={broken}", f"hydra.run.dir={tmp_path / 'run'}"],
+        [sys.executable, "-m", "oxford_ir.cli.serve", f"index={broken}", f"hydra.run.dir={tmp_path / 'run'}"],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -1,4 +1,4 @@
-"""The web page for real: ``python -m oxford_ir.serve`` on a tiny real index, driven by Debian's Chromium
+"""The web page for real: ``python -m oxford_ir.cli.serve`` on a tiny real index, driven by Debian's Chromium
 (headless, through Playwright with ``executable_path``; Playwright's own browser download is never used)."""
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[
         [
             sys.executable,
             "-m",
-            "oxford_ir.serve",
+            "oxford_ir.cli.serve",
             f"index={index_dir}",
             "port=0",
             f"k={K}",

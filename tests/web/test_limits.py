@@ -2,7 +2,7 @@
 500, never a traceback, never a server path), slow and stalled bodies are cut off (408), uploads are decoded a
 bounded number at a time (503 + Retry-After after the wait), large uploads use the index's own test-time pixels,
 and the server answers a normal search after each of these. Most run against uvicorn on 127.0.0.1, configured
-as ``oxford-ir-serve`` configures it (:func:`oxford_ir.serve.server_config`)."""
+as ``oxford-ir-serve`` configures it (:func:`oxford_ir.cli.serve.server_config`)."""
 
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from oxford_ir.cli.serve import bind_socket, server_config  # noqa: E402
 from oxford_ir.retrieval.index import RetrievalIndex  # noqa: E402
 from oxford_ir.retrieval.search import Searcher  # noqa: E402
-from oxford_ir.serve import bind_socket, server_config  # noqa: E402
 from oxford_ir.web.app import ServeSettings, create_app  # noqa: E402
 from oxford_ir.web.limits import DecodeSlots  # noqa: E402
 from tests.web.test_app import (  # noqa: E402

@@ -5,7 +5,7 @@ connections, so every step is resumable: a transfer continues from its ``.part``
 with an HTTP Range request, an extraction happens in a temporary folder that is moved
 into place only when it succeeded (with one rename when its folder is new), and the dataset
 folder gets its ``.complete.json`` marker only after every file is in place. Until then the
-folder holds ``.download-state.json``, and :func:`oxford_ir.data.loading.load_benchmark` refuses it as an
+folder holds ``.download-state.json``, and :func:`oxford_ir.benchmarks.registry.load_benchmark` refuses it as an
 unfinished download. An interrupted run (also one killed with SIGKILL at any point) therefore never leaves a
 half-dataset that looks whole, and re-running picks up where it stopped and ends with the same files as an
 uninterrupted run. A write that fails for want of room (a full disk, a file-size limit) is not retried: it

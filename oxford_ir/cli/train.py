@@ -18,12 +18,7 @@ import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
-from oxford_ir.config import CONFIG_DIR, instantiate
-from oxford_ir.errors import exit_on_user_error
-from oxford_ir.fs import replace_file
-from oxford_ir.models.module import load_retrieval_checkpoint
-from oxford_ir.retrieval.report import format_table
-from oxford_ir.run import (
+from oxford_ir.cli.run_folder import (
     RunInfo,
     checkpoint_step,
     distributed_scope,
@@ -37,6 +32,11 @@ from oxford_ir.run import (
     run_folder_lock,
     save_wandb_id,
 )
+from oxford_ir.config import CONFIG_DIR, instantiate
+from oxford_ir.errors import exit_on_user_error
+from oxford_ir.fs import replace_file
+from oxford_ir.models.module import load_retrieval_checkpoint
+from oxford_ir.retrieval.report import format_table
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from oxford_ir.data.images import IMAGE_EXTENSIONS
 from oxford_ir.errors import DataError, GroundTruthError, UnsafePickleError
+from oxford_ir.images import IMAGE_EXTENSIONS
 
 #: the protocol's index keys, positives first (same as ``benchmark.INDEX_KEYS``)
 PROTOCOL_KEYS = {"original": ("ok", "junk"), "revisited": ("easy", "hard", "junk")}

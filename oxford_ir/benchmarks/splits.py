@@ -44,8 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from oxford_ir.data.benchmark import Benchmark
-from oxford_ir.data.ground_truth import read_ground_truth
+from oxford_ir.benchmarks.benchmark import Benchmark
+from oxford_ir.benchmarks.ground_truth import read_ground_truth
 from oxford_ir.errors import ConfigError, DataError, GroundTruthError
 
 SPLIT_KINDS = ("seed", "landmarks", "cross")
@@ -201,7 +201,7 @@ def landmark_of_queries(benchmark: Benchmark) -> list[str]:
     if len(landmarks) != benchmark.n_queries or not all(landmarks):
         raise GroundTruthError(
             f"{benchmark.source}: {benchmark.name} does not name the landmark of each of its {benchmark.n_queries} "
-            "queries, which training classes need; load it with oxford_ir.data.loading.load_benchmark"
+            "queries, which training classes need; load it with oxford_ir.benchmarks.registry.load_benchmark"
         )
     return landmarks
 

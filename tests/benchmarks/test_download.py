@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oxford_ir.data.download import (
+from oxford_ir.benchmarks.download import (
     COMPLETE_MARKER,
     STATE_FILE,
     Source,
@@ -28,7 +28,7 @@ from oxford_ir.data.download import (
     safe_extract,
 )
 from oxford_ir.errors import ConfigError, DownloadError
-from tests.data.http_server import FileServer
+from tests.benchmarks.http_server import FileServer
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = {"progress": False, "backoff": 0.0, "timeout": 5.0}

@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from oxford_ir.data.benchmark import Benchmark
-from oxford_ir.data.download import COMPLETE_MARKER, STATE_FILE, is_complete
-from oxford_ir.data.ground_truth import (
+from oxford_ir.benchmarks.benchmark import Benchmark
+from oxford_ir.benchmarks.download import COMPLETE_MARKER, STATE_FILE, is_complete
+from oxford_ir.benchmarks.ground_truth import (
     GT_JSON_NAME,
     GT_TEXT_FOLDERS,
     IMAGE_FOLDER,
@@ -178,7 +178,8 @@ def _fix(name: str, folder: Path) -> str:
     dataset = folder if folder.name == spec.folder else folder / spec.folder
     if spec.folder == "synthetic":
         return (
-            f"Write the synthetic benchmark with oxford_ir.data.synthetic.write_synthetic_benchmark({str(dataset)!r}) "
+            "Write the synthetic benchmark with "
+            f"oxford_ir.benchmarks.synthetic.write_synthetic_benchmark({str(dataset)!r}) "
             "(oxford-ir-eval writes it when absent)"
         )
     return f"Download it with `oxford-ir-data download {spec.folder} --root {dataset.parent}`"

@@ -3,7 +3,7 @@
 A missing or corrupt image otherwise surfaces deep inside a DataLoader worker, after
 minutes of work; the Paris6k archives are known to ship a few corrupt JPEGs. Every
 listed image is decoded exactly as training and evaluation decode it
-(:func:`oxford_ir.data.images.load_image`), so a truncated JPEG is caught here.
+(:func:`oxford_ir.images.load_image`), so a truncated JPEG is caught here.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from oxford_ir.data.benchmark import Benchmark
-from oxford_ir.data.images import load_image
+from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.errors import DataError
+from oxford_ir.images import load_image
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oxford_ir.data.benchmark import Benchmark
-from oxford_ir.data.loading import load_benchmark
-from oxford_ir.data.splits import TrainSplit, build_split, full_ground_truth
+from oxford_ir.benchmarks.benchmark import Benchmark
+from oxford_ir.benchmarks.registry import load_benchmark
+from oxford_ir.benchmarks.splits import TrainSplit, build_split, full_ground_truth
 from oxford_ir.errors import ConfigError, DataError, GroundTruthError
 
 

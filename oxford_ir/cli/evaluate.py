@@ -17,8 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from oxford_ir.benchmarks.ranking import rank_database
+from oxford_ir.benchmarks.registry import BENCHMARKS, load_benchmark
 from oxford_ir.config import CONFIG_DIR, instantiate
-from oxford_ir.data.loading import BENCHMARKS, load_benchmark
 from oxford_ir.errors import ConfigError, exit_on_user_error
 from oxford_ir.extraction.benchmark import benchmark_cache, extract_benchmark, plan_benchmark, plans_summary
 from oxford_ir.extraction.distributed import barrier, init_from_environment, rank_and_world
@@ -45,7 +45,7 @@ def prepare_benchmark_data(name: str, data_dir: Path, download: bool, synthetic:
     """Write the synthetic benchmark when absent; download a real one when asked to."""
     folder = BENCHMARKS[name][0]
     if folder == "synthetic":
-        from oxford_ir.data.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
+        from oxford_ir.benchmarks.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
 
         settings = dict(synthetic or {})
         preset = settings.pop("preset", "default")
@@ -53,7 +53,7 @@ def prepare_benchmark_data(name: str, data_dir: Path, download: bool, synthetic:
             raise ConfigError(f"synthetic.preset={preset!r}: choose one of {sorted(SYNTHETIC_PRESETS)}")
         write_synthetic_benchmark(data_dir / folder, **{**SYNTHETIC_PRESETS[preset], **settings})
     elif download:
-        from oxford_ir.data.download import download_dataset
+        from oxford_ir.benchmarks.download import download_dataset
 
         download_dataset(folder, data_dir)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oxford_ir.data.ground_truth import (
+from oxford_ir.benchmarks.ground_truth import (
     GroundTruth,
     derive_query_landmarks,
     load_pickle_safely,

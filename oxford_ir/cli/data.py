@@ -60,7 +60,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from oxford_ir.data.download import DATASET_FOLDERS
+    from oxford_ir.benchmarks.download import DATASET_FOLDERS
 
     data_dir = Path(os.environ.get("OXFORD_IR_DATA", "data"))  # the default of paths.data_dir
     parser = _Parser(
@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cache(args: argparse.Namespace) -> int:
+    from oxford_ir.benchmarks.registry import benchmark_spec, load_benchmark
     from oxford_ir.data.cache import build_image_cache, cache_folder
-    from oxford_ir.data.loading import benchmark_spec, load_benchmark
 
     benchmark = load_benchmark(args.benchmark, args.root, allow_missing_images=args.allow_missing)
     dataset = benchmark_spec(args.benchmark).folder
@@ -206,7 +206,7 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from oxford_ir.data.download import download_dataset
+    from oxford_ir.benchmarks.download import download_dataset
 
     folder = download_dataset(
         args.dataset,
@@ -223,8 +223,8 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from oxford_ir.data.loading import load_listed_benchmark
-    from oxford_ir.data.verify import verify_benchmark
+    from oxford_ir.benchmarks.registry import load_listed_benchmark
+    from oxford_ir.benchmarks.verify import verify_benchmark
 
     benchmark = load_listed_benchmark(args.benchmark, args.root, gt_file=args.gt_file)
     report = verify_benchmark(benchmark, workers=args.workers, progress=not args.no_progress)
@@ -233,7 +233,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _synthetic(args: argparse.Namespace) -> int:
-    from oxford_ir.data.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
+    from oxford_ir.benchmarks.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
     from oxford_ir.errors import ConfigError
 
     options: dict[str, int] = {}

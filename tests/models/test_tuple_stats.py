@@ -9,7 +9,7 @@ import pytest
 import torch
 from pytorch_metric_learning import distances, losses, miners
 
-from oxford_ir.models.mining import count_triplets, tuple_statistics
+from oxford_ir.models.tuple_stats import count_triplets, tuple_statistics
 
 MARGIN = 0.1
 

@@ -106,7 +106,7 @@ def decode_image(path: str | Path, *, draft_size: int | None = None, always_draf
             if _pixels(opened.size) > MAX_DECODED_PIXELS:
                 raise DataError(
                     f"image {path} is too large to decode: {full_size[0]} x {full_size[1]} pixels, more than "
-                    f"{MAX_DECODED_PIXELS:,} (oxford_ir.data.images.MAX_DECODED_PIXELS); downscale it first"
+                    f"{MAX_DECODED_PIXELS:,} (oxford_ir.images.MAX_DECODED_PIXELS); downscale it first"
                     + ("" if opened.format == "JPEG" else ", or save it as JPEG, which is decoded at reduced size")
                 )
             opened.load()

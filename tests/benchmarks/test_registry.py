@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import oxford_ir.data as data_package
-from oxford_ir.data.benchmark import Benchmark
-from oxford_ir.data.ground_truth import read_gnd_pickle
-from oxford_ir.data.loading import BENCHMARKS, available_benchmarks, load_benchmark
+import oxford_ir.benchmarks as benchmarks_package
+from oxford_ir.benchmarks.benchmark import Benchmark
+from oxford_ir.benchmarks.ground_truth import read_gnd_pickle
+from oxford_ir.benchmarks.registry import BENCHMARKS, available_benchmarks, load_benchmark
 from oxford_ir.errors import ConfigError, DataError, GroundTruthError
 
 # a tiny dataset in the published layout: two landmarks, two queries each
@@ -84,8 +84,8 @@ def test_registry_and_package_exports(tiny_root: Path) -> None:
     assert BENCHMARKS["rsynthetic"] == ("synthetic", "revisited", "gnd_rsynthetic")
     assert available_benchmarks() == list(BENCHMARKS)
     assert available_benchmarks(tiny_root) == ["oxford5k", "roxford5k"]
-    assert data_package.load_benchmark is load_benchmark and data_package.BENCHMARKS is BENCHMARKS
-    assert data_package.Benchmark is Benchmark and callable(data_package.load_image)
+    assert benchmarks_package.load_benchmark is load_benchmark and benchmarks_package.BENCHMARKS is BENCHMARKS
+    assert benchmarks_package.Benchmark is Benchmark
 
 
 def test_unknown_benchmark_name(tiny_root: Path) -> None:

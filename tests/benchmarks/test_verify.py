@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oxford_ir.data.loading import load_listed_benchmark
-from oxford_ir.data.verify import VerifyReport, verify_benchmark
+from oxford_ir.benchmarks.registry import load_listed_benchmark
+from oxford_ir.benchmarks.verify import VerifyReport, verify_benchmark
 from oxford_ir.errors import ConfigError, GroundTruthError
 
 #: database images of the miniature benchmark, in imlist order

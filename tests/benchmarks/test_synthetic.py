@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from oxford_ir.benchmarks import synthetic
 from oxford_ir.benchmarks.metrics import evaluate_ranks
 from oxford_ir.benchmarks.ranking import rank_database
-from oxford_ir.data import synthetic
-from oxford_ir.data.images import load_image
-from oxford_ir.data.synthetic import (
+from oxford_ir.benchmarks.synthetic import (
     COMPLETE_MARKER,
     JUNK_MAX_VISIBLE,
     SYNTHETIC_DEFAULTS,
@@ -28,6 +27,7 @@ from oxford_ir.data.synthetic import (
     write_synthetic_benchmark,
 )
 from oxford_ir.errors import ConfigError, DataError
+from oxford_ir.images import load_image
 
 
 def _load(path: Path) -> dict:
@@ -232,8 +232,8 @@ def test_groundtruth_json_has_the_published_per_landmark_layout(tiny: Path) -> N
 
 def test_the_project_loaders_read_every_form(tiny: Path) -> None:
     """The loaders of oxford_ir.data see the same benchmark in the pickle, the text files and the JSON."""
-    from oxford_ir.data.ground_truth import read_ground_truth
-    from oxford_ir.data.loading import load_benchmark
+    from oxford_ir.benchmarks.ground_truth import read_ground_truth
+    from oxford_ir.benchmarks.registry import load_benchmark
 
     original = load_benchmark("synthetic", tiny)
     revisited = load_benchmark("rsynthetic", tiny)

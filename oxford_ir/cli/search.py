@@ -19,10 +19,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from oxford_ir.config import CONFIG_DIR
-from oxford_ir.data.images import IMAGE_EXTENSIONS
 from oxford_ir.errors import ConfigError, DataError, exit_on_user_error
 from oxford_ir.extraction.options import resolve_device
 from oxford_ir.fs import replace_file
+from oxford_ir.images import IMAGE_EXTENSIONS
 from oxford_ir.retrieval.report import format_table
 from oxford_ir.retrieval.search import BBox, Searcher, _check_k, parse_bbox, render_result_grid
 
@@ -200,7 +200,7 @@ def _write_grids(cfg: DictConfig, records: list[dict[str, Any]], output_dir: Pat
 
 
 def _evaluate(cfg: DictConfig, name: str, index: Any, searcher: Searcher, output_dir: Path):
-    from oxford_ir.data.loading import load_benchmark
+    from oxford_ir.benchmarks.registry import load_benchmark
     from oxford_ir.retrieval.search import evaluate_benchmark
 
     benchmark = load_benchmark(name, Path(cfg.paths.data_dir), allow_missing_images=bool(cfg.allow_missing_images))
