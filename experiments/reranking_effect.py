@@ -29,7 +29,9 @@ import numpy as np
 
 from oxford_ir.benchmarks.registry import load_benchmark
 from oxford_ir.benchmarks.synthetic import write_synthetic_benchmark
-from oxford_ir.retrieval.index import RetrievalIndex, build_index, resolve_images
+from oxford_ir.retrieval.image_sources import resolve_images
+from oxford_ir.retrieval.index_build import build_index
+from oxford_ir.retrieval.index_format import RetrievalIndex
 from oxford_ir.retrieval.model_spec import ModelSpec
 from oxford_ir.retrieval.search import Searcher, embed_benchmark_queries, evaluate_benchmark
 

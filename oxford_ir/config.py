@@ -10,6 +10,8 @@ scheduler with its optimizer). A value of the wrong type (``optimizer.lr=abc``),
 (``+optimizer.foo=1``), or a value the target refuses while it is built (``optimizer.lr=-1``: torch raises
 ``ValueError``) is one :class:`~oxford_ir.errors.ConfigError` naming the key as it is written on the command
 line and what to give instead; errors of the project (a missing weights file, ...) pass through unchanged.
+
+:func:`to_plain` turns a config (node or dict) into plain containers, e.g. to store it as hyperparameters.
 """
 
 from __future__ import annotations
@@ -109,6 +111,20 @@ def check_node(node: Any, key: str) -> None:
         if expected is not None and not _fits(value, expected):
             example = "" if parameter.default is inspect.Parameter.empty else f"; default {parameter.default!r}"
             raise ConfigError(f"{key}.{arg}={value!r}: expected {_describe(expected)} ({name}'s {arg}{example})")
+
+
+def to_plain(value: Any) -> Any:
+    """``value`` as dicts (with str keys), lists and scalars only, config nodes resolved: what a checkpoint's
+    hyperparameters can hold without pickling classes."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
 
 
 # -- signatures ---------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bench") / "synthetic"
-    write_synthetic_benchmark(root, **{k: v for k, v in SYNTHETIC_TINY.items() if k != "image_size"}, image_size=64)
+    write_synthetic_benchmark(root, **{**SYNTHETIC_TINY, "photo_long_side": 64})
     return root
 
 
@@ -93,7 +93,7 @@ def test_quick_cpu_run_prints_the_table_and_writes_consistent_json(tmp_path):
     assert data["schema"] == report.SCHEMA_VERSION and data["profile"] == "cpu" and data["quick"] is True
     assert data["device"] == "cpu" and data["errors"] == [] and data["over_budget"] == [] and not data["partial"]
     machine = data["machine"]
-    assert machine["cpu_cores"] >= 1 and machine["torch"] == torch.__version__ and machine["gpu"] is None
+    assert machine["cpu_cores"] == os.cpu_count() and machine["torch"] == torch.__version__ and machine["gpu"] is None
     assert str(RUN) in data["command"] and "--quick" in data["command"]
     assert set(data["knobs"]) == {"applied", "missing", "rows"}
 
@@ -365,7 +365,7 @@ def test_search_rows_run_their_gpu_measurements_on_the_cpu(monkeypatch):
 
 # -- extraction and evaluation rows, JPEGs, budgets ------------------------------------------------------------------
 def test_parallel_synthetic_writer_gives_the_package_files_and_reuses_them(tmp_path):
-    params = {**SYNTHETIC_TINY, "image_size": 64}
+    params = {**SYNTHETIC_TINY, "photo_long_side": 64}
     write_synthetic_benchmark(tmp_path / "serial", seed=2, **params)
     with bench_images.JpegWriter(2) as writer:
         assert bench_images.write_synthetic(tmp_path / "pool", writer, seed=2, **params) > 0

@@ -25,6 +25,7 @@ from PIL import Image
 from oxford_ir.cli.compare import PLOT_NAME, main
 from oxford_ir.run_comparison import PALETTE, PLOT_SIZE, differing_keys, plot_val_map
 from oxford_ir.run_history import find_run_folders, read_run, val_map_per_epoch, wall_seconds
+from tests.reliability.processes import lock_held_elsewhere
 from tests.test_train import TINY, TINY_SCRATCH, TRAIN_SCRIPT, run_main
 from tests.wandb_files import read_records
 
@@ -170,18 +171,8 @@ def test_a_sweep_still_running_shows_finished_jobs_and_how_far_the_others_got(ru
     shutil.copytree(sweep / "0" / ".hydra", started / ".hydra")
     overrides = started / ".hydra" / "overrides.yaml"
     overrides.write_text(overrides.read_text().replace("loss.margin=0.1", "loss.margin=0.3"))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-         "fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB); print('held', flush=True); time.sleep(60)",
-         str(started / ".lock")],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(started / ".lock"):
         _, rows, _ = compare(capsys, sweep, "--sort", "job")
-    finally:
-        holder.kill()
-        holder.wait()
     done, unfinished, running = rows
     assert (done["job"], done["loss.margin"]) == ("0", "0.1")
     assert_row_matches_files(done, sweep / "0", csv_val_map(runs.sweep / "0"))
@@ -265,9 +256,10 @@ def test_validations_that_are_not_an_epochs_are_left_out_and_a_repeated_epoch_ke
 
 
 def test_file_names_are_those_the_training_run_writes():
-    from oxford_ir import run, run_history, train
+    from oxford_ir import run_history
+    from oxford_ir.cli import run_folder, train
 
-    assert (run_history.RUN_LOCK, run_history.WANDB_ID_FILE) == (run.RUN_LOCK, run.WANDB_ID_FILE)
+    assert (run_history.RUN_LOCK, run_history.WANDB_ID_FILE) == (run_folder.RUN_LOCK, run_folder.WANDB_ID_FILE)
     assert run_history.UNTRAINED_FILE == train.UNTRAINED_FILE
 
 

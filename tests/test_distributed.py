@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from oxford_ir.cli.evaluate import evaluate_model
 from oxford_ir.cli.train import train
 from oxford_ir.errors import ConfigError
-from oxford_ir.models.module import load_retrieval_checkpoint
+from oxford_ir.models.checkpoint import load_retrieval_checkpoint
 from tests.test_train import TINY, TINY_SCRATCH, cli, compose_train
 
 #: two CPU processes with the gloo backend; torch's SyncBatchNorm is CUDA-only

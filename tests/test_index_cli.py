@@ -13,7 +13,7 @@ from PIL import Image
 
 from oxford_ir.cli.index import index
 from oxford_ir.errors import CheckpointError, ConfigError, DataError
-from oxford_ir.retrieval.index import RetrievalIndex
+from oxford_ir.retrieval.index_format import RetrievalIndex
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["backbone=scratch", "backbone.channels=[8,16]"]

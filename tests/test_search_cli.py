@@ -14,7 +14,8 @@ from PIL import Image
 
 from oxford_ir.cli.search import main, resolve_queries, search
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError
-from oxford_ir.retrieval.index import EMBEDDINGS_FILE, RetrievalIndex, build_index
+from oxford_ir.retrieval.index_build import build_index
+from oxford_ir.retrieval.index_format import EMBEDDINGS_FILE, RetrievalIndex
 from oxford_ir.retrieval.model_spec import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]

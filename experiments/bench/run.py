@@ -74,7 +74,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "hard_per_landmark": 3,
             "junk_per_landmark": 2,
             "n_distractors": 120,
-            "image_size": 320,
+            "photo_long_side": 320,
             "jpeg_quality": 90,
         },
         "model": ["backbone=mobilenetv2", "backbone.weights=none"],
@@ -108,7 +108,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                 "hard_per_landmark": 1,
                 "junk_per_landmark": 0,
                 "n_distractors": 8,
-                "image_size": 1024,
+                "photo_long_side": 1024,
                 "jpeg_quality": 90,
             },
             "image_size": 362,
@@ -145,7 +145,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "hard_per_landmark": 2,
             "junk_per_landmark": 1,
             "n_distractors": 45,
-            "image_size": 1024,
+            "photo_long_side": 1024,
             "jpeg_quality": 90,
         },
         "model": ["backbone=resnet50", "backbone.weights=none"],
@@ -210,7 +210,7 @@ QUICK: dict[str, Any] = {
         "hard_per_landmark": 1,
         "junk_per_landmark": 1,
         "n_distractors": 8,
-        "image_size": 64,
+        "photo_long_side": 64,
         "jpeg_quality": 90,
     },
     "image_size": 32,
@@ -354,7 +354,7 @@ def plan(
         rows.append(
             (
                 "loading",
-                f"data loading, {loading_synthetic(profile)['image_size']} px JPEGs",
+                f"data loading, {loading_synthetic(profile)['photo_long_side']} px JPEGs",
                 "images/s",
                 {"ours": f"{m}.loading:measure_ours", "original": f"{m}.loading:measure_original"},
             )
@@ -500,7 +500,7 @@ def loading_notes(
     key: str, profile: dict[str, Any], ours: dict[str, Any], original: dict[str, Any], ceiling: dict[str, Any]
 ) -> list[str]:
     """Notes of the data loading rows (see experiments/bench/loading.py)."""
-    source = loading_synthetic(profile)["image_size"]
+    source = loading_synthetic(profile)["photo_long_side"]
     workers = ours["num_workers"]
     if key == "loading_no_cache":
         draft = "decoded in draft mode" if source >= 2 * ours["train_long_side"] else "decoded in full"
@@ -584,7 +584,7 @@ def prepare_loading(
     n_images = len(list((root / "synthetic" / "jpg").glob("*.jpg")))
     what = "wrote" if seconds else "reusing"
     log(
-        f"data loading: {what} {n_images} synthetic JPEGs of {synthetic['image_size']} px"
+        f"data loading: {what} {n_images} synthetic JPEGs of {synthetic['photo_long_side']} px"
         + (f" in {seconds:.1f} s" if seconds else "")
     )
     sizes = {
@@ -738,7 +738,7 @@ def _run(
         data_root.mkdir(parents=True, exist_ok=True)
         (data_root / "synthetic").symlink_to(images_dir / "data" / "synthetic", target_is_directory=True)
         n_images = len(list((data_root / "synthetic" / "jpg").glob("*.jpg")))
-        written = f"{n_images} synthetic JPEGs of {profile['synthetic']['image_size']} px in {images_dir}"
+        written = f"{n_images} synthetic JPEGs of {profile['synthetic']['photo_long_side']} px in {images_dir}"
         log(f"wrote {written} ({generation:.1f} s)" if generation else f"reusing {written}")
         knob_report = resolve_knobs(args.profile, overrides, work, args.compile)
         loading_rows: dict[str, str] = {}

@@ -140,46 +140,58 @@ class Benchmark:
         Warns how many images and queries were dropped and marks the result as a subset.
         """
         present = {n for n in dict.fromkeys([*self.imlist, *self.qimlist]) if self.image_path(n).is_file()}
-        keep_db = [i for i, n in enumerate(self.imlist) if n in present]
-        if len(keep_db) == self.n_db and all(n in present for n in self.qimlist):
+        db_kept = np.array([n in present for n in self.imlist], dtype=bool)
+        queries_kept = np.array([n in present for n in self.qimlist], dtype=bool)
+        if db_kept.all() and queries_kept.all():
             return self
-        remap = np.full(self.n_db, -1, dtype=np.int64)
-        remap[keep_db] = np.arange(len(keep_db))
-        new_gnd, new_q, new_landmarks = [], [], []
-        landmarks = self.query_landmarks or [""] * self.n_queries
-        for name, entry, landmark in zip(self.qimlist, self.gnd, landmarks, strict=True):
-            if name not in present:
-                continue
-            new_entry = dict(entry)
-            for key in INDEX_KEYS[self.protocol]:
-                values = remap[np.asarray(entry.get(key, ()), dtype=np.int64)]
-                new_entry[key] = values[values >= 0]
-            if sum(len(new_entry[k]) for k in POSITIVE_KEYS[self.protocol]) == 0:
-                continue
-            new_gnd.append(new_entry)
-            new_q.append(name)
-            new_landmarks.append(landmark)
-        if not new_q:
+        restricted = self.restrict(db_kept, queries_kept, f"present in {self.image_dir}")
+        if restricted is None:
             raise DataError(
                 f"{self.name}: none of the {self.n_queries} queries of {self.source} has its image and a positive "
                 f"in {self.image_dir}; download the images (oxford-ir-data download) or check the folder"
             )
-        note = (
-            f"subset: {len(keep_db)}/{self.n_db} database images and {len(new_q)}/{self.n_queries} queries "
-            f"present in {self.image_dir}"
-        )
+        subset = restricted[0]
         warnings.warn(
-            f"{self.name}: dropped {self.n_db - len(keep_db)} missing database images and "
-            f"{self.n_queries - len(new_q)} queries (image missing or no positives left); evaluating a {note}. "
-            "Numbers are not comparable with published results.",
+            f"{self.name}: dropped {self.n_db - subset.n_db} missing database images and "
+            f"{self.n_queries - subset.n_queries} queries (image missing or no positives left); evaluating a "
+            f"{subset.subset_note}. Numbers are not comparable with published results.",
             stacklevel=2,
         )
-        return replace(
+        return subset
+
+    def restrict(self, db_kept: np.ndarray, queries_kept: np.ndarray, how: str) -> tuple[Benchmark, np.ndarray] | None:
+        """The benchmark restricted to the database images and queries of the two boolean masks, its ground truth
+        renumbered, and the original indices of the queries it keeps; None when no query remains.
+
+        Queries left without a positive are dropped. The result is marked as a subset; its note says how many
+        images and queries it keeps and ``how`` they were chosen (e.g. ``present in <folder>``).
+        """
+        keep_db = np.flatnonzero(db_kept)
+        remap = np.full(self.n_db, -1, dtype=np.int64)
+        remap[keep_db] = np.arange(len(keep_db))
+        qimlist, gnd, landmarks, kept_queries = [], [], [], []
+        for q in np.flatnonzero(queries_kept):
+            entry = dict(self.gnd[q])
+            for key in INDEX_KEYS[self.protocol]:
+                values = remap[np.asarray(self.gnd[q].get(key, ()), dtype=np.int64)]
+                entry[key] = values[values >= 0]
+            if sum(len(entry[k]) for k in POSITIVE_KEYS[self.protocol]) == 0:
+                continue
+            qimlist.append(self.qimlist[q])
+            gnd.append(entry)
+            kept_queries.append(int(q))
+            if self.query_landmarks:
+                landmarks.append(self.query_landmarks[q])
+        if not qimlist:
+            return None
+        note = f"subset: {len(keep_db)}/{self.n_db} database images and {len(qimlist)}/{self.n_queries} queries {how}"
+        restricted = replace(
             self,
             imlist=[self.imlist[i] for i in keep_db],
-            qimlist=new_q,
-            gnd=new_gnd,
-            query_landmarks=new_landmarks if self.query_landmarks else [],
+            qimlist=qimlist,
+            gnd=gnd,
+            query_landmarks=landmarks,
             is_subset=True,
             subset_note=note,
         )
+        return restricted, np.asarray(kept_queries, dtype=np.int64)

@@ -16,13 +16,10 @@ from typing import NamedTuple
 
 from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.benchmarks.download import COMPLETE_MARKER, STATE_FILE, is_complete
-from oxford_ir.benchmarks.ground_truth import (
-    GT_JSON_NAME,
-    GT_TEXT_FOLDERS,
-    IMAGE_FOLDER,
-    GroundTruth,
-    read_ground_truth,
-)
+from oxford_ir.benchmarks.ground_truth import IMAGE_FOLDER, read_ground_truth
+from oxford_ir.benchmarks.gt_record import GroundTruth
+from oxford_ir.benchmarks.gt_text_files import GT_TEXT_FOLDERS
+from oxford_ir.benchmarks.landmark_json import GT_JSON_NAME
 from oxford_ir.errors import ConfigError, DataError, GroundTruthError
 
 

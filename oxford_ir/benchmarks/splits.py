@@ -16,7 +16,7 @@ Training classes are landmarks. The class of landmark ``L`` holds the union of t
 **Distractors** (``use_distractors``): database images that are no query's positive or junk. Each gets
 its own label, so a loss never treats two of them as a positive pair; they serve as extra negatives.
 A P x K sampler cannot draw K images from such a singleton class, so the sampler draws classes only from
-the landmark classes and adds distractors to each batch separately (``datamodule.ClassBalancedSampler``).
+the landmark classes and adds distractors to each batch separately (``data.sampler.ClassBalancedSampler``).
 
 Splits (``kind``):
 

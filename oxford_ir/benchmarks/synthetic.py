@@ -56,7 +56,7 @@ SYNTHETIC_DEFAULTS: dict[str, int] = {
     "hard_per_landmark": 4,
     "junk_per_landmark": 2,
     "n_distractors": 40,
-    "image_size": 160,
+    "photo_long_side": 160,
     "jpeg_quality": 90,
 }
 #: a benchmark small enough for unit tests (well under a second to write)
@@ -67,10 +67,14 @@ SYNTHETIC_TINY: dict[str, int] = {
     "hard_per_landmark": 1,
     "junk_per_landmark": 1,
     "n_distractors": 6,
-    "image_size": 80,
+    "photo_long_side": 80,
     "jpeg_quality": 90,
 }
 SYNTHETIC_PRESETS: dict[str, dict[str, int]] = {"default": SYNTHETIC_DEFAULTS, "tiny": SYNTHETIC_TINY}
+#: renamed parameters, old name -> new name: the old name works for one more release, with a logged warning
+DEPRECATED_PARAMS = {"image_size": "photo_long_side"}
+#: names the completion marker keeps from before a rename, so that a folder written then still counts as complete
+_MARKER_NAMES = {"photo_long_side": "image_size"}
 
 #: bumped whenever the drawing changes, so that an old folder is regenerated instead of reused
 FORMAT_VERSION = 1
@@ -145,7 +149,13 @@ def landmark_of(name: str) -> str:
 
 
 def synthetic_params(seed: int = 0, **overrides: int) -> dict[str, int]:
-    """The validated parameters of a benchmark: :data:`SYNTHETIC_DEFAULTS` with ``overrides`` applied."""
+    """The validated parameters of a benchmark: :data:`SYNTHETIC_DEFAULTS` with ``overrides`` applied.
+
+    A deprecated name (:data:`DEPRECATED_PARAMS`: ``image_size``, now ``photo_long_side``) is accepted with a logged
+    warning naming the new one, and wins over the new name when both are given, as it did before the rename (a
+    preset's ``photo_long_side`` overridden by a caller's ``image_size``).
+    """
+    overrides = _renamed(overrides)
     unknown = sorted(set(overrides) - set(SYNTHETIC_DEFAULTS))
     if unknown:
         raise ConfigError(f"unknown synthetic benchmark parameter(s) {unknown}; known: {sorted(SYNTHETIC_DEFAULTS)}")
@@ -160,7 +170,7 @@ def synthetic_params(seed: int = 0, **overrides: int) -> dict[str, int]:
         "hard_per_landmark": (0, 100_000),
         "junk_per_landmark": (0, 100_000),
         "n_distractors": (0, 1_000_000),
-        "image_size": (48, 2048),
+        "photo_long_side": (48, 2048),
         "jpeg_quality": (1, 95),
     }
     for key, (low, high) in limits.items():
@@ -182,6 +192,20 @@ def synthetic_params(seed: int = 0, **overrides: int) -> dict[str, int]:
     return {key: int(value) for key, value in params.items()}
 
 
+def _renamed(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with each deprecated name replaced by its new one, logging a warning that names the new one."""
+    params = dict(params)
+    for old, new in DEPRECATED_PARAMS.items():
+        if old in params:
+            log.warning(
+                "synthetic benchmark: %s is deprecated and will be removed in the next release; use %s instead",
+                old,
+                new,
+            )
+            params[new] = params.pop(old)
+    return params
+
+
 def write_synthetic_benchmark(
     root: str | os.PathLike,
     *,
@@ -192,16 +216,18 @@ def write_synthetic_benchmark(
     hard_per_landmark: int = SYNTHETIC_DEFAULTS["hard_per_landmark"],
     junk_per_landmark: int = SYNTHETIC_DEFAULTS["junk_per_landmark"],
     n_distractors: int = SYNTHETIC_DEFAULTS["n_distractors"],
-    image_size: int = SYNTHETIC_DEFAULTS["image_size"],
+    photo_long_side: int = SYNTHETIC_DEFAULTS["photo_long_side"],
     jpeg_quality: int = SYNTHETIC_DEFAULTS["jpeg_quality"],
     workers: int = 1,
+    image_size: int | None = None,
 ) -> Path:
     """Write the synthetic benchmark into ``root`` (the dataset folder) and return it.
 
     ``n_landmarks`` landmarks each get ``queries_per_landmark`` query photos (also database
     images, as in Oxford5k) and ``images_per_landmark`` database photos, of which
     ``hard_per_landmark`` are hard and ``junk_per_landmark`` junk; ``n_distractors`` photos
-    show other buildings or no building. Images are JPEGs of long side ``image_size``.
+    show other buildings or no building. Images are JPEGs of long side ``photo_long_side`` pixels
+    (``image_size``: its deprecated name, accepted with a warning for one more release).
 
     A folder already complete for the same seed and parameters is returned as is. Otherwise
     the benchmark is written into a hidden sibling folder and swapped into place, so a
@@ -221,8 +247,9 @@ def write_synthetic_benchmark(
         hard_per_landmark=hard_per_landmark,
         junk_per_landmark=junk_per_landmark,
         n_distractors=n_distractors,
-        image_size=image_size,
+        photo_long_side=photo_long_side,
         jpeg_quality=jpeg_quality,
+        **({} if image_size is None else {"image_size": image_size}),
     )
     # resolved: the swap below must move the real folder, never a symlink or "."
     root = Path(root).expanduser().resolve()
@@ -276,7 +303,7 @@ def _expected_marker(seed: int, params: dict[str, int]) -> dict[str, Any]:
     return {
         "dataset": DATASET_NAME,
         "seed": int(seed),
-        "params": {**params, "format_version": FORMAT_VERSION},
+        "params": {**{_MARKER_NAMES.get(k, k): v for k, v in params.items()}, "format_version": FORMAT_VERSION},
         "counts": {
             "landmarks": params["n_landmarks"],
             "distractors": params["n_distractors"],
@@ -409,7 +436,7 @@ def _generate(folder: Path, seed: int, params: dict[str, int], marker: dict[str,
     image_dir = folder / IMAGE_FOLDER
     image_dir.mkdir()
     landmarks = [f"landmark_{i:02d}" for i in range(params["n_landmarks"])]
-    draw = functools.partial(_write_photo, str(image_dir), seed, params["image_size"], params["jpeg_quality"])
+    draw = functools.partial(_write_photo, str(image_dir), seed, params["photo_long_side"], params["jpeg_quality"])
     tasks = _photo_tasks(seed, params)
     if workers > 1 and len(tasks) > 1 and "fork" in multiprocessing.get_all_start_methods():
         # forked: the workers inherit the imports; consecutive photographs of a landmark share its facade drawing

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import numpy as np
@@ -13,11 +14,14 @@ from lightning.pytorch.loggers import WandbLogger
 from oxford_ir.callbacks import artifact_stem
 from oxford_ir.fs import replace_file
 
+if TYPE_CHECKING:
+    from oxford_ir.models.module import Evaluation
 
-def per_query_rows(evaluation: dict) -> tuple[list[str], list[list]]:
+
+def per_query_rows(evaluation: Evaluation) -> tuple[list[str], list[list]]:
     """Columns and rows: query name, landmark, number of positives, then AP per protocol."""
-    benchmark = evaluation["benchmark"]
-    per_query = evaluation["per_query"]
+    benchmark = evaluation.benchmark
+    per_query = evaluation.per_query
     keys = sorted(per_query)
     landmarks = benchmark.query_landmarks or [""] * benchmark.n_queries
     columns = ["query", "landmark", "positives", *keys]
@@ -32,8 +36,8 @@ class PerQueryTableCallback(pl.Callback):
     """Per-query AP as a W&B table (``val/per_query_ap``) and a CSV under ``<run>/per_query_ap/``."""
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        evaluation = getattr(pl_module, "last_evaluation", None)
-        if trainer.sanity_checking or not evaluation or not trainer.is_global_zero:
+        evaluation: Evaluation | None = getattr(pl_module, "last_evaluation", None)
+        if trainer.sanity_checking or evaluation is None or not trainer.is_global_zero:
             return
         columns, rows = per_query_rows(evaluation)
         folder = Path(trainer.default_root_dir) / "per_query_ap"

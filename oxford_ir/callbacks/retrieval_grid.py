@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
@@ -11,6 +12,9 @@ from lightning.pytorch.loggers import WandbLogger
 from oxford_ir.callbacks import artifact_stem
 from oxford_ir.fs import replace_file
 from oxford_ir.retrieval.visualize import fixed_query_indices, render_retrieval_grid
+
+if TYPE_CHECKING:
+    from oxford_ir.models.module import Evaluation
 
 
 class RetrievalGridCallback(pl.Callback):
@@ -27,12 +31,12 @@ class RetrievalGridCallback(pl.Callback):
         self.thumbnail_size = thumbnail_size
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        evaluation = getattr(pl_module, "last_evaluation", None)
-        if trainer.sanity_checking or not evaluation or not trainer.is_global_zero:
+        evaluation: Evaluation | None = getattr(pl_module, "last_evaluation", None)
+        if trainer.sanity_checking or evaluation is None or not trainer.is_global_zero:
             return
-        benchmark = evaluation["benchmark"]
+        benchmark = evaluation.benchmark
         queries = fixed_query_indices(benchmark.n_queries, self.num_queries)
-        grid = render_retrieval_grid(benchmark, evaluation["ranks"], queries, self.top_k, self.thumbnail_size)
+        grid = render_retrieval_grid(benchmark, evaluation.ranks, queries, self.top_k, self.thumbnail_size)
         folder = Path(trainer.default_root_dir) / "retrieval_grids"
         folder.mkdir(parents=True, exist_ok=True)
         png = io.BytesIO()

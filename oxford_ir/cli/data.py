@@ -21,6 +21,8 @@ from typing import NoReturn
 
 from oxford_ir.errors import exit_on_user_error
 
+log = logging.getLogger(__name__)
+
 BENCHMARK_NAMES = ("oxford5k", "roxford5k", "paris6k", "rparis6k", "synthetic", "rsynthetic")
 
 
@@ -142,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--hard-per-landmark", type=_non_negative_int, help="hard views among a landmark's images")
     synthetic.add_argument("--junk-per-landmark", type=_non_negative_int, help="junk views among a landmark's images")
     synthetic.add_argument("--distractors", type=_non_negative_int, help="images of no landmark")
-    synthetic.add_argument("--image-size", type=_positive_int, help="long side of each image in pixels")
+    synthetic.add_argument("--photo-long-side", type=_positive_int, help="long side of each JPEG in pixels")
+    synthetic.add_argument(
+        "--image-size", type=_positive_int, help="deprecated name of --photo-long-side (removed in the next release)"
+    )
     synthetic.add_argument("--workers", type=_positive_int, help="processes drawing the photographs (same files)")
 
     cache = commands.add_parser(
@@ -236,6 +241,12 @@ def _synthetic(args: argparse.Namespace) -> int:
     from oxford_ir.benchmarks.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
     from oxford_ir.errors import ConfigError
 
+    photo_long_side = args.photo_long_side
+    if args.image_size is not None:
+        if photo_long_side is not None:
+            raise ConfigError("give --photo-long-side only: --image-size is its deprecated name")
+        log.warning("--image-size is deprecated and will be removed in the next release; use --photo-long-side")
+        photo_long_side = args.image_size
     options: dict[str, int] = {}
     if args.preset is not None:
         if args.preset not in SYNTHETIC_PRESETS:
@@ -249,7 +260,7 @@ def _synthetic(args: argparse.Namespace) -> int:
         "hard_per_landmark": args.hard_per_landmark,
         "junk_per_landmark": args.junk_per_landmark,
         "n_distractors": args.distractors,
-        "image_size": args.image_size,
+        "photo_long_side": photo_long_side,
     }
     # only what the user gave: the generator's own defaults stay the single source of truth
     options.update({key: value for key, value in given.items() if value is not None})

@@ -16,6 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from oxford_ir.benchmarks.prepare import prepare_benchmark
 from oxford_ir.benchmarks.ranking import rank_database
 from oxford_ir.benchmarks.registry import BENCHMARKS, load_benchmark
 from oxford_ir.config import CONFIG_DIR, instantiate
@@ -39,23 +40,6 @@ def _cache_dir(ex: DictConfig, data_dir: Path) -> Path | None:
     if not enabled:
         return None
     return Path(str(ex.get("cache_dir") or data_dir / "cache")).expanduser()
-
-
-def prepare_benchmark_data(name: str, data_dir: Path, download: bool, synthetic: dict | None = None) -> None:
-    """Write the synthetic benchmark when absent; download a real one when asked to."""
-    folder = BENCHMARKS[name][0]
-    if folder == "synthetic":
-        from oxford_ir.benchmarks.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
-
-        settings = dict(synthetic or {})
-        preset = settings.pop("preset", "default")
-        if preset not in SYNTHETIC_PRESETS:
-            raise ConfigError(f"synthetic.preset={preset!r}: choose one of {sorted(SYNTHETIC_PRESETS)}")
-        write_synthetic_benchmark(data_dir / folder, **{**SYNTHETIC_PRESETS[preset], **settings})
-    elif download:
-        from oxford_ir.benchmarks.download import download_dataset
-
-        download_dataset(folder, data_dir)
 
 
 def evaluate_model(
@@ -182,7 +166,7 @@ def _shown(value: Any) -> str:
 def _build_model(cfg: DictConfig) -> torch.nn.Module:
     """The network to evaluate: a checkpoint's embedder, or the configured embedder."""
     if cfg.get("ckpt_path"):
-        from oxford_ir.models.module import load_retrieval_checkpoint
+        from oxford_ir.models.checkpoint import load_retrieval_checkpoint
 
         return load_retrieval_checkpoint(cfg.ckpt_path).embedder
     # randomly initialised parts (a baseline without weights) are the same in every run and process
@@ -211,9 +195,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     model = _build_model(cfg)
     rank, _ = rank_and_world()
     if rank == 0:
+        synthetic = OmegaConf.to_container(cfg.get("synthetic") or {})
         for name in names:
-            synthetic = OmegaConf.to_container(cfg.get("synthetic") or {})
-            prepare_benchmark_data(name, data_dir, bool(cfg.download), synthetic)
+            prepare_benchmark(name, data_dir, download=bool(cfg.download), synthetic=synthetic)
     barrier()
     results, notes, extraction = evaluate_model(
         model,

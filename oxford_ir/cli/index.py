@@ -1,7 +1,8 @@
 """``oxford-ir-index``: embed an image collection (folder, glob or benchmark) into an index folder.
 
-The logic is :func:`index` (a composed config in, an :class:`~oxford_ir.retrieval.index.IndexReport` out);
-the format and the incremental / atomic update rules are documented in :mod:`oxford_ir.retrieval.index`.
+The logic is :func:`index` (a composed config in, an :class:`~oxford_ir.retrieval.index_report.IndexReport` out);
+the format is documented in :mod:`oxford_ir.retrieval.index_format`, the incremental / atomic update rules in
+:mod:`oxford_ir.retrieval.index_build`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from oxford_ir.config import CONFIG_DIR
 from oxford_ir.errors import ConfigError, exit_on_user_error
 from oxford_ir.extraction.distributed import init_from_environment, rank_and_world
 from oxford_ir.extraction.options import extraction_options, resolve_device
-from oxford_ir.retrieval.index import IndexReport, build_index, resolve_images
+from oxford_ir.retrieval.image_sources import resolve_images
+from oxford_ir.retrieval.index_build import build_index
+from oxford_ir.retrieval.index_report import IndexReport
 from oxford_ir.retrieval.model_spec import ModelSpec
 
 log = logging.getLogger(__name__)

@@ -18,13 +18,14 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from oxford_ir.benchmarks.boxes import BBox, parse_bbox
 from oxford_ir.config import CONFIG_DIR
 from oxford_ir.errors import ConfigError, DataError, exit_on_user_error
 from oxford_ir.extraction.options import resolve_device
 from oxford_ir.fs import replace_file
 from oxford_ir.images import IMAGE_EXTENSIONS
 from oxford_ir.retrieval.report import format_table
-from oxford_ir.retrieval.search import BBox, Searcher, _check_k, parse_bbox, render_result_grid
+from oxford_ir.retrieval.search import Searcher, _check_k, render_result_grid
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def search(cfg: DictConfig) -> tuple[list[dict[str, Any]] | dict[str, float], di
     Returns one record per query (as printed with ``output=json``), or the benchmark's metrics, and the
     objects used (``index``, ``searcher``, ``grids`` or ``table``).
     """
-    from oxford_ir.retrieval.index import RetrievalIndex
+    from oxford_ir.retrieval.index_format import RetrievalIndex
 
     if cfg.get("index") in (None, ""):
         raise ConfigError(

@@ -84,7 +84,7 @@ def settings_from_config(cfg: DictConfig) -> ServeSettings:
 def build_app(cfg: DictConfig) -> tuple[Any, Any, Any]:
     """``(app, index, searcher)`` for ``cfg``; the model and the search backend are built here, once."""
     from oxford_ir.extraction.options import resolve_device
-    from oxford_ir.retrieval.index import RetrievalIndex
+    from oxford_ir.retrieval.index_format import RetrievalIndex
     from oxford_ir.retrieval.search import Searcher
 
     if OmegaConf.is_missing(cfg, "index") or not cfg.index:

@@ -35,7 +35,8 @@ from oxford_ir.cli.run_folder import (
 from oxford_ir.config import CONFIG_DIR, instantiate
 from oxford_ir.errors import exit_on_user_error
 from oxford_ir.fs import replace_file
-from oxford_ir.models.module import load_retrieval_checkpoint
+from oxford_ir.models.checkpoint import load_retrieval_checkpoint
+from oxford_ir.models.module import Evaluation
 from oxford_ir.retrieval.report import format_table
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,11 @@ TABLE_TITLES = {"untrained": "Before training (untrained network)", "final": "Af
 
 def _evaluation_table(module: Any) -> str | None:
     """The table of the module's last full evaluation, or None when it skipped evaluating."""
-    evaluation = getattr(module, "last_evaluation", None)
-    if not evaluation:
+    evaluation: Evaluation | None = getattr(module, "last_evaluation", None)
+    if evaluation is None:
         return None
-    benchmark = evaluation["benchmark"]
-    return format_table({benchmark.name: evaluation["metrics"]}, {benchmark.name: benchmark.subset_note})
+    benchmark = evaluation.benchmark
+    return format_table({benchmark.name: evaluation.metrics}, {benchmark.name: benchmark.subset_note})
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -125,10 +126,10 @@ def _fit_metrics(trainer: pl.Trainer) -> dict[str, float]:
 
 def _evaluation_metrics(module: Any) -> dict[str, dict[str, float]]:
     """``{benchmark: metrics}`` of the module's last full evaluation, at full precision (not the logged float32)."""
-    evaluation = getattr(module, "last_evaluation", None)
-    if not evaluation:
+    evaluation: Evaluation | None = getattr(module, "last_evaluation", None)
+    if evaluation is None:
         return {}
-    return {evaluation["benchmark"].name: {k: float(v) for k, v in evaluation["metrics"].items()}}
+    return {evaluation.benchmark.name: {k: float(v) for k, v in evaluation.metrics.items()}}
 
 
 #: the untrained network's evaluation, kept in the run folder so that a resumed run reports it too

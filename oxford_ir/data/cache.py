@@ -1,33 +1,9 @@
-"""A preprocessed image cache: images decoded, cropped and resized once, read back as raw pixels.
+"""Building and updating the preprocessed image cache (:func:`build_image_cache`), where caches live
+(:func:`cache_folder`) and their ``data.cache`` settings (:class:`CacheConfig`).
 
-Decoding a 1024 px JPEG and resizing it with Lanczos costs tens of milliseconds of CPU; a GPU trains on
-hundreds of images per second. The cache pays that cost once per image and size: every later epoch,
-evaluation and run reads the finished ``H x W x 3`` uint8 pixels.
-
-On-disk format (``format_version`` 1) of a cache folder::
-
-    manifest.json        what the cache holds (below); replacing it is the commit of a build
-    pixels-<token>.u8    every image's pixels, row-major H x W x 3 uint8, back to back
-    .lock                held (flock) while a build runs; holds the pid of the process building
-
-``manifest.json`` holds ``format`` ("oxford-ir-image-cache"), ``format_version``, ``settings`` (``kind``:
-"eval" or "train", ``long_side``, the ``preprocessing`` text and the ``pillow`` version: a change of any
-invalidates every entry), ``pixels`` (``file`` and ``bytes``) and ``entries``: one list per image,
-``[path, box, size, mtime_ns, offset, height, width]``: absolute source path, crop box ``[x1, y1, x2, y2]``
-or null, the source file's size and mtime_ns when it was cached, where its pixels start, their shape.
-
-Why one raw file read through ``np.memmap``: reading an entry is a slice of a memory map, no decode, no
-per-image ``open``/``stat``, no allocation but the copy handed to the caller; DataLoader workers and DDP
-processes on one machine share the operating system's page cache of a single file, so a dataset that fits
-in RAM is read from memory after the first epoch. Compressed formats (PNG, npz) would be a few times smaller
-but cost a decode again; re-encoded JPEG would change the pixels, and evaluation must stay bit-identical.
-The price is disk: 3 bytes a pixel, about 2.4 MB for a 1024 x 768 image (12 GB for Oxford5k at 1024 px,
-6 GB at the 724 px of training at 362 px).
-
-Keys: an entry is ``(source path, crop box or None)``. Evaluation entries are made by
-:func:`~oxford_ir.data.datasets.eval_image` (queries cropped to their box before the resize, exactly as
-:class:`~oxford_ir.data.datasets.ImageListDataset` does uncached, so tensors are bit-identical); training
-entries by :func:`~oxford_ir.data.datasets.train_image` (long side at ``long_side``, JPEG draft mode).
+The format of a cache folder and reading it (:class:`~oxford_ir.data.cache_format.ImageCache`) are
+:mod:`oxford_ir.data.cache_format`. Evaluation entries are made by :func:`~oxford_ir.data.datasets.eval_image`,
+training entries by :func:`~oxford_ir.data.datasets.train_image`.
 
 Invalidation: an entry is reused while its source has the same size and mtime_ns; a rebuild copies the
 pixels of reused entries and decodes only new and changed images. Entries not asked for are kept while their
@@ -36,16 +12,15 @@ source is unchanged (another split of the same dataset reuses them), dropped onc
 Atomicity and concurrency: a build holds ``.lock``, writes a new pixel file under a fresh name, fsyncs it,
 then replaces ``manifest.json`` (temp file in the same folder, fsync, ``os.replace``), then deletes the old
 pixel file. A crash at any moment leaves the previous manifest and its pixel file, or no manifest: never a
-manifest naming pixels that are not complete. A reader takes the manifest and the pixel file it names
-together (retrying when a build replaced both in between), so it never mixes two builds. Several processes
-(DDP ranks, parallel sweep jobs) may call :func:`build_image_cache` at once: the lock makes one build while
-the others wait (logging the pid they wait for) and then find the cache fresh. Under Lightning,
-``prepare_data`` (local rank 0) builds and ``setup`` (every rank) opens.
+manifest naming pixels that are not complete. Several processes (DDP ranks, parallel sweep jobs) may call
+:func:`build_image_cache` at once: the lock makes one build while the others wait (logging the pid they wait
+for) and then find the cache fresh. Under Lightning, ``prepare_data`` (local rank 0) builds and ``setup``
+(every rank) opens.
 
-Faults: a full disk or file-size limit raises :class:`ImageCacheError` naming the file, after removing the new
-pixel file; a process killed mid-build leaves a pixel file (or temp manifest) that no manifest names, which
-readers ignore and the next build deletes. Decoding workers that die, fail or deliver nothing for
-``worker_timeout`` seconds end the build with one :class:`~oxford_ir.errors.ResourceError`
+Faults: a full disk or file-size limit raises :class:`~oxford_ir.data.cache_format.ImageCacheError` naming the
+file, after removing the new pixel file; a process killed mid-build leaves a pixel file (or temp manifest) that no
+manifest names, which readers ignore and the next build deletes. Decoding workers that die, fail or deliver
+nothing for ``worker_timeout`` seconds end the build with one :class:`~oxford_ir.errors.ResourceError`
 (:func:`~oxford_ir.fs.worker_items`).
 """
 
@@ -58,286 +33,43 @@ import json
 import logging
 import math
 import os
-import re
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from oxford_ir.data.cache_format import (
+    BUILD_FILE_RE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    CacheSettings,
+    ImageCache,
+    ImageCacheError,
+    Key,
+    cache_key,
+    open_image_cache,
+    source_stat,
+)
+from oxford_ir.data.config_values import non_negative_int, positive_int
 from oxford_ir.data.datasets import BBox, eval_image, train_image
-from oxford_ir.errors import NO_ROOM, DataError
+from oxford_ir.errors import NO_ROOM, ConfigError, DataError
 from oxford_ir.fs import WORKER_TIMEOUT, exclusive_lock, replace_file, worker_call, worker_items, write_new
 
 log = logging.getLogger(__name__)
 
-FORMAT_NAME = "oxford-ir-image-cache"
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-LOCK_FILE = ".lock"
-#: what each kind of entry is; part of the settings, so changing the preprocessing invalidates old caches
-PREPROCESSING = {
-    "eval": (
-        "v1: RGB with EXIF orientation, decoded in full (no draft), cropped to the box (PIL rounding), "
-        "Lanczos thumbnail (reducing_gap=None) to long_side * max(crop) / max(full), never upscaled"
-    ),
-    "train": (
-        "v1: RGB with EXIF orientation, JPEG draft keeping the long side >= long_side, "
-        "Lanczos thumbnail (reducing_gap=None) to long_side, never upscaled"
-    ),
-}
-KINDS = tuple(PREPROCESSING)
-_PIXELS_RE = re.compile(r"^pixels-[0-9a-f]{32}\.u8$")
-_TEMP_RE = re.compile(r"^(pixels-[0-9a-f]{32}\.u8|manifest\.[0-9a-f]{32}\.tmp)$")
-_OPEN_RETRIES = 5
-_SHOWN = 5
 _WORKER_HINT = (
     "rerun with fewer decoding workers (oxford-ir-data cache --workers, data.cache.num_workers), or 0 to decode in "
     "the main process"
 )
 
-Key = tuple[str, tuple[float, float, float, float] | None]
 
-
-class ImageCacheError(DataError):
-    """An image cache folder is unreadable, corrupt, unwritable, or does not hold the images asked for."""
-
-
-def cache_key(path: str | Path, box: BBox | None = None) -> Key:
-    """The key of an entry: absolute source path (not resolved: symlinks stay as given), box as four floats."""
-    key_box = None if box is None else tuple(float(v) for v in box)
-    if key_box is not None and len(key_box) != 4:
-        raise DataError(f"{path}: bounding box {list(box)} must be four numbers [x1, y1, x2, y2]")
-    return os.path.abspath(os.fspath(path)), key_box
-
-
-@dataclass(frozen=True)
-class CacheSettings:
-    """What every entry of a cache is: its kind, the long side, and the code and library that made it."""
-
-    kind: str
-    long_side: int | None
-
-    def __post_init__(self) -> None:
-        if self.kind not in PREPROCESSING:
-            raise ValueError(f"image cache kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.long_side is not None and (isinstance(self.long_side, bool) or int(self.long_side) < 1):
-            raise ValueError(f"long_side must be a positive number of pixels or None, got {self.long_side!r}")
-        if self.kind == "train" and self.long_side is None:
-            raise ValueError("a training image cache needs a long_side")
-        if self.long_side is not None:
-            object.__setattr__(self, "long_side", int(self.long_side))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "long_side": self.long_side,
-            "preprocessing": PREPROCESSING[self.kind],
-            "pillow": PIL.__version__,
-        }
-
-    def preprocess(self, path: str, box: BBox | None) -> np.ndarray:
-        """The pixels an entry stores: ``H x W x 3`` uint8, C order."""
-        image = eval_image(path, self.long_side, box) if self.kind == "eval" else train_image(path, self.long_side)
-        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
-
-
-class ImageCache:
-    """An opened, read-only image cache (see the module doc); picklable: a DataLoader worker maps the file again.
-
-    Look-ups: :meth:`rows` turns paths (and boxes) into row numbers once; :meth:`pixels` reads a row.
-    """
-
-    def __init__(self, folder: Path, manifest: dict[str, Any], pixels: np.ndarray | None) -> None:
-        self.folder = Path(folder)
-        # everything but the entries, which live on as arrays (a worker gets one copy, not two)
-        self.manifest = {key: value for key, value in manifest.items() if key != "entries"}
-        settings = manifest["settings"]
-        self.settings = CacheSettings(settings["kind"], settings["long_side"])
-        self.pixel_file = str(manifest["pixels"]["file"])
-        self.pixel_bytes = int(manifest["pixels"]["bytes"])
-        entries = manifest["entries"]
-        self.keys: list[Key] = [(e[0], None if e[1] is None else tuple(float(v) for v in e[1])) for e in entries]
-        self.sources = np.array([[e[2], e[3]] for e in entries], dtype=np.int64).reshape(-1, 2)
-        self.offsets = np.array([e[4] for e in entries], dtype=np.int64)
-        self.shapes = np.array([[e[5], e[6]] for e in entries], dtype=np.int64).reshape(-1, 2)
-        self._row_of = {key: row for row, key in enumerate(self.keys)}
-        self._pixels = pixels
-
-    # -- what it holds ---------------------------------------------------------------------------
-    @property
-    def kind(self) -> str:
-        return self.settings.kind
-
-    @property
-    def long_side(self) -> int | None:
-        return self.settings.long_side
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __contains__(self, key: Key) -> bool:
-        return key in self._row_of
-
-    def rows(self, paths: Sequence[str | Path], boxes: Sequence[BBox | None] | None = None) -> np.ndarray:
-        """The row of each ``(path, box)``; an image the cache does not hold raises :class:`ImageCacheError`."""
-        if boxes is not None and len(boxes) != len(paths):
-            raise ValueError(f"{len(boxes)} boxes for {len(paths)} paths; give one per path or None")
-        keys = [cache_key(p, None if boxes is None else boxes[i]) for i, p in enumerate(paths)]
-        missing = [key for key in keys if key not in self._row_of]
-        if missing:
-            shown = ", ".join(p if b is None else f"{p} box {list(b)}" for p, b in missing[:_SHOWN])
-            raise ImageCacheError(
-                f"the image cache {self.folder} does not hold {len(missing)} of the {len(keys)} images asked for "
-                f"({shown}); build it for these images (build_image_cache, or data.cache.enabled=true, which "
-                "builds it in prepare_data)"
-            )
-        return np.array([self._row_of[key] for key in keys], dtype=np.int64)
-
-    def stale(self, paths: Sequence[str | Path], boxes: Sequence[BBox | None] | None = None) -> list[Key]:
-        """The ``(path, box)`` keys whose entry is missing or whose source changed since it was cached."""
-        out = []
-        for i, path in enumerate(paths):
-            key = cache_key(path, None if boxes is None else boxes[i])
-            row = self._row_of.get(key)
-            if row is None or _source_stat(key[0]) != tuple(self.sources[row]):
-                out.append(key)
-        return out
-
-    # -- reading ---------------------------------------------------------------------------------
-    def pixels(self, row: int) -> np.ndarray:
-        """The ``H x W x 3`` uint8 pixels of ``row`` (a copy: safe to keep and to modify)."""
-        height, width = (int(v) for v in self.shapes[row])
-        start = int(self.offsets[row])
-        flat = self._memmap()[start : start + height * width * 3]
-        return np.array(flat, dtype=np.uint8).reshape(height, width, 3)
-
-    def image(self, row: int) -> Image.Image:
-        """The pixels of ``row`` as a PIL RGB image (what the training augmentation takes)."""
-        return Image.fromarray(self.pixels(row), mode="RGB")
-
-    def _memmap(self) -> np.ndarray:
-        if self._pixels is None:
-            self._pixels = _map_pixels(self.folder, self.pixel_file, self.pixel_bytes, reopened=True)
-        return self._pixels
-
-    def __getstate__(self) -> dict[str, Any]:
-        # never pickle the memory map: NumPy would copy every pixel into the pickle
-        state = self.__dict__.copy()
-        state["_pixels"] = None
-        return state
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.folder}, {len(self)} {self.kind} images, long_side={self.long_side})"
-
-
-# -- opening ---------------------------------------------------------------------------------------
-def open_image_cache(folder: str | Path) -> ImageCache:
-    """Open a built cache for reading; a missing or corrupt one raises :class:`ImageCacheError` naming the folder."""
-    folder = Path(folder)
-    previous = None
-    for _ in range(_OPEN_RETRIES):
-        manifest = _read_manifest(folder)
-        name = manifest["pixels"]["file"]
-        try:
-            pixels = _map_pixels(folder, name, int(manifest["pixels"]["bytes"]))
-        except FileNotFoundError:
-            # a build committed a new manifest and deleted this pixel file between our two reads: read again
-            if previous == name:
-                break
-            previous = name
-            continue
-        return ImageCache(folder, manifest, pixels)
-    raise ImageCacheError(_corrupt(folder, f"its pixel file {previous} is missing"))
-
-
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    path = folder / MANIFEST_FILE
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ImageCacheError(
-            f"no image cache in {folder} ({MANIFEST_FILE} not found); build it with build_image_cache or "
-            "data.cache.enabled=true"
-        ) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ImageCacheError(_corrupt(folder, f"{MANIFEST_FILE} is unreadable: {error}")) from None
-    try:
-        manifest = json.loads(text)
-        _check_manifest(manifest)
-    except (ValueError, TypeError, KeyError, IndexError) as error:
-        raise ImageCacheError(_corrupt(folder, f"{MANIFEST_FILE} is malformed: {error}")) from None
-    return manifest
-
-
-def _check_manifest(manifest: Any) -> None:
-    """Raise ValueError/TypeError/KeyError unless ``manifest`` is a well-formed, self-consistent manifest."""
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"not an {FORMAT_NAME} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"format_version {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-    settings = manifest["settings"]
-    CacheSettings(settings["kind"], settings["long_side"])
-    name, size = manifest["pixels"]["file"], manifest["pixels"]["bytes"]
-    if not isinstance(name, str) or not _PIXELS_RE.match(name) or not isinstance(size, int) or size < 0:
-        raise ValueError(f"bad pixels record {manifest['pixels']!r}")
-    entries = manifest["entries"]
-    if not isinstance(entries, list):
-        raise TypeError("entries is not a list")
-    for entry in entries:
-        path, box, src_size, mtime, offset, height, width = entry
-        if not isinstance(path, str) or not (box is None or (isinstance(box, list) and len(box) == 4)):
-            raise ValueError(f"bad entry {entry!r}")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (src_size, mtime, offset, height, width)):
-            raise TypeError(f"bad entry {entry!r}")
-        if offset < 0 or height < 1 or width < 1 or offset + height * width * 3 > size:
-            raise ValueError(f"entry {path} lies outside the {size} bytes of the pixel file")
-
-
-def _map_pixels(folder: Path, name: str, size: int, *, reopened: bool = False) -> np.ndarray | None:
-    """Memory-map the pixel file and check its size; FileNotFoundError passes through (see the retry above)."""
-    path = folder / name
-    try:
-        actual = path.stat().st_size
-    except FileNotFoundError:
-        if reopened:
-            raise ImageCacheError(
-                f"the image cache {folder} was rebuilt by another process since this one opened it (its pixel file "
-                f"{name} is gone); restart this run to read the new cache"
-            ) from None
-        raise
-    if actual != size:
-        raise ImageCacheError(_corrupt(folder, f"its pixel file {name} has {actual} bytes, the manifest says {size}"))
-    if size == 0:
-        return np.zeros(0, dtype=np.uint8)
-    try:
-        return np.memmap(path, dtype=np.uint8, mode="r", shape=(size,))
-    except OSError as error:
-        raise ImageCacheError(_corrupt(folder, f"its pixel file {name} cannot be mapped: {error}")) from None
-
-
-def _corrupt(folder: Path, reason: str) -> str:
-    return (
-        f"the image cache {folder} is corrupt: {reason}. Delete the folder (it holds only derived pixels), or build "
-        "it again (build_image_cache, `oxford-ir-data cache`, or a run with data.cache.enabled=true rebuilds it)"
-    )
-
-
-def _source_stat(path: str) -> tuple[int, int] | None:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return int(stat.st_size), int(stat.st_mtime_ns)
-
-
-# -- building --------------------------------------------------------------------------------------
 def build_image_cache(
     folder: str | Path,
     paths: Sequence[str | Path],
@@ -388,7 +120,7 @@ def _stat_sources(keys: Sequence[Key], folder: Path) -> dict[str, tuple[int, int
     for path, _ in keys:
         if path in stats:
             continue
-        stat = _source_stat(path)
+        stat = source_stat(path)
         if stat is None:
             raise DataError(
                 f"image not found: {path} (asked for by the image cache {folder}); restore it or leave it out"
@@ -421,7 +153,7 @@ def _open_if_fresh(
             )
         return None
     for key in keys:
-        row = cache._row_of.get(key)
+        row = cache.row_of(key)
         if row is None or tuple(int(v) for v in cache.sources[row]) != stats[key[0]]:
             return None
     return cache
@@ -453,7 +185,7 @@ def _write_cache(
     reuse: list[tuple[Key, int]] = []
     decode: list[Key] = []
     for key in keys:
-        row = None if old is None else old._row_of.get(key)
+        row = None if old is None else old.row_of(key)
         if row is not None and tuple(int(v) for v in old.sources[row]) == stats[key[0]]:
             reuse.append((key, row))
         else:
@@ -461,7 +193,7 @@ def _write_cache(
     wanted = set(keys)
     if old is not None:  # entries of other images stay while their source is unchanged
         for row, key in enumerate(old.keys):
-            if key not in wanted and _source_stat(key[0]) == tuple(int(v) for v in old.sources[row]):
+            if key not in wanted and source_stat(key[0]) == tuple(int(v) for v in old.sources[row]):
                 reuse.append((key, row))
                 stats.setdefault(key[0], tuple(int(v) for v in old.sources[row]))
     log.info(
@@ -539,7 +271,7 @@ def _remove_unreferenced(folder: Path) -> None:
     except (OSError, ValueError, TypeError, KeyError):
         return
     for entry in folder.iterdir():
-        if _TEMP_RE.match(entry.name) and entry.name != current:
+        if BUILD_FILE_RE.match(entry.name) and entry.name != current:
             with contextlib.suppress(OSError):
                 entry.unlink()
 
@@ -552,10 +284,19 @@ def _tidy(folder: Path, current: str) -> None:
     """Delete what a build killed after its commit (or before it) left beside a fresh cache, unless a build is
     running now (its new pixel file is not named yet either); best effort: a read-only folder stays as it is."""
     with contextlib.suppress(OSError):
-        if not any(_TEMP_RE.match(p.name) and p.name != current for p in folder.iterdir()):
+        if not any(BUILD_FILE_RE.match(p.name) and p.name != current for p in folder.iterdir()):
             return
         with contextlib.suppress(_Busy), exclusive_lock(folder / LOCK_FILE, wait=False, busy=lambda pid: _Busy()):
             _remove_unreferenced(folder)
+
+
+def preprocess(settings: CacheSettings, path: str, box: BBox | None) -> np.ndarray:
+    """The pixels an entry of a cache with ``settings`` stores: ``H x W x 3`` uint8, C order."""
+    if settings.kind == "eval":
+        image = eval_image(path, settings.long_side, box)
+    else:
+        image = train_image(path, settings.long_side)
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
 
 class _Preprocess(Dataset):
@@ -574,7 +315,7 @@ class _Preprocess(Dataset):
     def _item(self, index: int) -> tuple[int, np.ndarray | str]:
         path, box = self.keys[index]
         try:
-            return index, self.settings.preprocess(path, box)
+            return index, preprocess(self.settings, path, box)
         except DataError as error:
             return index, str(error)
 
@@ -657,6 +398,7 @@ def _build_lock(folder: Path) -> Iterator[None]:
         yield
 
 
+# -- where caches live, at what size, and their settings ------------------------------------------
 def cache_folder(cache_dir: str | Path, kind: str, dataset: str, long_side: int | None) -> Path:
     """``<cache_dir>/<kind>-<dataset folder>-<long side or "full">``: the folder of one cache.
 
@@ -676,3 +418,45 @@ def default_train_long_side(image_size: int, scale_min: float) -> int:
     if not 0 < scale_min <= 1:
         raise ValueError(f"scale_min must be in (0, 1], got {scale_min}")
     return max(1, math.ceil(image_size / math.sqrt(scale_min) - 1e-9))
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """``data.cache``: the preprocessed image cache of training and evaluation images (see
+    :mod:`oxford_ir.data.datamodule`)."""
+
+    #: read training and evaluation images from the cache (built in ``prepare_data``)
+    enabled: bool = False
+    #: folder of the caches; None: ``<data_dir>/cache``
+    dir: str | None = None
+    #: long side of cached training images; None: ``ceil(image_size / sqrt(augmentation.scale[0]))``
+    train_long_side: int | None = None
+    #: processes decoding while building; None: ``data.num_workers``
+    num_workers: int | None = None
+    #: progress bar while building
+    progress: bool = True
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None) -> CacheConfig:
+        """Validate ``data.cache`` (a mapping or None); a bad value raises ConfigError naming the key."""
+        if config is None:
+            return cls()
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"data.cache must be a mapping such as {{enabled: true}}, got {config!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ConfigError(f"unknown data.cache key(s) {unknown}; known: {sorted(known)}")
+        values = dict(config)
+        for name in ("enabled", "progress"):
+            if name in values and not isinstance(values[name], bool):
+                raise ConfigError(f"data.cache.{name} must be true or false, got {values[name]!r}")
+        if values.get("dir") is not None:
+            if not isinstance(values["dir"], (str, Path)) or not str(values["dir"]).strip():
+                raise ConfigError(f"data.cache.dir must be a folder path or null, got {values['dir']!r}")
+            values["dir"] = str(values["dir"])
+        if values.get("train_long_side") is not None:
+            positive_int(values["train_long_side"], "cache.train_long_side")
+        if values.get("num_workers") is not None:
+            non_negative_int(values["num_workers"], "cache.num_workers")
+        return cls(**values)

@@ -1,9 +1,12 @@
-"""Images from a list of paths, preprocessed for extraction exactly as cnnimageretrieval-pytorch does.
+"""The datasets of the input pipeline: test-time images (:class:`ImageListDataset`) and training crops
+(:class:`TrainImageDataset`), decoded from files or read from an opened image cache.
 
-The preprocessing is split in two so that :mod:`oxford_ir.data.cache` can store its expensive half:
-:func:`eval_image` (decode, crop to the box, Lanczos downscale: 8-bit pixels) and :func:`pixels_to_tensor`
-(float conversion and ImageNet normalisation). :class:`ImageListDataset` runs both, or only the second on
-pixels read from an opened cache, so a cached image gives a bit-identical tensor.
+Test-time images are preprocessed exactly as cnnimageretrieval-pytorch does. The preprocessing is split in two so
+that the image cache (:mod:`oxford_ir.data.cache`) can store its expensive half: :func:`eval_image` (decode, crop to
+the box, Lanczos downscale: 8-bit pixels) and :func:`pixels_to_tensor` (float conversion and ImageNet
+normalisation). :class:`ImageListDataset` runs both, or only the second on pixels read from an opened cache, so a
+cached image gives a bit-identical tensor. Training images are decoded at the long side they are needed at
+(:func:`train_image` is what the training cache stores) and cropped by a seeded augmentation.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,12 +21,12 @@ from PIL import Image, ImageOps
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from oxford_ir.data.augmentation import SeededCrop
+from oxford_ir.data.batch_augment import CropItem
+from oxford_ir.data.cache_format import ImageCache
 from oxford_ir.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_long_side
 from oxford_ir.errors import DataError
 from oxford_ir.images import load_image, to_rgb
-
-if TYPE_CHECKING:
-    from oxford_ir.data.cache import ImageCache
 
 BBox = Sequence[float]
 #: a test-time image: a file, or a decoded PIL image (an upload)
@@ -102,9 +104,9 @@ class ImageListDataset(Dataset):
     ``scale != 1`` resizes the resulting tensor by bilinear interpolation, which is how the published
     multi-scale extraction (``extract_ms``) builds its other scales.
 
-    ``cache``: an opened evaluation :class:`~oxford_ir.data.cache.ImageCache` built at ``image_size`` that holds
+    ``cache``: an opened evaluation :class:`~oxford_ir.data.cache_format.ImageCache` built at ``image_size`` that holds
     every ``(path, bbox)``; images are then read from it instead of decoded (bit-identical tensors). A missing
-    entry raises :class:`~oxford_ir.data.cache.ImageCacheError` here, not in a worker.
+    entry raises :class:`~oxford_ir.data.cache_format.ImageCacheError` here, not in a worker.
     """
 
     def __init__(
@@ -161,6 +163,55 @@ class ImageListDataset(Dataset):
             f"{type(self).__name__}({len(self)} images, image_size={self.image_size}, {boxes}, "
             f"scale={self.scale}{cached})"
         )
+
+
+class TrainImageDataset(Dataset):
+    """:class:`~oxford_ir.data.batch_augment.CropItem` (uint8 crop, label, draw) for each training image.
+
+    ``crop``: a :class:`~oxford_ir.data.augmentation.SeededCrop`, the per-image part of the augmentation (random
+    resized crop and flip with PIL); its colour jitter and normalisation run on the whole batch
+    (:class:`~oxford_ir.data.batch_augment.BatchAugmentation`). ``draft_size``: the long side the image is needed
+    at (JPEGs at least twice that are decoded in draft mode, see :func:`~oxford_ir.images.decode_image`);
+    None decodes in full. ``cache``: an opened training :class:`~oxford_ir.data.cache_format.ImageCache` holding every
+    path; the augmentation then runs on its pixels.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        labels: Sequence[int] | np.ndarray,
+        crop: SeededCrop,
+        *,
+        draft_size: int | None = None,
+        cache: ImageCache | None = None,
+    ) -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        self.paths = [Path(p) for p in paths]
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.crop = crop
+        self.draft_size = draft_size
+        self.cache = cache
+        self.rows: np.ndarray | None = None
+        if cache is not None:
+            if cache.kind != "train":
+                raise ValueError(f"the image cache {cache.folder} holds {cache.kind} images, not training images")
+            self.rows = cache.rows(self.paths)
+
+    def _image(self, index: int):
+        if self.cache is not None:
+            return self.cache.image(int(self.rows[index]))
+        return load_image(self.paths[index], draft_size=self.draft_size, always_draft=self.draft_size is not None)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> CropItem:
+        """``item`` is an index, or ``(index, seed)`` from :class:`~oxford_ir.data.sampler.ClassBalancedSampler`
+        (seeded augmentation); a plain index gets a seed from torch's global generator (random)."""
+        index, seed = item if isinstance(item, tuple) else (item, int(torch.randint(0, 2**62, ()).item()))
+        crop, draw = self.crop(self._image(index), int(seed))
+        return CropItem(crop, int(self.labels[index]), draw)
 
 
 def rounded_box(bbox: BBox, path: str | Path) -> tuple[int, int, int, int]:

@@ -22,7 +22,7 @@ Same images as the CPU path:
   (exact flips and transposes; ``decode_jpeg`` applies it only on the CPU).
 - Training crops use the CPU transform's random draws: the crop, flip and colour-jitter parameters of an
   image come from a ``torch.Generator`` seeded with its seed from
-  :class:`~oxford_ir.data.datamodule.ClassBalancedSampler` (:meth:`Augmentation.draw
+  :class:`~oxford_ir.data.sampler.ClassBalancedSampler` (:meth:`Augmentation.draw
   <oxford_ir.data.augmentation.Augmentation.draw>`, the draws of ``Augmentation.transform`` under
   ``torch.manual_seed(seed)``). Both paths crop the same region; a resumed run gets the same crops. The crops
   of the whole batch are then resized, flipped and jittered at once (:mod:`oxford_ir.data.batch_augment`).

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.benchmarks.registry import benchmark_spec
-from oxford_ir.data.cache import ImageCache, build_image_cache, cache_folder
+from oxford_ir.data.cache import build_image_cache, cache_folder
+from oxford_ir.data.cache_format import ImageCache
 from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.extraction.buckets import MAX_SHAPES
 from oxford_ir.extraction.distributed import barrier, rank_and_world
@@ -103,7 +104,7 @@ def extract_benchmark(
     """``(database n_db x D, queries n_q x D)`` embeddings; queries are cropped to their boxes.
 
     ``plans``: the database and query plans of :func:`plan_benchmark` (made here when None: in bucket mode one
-    bucket table for both). ``cache``: an evaluation :class:`~oxford_ir.data.cache.ImageCache` at ``image_size``
+    bucket table for both). ``cache``: an evaluation :class:`~oxford_ir.data.cache_format.ImageCache` at ``image_size``
     holding the database images and the cropped queries (:func:`benchmark_cache`): the same tensors, read
     instead of decoded.
     """

@@ -16,35 +16,52 @@ Validation embeds the datamodule's ``eval_benchmark`` through the one test-time 
 :meth:`RetrievalModule.evaluation_loaders`, which plans the batches for this module's network (bucket shapes,
 padding support) from the datamodule's ``eval_images()`` and ``eval_settings``; loader 0 yields the database's
 planned batches, loader 1 the (cropped) queries'. Embeddings
-are placed by benchmark index, gathered across processes, ranked and evaluated once per epoch with the
-benchmark's own protocol.
+are gathered across processes, placed by benchmark index, ranked and evaluated once per epoch with the
+benchmark's own protocol; the result is kept as :attr:`RetrievalModule.last_evaluation` (an :class:`Evaluation`)
+for callbacks and the training report.
+
+The checks of the settings live in :mod:`oxford_ir.models.settings`; loading a checkpoint with a clear error in
+:mod:`oxford_ir.models.checkpoint`.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from pytorch_metric_learning.losses import ContrastiveLoss
 
-from oxford_ir.benchmarks.benchmark import INDEX_KEYS, POSITIVE_KEYS, Benchmark
+from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.benchmarks.metrics import DEFAULT_KAPPAS
 from oxford_ir.benchmarks.ranking import rank_database
-from oxford_ir.config import call, instantiate
+from oxford_ir.config import call, instantiate, to_plain
 from oxford_ir.data.gpu_decode import GpuEvalDecoder
-from oxford_ir.errors import CheckpointError, ConfigError, DataError, OxfordIRError
+from oxford_ir.errors import ConfigError, DataError
 from oxford_ir.extraction.benchmark import benchmark_loaders
+from oxford_ir.extraction.distributed import all_failures, gather_rows
 from oxford_ir.extraction.embedding import embed_loader_item
+from oxford_ir.models.cross_batch import (
+    CHECKPOINT_KEY,
+    CrossBatchMining,
+    build_cross_batch_memory,
+    memory_statistics,
+    split_loss_config,
+)
+from oxford_ir.models.settings import (
+    check_loss_margins,
+    check_parts,
+    check_training_length,
+    check_values,
+    describe_config,
+    part_config,
+    probe_parameters,
+    scheduler_parts,
+)
 from oxford_ir.models.tuple_stats import SUPPORTED_LOSSES, TupleStatistics, tuple_statistics
 
 log = logging.getLogger(__name__)
@@ -53,177 +70,41 @@ log = logging.getLogger(__name__)
 DB_LOADER, QUERY_LOADER = 0, 1
 #: the metric logged as ``val/mAP`` (what checkpoints and sweeps select on), per protocol
 SELECTION_METRIC = {"original": "mAP", "revisited": "M/mAP"}
-#: Lightning's keys of an ``lr_scheduler`` dict that a scheduler config may set next to ``scheduler``
-SCHEDULER_SETTINGS = ("interval", "frequency", "monitor", "strict", "name")
-#: hyperparameters a checkpoint of this module always has
-REQUIRED_HPARAMS = ("embedder", "loss", "distance", "optimizer")
 
 
-# -- configs -------------------------------------------------------------------------------------
-def _plain(value: Any, name: str, *, required: bool = True) -> dict | None:
-    """A config (DictConfig or dict with ``_target_``) as a plain, resolved dict; refuses built objects."""
-    if value is None:
-        if required:
-            raise ConfigError(f"model.{name} is required: give a config with _target_")
-        return None
-    if isinstance(value, DictConfig):
-        value = OmegaConf.to_container(value, resolve=True)
-    if not isinstance(value, Mapping):
-        raise ConfigError(
-            f"model.{name} must be a config with _target_, got a {type(value).__name__}; the module builds its "
-            "parts itself (instantiate the model node with _recursive_: false)"
-        )
-    return _to_plain(value)
+# -- evaluation ---------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)  # arrays and tensors: compared by identity
+class Evaluation:
+    """One evaluated validation pass: what callbacks (retrieval grid, per-query table) and the report read."""
+
+    #: the benchmark evaluated: the datamodule's, or its subset embedded by a deliberately shortened pass
+    benchmark: Benchmark
+    #: database indices ranked for each query, best first (n_db x n_queries)
+    ranks: np.ndarray
+    #: the protocol's metrics (``mAP``, ``mP@k``; ``E/``, ``M/``, ``H/`` for the revisited protocol)
+    metrics: dict[str, float]
+    #: per-query AP arrays (``AP``, or ``E/AP``, ``M/AP``, ``H/AP``)
+    per_query: dict[str, np.ndarray]
+    #: database and query embeddings (float32, on the CPU, usable outside the validation loop)
+    db: torch.Tensor
+    queries: torch.Tensor
 
 
-def _to_plain(value: Any) -> Any:
-    """Dicts, lists and scalars only (what a checkpoint can hold without pickling classes)."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping):
-        return {str(k): _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    return value
-
-
-def _require_target(cfg: Mapping, name: str, *, partial: bool = False) -> None:
-    if "_target_" not in cfg:
-        raise ConfigError(f"model.{name} has no _target_ (keys: {sorted(cfg)}); it must name the class to build")
-    if partial and cfg.get("_partial_") is not True:
-        raise ConfigError(
-            f"model.{name} ({cfg['_target_']}) needs _partial_: true: it is completed with the model's parameters "
-            "(or the optimizer) when training starts"
-        )
-
-
-def _build(name: str, cfg: Mapping, **kwargs: Any) -> Any:
-    """The part ``name`` built from its config by :func:`oxford_ir.config.instantiate`: values checked against the
-    target's signature, construction errors a ConfigError naming the key (``optimizer.lr``); project errors pass
-    through."""
-    return instantiate(cfg, name, **kwargs)
-
-
-def _probe_parameters() -> list[torch.nn.Parameter]:
-    return [torch.nn.Parameter(torch.zeros(1))]
-
-
-def check_training_length(trainer: pl.Trainer) -> None:
-    """The trainer's epoch limits are whole numbers, and training has an end.
-
-    Lightning takes ``max_epochs='abc'`` and fails deep inside ``fit``; ``max_epochs=-1`` without ``max_steps`` or
-    ``max_time`` is its endless mode, whose final evaluation and cosine schedule never come. Called when ``fit``
-    starts, before any step.
-    """
-    from lightning.pytorch.callbacks import Timer
-
-    for key in ("max_epochs", "min_epochs"):
-        value = getattr(trainer, key, None)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < -1):
-            raise ConfigError(
-                f"trainer.{key}={value!r}: expected a whole number of epochs (0 or more), e.g. trainer.{key}=10"
-            )
-    endless = trainer.max_epochs == -1 and trainer.max_steps == -1
-    if endless and not any(isinstance(callback, Timer) for callback in trainer.callbacks):
-        raise ConfigError(
-            "trainer.max_epochs=-1 with no trainer.max_steps or trainer.max_time trains forever and never reaches "
-            "the final evaluation; give the number of epochs (e.g. trainer.max_epochs=10) or a trainer.max_steps"
-        )
-
-
-def _describe(cfg: Any) -> str:
-    """``ScratchCNN(channels=[8, 16]) + GeM(p=3.0)``-style summary of an embedder config, for messages."""
-    if not isinstance(cfg, Mapping):
-        return repr(cfg)
-    target = str(cfg.get("_target_", "?")).rsplit(".", 1)[-1]
-    args = []
-    for key, value in cfg.items():
-        if key.startswith("_"):
-            continue
-        args.append(f"{key}={_describe(value)}" if isinstance(value, Mapping) else f"{key}={value!r}")
-    return f"{target}({', '.join(args)})"
-
-
-def _scheduler_parts(cfg: dict | None) -> tuple[dict | None, dict]:
-    """Split a scheduler config into the scheduler's own config and Lightning's settings (interval, ...)."""
-    if cfg is None:
-        return None, {}
-    if "_target_" in cfg:
-        inner, settings = cfg, {}
-    else:
-        inner = cfg.get("scheduler")
-        settings = {k: v for k, v in cfg.items() if k != "scheduler"}
-        if not isinstance(inner, Mapping):
-            raise ConfigError(
-                f"model.scheduler must be a scheduler config with _target_ or {{scheduler: {{_target_: ...}}, "
-                f"interval: epoch|step, ...}}; got keys {sorted(cfg)}"
-            )
-        unknown = sorted(set(settings) - set(SCHEDULER_SETTINGS))
-        if unknown:
-            raise ConfigError(
-                f"model.scheduler: unknown settings {unknown}; allowed next to 'scheduler': {list(SCHEDULER_SETTINGS)}"
-            )
-    _require_target(inner, "scheduler", partial=True)
-    interval = settings.get("interval", "epoch")
-    if interval not in ("epoch", "step"):
-        raise ConfigError(f"model.scheduler.interval={interval!r}: use 'epoch' or 'step'")
-    return dict(inner), settings
-
-
-# -- evaluation helpers -------------------------------------------------------------------------
 def assemble_by_index(indices: torch.Tensor, embeddings: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows placed at their benchmark index: ``(size x D embeddings, bool mask of indices present)``.
+    """The rows of every process placed at their benchmark index: ``(size x D float32 embeddings, bool mask of
+    indices present)``, the same on every process (:func:`oxford_ir.extraction.distributed.gather_rows`).
 
-    An index seen twice (a DistributedSampler pads the last batch with repeated images) is one image
-    embedded twice; either copy is kept.
+    Processes may hold different numbers of rows. An index seen twice (a DistributedSampler pads the last batch with
+    repeated images) is one image embedded twice; either copy is kept. An index outside the benchmark is a
+    DataError on every process.
     """
-    indices = indices.long().reshape(-1)
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= size):
-        bad = int(indices[(indices < 0) | (indices >= size)][0])
-        raise DataError(f"validation batch index {bad} is outside the {size} images of the benchmark list")
-    out = embeddings.new_zeros(size, embeddings.shape[-1])
-    present = torch.zeros(size, dtype=torch.bool, device=embeddings.device)
-    out[indices] = embeddings
-    present[indices] = True
-    return out, present
-
-
-def restrict_benchmark(
-    benchmark: Benchmark, db_kept: np.ndarray, queries_kept: np.ndarray
-) -> tuple[Benchmark, np.ndarray] | None:
-    """The benchmark restricted to the database images and queries in the masks, renumbered, and the
-    original indices of the queries it keeps.
-
-    Queries left without a positive are dropped; None when no query remains. Only for validation passes the
-    trainer deliberately cut short (sanity check, fast_dev_run, limit_val_batches, overfit_batches).
-    """
-    keep_db = np.flatnonzero(db_kept)
-    remap = np.full(benchmark.n_db, -1, dtype=np.int64)
-    remap[keep_db] = np.arange(len(keep_db))
-    imlist = [benchmark.imlist[i] for i in keep_db]
-    qimlist, gnd, landmarks, kept_queries = [], [], [], []
-    for q in np.flatnonzero(queries_kept):
-        entry = dict(benchmark.gnd[q])
-        for key in INDEX_KEYS[benchmark.protocol]:
-            values = remap[np.asarray(benchmark.gnd[q].get(key, ()), dtype=np.int64)]
-            entry[key] = values[values >= 0]
-        if sum(len(entry[k]) for k in POSITIVE_KEYS[benchmark.protocol]) == 0:
-            continue
-        qimlist.append(benchmark.qimlist[q])
-        gnd.append(entry)
-        kept_queries.append(int(q))
-        if benchmark.query_landmarks:
-            landmarks.append(benchmark.query_landmarks[q])
-    if not qimlist:
-        return None
-    note = (
-        f"subset: {len(imlist)}/{benchmark.n_db} database images and {len(qimlist)}/{benchmark.n_queries} queries "
-        "embedded by a shortened validation pass"
-    )
-    restricted = replace(
-        benchmark, imlist=imlist, qimlist=qimlist, gnd=gnd, query_landmarks=landmarks, is_subset=True, subset_note=note
-    )
-    return restricted, np.asarray(kept_queries, dtype=np.int64)
+    indices = indices.long().reshape(-1).cpu()
+    outside = indices[(indices < 0) | (indices >= size)]
+    # every process learns of a bad index, so that all raise together instead of waiting in the gather
+    failures = all_failures([(int(outside[0]), "outside")] if outside.numel() else [])
+    if failures:
+        raise DataError(f"validation batch index {failures[0][0]} is outside the {size} images of the benchmark list")
+    return gather_rows(indices, embeddings.cpu(), size)
 
 
 def _shortened_pass(trainer: pl.Trainer) -> str | None:
@@ -245,7 +126,9 @@ class RetrievalModule(pl.LightningModule):
 
     Args:
         embedder: config of the embedding network (``oxford_ir.models.embedder.Embedder``).
-        loss: config of a pytorch-metric-learning loss, without ``distance``.
+        loss: config of a pytorch-metric-learning loss, without ``distance``; its optional key
+            ``cross_batch_memory: {memory_size: N}`` wraps it in a cross-batch memory that the miner mines
+            against (:mod:`oxford_ir.models.cross_batch`; per-process memory under DDP, saved in checkpoints).
         distance: config of the one distance object that the miner and the loss share.
         optimizer: config with ``_partial_: true``; its ``lr`` is the head's learning rate.
         miner: config of a pytorch-metric-learning miner (without ``distance``), or None: the loss then
@@ -283,14 +166,14 @@ class RetrievalModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         # plain containers, so that the checkpoint's hyper_parameters load with nothing but this class
-        embedder = _plain(embedder, "embedder")
-        loss = _plain(loss, "loss")
-        distance = _plain(distance, "distance")
-        optimizer = _plain(optimizer, "optimizer")
-        miner = _plain(miner, "miner", required=False)
-        scheduler = _plain(scheduler, "scheduler", required=False)
-        eval_scales = [float(s) for s in _to_plain(eval_scales)]
-        kappas = [int(k) for k in _to_plain(kappas)]
+        embedder = part_config(embedder, "embedder")
+        loss = part_config(loss, "loss")
+        distance = part_config(distance, "distance")
+        optimizer = part_config(optimizer, "optimizer")
+        miner = part_config(miner, "miner", required=False)
+        scheduler = part_config(scheduler, "scheduler", required=False)
+        eval_scales = [float(s) for s in to_plain(eval_scales)]
+        kappas = [int(k) for k in to_plain(kappas)]
         backbone_lr = None if backbone_lr is None else float(backbone_lr)
         freeze_backbone_epochs = int(freeze_backbone_epochs)
         frozen_stages = None if frozen_stages is None else int(frozen_stages)
@@ -298,42 +181,35 @@ class RetrievalModule(pl.LightningModule):
         channels_last = bool(channels_last)
         self.save_hyperparameters()
 
-        for name, cfg in (("embedder", embedder), ("loss", loss), ("distance", distance)):
-            _require_target(cfg, name)
-        _require_target(optimizer, "optimizer", partial=True)
-        for name, cfg in (("loss", loss), ("miner", miner)):
-            if cfg is not None:
-                _require_target(cfg, name)
-                if "distance" in cfg:
-                    raise ConfigError(
-                        f"model.{name} sets its own distance; remove it and choose the one distance shared by the "
-                        f"miner and the loss with distance=cosine|euclidean"
-                    )
-        if not eval_scales or min(eval_scales) <= 0:
-            raise ConfigError(f"model.eval_scales={eval_scales}: give one or more positive scale factors, e.g. [1.0]")
-        if not kappas or min(kappas) < 1:
-            raise ConfigError(f"model.kappas={kappas}: give positive k for P@k, e.g. [1, 5, 10]")
-        if backbone_lr is not None and not backbone_lr > 0:
-            raise ConfigError(f"model.backbone_lr={backbone_lr}: must be positive, or null for the optimizer's lr")
-        if freeze_backbone_epochs < 0:
-            raise ConfigError(f"model.freeze_backbone_epochs={freeze_backbone_epochs}: must be >= 0 (0 = never)")
-        scheduler_cfg, self._scheduler_settings = _scheduler_parts(scheduler)
+        check_parts(embedder, loss, distance, optimizer, miner)
+        check_values(eval_scales, kappas, backbone_lr, freeze_backbone_epochs)
+        scheduler_cfg, self._scheduler_settings = scheduler_parts(scheduler)
 
-        self.embedder: torch.nn.Module = _build("embedder", embedder)
-        self.distance = _build("distance", distance)
-        self.loss_fn = _build("loss", loss, distance=self.distance)
-        self.miner = None if miner is None else _build("miner", miner, distance=self.distance)
-        self._optimizer_factory = _build("optimizer", optimizer)
+        # each part built by config.instantiate: values checked against the target's signature, construction
+        # errors a ConfigError naming the key (optimizer.lr); project errors pass through
+        self.embedder: torch.nn.Module = instantiate(embedder, "embedder")
+        self.distance = instantiate(distance, "distance")
+        loss, memory_settings = split_loss_config(loss)
+        self.loss_fn = instantiate(loss, "loss", distance=self.distance)
+        self.miner = None if miner is None else instantiate(miner, "miner", distance=self.distance)
+        # the memory is kept out of the registered modules (DDP would broadcast rank 0's queue as a buffer):
+        # checkpointed by on_save_checkpoint / on_load_checkpoint
+        memory = None
+        if memory_settings is not None:
+            dim = int(getattr(self.embedder, "embedding_dim", 0) or 0)
+            memory = build_cross_batch_memory(memory_settings, self.loss_fn, self.miner, dim)
+        self.__dict__["cross_batch_memory"] = memory
+        self._optimizer_factory = instantiate(optimizer, "optimizer")
         # the key a user overrides: scheduler.<name> for a bare scheduler config, else scheduler.scheduler.<name>
         flat = scheduler is not None and "_target_" in scheduler
         self._scheduler_key = "scheduler" if flat else "scheduler.scheduler"
-        self._scheduler_factory = None if scheduler_cfg is None else _build(self._scheduler_key, scheduler_cfg)
+        self._scheduler_factory = None if scheduler_cfg is None else instantiate(scheduler_cfg, self._scheduler_key)
         # the optimizer and scheduler are completed when training starts: build them once now on a stand-in
         # parameter, so that values torch refuses (lr=-1, betas=[0.9, 2]) fail here, naming their key
-        probe = call(self._optimizer_factory, "optimizer", _probe_parameters())
+        probe = call(self._optimizer_factory, "optimizer", probe_parameters())
         if self._scheduler_factory is not None:
             call(self._scheduler_factory, self._scheduler_key, probe)
-        self._check_loss_margins()
+        check_loss_margins(self.loss_fn, self.distance)
         if not isinstance(self.loss_fn, SUPPORTED_LOSSES):
             rank_zero_warn(
                 f"train/active_fraction is not defined for {type(self.loss_fn).__name__} and is not logged "
@@ -367,25 +243,8 @@ class RetrievalModule(pl.LightningModule):
         self._eval_plans: tuple[Any, Any] | None = None
         self._eval_decoder: GpuEvalDecoder | None = None
         self._eval_fill_to: int | None = None
-        #: the last evaluation (benchmark, ranks, metrics, per_query, db, queries), for callbacks; None when
-        #: the last validation pass was not evaluated
-        self.last_evaluation: dict[str, Any] | None = None
-
-    def _check_loss_margins(self) -> None:
-        """A contrastive loss whose margins point the wrong way for the distance trains on nothing useful."""
-        if not isinstance(self.loss_fn, ContrastiveLoss):
-            return
-        pos, neg = self.loss_fn.pos_margin, self.loss_fn.neg_margin
-        inverted = self.distance.is_inverted
-        if (inverted and not pos > neg) or (not inverted and not pos < neg):
-            kind = "a similarity (higher = closer)" if inverted else "a distance (lower = closer)"
-            want = (
-                "pos_margin > neg_margin, e.g. 1.0 and 0.5" if inverted else "pos_margin < neg_margin, e.g. 0 and 0.7"
-            )
-            raise ConfigError(
-                f"loss=contrastive with pos_margin={pos}, neg_margin={neg}: {type(self.distance).__name__} is "
-                f"{kind}, so it needs {want}"
-            )
+        #: the last evaluation, for callbacks; None when the last validation pass was not evaluated
+        self.last_evaluation: Evaluation | None = None
 
     # -- training ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -405,6 +264,10 @@ class RetrievalModule(pl.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         embeddings = self.embedder(images)
         labels = labels.to(embeddings.device)
+        memory: CrossBatchMining | None = self.cross_batch_memory
+        if memory is not None:  # enqueue the batch, mine it against the queue with self.miner
+            loss = memory(embeddings, labels)
+            return loss, memory_statistics(memory, embeddings.detach().float(), labels)
         indices = None if self.miner is None else self.miner(embeddings, labels)
         loss = self.loss_fn(embeddings, labels, indices)
         stats = tuple_statistics(embeddings.detach().float(), labels, indices, self.loss_fn)
@@ -423,6 +286,15 @@ class RetrievalModule(pl.LightningModule):
             self.log("train/num_pos_pairs", float(stats.num_pos_pairs), batch_size=size)
             self.log("train/num_neg_pairs", float(stats.num_neg_pairs), batch_size=size)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The cross-batch memory's queue and position, so that a resume continues with the same memory."""
+        if self.cross_batch_memory is not None:
+            checkpoint[CHECKPOINT_KEY] = self.cross_batch_memory.state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.cross_batch_memory is not None and CHECKPOINT_KEY in checkpoint:
+            self.cross_batch_memory.load_state(checkpoint[CHECKPOINT_KEY])
 
     def on_train_epoch_start(self) -> None:
         """Freeze the backbone for the first ``freeze_backbone_epochs`` epochs, then unfreeze it once."""
@@ -467,7 +339,7 @@ class RetrievalModule(pl.LightningModule):
             groups.append({"name": "head", "params": head_params})
         if not groups:
             raise ConfigError(
-                f"the model ({_describe(self.hparams.embedder)}) has no parameters to train; raw pixels with "
+                f"the model ({describe_config(self.hparams.embedder)}) has no parameters to train; raw pixels with "
                 "flatten pooling can only be evaluated: add embedder.projection_dim or choose another backbone"
             )
         return groups
@@ -522,26 +394,13 @@ class RetrievalModule(pl.LightningModule):
         indices_list.append(indices.to(self.device).reshape(-1))
         vectors_list.append(vectors.to(self.device))
 
-    def _gather(self, loader: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This loader's (indices, embeddings) of every process; processes may hold different counts."""
+    def _local_rows(self, loader: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's (indices, embeddings) of this loader."""
         indices_list, vectors_list = self._val_outputs.get(loader, ([], []))
         dim = int(getattr(self.embedder, "embedding_dim", 0) or (vectors_list[0].shape[1] if vectors_list else 0))
         indices = torch.cat(indices_list) if indices_list else torch.empty(0, dtype=torch.long, device=self.device)
         vectors = torch.cat(vectors_list) if vectors_list else torch.empty(0, dim, device=self.device)
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world == 1:
-            return indices, vectors
-        counts = self.all_gather(torch.tensor([indices.numel()], device=self.device)).reshape(-1)
-        longest = int(counts.max())
-        padded_idx = indices.new_full((longest,), -1)
-        padded_idx[: indices.numel()] = indices
-        padded_vec = vectors.new_zeros(longest, dim)
-        padded_vec[: indices.numel()] = vectors
-        all_idx = self.all_gather(padded_idx).reshape(world, longest)
-        all_vec = self.all_gather(padded_vec).reshape(world, longest, dim)
-        rows = [slice(0, int(c)) for c in counts]
-        gathered_idx = torch.cat([all_idx[r, rows[r]] for r in range(world)])
-        return gathered_idx, torch.cat([all_vec[r, rows[r]] for r in range(world)])
+        return indices, vectors
 
     def _eval_datamodule(self, datamodule: Any = None) -> Any:
         """``datamodule`` (default: the trainer's); it must have ``eval_benchmark``, ``eval_images()`` and
@@ -570,11 +429,10 @@ class RetrievalModule(pl.LightningModule):
         treats them as synchronised and checkpointing agrees on every rank.
         """
         benchmark = self._eval_benchmark()
-        db_idx, db_vec = self._gather(DB_LOADER)
-        q_idx, q_vec = self._gather(QUERY_LOADER)
+        db_rows, q_rows = self._local_rows(DB_LOADER), self._local_rows(QUERY_LOADER)
         self._val_outputs = {}
-        db, db_present = assemble_by_index(db_idx, db_vec, benchmark.n_db)
-        queries, q_present = assemble_by_index(q_idx, q_vec, benchmark.n_queries)
+        db, db_present = assemble_by_index(*db_rows, benchmark.n_db)
+        queries, q_present = assemble_by_index(*q_rows, benchmark.n_queries)
         evaluated = benchmark
         if not (bool(db_present.all()) and bool(q_present.all())):
             subset = self._partial_benchmark(benchmark, db_present, q_present)
@@ -592,14 +450,7 @@ class RetrievalModule(pl.LightningModule):
         logged = {f"val/{evaluated.name}/{key}": float(value) for key, value in metrics.items()}
         logged["val/mAP"] = float(metrics[selection])
         self.log_dict(logged, sync_dist=True, reduce_fx="max")
-        self.last_evaluation = {
-            "benchmark": evaluated,
-            "ranks": ranks,
-            "metrics": metrics,
-            "per_query": per_query,
-            "db": db,
-            "queries": queries,
-        }
+        self.last_evaluation = Evaluation(evaluated, ranks, metrics, per_query, db, queries)
 
     def _partial_benchmark(
         self, benchmark: Benchmark, db_present: torch.Tensor, q_present: torch.Tensor
@@ -618,7 +469,9 @@ class RetrievalModule(pl.LightningModule):
                 "validation dataloaders must list every image of the benchmark once (database = loader 0, "
                 "queries = loader 1, indices into imlist / qimlist); check their sampler and dataset"
             )
-        restricted = restrict_benchmark(benchmark, db_present.cpu().numpy(), q_present.cpu().numpy())
+        restricted = benchmark.restrict(
+            db_present.cpu().numpy(), q_present.cpu().numpy(), "embedded by a shortened validation pass"
+        )
         if restricted is None:
             rank_zero_warn(f"{summary} ({reason} shortens validation); no embedded query has a positive: not evaluated")
             return None
@@ -628,110 +481,3 @@ class RetrievalModule(pl.LightningModule):
                 "comparable with a full evaluation"
             )
         return restricted
-
-
-# -- checkpoints ---------------------------------------------------------------------------------
-def _state_mismatch(
-    model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, Any], limit: int = 5
-) -> list[str]:
-    """Human-readable differences between two state dicts: missing, unexpected, and reshaped keys."""
-    problems = []
-    missing = [k for k in model_state if k not in ckpt_state]
-    unexpected = [k for k in ckpt_state if k not in model_state]
-    reshaped = [
-        f"{k} {tuple(ckpt_state[k].shape)} in the checkpoint vs {tuple(v.shape)} in the model"
-        for k, v in model_state.items()
-        if k in ckpt_state and isinstance(ckpt_state[k], torch.Tensor) and tuple(ckpt_state[k].shape) != tuple(v.shape)
-    ]
-    if missing:
-        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:limit])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:limit])})")
-    if reshaped:
-        problems.append(f"{len(reshaped)} keys of another shape (e.g. {'; '.join(reshaped[:limit])})")
-    return problems
-
-
-def _read_checkpoint(path: Path, map_location: Any) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}; give the path of a .ckpt file written by training")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, IndexError, ... on bad files
-        text = str(error)
-        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if unsafe:
-            raise CheckpointError(
-                f"{path}: the checkpoint holds a {unsafe.group(1)} object, not only tensors and plain data; it was not "
-                "written by this project's training, and unpickling it could run code from the file: load it with "
-                "the code that wrote it"
-            ) from None
-        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
-        reason = detail.group(1) if detail else (text.strip().splitlines() or [type(error).__name__])[0]
-        if isinstance(error, KeyError) or reason.isdigit():  # pickle's reader on bytes that are no pickle at all
-            reason = "not a PyTorch file (no pickle or zip archive inside)"
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {reason}; the file is corrupt or truncated (an interrupted copy or "
-            "save?): use another checkpoint, e.g. last.ckpt or the best-*.ckpt of the run"
-        ) from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
-        raise CheckpointError(
-            f"{path} is not a Lightning checkpoint (no state_dict); give a .ckpt written by oxford-ir-train"
-        )
-    return checkpoint
-
-
-def _without_pretrained_weights(embedder: Any) -> Any:
-    """The embedder config with ``backbone.weights: none``: the checkpoint's state dict replaces them anyway,
-    so rebuilding never downloads ImageNet weights or needs the local weights file of the training machine."""
-    if not isinstance(embedder, dict) or not isinstance(embedder.get("backbone"), dict):
-        return embedder
-    backbone = embedder["backbone"]
-    if "weights" not in backbone:
-        return embedder
-    return {**embedder, "backbone": {**backbone, "weights": "none"}}
-
-
-def load_retrieval_checkpoint(
-    path: str | Path, map_location: Any = "cpu", *, expected: RetrievalModule | None = None
-) -> RetrievalModule:
-    """The :class:`RetrievalModule` saved in ``path``, in eval mode, or a :class:`CheckpointError` that says why not.
-
-    ``expected`` (a module built from the current config) makes the check stricter: the checkpoint's
-    weights must fit that model, key for key and shape for shape; the error then names the first
-    mismatched keys and the embedder the checkpoint was trained with, i.e. the config to use instead.
-    """
-    path = Path(path)
-    checkpoint = _read_checkpoint(path, map_location)
-    hparams = checkpoint.get(RetrievalModule.CHECKPOINT_HYPER_PARAMS_KEY) or {}
-    missing = [k for k in REQUIRED_HPARAMS if k not in hparams]
-    if missing:
-        raise CheckpointError(
-            f"{path} was not written by RetrievalModule: its hyper_parameters ({sorted(hparams) or 'none'}) have no "
-            f"{', '.join(missing)}; load it with the model class that trained it"
-        )
-    state = checkpoint["state_dict"]
-    trained_with = _describe(hparams.get("embedder"))
-    if expected is not None:
-        problems = _state_mismatch(expected.state_dict(), state)
-        if problems:
-            raise CheckpointError(
-                f"{path} does not fit the configured model {_describe(expected.hparams.get('embedder'))}: "
-                f"{'; '.join(problems)}. The checkpoint was trained with {trained_with}: compose that config "
-                "(e.g. the same backbone=/pooling=/embedder.projection_dim= overrides as the run that wrote it)"
-            )
-    accepted = set(inspect.signature(RetrievalModule.__init__).parameters) - {"self"}
-    kwargs = {k: v for k, v in hparams.items() if k in accepted}
-    kwargs["embedder"] = _without_pretrained_weights(kwargs.get("embedder"))
-    try:
-        module = RetrievalModule(**kwargs)
-    except OxfordIRError as error:
-        raise CheckpointError(f"{path}: cannot rebuild the model from its hyper_parameters: {error}") from None
-    problems = _state_mismatch(module.state_dict(), state)
-    if problems:
-        raise CheckpointError(
-            f"{path}: its weights do not fit the model its own hyper_parameters describe ({trained_with}): "
-            f"{'; '.join(problems)}. The file was edited or written by another version of the code"
-        )
-    module.load_state_dict(state, strict=True)
-    return module.eval()

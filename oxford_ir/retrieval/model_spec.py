@@ -86,7 +86,7 @@ class ModelSpec:
     def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The embedder in eval mode on ``device`` (images in, L2-normalised N x D out); deterministic."""
         if self.checkpoint is not None:
-            from oxford_ir.models.module import load_retrieval_checkpoint
+            from oxford_ir.models.checkpoint import load_retrieval_checkpoint
 
             model = load_retrieval_checkpoint(self.checkpoint).embedder
         else:

@@ -1,4 +1,4 @@
-"""Searching a :class:`~oxford_ir.retrieval.index.RetrievalIndex`: embed queries, find the top-k, evaluate.
+"""Searching a :class:`~oxford_ir.retrieval.index_format.RetrievalIndex`: embed queries, find the top-k, evaluate.
 
 - Queries (files or uploaded PIL images) are embedded by the index's own model through the one test-time path
   (``extract_embeddings``) with the index's extraction settings (image size, scales, batching and its bucket
@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from oxford_ir.benchmarks.benchmark import Benchmark
+from oxford_ir.benchmarks.boxes import check_bbox_inside, parse_bbox
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError
 from oxford_ir.extraction.embedding import extract_embeddings
 from oxford_ir.images import load_image, to_rgb, upright_size
@@ -37,10 +37,9 @@ from oxford_ir.retrieval.reranking import ReRanking, augment, drop_self
 from oxford_ir.retrieval.visualize import COLOURS, _thumbnail
 
 if TYPE_CHECKING:
-    from oxford_ir.retrieval.index import RetrievalIndex
+    from oxford_ir.retrieval.index_format import RetrievalIndex
 
 BACKENDS = ("exact", "faiss")
-BBox = tuple[float, float, float, float]
 QueryImage = str | Path | Image.Image
 
 
@@ -61,23 +60,6 @@ class SearchResult:
 
 
 # -- queries -----------------------------------------------------------------------------------------------------
-def parse_bbox(value: Any, key: str = "bbox") -> BBox | None:
-    """``x1,y1,x2,y2`` (a string, or a list of 4 numbers) -> a tuple of floats; None stays None."""
-    if value is None:
-        return None
-    parts = value.replace(" ", ",").split(",") if isinstance(value, str) else value
-    try:
-        numbers = tuple(float(v) for v in parts if not (isinstance(v, str) and not v))
-    except (TypeError, ValueError):
-        numbers = ()
-    if len(numbers) != 4 or not all(math.isfinite(v) for v in numbers):
-        raise ConfigError(f"{key}={value!r}: give a box as four numbers x1,y1,x2,y2 (pixels), e.g. {key}=10,20,200,180")
-    x1, y1, x2, y2 = numbers
-    if x2 <= x1 or y2 <= y1:
-        raise ConfigError(f"{key}={value!r}: the box is empty; x1,y1,x2,y2 needs x2 > x1 and y2 > y1")
-    return numbers
-
-
 def oriented_size(image: QueryImage) -> tuple[int, int]:
     """``(width, height)`` of an image as ``load_image`` presents it (EXIF orientation applied), from the header;
     a missing or unreadable file is a DataError naming it."""
@@ -90,17 +72,6 @@ def oriented_size(image: QueryImage) -> tuple[int, int]:
     if path.is_dir():
         raise DataError(f"query {path} is a folder, not an image")
     raise DataError(f"cannot decode query image {path}: unreadable header; the file is corrupt or not an image")
-
-
-def check_bbox(bbox: Sequence[float], size: tuple[int, int], label: str) -> None:
-    """A box must lie inside the image: PIL would pad the outside with black and embed that silently."""
-    x1, y1, x2, y2 = bbox
-    width, height = size
-    if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
-        raise DataError(
-            f"{label}: bbox {','.join(f'{v:g}' for v in bbox)} lies outside the {width} x {height} image; "
-            "boxes are x1,y1,x2,y2 in pixels of the image as displayed (EXIF rotation applied)"
-        )
 
 
 # -- the searcher -------------------------------------------------------------------------------------------------
@@ -222,7 +193,7 @@ class Searcher:
             for image, bbox, label in zip(images, bboxes, labels, strict=True):
                 size = oriented_size(image)  # also turns a missing or undecodable file into a DataError here
                 if bbox is not None:
-                    check_bbox(bbox, size, label)
+                    check_bbox_inside(bbox, size, label)
         if not images:
             return np.empty((0, self.index.embedding_dim), dtype=np.float32)
         index = self.index

@@ -151,7 +151,7 @@ def _version_token(index: Any) -> str:
 def create_app(searcher: Any, index: Any, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI app searching ``index`` with ``searcher`` (a :class:`~oxford_ir.retrieval.search.Searcher`).
 
-    ``index`` is the loaded :class:`~oxford_ir.retrieval.index.RetrievalIndex`; only its entries, root,
+    ``index`` is the loaded :class:`~oxford_ir.retrieval.index_format.RetrievalIndex`; only its entries, root,
     ``image_path`` and descriptive attributes are used here, the vectors stay behind ``searcher``.
     """
     settings = settings or ServeSettings()

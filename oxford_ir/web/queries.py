@@ -14,14 +14,14 @@ indexed file uploaded again gets its indexed embedding back. Only these small pi
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from oxford_ir.benchmarks import boxes
 from oxford_ir.data.datasets import eval_image
-from oxford_ir.errors import DataError
+from oxford_ir.errors import ConfigError, DataError
 from oxford_ir.images import DECODE_ERRORS, upright_size
 
 #: what an upload may be: the formats a camera, phone or browser produces (no EPS, PDF, ... decoders);
@@ -67,31 +67,28 @@ def echo(value: object) -> str:
     return text if len(text) <= ECHO_CHARS else text[: ECHO_CHARS - 3] + "..."
 
 
-def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
-    """``"x1,y1,x2,y2"`` (commas and/or spaces, optional brackets) -> four finite floats; empty -> None."""
+def parse_bbox(text: str | None) -> boxes.BBox | None:
+    """``"x1,y1,x2,y2"`` (commas and/or spaces, optional brackets) -> four finite floats, by
+    :func:`oxford_ir.benchmarks.boxes.parse_bbox`; empty -> None. Whether the box is empty is checked against the
+    image, after rounding (:func:`check_bbox`)."""
     if text is None or not text.strip():
         return None
-    parts = [p for p in re.split(r"[\s,]+", text.strip().strip("[]()").strip()) if p]
     try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        return boxes.parse_bbox(text, allow_empty=True)
+    except ConfigError:
         raise ApiError(
             422, f"bbox={echo(text)!r} is not a box: give four numbers x1,y1,x2,y2 in pixels of the query image"
-        )
-    return values  # type: ignore[return-value]
+        ) from None
 
 
-def check_bbox(bbox: tuple[float, float, float, float] | None, width: int, height: int) -> None:
+def check_bbox(bbox: boxes.BBox | None, width: int, height: int) -> None:
     """Refuse a box that is empty once rounded (as the crop rounds it) or reaches outside the image."""
     if bbox is None:
         return
-    x1, y1, x2, y2 = bbox
-    shown = ",".join(f"{v:g}" for v in bbox)
-    if round(x2) <= round(x1) or round(y2) <= round(y1):
+    shown = boxes.format_bbox(bbox)
+    if boxes.bbox_is_empty(bbox, rounded=True):
         raise ApiError(422, f"bbox={shown} is empty: x2 must exceed x1 and y2 exceed y1 (by at least one pixel)")
-    if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+    if not boxes.bbox_inside(bbox, (width, height)):
         raise ApiError(
             422,
             f"bbox={shown} reaches outside the {width} x {height} image: keep 0 <= x1 < x2 <= {width} "

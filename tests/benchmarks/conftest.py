@@ -19,7 +19,7 @@ TINY = {
     "hard_per_landmark": 1,
     "junk_per_landmark": 1,
     "n_distractors": 8,
-    "image_size": 64,
+    "photo_long_side": 64,
 }
 
 

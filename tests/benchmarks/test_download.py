@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from oxford_ir.benchmarks.archives import safe_extract
 from oxford_ir.benchmarks.download import (
     COMPLETE_MARKER,
     STATE_FILE,
     Source,
     download_dataset,
-    fetch,
     is_complete,
     load_sources,
-    safe_extract,
 )
+from oxford_ir.benchmarks.http_fetch import fetch
 from oxford_ir.errors import ConfigError, DownloadError
 from tests.benchmarks.http_server import FileServer
 

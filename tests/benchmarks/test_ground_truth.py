@@ -15,17 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oxford_ir.benchmarks.ground_truth import (
-    GroundTruth,
-    derive_query_landmarks,
-    load_pickle_safely,
-    name_stem,
-    read_gnd_pickle,
-    read_ground_truth,
-    read_gt_files,
-    read_image_list,
-    read_landmark_json,
-)
+from oxford_ir.benchmarks.gnd_pickle import derive_query_landmarks, load_pickle_safely, name_stem, read_gnd_pickle
+from oxford_ir.benchmarks.ground_truth import read_ground_truth, read_image_list
+from oxford_ir.benchmarks.gt_record import GroundTruth
+from oxford_ir.benchmarks.gt_text_files import read_gt_files
+from oxford_ir.benchmarks.landmark_json import read_landmark_json
 from oxford_ir.errors import DataError, GroundTruthError, UnsafePickleError
 
 

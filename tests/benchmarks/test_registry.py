@@ -13,7 +13,7 @@ from PIL import Image
 
 import oxford_ir.benchmarks as benchmarks_package
 from oxford_ir.benchmarks.benchmark import Benchmark
-from oxford_ir.benchmarks.ground_truth import read_gnd_pickle
+from oxford_ir.benchmarks.gnd_pickle import read_gnd_pickle
 from oxford_ir.benchmarks.registry import BENCHMARKS, available_benchmarks, load_benchmark
 from oxford_ir.errors import ConfigError, DataError, GroundTruthError
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import os
 import pickle
@@ -66,7 +67,9 @@ def _views(root: Path) -> dict[str, dict]:
 
 def test_signature_defaults_are_the_published_defaults() -> None:
     parameters = inspect.signature(write_synthetic_benchmark).parameters
-    defaults = {name: p.default for name, p in parameters.items() if name not in ("root", "seed", "workers")}
+    defaults = {
+        name: p.default for name, p in parameters.items() if name not in ("root", "seed", "workers", "image_size")
+    }
     assert defaults == SYNTHETIC_DEFAULTS
     assert parameters["seed"].default == 0
     assert synthetic_params() == SYNTHETIC_DEFAULTS
@@ -99,11 +102,13 @@ def test_layout_and_counts(tiny: Path) -> None:
     for name in images[:: max(1, len(images) // 8)]:
         with Image.open(tiny / "jpg" / f"{name}.jpg") as image:
             assert image.format == "JPEG" and image.mode == "RGB"
-            assert max(image.size) == p["image_size"]
+            assert max(image.size) == p["photo_long_side"]
             assert image.size == (views[name]["width"], views[name]["height"])
     marker = json.loads((tiny / COMPLETE_MARKER).read_text())
     assert marker["dataset"] == "synthetic" and marker["seed"] == 0
-    assert {k: v for k, v in marker["params"].items() if k != "format_version"} == SYNTHETIC_TINY
+    # the marker keeps photo_long_side's name from before its rename, so that older folders stay complete
+    written = {k: v for k, v in SYNTHETIC_TINY.items() if k != "photo_long_side"} | {"image_size": p["photo_long_side"]}
+    assert {k: v for k, v in marker["params"].items() if k != "format_version"} == written
     assert not [q for q in tiny.parent.iterdir() if q.name.startswith(".")]  # no staging folder left behind
 
 
@@ -323,6 +328,19 @@ def test_a_complete_folder_is_returned_untouched(tiny: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in tiny.rglob("*")} == before
 
 
+def test_image_size_is_the_deprecated_name_of_photo_long_side(tiny: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The old name still gives the same benchmark (here: finds it complete), with a warning naming the new one; it
+    wins over the new one given too, as it did over a preset's value before the rename."""
+    old_style = {k: v for k, v in SYNTHETIC_TINY.items() if k != "photo_long_side"}
+    before = {p: p.stat().st_mtime_ns for p in tiny.rglob("*")}
+    with caplog.at_level(logging.WARNING, logger="oxford_ir.benchmarks.synthetic"):
+        found = write_synthetic_benchmark(tiny, **old_style, image_size=SYNTHETIC_TINY["photo_long_side"])
+    assert found == tiny.resolve()
+    assert "image_size is deprecated" in caplog.text and "use photo_long_side instead" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in tiny.rglob("*")} == before
+    assert synthetic_params(**{**SYNTHETIC_TINY, "image_size": 64}) == {**SYNTHETIC_TINY, "photo_long_side": 64}
+
+
 def test_other_parameters_replace_the_folder(tmp_path: Path) -> None:
     root = tmp_path / "synthetic"
     write_synthetic_benchmark(root, **SYNTHETIC_TINY)
@@ -381,7 +399,8 @@ def test_files_get_the_umask_permissions(tiny: Path) -> None:
     ("overrides", "key"),
     [
         ({"n_landmarks": 0}, "n_landmarks"),
-        ({"image_size": 8}, "image_size"),
+        ({"photo_long_side": 8}, "photo_long_side"),
+        ({"image_size": 8}, "photo_long_side"),
         ({"junk_per_landmark": 5, "images_per_landmark": 5, "hard_per_landmark": 0}, "junk_per_landmark"),
         ({"hard_per_landmark": 4, "junk_per_landmark": 2, "images_per_landmark": 5}, "hard_per_landmark"),
         ({"n_distractors": 2.5}, "n_distractors"),

@@ -16,14 +16,10 @@ import torch
 from PIL import Image
 
 import oxford_ir.data.cache as cache_module
+import oxford_ir.data.cache_format as cache_format_module
 from oxford_ir.benchmarks.registry import load_benchmark
-from oxford_ir.data.cache import (
-    ImageCacheError,
-    build_image_cache,
-    cache_key,
-    default_train_long_side,
-    open_image_cache,
-)
+from oxford_ir.data.cache import build_image_cache, default_train_long_side
+from oxford_ir.data.cache_format import ImageCacheError, cache_key, open_image_cache
 from oxford_ir.data.datamodule import RetrievalDataModule
 from oxford_ir.data.datasets import ImageListDataset, crop, eval_image, pixels_to_tensor, train_image
 from oxford_ir.data.transforms import resize_long_side, to_tensor_normalised
@@ -290,14 +286,14 @@ def test_an_open_between_manifest_and_pixel_file_retries(images: list[Path], tmp
     write_image(images[2], 72, 72, seed=77)
     touch_later(images[2])
     build_image_cache(folder, images, kind="eval", long_side=32, progress=False)
-    real = cache_module._read_manifest
+    real = cache_format_module._read_manifest
     served = []
 
     def first_stale(path):
         served.append(path)
         return stale_manifest if len(served) == 1 else real(path)
 
-    monkeypatch.setattr(cache_module, "_read_manifest", first_stale)
+    monkeypatch.setattr(cache_format_module, "_read_manifest", first_stale)
     cache = open_image_cache(folder)
     assert len(served) == 2 and cache.pixel_file != stale_manifest["pixels"]["file"]
 

@@ -82,7 +82,9 @@ def test_verify_without_ground_truth_exits_2(tmp_path: Path, capsys: pytest.Capt
     assert len(err.splitlines()) == 1
 
 
-def test_synthetic_passes_only_the_options_given(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+def test_synthetic_passes_only_the_options_given(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture
+) -> None:
     import oxford_ir.benchmarks.synthetic as synthetic
 
     calls = []
@@ -92,8 +94,14 @@ def test_synthetic_passes_only_the_options_given(monkeypatch: pytest.MonkeyPatch
         return Path(root)
 
     monkeypatch.setattr(synthetic, "write_synthetic_benchmark", record)
-    assert main(["synthetic", "--root", str(tmp_path / "s"), "--seed", "4", "--image-size", "64"]) == 0
-    assert calls == [(tmp_path / "s", {"seed": 4, "image_size": 64})]
+    assert main(["synthetic", "--root", str(tmp_path / "s"), "--seed", "4", "--photo-long-side", "64"]) == 0
+    assert calls == [(tmp_path / "s", {"seed": 4, "photo_long_side": 64})]
+    assert main(["synthetic", "--root", str(tmp_path / "s"), "--image-size", "64"]) == 0  # the deprecated name
+    assert calls[-1] == (tmp_path / "s", {"photo_long_side": 64})
+    assert "--image-size is deprecated" in caplog.text and "use --photo-long-side" in caplog.text
+    with pytest.raises(SystemExit) as both:
+        main(["synthetic", "--root", str(tmp_path / "s"), "--image-size", "64", "--photo-long-side", "64"])
+    assert both.value.code == 2 and "give --photo-long-side only" in capsys.readouterr().err
     assert main(["synthetic", "--root", str(tmp_path / "t"), "--landmarks", "2", "--images-per-landmark", "3"]) == 0
     assert calls[-1] == (tmp_path / "t", {"n_landmarks": 2, "images_per_landmark": 3})
     assert main(["synthetic", "--root", str(tmp_path / "u"), "--preset", "tiny", "--distractors", "0"]) == 0

@@ -1,11 +1,11 @@
-"""RetrievalDataModule and ClassBalancedSampler: balanced, reproducible, sharded batches; evaluation loaders."""
+"""RetrievalDataModule: training batches through the framework, evaluation images and settings, config errors."""
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,20 +16,22 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 from PIL import Image
-from torch.utils.data.distributed import DistributedSampler
 
 from oxford_ir.benchmarks.registry import load_benchmark
 from oxford_ir.benchmarks.splits import full_ground_truth
-from oxford_ir.benchmarks.synthetic import SYNTHETIC_DEFAULTS
+from oxford_ir.benchmarks.synthetic import SYNTHETIC_DEFAULTS, SYNTHETIC_PRESETS
 from oxford_ir.callbacks.distributed import SpawnedProcessGroupTeardown
+from oxford_ir.config import instantiate as build
 from oxford_ir.data.augmentation import Augmentation, train_transform
-from oxford_ir.data.datamodule import ClassBalancedSampler, RetrievalDataModule
+from oxford_ir.data.datamodule import RetrievalDataModule
+from oxford_ir.data.sampler import ClassBalancedSampler
 from oxford_ir.errors import ConfigError, DataError
 from oxford_ir.extraction.benchmark import benchmark_loaders
 from oxford_ir.models.backbones import ScratchCNN
 from oxford_ir.models.embedder import Embedder
 from oxford_ir.models.pooling import GeM
 from tests.data.conftest import TINY
+from tests.data.test_sampler import check_batch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,97 +54,6 @@ def make(data_dir: Path, **overrides) -> RetrievalDataModule:
     return RetrievalDataModule(**kwargs)
 
 
-def check_batch(batch: np.ndarray, labels: np.ndarray, n_classes: int, p: int, k: int, d: int) -> None:
-    """One batch: P distinct landmark classes x K distinct images each, then D distinct distractors."""
-    assert len(batch) == p * k + d and len(set(batch.tolist())) == len(batch)
-    landmark = labels[batch[: p * k]]
-    assert (landmark < n_classes).all()
-    counts = Counter(landmark.tolist())
-    assert len(counts) == p and set(counts.values()) == {k}
-    assert (labels[batch[p * k :]] >= n_classes).all()
-
-
-# -- the sampler ------------------------------------------------------------------------------------------
-
-LABELS = np.array([0] * 5 + [1] * 3 + [2] * 4 + [3] * 6 + [4] * 2 + list(range(5, 12)))
-DISTRACTORS = np.arange(20, 27)
-
-
-def sampler(**overrides) -> ClassBalancedSampler:
-    kwargs = {
-        "labels": LABELS,
-        "classes": [0, 1, 2, 3],  # class 4 has only 2 images: not drawn with K=3
-        "classes_per_batch": 3,
-        "images_per_class": 3,
-        "num_batches": 10,
-        "distractors": DISTRACTORS,
-        "distractors_per_batch": 2,
-        "seed": 0,
-        **overrides,
-    }
-    return ClassBalancedSampler(**kwargs)
-
-
-def test_every_batch_is_p_classes_by_k_images_plus_distractors() -> None:
-    s = sampler()
-    assert s.batch_size == 11 and len(s) == 110
-    batches = s.batches(0)
-    assert batches.shape == (10, 11)
-    for batch in batches:
-        check_batch(batch, LABELS, 5, 3, 3, 2)
-        assert 4 not in LABELS[batch]
-    assert [i for i, _ in s] == batches.ravel().tolist()
-
-
-def test_draws_are_balanced_over_an_epoch() -> None:
-    batches = sampler(num_batches=12).batches(0)
-    per_class = Counter(LABELS[batches[:, :9]].ravel().tolist())
-    # 12 batches x 3 classes over 4 classes in rounds: each class 9 times, i.e. 27 images
-    assert per_class == {0: 27, 1: 27, 2: 27, 3: 27}
-    # images of a class come in rounds too: counts differ by at most one
-    per_image = Counter(batches[:, :9].ravel().tolist())
-    for c in range(4):
-        seen = [per_image[i] for i in np.flatnonzero(np.equal(LABELS, c))]
-        assert max(seen) - min(seen) <= 1
-    seen = [Counter(batches[:, 9:].ravel().tolist())[i] for i in DISTRACTORS]
-    assert max(seen) - min(seen) <= 1 and sum(seen) == 24
-
-
-def test_reproducible_for_a_seed_and_epoch() -> None:
-    a, b = sampler(), sampler()
-    assert np.array_equal(a.batches(0), b.batches(0))
-    a.set_epoch(3)
-    assert np.array_equal(np.array([i for i, _ in a]).reshape(10, 11), b.batches(3))
-    assert not np.array_equal(b.batches(0), b.batches(1))
-    assert not np.array_equal(sampler(seed=1).batches(0), b.batches(0))
-
-
-def test_shards_by_rank() -> None:
-    single = sampler(num_replicas=1, rank=0)
-    ranks = [sampler(num_replicas=3, rank=r) for r in range(3)]
-    assert all(len(r) == len(single) for r in ranks)  # steps per epoch do not depend on the world size
-    global_batches = ranks[0].global_batches(2)
-    assert global_batches.shape == (30, 11)
-    for r, s in enumerate(ranks):
-        s.set_epoch(2)
-        assert np.array_equal(np.array([i for i, _ in s]).reshape(10, 11), global_batches[r::3])
-    # the first ten global batches are what a single process draws
-    assert np.array_equal(single.batches(2), global_batches[:10])
-    assert isinstance(single, DistributedSampler)
-
-
-def test_sampler_refuses_impossible_batches() -> None:
-    with pytest.raises(ConfigError, match=r"images_per_class=3 but 1 classes have fewer images \(label 4: 2\)"):
-        sampler(classes=[0, 1, 2, 4])
-    with pytest.raises(ConfigError, match="classes_per_batch=5 but only 4 classes"):
-        sampler(classes_per_batch=5)
-    with pytest.raises(ConfigError, match="distractors_per_batch=8 but only 7 distractor images"):
-        sampler(distractors_per_batch=8)
-    with pytest.raises(ConfigError, match="batches_per_epoch must be a positive integer"):
-        sampler(num_batches=0)
-    assert sampler(distractors=(), distractors_per_batch=0).batch_size == 9
-
-
 # -- the data module --------------------------------------------------------------------------------------
 
 
@@ -151,6 +62,17 @@ def test_prepare_data_writes_the_synthetic_benchmark(tmp_path: Path) -> None:
     dm.prepare_data()
     assert (tmp_path / "synthetic" / "gnd_synthetic.pkl").is_file()
     assert len(list((tmp_path / "synthetic" / "jpg").glob("*.jpg"))) == 5 * 8 + 8
+
+
+def test_prepare_data_honours_the_synthetic_preset(tmp_path: Path) -> None:
+    """``data.synthetic.preset`` picks the parameters, as ``synthetic.preset`` of oxford-ir-eval does."""
+    dm = make(tmp_path, synthetic={"preset": "tiny", "n_distractors": 4})
+    dm.prepare_data()
+    tiny = SYNTHETIC_PRESETS["tiny"]
+    n_images = tiny["n_landmarks"] * (tiny["queries_per_landmark"] + tiny["images_per_landmark"]) + 4
+    assert len(list((tmp_path / "synthetic" / "jpg").glob("*.jpg"))) == n_images
+    with pytest.raises(ConfigError, match=r"data.synthetic.preset='huge': choose one of \['default', 'tiny'\]"):
+        make(tmp_path, synthetic={"preset": "huge"}).prepare_data()
 
 
 def test_setup_and_training_batches(data_dir: Path) -> None:
@@ -281,12 +203,26 @@ def test_too_many_distractors(data_dir: Path) -> None:
         ({"augmentation": {"flip": 0.5}}, r"unknown augmentation parameter\(s\) \['flip'\]"),
         ({"augmentation": {"scale": [0.5, 0.2]}}, "augmentation.scale must be"),
         ({"image_size": 0}, "data.image_size must be a positive integer"),
-        ({"eval_scales": [1.0, -0.5]}, "eval_scales must be a non-empty list of positive numbers"),
     ],
 )
 def test_config_errors(data_dir: Path, overrides: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         make(data_dir, **overrides)
+
+
+def test_data_eval_scales_is_deprecated_and_ignored(data_dir: Path, caplog) -> None:
+    """An old config that still sets data.eval_scales builds, with a warning pointing at model.eval_scales."""
+    node = OmegaConf.create({"_target_": "oxford_ir.data.datamodule.RetrievalDataModule", "data_dir": str(data_dir)})
+    node.eval_scales = [1.0, 0.7071]
+    with caplog.at_level(logging.WARNING, logger="oxford_ir.data.datamodule"):
+        dm = build(node, "data")
+    assert "data.eval_scales=[1.0, 0.7071] is deprecated and ignored" in caplog.text
+    assert "set model.eval_scales instead" in caplog.text
+    assert "eval_scales" not in dm.hparams and not hasattr(dm, "eval_scales")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="oxford_ir.data.datamodule"):
+        make(data_dir)
+    assert "eval_scales" not in caplog.text
 
 
 def test_missing_training_images(data_dir: Path, tmp_path: Path) -> None:
@@ -381,9 +317,9 @@ def test_real_paris_subset_landmarks_split(paris_root: Path) -> None:
 class _Recorder(pl.LightningModule):
     """Records the labels of every training batch; learns nothing."""
 
-    def __init__(self, seed: int = 1, eval_scales: tuple[float, ...] = (1.0, 0.5)) -> None:
+    def __init__(self, seed: int = 1) -> None:
         super().__init__()
-        # hyperparameters the data module holds too, with other values: logging must not refuse them
+        # a hyperparameter the data module holds too, with another value: logging must not refuse it
         self.save_hyperparameters()
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.seen: list[list[int]] = []
@@ -435,18 +371,12 @@ def test_configs_instantiate(tmp_path: Path) -> None:
         )
         dm = instantiate(cfg.data)
         assert isinstance(dm, RetrievalDataModule) and dm.data_dir == tmp_path and dm.hparams.seed == 3
-        assert isinstance(dm.hparams.augmentation, dict) and isinstance(dm.hparams.eval_scales, list)
-    mirrored = OmegaConf.create(
-        {
-            "paths": {"data_dir": "d"},
-            "seed": 0,
-            "model": {"eval_scales": [1.0, 0.5]},
-            "data": OmegaConf.load(REPO / "conf" / "data" / "synthetic.yaml"),
-        }
+        assert isinstance(dm.hparams.augmentation, dict) and "eval_scales" not in cfg.data
+    quickstart = OmegaConf.create(
+        {"paths": {"data_dir": "d"}, "seed": 0, "data": OmegaConf.load(REPO / "conf" / "data" / "synthetic.yaml")}
     )
-    assert instantiate(mirrored.data).eval_scales == (1.0, 0.5)
     # the quickstart benchmark is the documented default one
-    assert OmegaConf.to_container(mirrored.data.synthetic) == {"seed": 0, **SYNTHETIC_DEFAULTS}
+    assert OmegaConf.to_container(quickstart.data.synthetic) == {"seed": 0, **SYNTHETIC_DEFAULTS}
     cross = instantiate(
         OmegaConf.create(
             {"paths": {"data_dir": "d"}, "seed": 0, "data": OmegaConf.load(REPO / "conf/data/paris_to_oxford.yaml")}

@@ -148,7 +148,7 @@ def _trainer(tmp_path: Path, accelerator: str = "cpu", **options) -> pl.Trainer:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("prefetch")
-    write_synthetic_benchmark(root / "synthetic", **{k: v for k, v in SYNTHETIC_TINY.items() if k != "image_size"})
+    write_synthetic_benchmark(root / "synthetic", **{k: v for k, v in SYNTHETIC_TINY.items() if k != "photo_long_side"})
     return root
 
 

@@ -28,12 +28,8 @@ from oxford_ir.callbacks.distributed import SpawnedProcessGroupTeardown
 from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.errors import CheckpointError, ConfigError, DataError
 from oxford_ir.extraction.benchmark import extract_benchmark
-from oxford_ir.models.module import (
-    RetrievalModule,
-    assemble_by_index,
-    load_retrieval_checkpoint,
-    restrict_benchmark,
-)
+from oxford_ir.models.checkpoint import load_retrieval_checkpoint
+from oxford_ir.models.module import RetrievalModule, assemble_by_index
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 BENCH = "tinybench"
@@ -298,18 +294,18 @@ def test_validation_metrics_equal_a_direct_computation(trained):
     module, datamodule = trained["module"], trained["datamodule"]
     db, queries, expected = direct_evaluation(module.embedder, datamodule)
     evaluation = module.last_evaluation
-    assert evaluation["benchmark"] is datamodule.eval_benchmark
-    torch.testing.assert_close(evaluation["db"], db, atol=1e-5, rtol=0)
-    torch.testing.assert_close(evaluation["queries"], queries, atol=1e-5, rtol=0)
-    np.testing.assert_array_equal(evaluation["ranks"], rank_database(db, queries))
+    assert evaluation.benchmark is datamodule.eval_benchmark
+    torch.testing.assert_close(evaluation.db, db, atol=1e-5, rtol=0)
+    torch.testing.assert_close(evaluation.queries, queries, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(evaluation.ranks, rank_database(db, queries))
     metrics = trained["trainer"].callback_metrics
-    assert set(evaluation["metrics"]) == set(expected)
+    assert set(evaluation.metrics) == set(expected)
     for key, value in expected.items():
         assert float(metrics[f"val/{BENCH}/{key}"]) == pytest.approx(value, abs=1e-6)
-        assert evaluation["metrics"][key] == pytest.approx(value, abs=1e-6)
+        assert evaluation.metrics[key] == pytest.approx(value, abs=1e-6)
     assert float(metrics["val/mAP"]) == pytest.approx(expected["mAP"], abs=1e-6)
-    assert set(evaluation["per_query"]) == {"AP"} and evaluation["per_query"]["AP"].shape == (4,)
-    assert not evaluation["db"].is_inference()  # usable by callbacks outside the validation loop
+    assert set(evaluation.per_query) == {"AP"} and evaluation.per_query["AP"].shape == (4,)
+    assert not evaluation.db.is_inference()  # usable by callbacks outside the validation loop
 
 
 def test_revisited_benchmark_logs_every_protocol_and_selects_medium(tmp_path):
@@ -333,8 +329,8 @@ def test_multi_scale_validation_is_the_generalised_mean_over_scales(trained):
     trainer.validate(module, datamodule=datamodule, verbose=False)
     db, queries, expected = direct_evaluation(module.embedder, datamodule, scales=(1.0, 0.75))
     assert module.embedder.power == pytest.approx(3.0)
-    torch.testing.assert_close(module.last_evaluation["db"], db, atol=1e-5, rtol=0)
-    torch.testing.assert_close(module.last_evaluation["queries"], queries, atol=1e-5, rtol=0)
+    torch.testing.assert_close(module.last_evaluation.db, db, atol=1e-5, rtol=0)
+    torch.testing.assert_close(module.last_evaluation.queries, queries, atol=1e-5, rtol=0)
     for key, value in expected.items():
         assert float(trainer.callback_metrics[f"val/{BENCH}/{key}"]) == pytest.approx(value, abs=1e-6)
 
@@ -347,8 +343,8 @@ def test_bucket_validation_equals_oxford_ir_eval_extraction(tmp_path):
     pl.Trainer(logger=False, **TRAINER_KWARGS).validate(module, datamodule=datamodule, verbose=False)
     benchmark = datamodule.eval_benchmark
     db, queries = extract_benchmark(module.embedder, benchmark, None, scales=(1.0, 0.75), batch_size=3)
-    torch.testing.assert_close(module.last_evaluation["db"], db, atol=1e-6, rtol=0)
-    torch.testing.assert_close(module.last_evaluation["queries"], queries, atol=1e-6, rtol=0)
+    torch.testing.assert_close(module.last_evaluation.db, db, atol=1e-6, rtol=0)
+    torch.testing.assert_close(module.last_evaluation.queries, queries, atol=1e-6, rtol=0)
     assert module._eval_plans[0].mode == "bucket" and module._eval_plans[0].buckets
     shapes = module._eval_plans[0].input_shapes() | module._eval_plans[1].input_shapes()
     assert len(shapes) <= 16 and all(h % 32 == 0 and w % 32 == 0 for h, w in shapes)
@@ -363,7 +359,7 @@ def test_sanity_check_and_shortened_passes_evaluate_the_embedded_subset(tmp_path
 
         def on_validation_end(self, trainer, pl_module) -> None:
             evaluation = pl_module.last_evaluation
-            self.seen.append((trainer.sanity_checking, evaluation["benchmark"] if evaluation else None))
+            self.seen.append((trainer.sanity_checking, evaluation.benchmark if evaluation else None))
 
     datamodule = StandInDataModule(write_benchmark(tmp_path), eval_batch_size=4)
     recorder = Recorder()
@@ -389,7 +385,7 @@ def test_sanity_check_and_shortened_passes_evaluate_the_embedded_subset(tmp_path
     module = make_module()
     with pytest.warns(UserWarning, match="limit_val_batches=1.*not comparable"):
         limited.validate(module, datamodule=datamodule, verbose=False)
-    assert module.last_evaluation["benchmark"].is_subset and "val/mAP" in limited.callback_metrics
+    assert module.last_evaluation.benchmark.is_subset and "val/mAP" in limited.callback_metrics
 
     # a shortened pass whose queries have no positive among the embedded images: nothing to evaluate
     no_positive = StandInDataModule(_database_reversed(datamodule.eval_benchmark), eval_batch_size=1)
@@ -447,12 +443,13 @@ def test_restrict_benchmark_renumbers_the_ground_truth(tmp_path):
     benchmark = write_benchmark(tmp_path)
     db_kept = np.zeros(12, dtype=bool)
     db_kept[[0, 2, 3, 4]] = True
-    restricted, kept = restrict_benchmark(benchmark, db_kept, np.array([True, True, False, True]))
+    restricted, kept = benchmark.restrict(db_kept, np.array([True, True, False, True]), "kept by the test")
     assert restricted.imlist == ["db_0_0", "db_0_2", "db_1_0", "db_1_1"]
     assert kept.tolist() == [0, 1]  # query 3 has no positive among the kept images
     assert restricted.gnd[0]["ok"].tolist() == [0] and restricted.gnd[0]["junk"].tolist() == [1]
     assert restricted.gnd[1]["ok"].tolist() == [2, 3] and restricted.is_subset
-    assert restrict_benchmark(benchmark, np.zeros(12, dtype=bool), np.ones(4, dtype=bool)) is None
+    assert "4/12 database images and 2/4 queries kept by the test" in restricted.subset_note
+    assert benchmark.restrict(np.zeros(12, dtype=bool), np.ones(4, dtype=bool), "kept by the test") is None
 
 
 # -- optimisation --------------------------------------------------------------------------------

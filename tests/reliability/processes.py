@@ -139,17 +139,19 @@ def _running(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def lock_held_elsewhere(path: Path):
-    """Another process holds the lock on ``path`` (``lockf``, as :func:`oxford_ir.fs.exclusive_lock` takes it, with
-    its pid written in the file) for the block; yields that pid. A POSIX lock: this process could take its own."""
+def lock_held_elsewhere(path: Path, seconds: float = 600):
+    """Another process holds the lock on ``path`` with :func:`oxford_ir.fs.exclusive_lock` (its pid written in the
+    file) for ``seconds``, then exits 0; yields that process (``.pid``, ``.wait()``), killed after the block. A POSIX
+    lock: this process could take its own."""
     code = (
-        "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX); "
-        "f.write(str(os.getpid())); f.flush(); print('held', flush=True); time.sleep(600)"
+        "import sys, time; from pathlib import Path; from oxford_ir.fs import exclusive_lock\n"
+        "with exclusive_lock(Path(sys.argv[1]), wait=False):\n"
+        "    print('held', flush=True); time.sleep(float(sys.argv[2]))"
     )
-    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path), str(seconds)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        yield holder.pid
+        yield holder
     finally:
         holder.kill()
         holder.wait()

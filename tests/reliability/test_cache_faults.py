@@ -19,7 +19,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,9 +27,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oxford_ir.data.cache import ImageCache, ImageCacheError, build_image_cache, open_image_cache
+from oxford_ir.data.cache import build_image_cache
+from oxford_ir.data.cache_format import ImageCache, ImageCacheError, open_image_cache
 from oxford_ir.errors import DataError, ResourceError
-from tests.reliability.processes import children, environment, run, script
+from tests.reliability.processes import children, environment, lock_held_elsewhere, run, script
 
 HINT = (
     "rerun with fewer decoding workers (oxford-ir-data cache --workers, data.cache.num_workers), or 0 to decode in "
@@ -165,17 +165,11 @@ def test_a_fifo_among_the_images_is_refused_before_anything_blocks(tmp_path):
 def test_a_second_builder_waits_for_the_first_naming_it_then_finds_the_cache_fresh(tmp_path, caplog):
     sources, folder = write_images(tmp_path / "src", 4), tmp_path / "cache"
     folder.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from oxford_ir.fs import exclusive_lock\n"
-         "with exclusive_lock(Path(sys.argv[1]), wait=False):\n    print('held', flush=True); time.sleep(1.0)",
-         str(folder / ".lock")],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert holder.stdout.readline() == "held\n"
-    started = time.monotonic()
-    with caplog.at_level(logging.INFO, logger="oxford_ir.data.cache"):
-        cache = build_image_cache(folder, sources, kind="eval", long_side=32, progress=False)
-    assert holder.wait() == 0 and time.monotonic() - started > 0.5  # it waited for the holder to finish
+    with lock_held_elsewhere(folder / ".lock", seconds=1.0) as holder:
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="oxford_ir.data.cache"):
+            cache = build_image_cache(folder, sources, kind="eval", long_side=32, progress=False)
+        assert holder.wait() == 0 and time.monotonic() - started > 0.5  # it waited for the holder to finish
     assert f"image cache {folder}: another process (pid {holder.pid}) is building it; waiting" in caplog.messages
     assert len(cache) == 4 and (folder / ".lock").read_text() == ""
     assert_clean(folder)
@@ -188,7 +182,7 @@ def benchmark(tmp_path: Path) -> Path:
     from oxford_ir.benchmarks.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
 
     write_synthetic_benchmark(
-        tmp_path / "data" / "synthetic", **{**SYNTHETIC_PRESETS["tiny"], "n_distractors": 100, "image_size": 128}
+        tmp_path / "data" / "synthetic", **{**SYNTHETIC_PRESETS["tiny"], "n_distractors": 100, "photo_long_side": 128}
     )
     return tmp_path / "data"
 

@@ -206,7 +206,7 @@ def _module_checkpoint(path: Path, *overrides: str) -> None:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from oxford_ir.retrieval.index import build_index
+    from oxford_ir.retrieval.index_build import build_index
     from oxford_ir.retrieval.model_spec import ModelSpec
 
     raw_pixels = ModelSpec(

@@ -19,7 +19,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,9 +29,10 @@ from PIL import Image
 
 from oxford_ir.cli.index import index
 from oxford_ir.errors import IndexFormatError, user_error_in
-from oxford_ir.retrieval.index import CURRENT_FILE, RetrievalIndex, build_index
+from oxford_ir.retrieval.index_build import build_index
+from oxford_ir.retrieval.index_format import CURRENT_FILE, RetrievalIndex
 from oxford_ir.retrieval.model_spec import ModelSpec
-from tests.reliability.processes import Outcome, children, environment, exists, run, script
+from tests.reliability.processes import Outcome, children, environment, exists, lock_held_elsewhere, run, script
 
 REPO = Path(__file__).resolve().parents[2]
 #: the tiny model and images of every run here: 64 x 48 px photos, a scratch CNN with 8 and 16 channels
@@ -222,19 +222,8 @@ def test_a_second_builder_is_refused_with_the_pid_of_the_first(tmp_path):
     photos, out = tmp_path / "photos", tmp_path / "index"
     write_photos(photos, range(4))
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from oxford_ir.fs import exclusive_lock\n"
-         "with exclusive_lock(Path(sys.argv[1]), wait=False):\n    print('held', flush=True); time.sleep(60)",
-         str(out / ".lock")],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline() == "held\n"
-        with pytest.raises(IndexFormatError) as caught:
-            build_index(ModelSpec(embedder=TINY), photos, out, **FAST)
-    finally:
-        holder.kill()
-        holder.wait()
+    with lock_held_elsewhere(out / ".lock") as holder, pytest.raises(IndexFormatError) as caught:
+        build_index(ModelSpec(embedder=TINY), photos, out, **FAST)
     assert str(caught.value) == (
         f"index {out.resolve()} is being updated by another oxford-ir-index run (pid {holder.pid}); wait for it to "
         "finish, then run this command again (it embeds only what is still missing)"

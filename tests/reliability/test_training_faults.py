@@ -61,8 +61,8 @@ def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path):
     cfg = compose_train(tmp_path, *TINY, *TINY_SCRATCH, "logger=none")
     folder = Path(cfg.paths.output_dir)
     folder.mkdir(parents=True)
-    with lock_held_elsewhere(folder / ".lock") as pid:  # noqa: SIM117 - the match needs the pid
-        with pytest.raises(ConfigError, match=rf"run folder .*run is in use by pid {pid}: wait for"):
+    with lock_held_elsewhere(folder / ".lock") as holder:  # noqa: SIM117 - the match needs the pid
+        with pytest.raises(ConfigError, match=rf"run folder .*run is in use by pid {holder.pid}: wait for"):
             train(cfg)
     assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # nothing written: no checkpoints, no W&B id
 

@@ -18,11 +18,13 @@ from PIL import Image, ImageOps
 
 import oxford_ir.extraction.embedding as extraction_module
 import oxford_ir.images as images_module
-import oxford_ir.retrieval.index as index_module
+import oxford_ir.retrieval.index_format as index_format_module
 from oxford_ir.errors import CheckpointError, ConfigError, DataError, IndexFormatError
 from oxford_ir.extraction.embedding import extract_embeddings
 from oxford_ir.images import decode_image, load_image
-from oxford_ir.retrieval.index import (
+from oxford_ir.retrieval.image_sources import resolve_images
+from oxford_ir.retrieval.index_build import build_index
+from oxford_ir.retrieval.index_format import (
     CURRENT_FILE,
     EMBEDDINGS_FILE,
     ENTRIES_FILE,
@@ -30,9 +32,7 @@ from oxford_ir.retrieval.index import (
     MANIFEST_FILE,
     REPORT_FILE,
     RetrievalIndex,
-    build_index,
     index_fingerprint,
-    resolve_images,
 )
 from oxford_ir.retrieval.model_spec import ModelSpec
 from tests.reliability.processes import lock_held_elsewhere
@@ -237,7 +237,7 @@ def test_a_crash_while_writing_leaves_the_previous_index_loadable_and_unchanged(
     def crash(folder, entries):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(index_module, "_write_entries", crash)
+    monkeypatch.setattr(index_format_module, "_write_entries", crash)
     with pytest.raises(OSError, match="simulated"):
         build_index(tiny_spec(), photos, out, **FAST)
     assert not (out / "v000002").exists()  # it died after writing the embeddings; the half-written folder is gone
@@ -314,8 +314,8 @@ def test_a_second_build_of_the_same_index_is_refused_while_one_runs(tmp_path):
     make_folder(tmp_path / "photos", n=2)
     out = tmp_path / "index"
     out.mkdir()
-    with lock_held_elsewhere(out / ".lock") as pid:  # noqa: SIM117 - the match needs the pid
-        with pytest.raises(IndexFormatError, match=rf"being updated by another .*\(pid {pid}\)"):
+    with lock_held_elsewhere(out / ".lock") as holder:  # noqa: SIM117 - the match needs the pid
+        with pytest.raises(IndexFormatError, match=rf"being updated by another .*\(pid {holder.pid}\)"):
             build_index(tiny_spec(), tmp_path / "photos", out, **FAST)
     assert not (out / CURRENT_FILE).exists()
 
@@ -702,7 +702,10 @@ def test_a_checkpoint_model_indexes_with_the_checkpoint_s_weights(tmp_path):
     index = RetrievalIndex.load(tmp_path / "index")
     expected = extract_embeddings(module.embedder, [tmp_path / "photos" / n for n in names], 32)
     np.testing.assert_allclose(index.vectors(), expected.numpy(), atol=1e-6)
-    assert index.build_model() is not None
+    rebuilt = index.build_model()  # the model the index names embeds as the index did
+    np.testing.assert_allclose(
+        extract_embeddings(rebuilt, [tmp_path / "photos" / n for n in names], 32).numpy(), index.vectors(), atol=1e-6
+    )
 
     module.embedder.pooling.p.data.fill_(2.0)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, checkpoint)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from oxford_ir.benchmarks.boxes import check_bbox_inside, parse_bbox
 from oxford_ir.benchmarks.ranking import rank_database
 from oxford_ir.benchmarks.registry import load_benchmark
 from oxford_ir.benchmarks.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
@@ -22,16 +23,16 @@ from oxford_ir.models.backbones import RawPixels
 from oxford_ir.models.embedder import Embedder
 from oxford_ir.models.pooling import FlattenPooling
 from oxford_ir.retrieval.faiss_backend import FaissOptions, FaissSearch
-from oxford_ir.retrieval.index import RetrievalIndex, build_index, resolve_images
+from oxford_ir.retrieval.image_sources import resolve_images
+from oxford_ir.retrieval.index_build import build_index
+from oxford_ir.retrieval.index_format import RetrievalIndex
 from oxford_ir.retrieval.model_spec import ModelSpec
 from oxford_ir.retrieval.search import (
     RESULT_COLOUR,
     Searcher,
-    check_bbox,
     embed_benchmark_queries,
     evaluate_benchmark,
     oriented_size,
-    parse_bbox,
     render_result_grid,
 )
 from oxford_ir.retrieval.visualize import COLOURS
@@ -213,11 +214,16 @@ def test_bbox_parsing():
     assert parse_bbox(" 1.5, 2 ,3,4") == (1.5, 2.0, 3.0, 4.0)
     assert parse_bbox([1, 2, 3, 4]) == (1.0, 2.0, 3.0, 4.0)
     assert parse_bbox(None) is None
-    for bad in ("1,2,3", "a,b,c,d", "1,2,3,4,5", [1, 2, 3, float("nan")], 7):
+    # the web page's spellings too: whitespace, brackets
+    assert parse_bbox("[10 20\t30 40]") == parse_bbox("(10, 20, 30, 40)") == (10.0, 20.0, 30.0, 40.0)
+    for bad in ("1,2,3", "a,b,c,d", "1,2,3,4,5", [1, 2, 3, float("nan")], 7, "", "1e999,0,5,5"):
         with pytest.raises(ConfigError, match="four numbers x1,y1,x2,y2"):
             parse_bbox(bad)
     with pytest.raises(ConfigError, match="the box is empty"):
         parse_bbox("10,10,5,20")
+    with pytest.raises(ConfigError, match=r"^q\.txt:3: bbox='1,2': give a box .* e\.g\. q\.txt:3: bbox=10,20,200,180$"):
+        parse_bbox("1,2", key="q.txt:3: bbox")
+    assert parse_bbox("10,10,5,20", allow_empty=True) == (10.0, 10.0, 5.0, 20.0)  # left to a check on the image
 
 
 def test_boxes_outside_the_image_and_exif_rotation(tmp_path):
@@ -227,9 +233,9 @@ def test_boxes_outside_the_image_and_exif_rotation(tmp_path):
     Image.new("RGB", (60, 40), (9, 9, 9)).save(path, exif=exif)
     assert oriented_size(path) == (40, 60)
     assert oriented_size(Image.open(path)) == (40, 60)  # an upload: the same, from its EXIF
-    check_bbox((0, 0, 40, 60), (40, 60), str(path))
+    check_bbox_inside((0, 0, 40, 60), (40, 60), str(path))
     with pytest.raises(DataError, match=r"bbox 0,0,50,30 lies outside the 40 x 60 image"):
-        check_bbox((0, 0, 50, 30), (40, 60), str(path))
+        check_bbox_inside((0, 0, 50, 30), (40, 60), str(path))
     with pytest.raises(DataError, match="query image not found"):
         oriented_size(tmp_path / "nope.jpg")
     (tmp_path / "broken.jpg").write_bytes(b"not an image")

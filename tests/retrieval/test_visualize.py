@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.callbacks.per_query_table import per_query_rows
+from oxford_ir.models.module import Evaluation
 from oxford_ir.retrieval.visualize import COLOURS, fixed_query_indices, render_retrieval_grid, result_labels
 
 
@@ -48,7 +50,9 @@ def test_fixed_queries_are_spread_and_stable():
 
 def test_per_query_rows(tmp_path):
     benchmark = tiny_benchmark(tmp_path)
-    evaluation = {"benchmark": benchmark, "per_query": {"E/AP": np.array([0.5]), "H/AP": np.array([np.nan])}}
+    per_query = {"E/AP": np.array([0.5]), "H/AP": np.array([np.nan])}
+    ranks, db, queries = np.arange(6).reshape(6, 1), torch.zeros(6, 2), torch.zeros(1, 2)
+    evaluation = Evaluation(benchmark, ranks, {"E/mAP": 0.5}, per_query, db, queries)
     columns, rows = per_query_rows(evaluation)
     assert columns == ["query", "landmark", "positives", "E/AP", "H/AP"]
     assert rows == [["query", "tower", 2, 0.5, None]]

@@ -31,7 +31,8 @@ from oxford_ir.cli.serve import bind_socket, build_app, server_config  # noqa: E
 from oxford_ir.errors import ConfigError  # noqa: E402
 from oxford_ir.extraction.embedding import extract_embeddings  # noqa: E402
 from oxford_ir.models.backbones import ScratchCNN  # noqa: E402
-from oxford_ir.retrieval.index import RetrievalIndex, build_index  # noqa: E402
+from oxford_ir.retrieval.index_build import build_index  # noqa: E402
+from oxford_ir.retrieval.index_format import RetrievalIndex  # noqa: E402
 from oxford_ir.retrieval.model_spec import ModelSpec  # noqa: E402
 from oxford_ir.retrieval.search import Searcher  # noqa: E402
 from oxford_ir.web.app import ServeSettings, create_app  # noqa: E402
@@ -92,7 +93,7 @@ def make_collection(folder: Path) -> list[Path]:
 
 
 def build_tiny_index(root: Path) -> Path:
-    """A real index (oxford_ir.retrieval.index.build_index) of :func:`make_collection` with a tiny random CNN."""
+    """A real index (oxford_ir.retrieval.index_build.build_index) of :func:`make_collection` with a tiny random CNN."""
     make_collection(root / "images")
     build_index(
         ModelSpec(embedder=tiny_embedder(root / "scratch_cnn.pth")),

@@ -30,7 +30,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from oxford_ir.cli.serve import bind_socket, server_config  # noqa: E402
-from oxford_ir.retrieval.index import RetrievalIndex  # noqa: E402
+from oxford_ir.retrieval.index_format import RetrievalIndex  # noqa: E402
 from oxford_ir.retrieval.search import Searcher  # noqa: E402
 from oxford_ir.web.app import ServeSettings, create_app  # noqa: E402
 from oxford_ir.web.limits import DecodeSlots  # noqa: E402

@@ -1,0 +1,174 @@
+"""The P x K sampler of training: class-balanced batches of P classes x K images (+ D distractors), reproducible
+from ``(seed, epoch)`` and sharded across processes by itself (see :class:`ClassBalancedSampler`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data.distributed import DistributedSampler
+
+from oxford_ir.data.config_values import non_negative_int, positive_int
+from oxford_ir.errors import ConfigError
+
+_SHOWN = 5
+
+
+class _Cycle:
+    """Endless draws without replacement: items come in shuffled rounds, and no draw repeats an item."""
+
+    def __init__(self, items: np.ndarray, rng: np.random.Generator) -> None:
+        self.items = np.asarray(items, dtype=np.int64)
+        self.rng = rng
+        self.queue = self.items[:0]
+
+    def take(self, n: int) -> np.ndarray:
+        if len(self.queue) >= n:
+            out, self.queue = self.queue[:n], self.queue[n:]
+            return out
+        head = self.queue
+        fresh = self.rng.permutation(self.items)
+        # what is left of the last round goes first; its items go to the end of the new round, not into this draw
+        taken = np.isin(fresh, head)
+        fresh = np.concatenate([fresh[~taken], fresh[taken]])
+        need = n - len(head)
+        self.queue = fresh[need:]
+        return np.concatenate([head, fresh[:need]])
+
+
+class ClassBalancedSampler(DistributedSampler):
+    """Indices whose consecutive chunks of ``batch_size`` are class-balanced batches, P classes x K images + D.
+
+    Each batch holds ``classes_per_batch`` distinct classes of ``classes`` with ``images_per_class`` distinct
+    images each (classes grouped, in draw order), then ``distractors_per_batch`` distinct indices of
+    ``distractors``. Classes, the images of each class and distractors are each drawn in shuffled rounds
+    without replacement, so over an epoch every class and image comes up about equally often. Use it as a
+    DataLoader's ``sampler`` with ``batch_size=sampler.batch_size, drop_last=True``
+    (as pytorch-metric-learning's ``MPerClassSampler``).
+
+    Reproducible: the batches of an epoch are a function of ``(seed, epoch)`` only (``set_epoch``), so a
+    resumed run draws exactly what an uninterrupted one would.
+
+    Distributed: every process computes the same ``num_batches x num_replicas`` batches of the epoch and
+    keeps those at positions ``rank, rank + num_replicas, ...``: ``num_batches`` per process (steps per
+    epoch do not depend on the number of processes), disjoint across processes. ``num_replicas`` and
+    ``rank`` default to those of ``torch.distributed`` when it is initialised, read when iterating. It
+    subclasses ``DistributedSampler`` because that is how Lightning (``use_distributed_sampler=True``)
+    recognises a sampler that already shards itself: it then neither wraps nor replaces it, and calls
+    ``set_epoch`` at every epoch. ``DistributedSampler.__init__`` is deliberately not called (it requires an
+    initialised process group and a dataset).
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        classes: Sequence[int] | np.ndarray,
+        classes_per_batch: int,
+        images_per_class: int,
+        num_batches: int,
+        *,
+        distractors: Sequence[int] | np.ndarray = (),
+        distractors_per_batch: int = 0,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        labels = np.asarray(labels, dtype=np.int64)
+        self.classes = np.unique(np.asarray(classes, dtype=np.int64))
+        self.classes_per_batch = positive_int(classes_per_batch, "classes_per_batch")
+        self.images_per_class = positive_int(images_per_class, "images_per_class")
+        self.num_batches = positive_int(num_batches, "batches_per_epoch")
+        self.distractors = np.asarray(distractors, dtype=np.int64)
+        self.distractors_per_batch = non_negative_int(distractors_per_batch, "distractors_per_batch")
+        self.seed = non_negative_int(seed, "seed")
+        self.members = {int(c): np.flatnonzero(labels == c) for c in self.classes}
+        if len(self.classes) < self.classes_per_batch:
+            raise ConfigError(
+                f"classes_per_batch={self.classes_per_batch} but only {len(self.classes)} classes to draw from; "
+                f"lower classes_per_batch to at most {len(self.classes)}"
+            )
+        small = {c: len(m) for c, m in self.members.items() if len(m) < self.images_per_class}
+        if small:
+            shown = ", ".join(f"label {c}: {n}" for c, n in list(small.items())[:_SHOWN])
+            raise ConfigError(
+                f"images_per_class={self.images_per_class} but {len(small)} classes have fewer images ({shown}); "
+                "lower images_per_class or leave those classes out"
+            )
+        if len(np.unique(self.distractors)) < self.distractors_per_batch:
+            raise ConfigError(
+                f"distractors_per_batch={self.distractors_per_batch} but only {len(np.unique(self.distractors))} "
+                "distractor images; lower distractors_per_batch (0 disables them) or use_distractors=true"
+            )
+        self._num_replicas = num_replicas
+        self._rank = rank
+        self.epoch = 0
+        # attributes DistributedSampler users may read
+        self.shuffle = True
+        self.drop_last = True
+        self.dataset = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.classes_per_batch * self.images_per_class + self.distractors_per_batch
+
+    @property
+    def num_replicas(self) -> int:
+        if self._num_replicas is not None:
+            return int(self._num_replicas)
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return int(self._rank)
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def global_batches(self, epoch: int) -> np.ndarray:
+        """All ``num_batches * num_replicas`` batches of ``epoch`` (every process computes the same)."""
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        class_cycle = _Cycle(self.classes, rng)
+        image_cycles = {c: _Cycle(m, rng) for c, m in self.members.items()}
+        distractor_cycle = _Cycle(np.unique(self.distractors), rng) if self.distractors_per_batch else None
+        batches = np.empty((self.num_batches * self.num_replicas, self.batch_size), dtype=np.int64)
+        for b in range(len(batches)):
+            parts = [image_cycles[int(c)].take(self.images_per_class) for c in class_cycle.take(self.classes_per_batch)]
+            if distractor_cycle is not None:
+                parts.append(distractor_cycle.take(self.distractors_per_batch))
+            batches[b] = np.concatenate(parts)
+        return batches
+
+    def batches(self, epoch: int | None = None) -> np.ndarray:
+        """This process's ``num_batches x batch_size`` indices of ``epoch`` (default: the current one)."""
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} is outside [0, {self.num_replicas})")
+        return self.global_batches(self.epoch if epoch is None else epoch)[self.rank :: self.num_replicas]
+
+    def draw_seeds(self, epoch: int | None = None) -> np.ndarray:
+        """A seed per drawn image, aligned with :meth:`batches`: the augmentation of each draw.
+
+        Augmentations seeded by (seed, epoch, position) make training a pure function of the
+        epoch, so a run resumed from ``last.ckpt`` sees exactly the crops an uninterrupted one
+        sees, whatever the global random state or the number of workers.
+        """
+        epoch = self.epoch if epoch is None else int(epoch)
+        rng = np.random.default_rng([self.seed, epoch, 0x5EED])
+        seeds = rng.integers(0, 2**62, size=(self.num_batches * self.num_replicas, self.batch_size), dtype=np.int64)
+        return seeds[self.rank :: self.num_replicas]
+
+    def __iter__(self):
+        """``(image index, augmentation seed)`` pairs, batch after batch."""
+        return iter(zip(self.batches().ravel().tolist(), self.draw_seeds().ravel().tolist(), strict=True))
+
+    def __len__(self) -> int:
+        return self.num_batches * self.batch_size
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(P={self.classes_per_batch} of {len(self.classes)} classes, "
+            f"K={self.images_per_class}, distractors={self.distractors_per_batch} of {len(self.distractors)}, "
+            f"{self.num_batches} batches, seed={self.seed})"
+        )

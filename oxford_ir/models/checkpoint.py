@@ -1,0 +1,131 @@
+"""Loading a trained :class:`~oxford_ir.models.module.RetrievalModule` from a checkpoint, or saying why not.
+
+:func:`load_retrieval_checkpoint` reads the file with ``weights_only=True`` (a checkpoint that holds other objects is
+refused, not unpickled), checks that it was written by the module, rebuilds the model from its hyperparameters
+without fetching pretrained backbone weights (the state dict replaces them), and compares the weights key for key
+and shape for shape with that model, or with a model built from the current config (``expected``). Every refusal
+is one :class:`~oxford_ir.errors.CheckpointError` naming the file and what to use instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oxford_ir.errors import CheckpointError, OxfordIRError
+from oxford_ir.models.module import RetrievalModule
+from oxford_ir.models.settings import describe_config
+
+#: hyperparameters a checkpoint of the module always has
+REQUIRED_HPARAMS = ("embedder", "loss", "distance", "optimizer")
+
+
+def _state_mismatch(
+    model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, Any], limit: int = 5
+) -> list[str]:
+    """Human-readable differences between two state dicts: missing, unexpected, and reshaped keys."""
+    problems = []
+    missing = [k for k in model_state if k not in ckpt_state]
+    unexpected = [k for k in ckpt_state if k not in model_state]
+    reshaped = [
+        f"{k} {tuple(ckpt_state[k].shape)} in the checkpoint vs {tuple(v.shape)} in the model"
+        for k, v in model_state.items()
+        if k in ckpt_state and isinstance(ckpt_state[k], torch.Tensor) and tuple(ckpt_state[k].shape) != tuple(v.shape)
+    ]
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:limit])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:limit])})")
+    if reshaped:
+        problems.append(f"{len(reshaped)} keys of another shape (e.g. {'; '.join(reshaped[:limit])})")
+    return problems
+
+
+def _read_checkpoint(path: Path, map_location: Any) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}; give the path of a .ckpt file written by training")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, IndexError, ... on bad files
+        text = str(error)
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: the checkpoint holds a {unsafe.group(1)} object, not only tensors and plain data; it was not "
+                "written by this project's training, and unpickling it could run code from the file: load it with "
+                "the code that wrote it"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+        reason = detail.group(1) if detail else (text.strip().splitlines() or [type(error).__name__])[0]
+        if isinstance(error, KeyError) or reason.isdigit():  # pickle's reader on bytes that are no pickle at all
+            reason = "not a PyTorch file (no pickle or zip archive inside)"
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {reason}; the file is corrupt or truncated (an interrupted copy or "
+            "save?): use another checkpoint, e.g. last.ckpt or the best-*.ckpt of the run"
+        ) from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint (no state_dict); give a .ckpt written by oxford-ir-train"
+        )
+    return checkpoint
+
+
+def _without_pretrained_weights(embedder: Any) -> Any:
+    """The embedder config with ``backbone.weights: none``: the checkpoint's state dict replaces them anyway,
+    so rebuilding never downloads ImageNet weights or needs the local weights file of the training machine."""
+    if not isinstance(embedder, dict) or not isinstance(embedder.get("backbone"), dict):
+        return embedder
+    backbone = embedder["backbone"]
+    if "weights" not in backbone:
+        return embedder
+    return {**embedder, "backbone": {**backbone, "weights": "none"}}
+
+
+def load_retrieval_checkpoint(
+    path: str | Path, map_location: Any = "cpu", *, expected: RetrievalModule | None = None
+) -> RetrievalModule:
+    """The :class:`RetrievalModule` saved in ``path``, in eval mode, or a :class:`CheckpointError` that says why not.
+
+    ``expected`` (a module built from the current config) makes the check stricter: the checkpoint's
+    weights must fit that model, key for key and shape for shape; the error then names the first
+    mismatched keys and the embedder the checkpoint was trained with, i.e. the config to use instead.
+    """
+    path = Path(path)
+    checkpoint = _read_checkpoint(path, map_location)
+    hparams = checkpoint.get(RetrievalModule.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+    missing = [k for k in REQUIRED_HPARAMS if k not in hparams]
+    if missing:
+        raise CheckpointError(
+            f"{path} was not written by RetrievalModule: its hyper_parameters ({sorted(hparams) or 'none'}) have no "
+            f"{', '.join(missing)}; load it with the model class that trained it"
+        )
+    state = checkpoint["state_dict"]
+    trained_with = describe_config(hparams.get("embedder"))
+    if expected is not None:
+        problems = _state_mismatch(expected.state_dict(), state)
+        if problems:
+            raise CheckpointError(
+                f"{path} does not fit the configured model {describe_config(expected.hparams.get('embedder'))}: "
+                f"{'; '.join(problems)}. The checkpoint was trained with {trained_with}: compose that config "
+                "(e.g. the same backbone=/pooling=/embedder.projection_dim= overrides as the run that wrote it)"
+            )
+    accepted = set(inspect.signature(RetrievalModule.__init__).parameters) - {"self"}
+    kwargs = {k: v for k, v in hparams.items() if k in accepted}
+    kwargs["embedder"] = _without_pretrained_weights(kwargs.get("embedder"))
+    try:
+        module = RetrievalModule(**kwargs)
+    except OxfordIRError as error:
+        raise CheckpointError(f"{path}: cannot rebuild the model from its hyper_parameters: {error}") from None
+    problems = _state_mismatch(module.state_dict(), state)
+    if problems:
+        raise CheckpointError(
+            f"{path}: its weights do not fit the model its own hyper_parameters describe ({trained_with}): "
+            f"{'; '.join(problems)}. The file was edited or written by another version of the code"
+        )
+    module.load_state_dict(state, strict=True)
+    return module.eval()
