@@ -226,6 +226,15 @@ def share_memory(item: Any) -> Any:
     return item
 
 
+def share_tensors_by_name() -> None:
+    """Make DataLoader workers hand their tensors over as named shared-memory files (torch's ``file_system``
+    strategy), not as file descriptors: receiving a descriptor means talking to the worker, and a worker stopped at
+    that moment would block this process beyond any timeout. Call it before a loader with workers starts."""
+    import torch.multiprocessing
+
+    torch.multiprocessing.set_sharing_strategy("file_system")
+
+
 def worker_items(
     dataset: Any,
     *,
@@ -251,11 +260,7 @@ def worker_items(
         yield from DataLoader(dataset, num_workers=0, **loader_kwargs)
         return
     poll = POLL_SECONDS if timeout is None else min(POLL_SECONDS, timeout)
-    # workers hand their tensors over as named shared-memory files, not as file descriptors: receiving a descriptor
-    # means talking to the worker, and a worker stopped at that moment would block this process beyond any timeout
-    import torch.multiprocessing
-
-    torch.multiprocessing.set_sharing_strategy("file_system")
+    share_tensors_by_name()
     loader = DataLoader(dataset, num_workers=num_workers, timeout=poll, **loader_kwargs)
     iterator = iter(loader)
     _unwatch(iterator)

@@ -63,7 +63,7 @@ from oxford_ir.data.gpu_decode import (
 from oxford_ir.data.prefetch import DevicePrefetchLoader, ReadyBatch
 from oxford_ir.data.sampler import ClassBalancedSampler
 from oxford_ir.errors import ConfigError, DataError
-from oxford_ir.fs import WORKER_TIMEOUT
+from oxford_ir.fs import WORKER_TIMEOUT, share_tensors_by_name
 
 log = logging.getLogger(__name__)
 
@@ -443,6 +443,8 @@ class RetrievalDataModule(pl.LightningDataModule):
             )
             collate = CropCollate(self._batch_augmentation if device.type == "cpu" else None)
             prepare = self._batch_augmentation.prepare
+        if hp.num_workers > 0:
+            share_tensors_by_name()  # a stopped worker cannot block the handover of a batch past the timeout
         return DevicePrefetchLoader(
             dataset,
             batch_size=sampler.batch_size,

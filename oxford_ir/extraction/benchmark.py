@@ -26,7 +26,7 @@ from oxford_ir.extraction.buckets import MAX_SHAPES
 from oxford_ir.extraction.distributed import barrier, rank_and_world
 from oxford_ir.extraction.embedding import extract_embeddings, plan_for_model, planned_dataset
 from oxford_ir.extraction.planning import ExtractionPlan, union_buckets
-from oxford_ir.fs import WORKER_TIMEOUT
+from oxford_ir.fs import WORKER_TIMEOUT, share_tensors_by_name
 
 
 def every_image(benchmark: Benchmark) -> tuple[list[Path], list[Sequence[float] | None]]:
@@ -164,6 +164,8 @@ def benchmark_loaders(
         (benchmark.db_paths, None, plans[0]),
         (benchmark.query_paths, benchmark.query_bboxes, plans[1]),
     )
+    if num_workers > 0:
+        share_tensors_by_name()  # a stopped worker cannot block the handover of a batch past the timeout
     loaders = []
     for k, (paths, bboxes, plan) in enumerate(parts):
         source = None if images is None else images[k]

@@ -182,8 +182,7 @@ def test_a_hung_worker_ends_training_with_one_clear_error(tmp_path):
     """A DataLoader worker stopped (SIGSTOP) while training: the run ends after ``data.worker_timeout`` seconds
     with one line saying what happened and what to do, instead of waiting forever (as with torch's default).
 
-    Slow, and not in-process: a worker stopped while torch hands one of its batches over (file-descriptor
-    sharing) blocks that handover beyond any timeout; the README's "Reliability" says so."""
+    Through the console script, which must also kill the stopped workers so that its interpreter can exit."""
     stopped: list[int] = []
 
     def stop_a_worker(pid: int) -> None:
