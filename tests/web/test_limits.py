@@ -27,9 +27,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
-from oxford_ir.cli.serve import bind_socket, server_config  # noqa: E402
 from oxford_ir.retrieval.index_format import RetrievalIndex  # noqa: E402
 from oxford_ir.retrieval.search import Searcher  # noqa: E402
 from oxford_ir.web.app import ServeSettings, create_app  # noqa: E402
@@ -41,6 +39,7 @@ from tests.web.test_app import (  # noqa: E402
     embed_file,
     error_of,
     multipart_body,
+    running,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,27 +64,6 @@ def searcher(index: RetrievalIndex) -> Searcher:
     return Searcher(index)
 
 
-@contextlib.contextmanager
-def serving(app) -> Iterator[tuple[str, int]]:
-    """``app`` on 127.0.0.1 (a free port) in a thread, with oxford-ir-serve's uvicorn settings."""
-    import uvicorn
-
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(server_config(app, OmegaConf.create({"log_level": "warning"})))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield sock.getsockname()[:2]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def app(index: RetrievalIndex, searcher: Searcher):
     return create_app(searcher, index, SETTINGS)
@@ -93,7 +71,7 @@ def app(index: RetrievalIndex, searcher: Searcher):
 
 @pytest.fixture(scope="module")
 def live(app) -> Iterator[tuple[str, int]]:
-    with serving(app) as address:
+    with running(app) as address:
         yield address
 
 
