@@ -26,7 +26,9 @@ from oxford_ir.extraction.distributed import barrier, init_from_environment, ran
 from oxford_ir.extraction.embedding import resolve_decode
 from oxford_ir.extraction.options import extraction_options, resolve_device
 from oxford_ir.extraction.planning import ExtractionPlan
+from oxford_ir.extraction.whitening_source import WhiteningSettings
 from oxford_ir.fs import replace_file
+from oxford_ir.retrieval.model_whitening import evaluation_whitening
 from oxford_ir.retrieval.report import format_table
 
 log = logging.getLogger(__name__)
@@ -191,6 +193,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     num_workers = _whole_numbers(ex.num_workers, "extraction.num_workers", least=0, single=True)[0]
     kappas = tuple(_whole_numbers(cfg.kappas, "kappas", least=1))
     cache_dir = _cache_dir(ex, data_dir)
+    WhiteningSettings.from_config(cfg.get("whitening"))  # checked before anything is read
     device = init_from_environment() or resolve_device(str(ex.device))  # torchrun: one process per device
     model = _build_model(cfg)
     rank, _ = rank_and_world()
@@ -199,28 +202,39 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         for name in names:
             prepare_benchmark(name, data_dir, download=bool(cfg.download), synthetic=synthetic)
     barrier()
+    allow_missing = bool(cfg.allow_missing_images)
+    extract_kwargs = {"batch_size": batch_size, "num_workers": num_workers, "device": device, **options}
+    model, whitening = evaluation_whitening(
+        cfg,
+        model,
+        [load_benchmark(name, data_dir, allow_missing_images=allow_missing) for name in names],
+        image_size=image_size,
+        scales=scales,
+        progress=True,
+        **extract_kwargs,
+    )
     results, notes, extraction = evaluate_model(
         model,
         names,
         data_dir,
         image_size=image_size,
         scales=scales,
-        allow_missing_images=bool(cfg.allow_missing_images),
+        allow_missing_images=allow_missing,
         kappas=kappas,
         cache_dir=cache_dir,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
         progress=True,
-        **options,
+        **extract_kwargs,
     )
     table = format_table(results, notes, kappas)
+    if whitening:
+        table = f"{whitening['kind']} whitening ({whitening['status']}): {whitening['file']}\n{table}"
     flat = {f"{name}/{key}": value for name, metrics in results.items() for key, value in metrics.items()}
     if rank != 0:  # every process holds the same results; the first one reports them
         return flat, {"model": model, "results": results, "table": table}
     print(table)
     summary = extraction_report(extraction, options, scales, device)
-    write_results(Path(cfg.paths.output_dir), {"metrics": flat, "notes": notes, "extraction": summary}, table)
+    results_json = {"metrics": flat, "notes": notes, "extraction": summary, "whitening": whitening or None}
+    write_results(Path(cfg.paths.output_dir), results_json, table)
     return flat, {"model": model, "results": results, "table": table}
 
 

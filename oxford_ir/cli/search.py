@@ -24,6 +24,7 @@ from oxford_ir.errors import ConfigError, DataError, exit_on_user_error
 from oxford_ir.extraction.options import resolve_device
 from oxford_ir.fs import replace_file
 from oxford_ir.images import IMAGE_EXTENSIONS
+from oxford_ir.retrieval.model_whitening import check_requested_whitening, check_whitening_disjoint
 from oxford_ir.retrieval.report import format_table
 from oxford_ir.retrieval.search import Searcher, _check_k, render_result_grid
 
@@ -131,6 +132,7 @@ def search(cfg: DictConfig) -> tuple[list[dict[str, Any]] | dict[str, float], di
         k = _check_k(cfg.k)
         queries = resolve_queries(cfg.get("query"), cfg.get("bbox"))
     index = RetrievalIndex.load(Path(str(cfg.index)))
+    check_requested_whitening(cfg.get("whitening"), index.model, str(index.path))
     searcher = make_searcher(index, cfg)
     output_dir = Path(cfg.paths.output_dir)
     if benchmark_name:
@@ -205,6 +207,7 @@ def _evaluate(cfg: DictConfig, name: str, index: Any, searcher: Searcher, output
     from oxford_ir.retrieval.search import evaluate_benchmark
 
     benchmark = load_benchmark(name, Path(cfg.paths.data_dir), allow_missing_images=bool(cfg.allow_missing_images))
+    check_whitening_disjoint(index.model, benchmark)
     kappas = tuple(int(k) for k in cfg.kappas)
     metrics = evaluate_benchmark(index, benchmark, searcher, kappas=kappas)
     log.info("%s evaluated through %s", name, searcher)

@@ -37,6 +37,7 @@ from oxford_ir.errors import exit_on_user_error
 from oxford_ir.fs import replace_file
 from oxford_ir.models.checkpoint import load_retrieval_checkpoint
 from oxford_ir.models.module import Evaluation
+from oxford_ir.retrieval.model_whitening import save_run_whitening
 from oxford_ir.retrieval.report import format_table
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,12 @@ def _evaluation_table(module: Any) -> str | None:
     if evaluation is None:
         return None
     benchmark = evaluation.benchmark
-    return format_table({benchmark.name: evaluation.metrics}, {benchmark.name: benchmark.subset_note})
+    rows, notes = {benchmark.name: evaluation.metrics}, {benchmark.name: benchmark.subset_note}
+    if evaluation.unwhitened is not None:  # the configured whitening's row first, then the network alone
+        kind = module.hparams.whitening["kind"]
+        rows = {f"{benchmark.name} + {kind} whitening": evaluation.metrics, benchmark.name: evaluation.unwhitened}
+        notes = {benchmark.name: benchmark.subset_note}
+    return format_table(rows, notes)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -106,6 +112,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 tables["final"] = _evaluation_table(model) or ""
                 evaluations["final"] = _evaluation_metrics(model)
                 metrics.update({f"final/{k}": float(v) for k, v in trainer.callback_metrics.items()})
+                if trainer.is_global_zero:
+                    whitening = save_run_whitening(getattr(model, "last_whitening", None), best, cfg.get("whitening"))
+                    if whitening is not None:
+                        log.info("whitening of the best checkpoint: %s", whitening)
             if trainer.is_global_zero:
                 _write_results(run, metrics, evaluations, tables)
     finally:

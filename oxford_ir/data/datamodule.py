@@ -206,6 +206,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.eval_benchmark_name = eval_benchmark or benchmark
         self._split: TrainSplit | None = None
         self._train_split: TrainSplit | None = None
+        self._whitening_split: TrainSplit | None = None
         self._train_classes: np.ndarray | None = None
         self._train_cache: ImageCache | None = None
         self._eval_cache: ImageCache | None = None
@@ -358,6 +359,16 @@ class RetrievalDataModule(pl.LightningDataModule):
     def train_split(self) -> TrainSplit:
         """The split as trained on: images present on disk only."""
         return self._require(self._train_split, "fit")
+
+    @property
+    def whitening_split(self) -> TrainSplit:
+        """The training split a post-hoc whitening is learned from: as trained on (images present on disk), also
+        when this datamodule was only set up to validate or test."""
+        if self._train_split is not None:
+            return self._train_split
+        if self._whitening_split is None:
+            self._whitening_split = self._available(self.split)
+        return self._whitening_split
 
     @property
     def eval_benchmark(self) -> Benchmark:

@@ -164,24 +164,67 @@ def benchmark_loaders(
         (benchmark.db_paths, None, plans[0]),
         (benchmark.query_paths, benchmark.query_bboxes, plans[1]),
     )
+    loaders = [
+        planned_loader(
+            paths,
+            image_size,
+            plan,
+            bboxes=bboxes,
+            images=None if images is None else images[k],
+            gpu_decode=gpu_decode,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            worker_timeout=worker_timeout,
+        )
+        for k, (paths, bboxes, plan) in enumerate(parts)
+    ]
+    return loaders, plans
+
+
+def image_list_loader(
+    model: nn.Module,
+    paths: Sequence[Path],
+    *,
+    image_size: int | None,
+    batch_size: int,
+    batching: str = "bucket",
+    max_shapes: int = MAX_SHAPES,
+    **loader_kwargs: Any,
+) -> tuple[DataLoader, ExtractionPlan]:
+    """The loader of whole images ``paths`` planned for ``model`` (e.g. the training images a whitening is learned
+    from during validation), and its plan; ``loader_kwargs`` as :func:`planned_loader`'s."""
+    plan = plan_for_model(model, paths, image_size, batch_size, batching=batching, max_shapes=max_shapes)
+    return planned_loader(paths, image_size, plan, **loader_kwargs), plan
+
+
+def planned_loader(
+    paths: Sequence[Path],
+    image_size: int | None,
+    plan: ExtractionPlan,
+    *,
+    bboxes: Sequence[Sequence[float] | None] | None = None,
+    images: Dataset | None = None,
+    gpu_decode: bool = False,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+    worker_timeout: float | None = WORKER_TIMEOUT,
+) -> DataLoader:
+    """A DataLoader whose items are the planned batches of ``plan`` (decoded by workers from ``images`` or the
+    files, or read for the device to decode with ``gpu_decode``), for :func:`embed_loader_item`."""
     if num_workers > 0:
         share_tensors_by_name()  # a stopped worker cannot block the handover of a batch past the timeout
-    loaders = []
-    for k, (paths, bboxes, plan) in enumerate(parts):
-        source = None if images is None else images[k]
-        dataset = planned_dataset(paths, image_size, plan.batches, bboxes=bboxes, images=source, on_device=gpu_decode)
-        loaders.append(
-            DataLoader(
-                dataset,
-                batch_size=None,  # each item is a whole planned batch
-                shuffle=False,
-                num_workers=num_workers,
-                pin_memory=pin_memory,
-                persistent_workers=persistent_workers and num_workers > 0,
-                timeout=float(worker_timeout or 0) if num_workers > 0 else 0,
-            )
-        )
-    return loaders, plans
+    dataset = planned_dataset(paths, image_size, plan.batches, bboxes=bboxes, images=images, on_device=gpu_decode)
+    return DataLoader(
+        dataset,
+        batch_size=None,  # each item is a whole planned batch
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+        timeout=float(worker_timeout or 0) if num_workers > 0 else 0,
+    )
 
 
 def benchmark_cache(

@@ -47,6 +47,7 @@ from oxford_ir.extraction.batches import (
 from oxford_ir.extraction.buckets import MAX_SHAPES
 from oxford_ir.extraction.distributed import all_failures, gather_rows, rank_and_world
 from oxford_ir.extraction.planning import ExtractionPlan, plan_extraction, shard
+from oxford_ir.extraction.whitening import Whitened
 from oxford_ir.fs import WORKER_TIMEOUT, WorkerFault, WorkerTraceback, worker_items
 
 #: ``precision=`` values: float32, or bfloat16 autocast (Ampere GPUs and newer; CPUs with AVX512-BF16)
@@ -72,8 +73,12 @@ def embed_batch(
     ``extract_ms``: ``v = (mean_s f(x_s) ** p) ** (1 / p)``, then L2-normalised, where ``x_s`` is the batch
     resized bilinearly by ``s`` (a padded image's own size becomes ``floor(size * s)``) and ``p`` is
     ``model.power`` (GeM's p; 1 when absent). A single scale is the network output itself. ``channels_last``
-    hands the network NHWC tensors (faster convolutions on GPUs with tensor cores).
+    hands the network NHWC tensors (faster convolutions on GPUs with tensor cores). A
+    :class:`~oxford_ir.extraction.whitening.Whitened` model whitens the vector its network gives for all scales
+    together (whitened vectors can be negative: they never go through the power).
     """
+    if isinstance(model, Whitened):
+        return model.whiten(embed_batch(model.network, images, scales, channels_last=channels_last, sizes=sizes))
 
     def forward(s: float) -> torch.Tensor:
         x = rescale(images, s)

@@ -129,3 +129,17 @@ def load_retrieval_checkpoint(
         )
     module.load_state_dict(state, strict=True)
     return module.eval()
+
+
+def checkpoint_data_settings(path: str | Path) -> dict[str, Any]:
+    """The datamodule arguments a checkpoint's run trained with (Lightning stores them beside the model's), e.g.
+    to learn a whitening from the same training split; a CheckpointError when the file holds none."""
+    path = Path(path)
+    checkpoint = _read_checkpoint(path, "cpu")
+    settings = checkpoint.get("datamodule_hyper_parameters")
+    if not isinstance(settings, Mapping) or not settings:
+        raise CheckpointError(
+            f"{path} does not record the data it was trained on (no datamodule_hyper_parameters); give the training "
+            "split to learn from as whitening.source={benchmark: ..., split: ...}"
+        )
+    return dict(settings)

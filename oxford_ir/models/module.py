@@ -42,9 +42,11 @@ from oxford_ir.benchmarks.ranking import rank_database
 from oxford_ir.config import call, instantiate, to_plain
 from oxford_ir.data.gpu_decode import GpuEvalDecoder
 from oxford_ir.errors import ConfigError, DataError
-from oxford_ir.extraction.benchmark import benchmark_loaders
+from oxford_ir.extraction.benchmark import benchmark_loaders, image_list_loader
 from oxford_ir.extraction.distributed import all_failures, gather_rows
 from oxford_ir.extraction.embedding import embed_loader_item
+from oxford_ir.extraction.whitening import Whitening
+from oxford_ir.extraction.whitening_source import WhiteningSample, WhiteningSettings, fit_whitening, split_sample
 from oxford_ir.models.cross_batch import (
     CHECKPOINT_KEY,
     CrossBatchMining,
@@ -66,8 +68,8 @@ from oxford_ir.models.tuple_stats import SUPPORTED_LOSSES, TupleStatistics, tupl
 
 log = logging.getLogger(__name__)
 
-#: validation dataloader indices
-DB_LOADER, QUERY_LOADER = 0, 1
+#: validation dataloader indices (the third, with a post-hoc whitening: the training images it is learned from)
+DB_LOADER, QUERY_LOADER, WHITENING_LOADER = 0, 1, 2
 #: the metric logged as ``val/mAP`` (what checkpoints and sweeps select on), per protocol
 SELECTION_METRIC = {"original": "mAP", "revisited": "M/mAP"}
 
@@ -88,6 +90,8 @@ class Evaluation:
     #: database and query embeddings (float32, on the CPU, usable outside the validation loop)
     db: torch.Tensor
     queries: torch.Tensor
+    #: with a post-hoc whitening (which ``metrics`` include): the metrics of the network alone
+    unwhitened: dict[str, float] | None = None
 
 
 def assemble_by_index(indices: torch.Tensor, embeddings: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +150,10 @@ class RetrievalModule(pl.LightningModule):
         compile: ``torch.compile`` the embedder (in place: checkpoint keys do not change).
         channels_last: NHWC weights and inputs (faster convolutions with bf16 on tensor-core GPUs; the
             checkpoint is unchanged).
+        whitening: the ``whitening`` config (kind none, learned or pca; :mod:`oxford_ir.extraction.whitening`):
+            every validation pass learns it from the training split's images embedded by the current network and
+            evaluates with it (``val/...``; ``val/unwhitened/...`` without); the last one is
+            :attr:`last_whitening`.
     """
 
     def __init__(
@@ -163,6 +171,7 @@ class RetrievalModule(pl.LightningModule):
         kappas: Sequence[int] = DEFAULT_KAPPAS,
         compile: bool = False,
         channels_last: bool = False,
+        whitening: Mapping | None = None,
     ) -> None:
         super().__init__()
         # plain containers, so that the checkpoint's hyper_parameters load with nothing but this class
@@ -179,7 +188,14 @@ class RetrievalModule(pl.LightningModule):
         frozen_stages = None if frozen_stages is None else int(frozen_stages)
         compile = bool(compile)
         channels_last = bool(channels_last)
+        whitening = to_plain(whitening)
         self.save_hyperparameters()
+        self._whitening_settings = WhiteningSettings.from_config(whitening)
+        if self._whitening_settings is not None and whitening.get("source") is not None:
+            raise ConfigError(
+                f"whitening.source={whitening['source']}: training learns the whitening from its own training split "
+                "(whitening.source=null); a source applies to oxford-ir-eval"
+            )
 
         check_parts(embedder, loss, distance, optimizer, miner)
         check_values(eval_scales, kappas, backbone_lr, freeze_backbone_epochs)
@@ -245,6 +261,10 @@ class RetrievalModule(pl.LightningModule):
         self._eval_fill_to: int | None = None
         #: the last evaluation, for callbacks; None when the last validation pass was not evaluated
         self.last_evaluation: Evaluation | None = None
+        #: with a whitening: the images it is learned from (set with the loaders), and the last one learned
+        self._whitening_sample: WhiteningSample | None = None
+        self._whitening_image_size: int | None = None
+        self.last_whitening: Whitening | None = None
 
     # -- training ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -372,15 +392,32 @@ class RetrievalModule(pl.LightningModule):
         self._eval_decoder = GpuEvalDecoder(settings["image_size"]) if settings["gpu_decode"] else None
         bucketed = self._eval_plans[0].mode == "bucket"
         self._eval_fill_to = settings["batch_size"] if bucketed and self.device.type == "cuda" else None
+        self._whitening_sample = None
+        if self._whitening_settings is not None:
+            self._whitening_sample = split_sample(datamodule.whitening_split, self._whitening_settings)
+            self._whitening_image_size = settings["image_size"]
+            keys = ("batch_size", "batching", "max_shapes", "num_workers", "pin_memory", "persistent_workers")
+            loader, _ = image_list_loader(
+                self.embedder,
+                self._whitening_sample.paths,
+                image_size=settings["image_size"],
+                gpu_decode=settings["gpu_decode"],
+                worker_timeout=settings["worker_timeout"],
+                **{key: settings[key] for key in keys},
+            )
+            loaders.append(loader)
         return loaders
 
     def on_validation_epoch_start(self) -> None:
         self._val_outputs = {DB_LOADER: ([], []), QUERY_LOADER: ([], [])}
+        if self._whitening_sample is not None:
+            self._val_outputs[WHITENING_LOADER] = ([], [])
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if dataloader_idx not in self._val_outputs:
             raise ConfigError(
-                f"validation dataloader {dataloader_idx}: the module expects two, database (0) and queries (1)"
+                f"validation dataloader {dataloader_idx}: the module expects database (0), queries (1) and, with a "
+                "whitening, its training images (2)"
             )
         indices, vectors = embed_loader_item(
             self.embedder,
@@ -430,6 +467,7 @@ class RetrievalModule(pl.LightningModule):
         """
         benchmark = self._eval_benchmark()
         db_rows, q_rows = self._local_rows(DB_LOADER), self._local_rows(QUERY_LOADER)
+        whitening_rows = self._local_rows(WHITENING_LOADER)
         self._val_outputs = {}
         db, db_present = assemble_by_index(*db_rows, benchmark.n_db)
         queries, q_present = assemble_by_index(*q_rows, benchmark.n_queries)
@@ -447,10 +485,63 @@ class RetrievalModule(pl.LightningModule):
         ranks = rank_database(db, queries)
         metrics, per_query = evaluated.evaluate_detailed(ranks, self.hparams.kappas)
         selection = SELECTION_METRIC[evaluated.protocol]
-        logged = {f"val/{evaluated.name}/{key}": float(value) for key, value in metrics.items()}
+        whitening = self._validation_whitening(whitening_rows)
+        logged: dict[str, float] = {}
+        unwhitened = None
+        if whitening is not None:
+            unwhitened = metrics  # val/ is the whitened model; val/unwhitened/ the network alone
+            logged = {f"val/unwhitened/{evaluated.name}/{key}": float(value) for key, value in metrics.items()}
+            logged["val/unwhitened/mAP"] = float(metrics[selection])
+            with torch.inference_mode(False):
+                db, queries = whitening.apply(db), whitening.apply(queries)
+            ranks = rank_database(db, queries)
+            metrics, per_query = evaluated.evaluate_detailed(ranks, self.hparams.kappas)
+        logged.update({f"val/{evaluated.name}/{key}": float(value) for key, value in metrics.items()})
         logged["val/mAP"] = float(metrics[selection])
         self.log_dict(logged, sync_dist=True, reduce_fx="max")
-        self.last_evaluation = Evaluation(evaluated, ranks, metrics, per_query, db, queries)
+        self.last_evaluation = Evaluation(evaluated, ranks, metrics, per_query, db, queries, unwhitened)
+
+    def _validation_whitening(self, rows: tuple[torch.Tensor, torch.Tensor]) -> Whitening | None:
+        """The whitening learned from this pass's embeddings of the training images (None without one, or when a
+        deliberately shortened pass embedded too few of them to learn it, with a warning)."""
+        sample = self._whitening_sample
+        if sample is None or self._whitening_settings is None:
+            return None
+        vectors, present = assemble_by_index(*rows, len(sample.paths))
+        vectors = vectors.float().cpu()
+        try:
+            if bool(present.all()):
+                whitening = fit_whitening(self._whitening_settings, vectors, sample)
+            else:
+                whitening = self._partial_whitening(sample, vectors, present.cpu().numpy())
+        except DataError as error:
+            if _shortened_pass(self.trainer) is None:
+                raise
+            rank_zero_warn(f"{error} ({_shortened_pass(self.trainer)} shortens validation): val/ is unwhitened")
+            return None
+        if whitening is not None:
+            scales = [float(s) for s in self.hparams.eval_scales]
+            info = {"image_size": self._whitening_image_size, "scales": scales, "source": sample.source_info()}
+            self.last_whitening = whitening = whitening.with_info(**info)
+        return whitening
+
+    def _partial_whitening(self, sample: WhiteningSample, vectors: torch.Tensor, present: np.ndarray) -> Whitening:
+        """A shortened pass: the whitening of the embedded images and of the pairs with both images embedded."""
+        reason = _shortened_pass(self.trainer)
+        if reason is None:
+            raise DataError(
+                f"validation embedded {int(present.sum())}/{len(sample.paths)} of the whitening's training images; "
+                "the whitening loader (2) must list each of them once"
+            )
+        index = np.cumsum(present) - 1
+        pairs = present[sample.queries] & present[sample.positives]
+        subset = WhiteningSample(
+            [p for p, kept in zip(sample.paths, present, strict=True) if kept],
+            index[sample.queries[pairs]],
+            index[sample.positives[pairs]],
+            f"{sample.description} (the part embedded by a shortened validation pass)",
+        )
+        return fit_whitening(self._whitening_settings, vectors[torch.from_numpy(present)], subset)
 
     def _partial_benchmark(
         self, benchmark: Benchmark, db_present: torch.Tensor, q_present: torch.Tensor

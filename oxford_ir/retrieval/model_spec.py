@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from oxford_ir import hashing
 from oxford_ir.errors import CheckpointError, ConfigError
+from oxford_ir.extraction.whitening import Whitened, Whitening, whitening_file
 
 #: string values of an embedder config treated as local files (when they exist): paths, not keywords such
 #: as ``weights: imagenet``
@@ -41,10 +42,12 @@ def file_sha256(path: str | Path) -> str:
 @dataclass(frozen=True)
 class ModelSpec:
     """Exactly one of ``checkpoint`` (absolute path of a training ``.ckpt``) or ``embedder`` (a resolved
-    embedder config with ``_target_``, local weight paths absolute)."""
+    embedder config with ``_target_``, local weight paths absolute); and ``whitening``, the absolute path of a
+    post-hoc whitening file (:mod:`oxford_ir.extraction.whitening`) applied after the network, or None."""
 
     checkpoint: str | None = None
     embedder: dict | None = None
+    whitening: str | None = None
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.embedder is None):
@@ -54,8 +57,21 @@ class ModelSpec:
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: Mapping | DictConfig) -> ModelSpec:
-        """From a composed config: ``ckpt_path`` when set, else the ``embedder`` node (as in conf/eval.yaml)."""
+    def from_config(cls, cfg: Mapping | DictConfig, *, whitening: bool = True) -> ModelSpec:
+        """From a composed config: ``ckpt_path`` when set, else the ``embedder`` node (as in conf/eval.yaml); with
+        ``whitening`` (and a ``whitening`` node of kind learned or pca), the file of that whitening, which must
+        exist (beside the checkpoint, or ``whitening.file``)."""
+        network = cls._network_from_config(cfg)
+        node = cfg.get("whitening") if whitening else None
+        kind = node.get("kind", "none") if node is not None else "none"
+        if kind == "none":
+            return network
+        path = whitening_file(kind, node.get("file"), network.checkpoint, None)
+        Whitening.load(path, model_fingerprint=network.fingerprint(), kind=kind)  # refused now, not at the first query
+        return cls(checkpoint=network.checkpoint, embedder=network.embedder, whitening=str(path.resolve()))
+
+    @classmethod
+    def _network_from_config(cls, cfg: Mapping | DictConfig) -> ModelSpec:
         ckpt = cfg.get("ckpt_path")
         if ckpt:
             path = Path(str(ckpt)).expanduser()
@@ -77,10 +93,22 @@ class ModelSpec:
         """Inverse of :meth:`to_dict` (as stored in an index manifest)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"a model spec is a mapping with checkpoint or embedder, got {type(data).__name__}")
-        return cls(checkpoint=data.get("checkpoint"), embedder=data.get("embedder"))
+        return cls(checkpoint=data.get("checkpoint"), embedder=data.get("embedder"), whitening=data.get("whitening"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"checkpoint": self.checkpoint, "embedder": self.embedder}
+        spec = {"checkpoint": self.checkpoint, "embedder": self.embedder}
+        return spec if self.whitening is None else {**spec, "whitening": self.whitening}
+
+    @property
+    def network(self) -> ModelSpec:
+        """The same model without its whitening."""
+        return ModelSpec(checkpoint=self.checkpoint, embedder=self.embedder)
+
+    def load_whitening(self) -> Whitening | None:
+        """The whitening file's content, checked to belong to this network; None without one."""
+        if self.whitening is None:
+            return None
+        return Whitening.load(self.whitening, model_fingerprint=self.network.fingerprint())
 
     # -- use -----------------------------------------------------------------------------------
     def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -97,24 +125,38 @@ class ModelSpec:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 model = hydra.utils.instantiate(self.embedder)
+        whitening = self.load_whitening()
+        if whitening is not None:
+            model = Whitened(model, whitening, name=f"the whitening {self.whitening}")
         return model.to(device).eval()
 
     def describe(self) -> str:
         """One line for people: ``checkpoint /runs/x/last.ckpt`` or ``MobileNetV2(weights=...) + GeM(p=3.0)``."""
         if self.checkpoint is not None:
-            return f"checkpoint {self.checkpoint}"
+            return f"checkpoint {self.checkpoint}{self._whitening_note()}"
         cfg = self.embedder or {}
         parts = [_describe(cfg[key]) for key in ("backbone", "pooling") if isinstance(cfg.get(key), Mapping)]
         extras = [_describe_args(cfg, skip=("backbone", "pooling"))]
         text = " + ".join(parts) if parts else _describe(cfg)
-        return text + (f" [{extras[0]}]" if extras[0] else "")
+        return text + (f" [{extras[0]}]" if extras[0] else "") + self._whitening_note()
+
+    def _whitening_note(self) -> str:
+        return "" if self.whitening is None else f" + whitening {self.whitening}"
 
     def fingerprint(self) -> str:
         """Hex sha256 identifying the model's weights and architecture by content.
 
         Checkpoint: over the sha256 of the file. Embedder: over its canonical JSON, each local file it names
-        replaced by that file's sha256. A named file that has gone raises :class:`ConfigError`.
+        replaced by that file's sha256. A named file that has gone raises :class:`ConfigError`. With a whitening,
+        over the network's fingerprint and the whitening file's sha256 (without, exactly the network's, so that
+        indexes written before whitening existed keep theirs).
         """
+        if self.whitening is not None:
+            path = Path(self.whitening)
+            if not path.is_file():
+                raise ConfigError(f"whitening file not found: {path}; the whitening of this model was moved or deleted")
+            text = json.dumps({"network": self.network.fingerprint(), "whitening_sha256": file_sha256(path)})
+            return hashlib.sha256(text.encode()).hexdigest()
         if self.checkpoint is not None:
             path = Path(self.checkpoint)
             if not path.is_file():

@@ -22,12 +22,13 @@ def format_table(
 ) -> str:
     """Plain-text table of ``{benchmark: flat metrics}``; values shown in percent, as in the literature."""
     columns = ["mAP", *[f"mP@{k}" for k in kappas]]
-    header = f"{'benchmark':<12} {'protocol':<8} " + " ".join(f"{c:>7}" for c in columns)
+    width = max([12, *(len(name) for name in results)])
+    header = f"{'benchmark':<{width}} {'protocol':<8} " + " ".join(f"{c:>7}" for c in columns)
     lines = [header, "-" * len(header)]
     for name, metrics in results.items():
         for protocol, values in protocol_rows(metrics):
             cells = " ".join(f"{100 * values[c]:7.2f}" if c in values else f"{'':>7}" for c in columns)
-            lines.append(f"{name:<12} {protocol:<8} {cells}")
+            lines.append(f"{name:<{width}} {protocol:<8} {cells}")
     for name, note in (notes or {}).items():
         if note:
             lines.append(f"* {name}: {note}")

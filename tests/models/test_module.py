@@ -548,6 +548,7 @@ def compose_model(*overrides: str) -> DictConfig:
         "distance": "cosine",
         "optimizer": "adam",
         "scheduler": "none",
+        "whitening": "none",
     }
     for override in overrides:
         group, _, option = override.partition("=")
