@@ -206,6 +206,11 @@ class Whitened(nn.Module):
     def supports_padding(self) -> bool:
         return bool(getattr(self.network, "supports_padding", False))
 
+    @property
+    def power(self) -> float:
+        """The network's power, with which its scales are combined before whitening."""
+        return float(getattr(self.network, "power", 1.0))
+
     def whiten(self, vectors: torch.Tensor) -> torch.Tensor:
         return whiten(vectors, self.mean, self.projection)
 

@@ -517,7 +517,8 @@ class RetrievalModule(pl.LightningModule):
         except DataError as error:
             if _shortened_pass(self.trainer) is None:
                 raise
-            rank_zero_warn(f"{error} ({_shortened_pass(self.trainer)} shortens validation): val/ is unwhitened")
+            if not self.trainer.sanity_checking:
+                rank_zero_warn(f"{error} ({_shortened_pass(self.trainer)} shortens validation): val/ is unwhitened")
             return None
         if whitening is not None:
             scales = [float(s) for s in self.hparams.eval_scales]
