@@ -49,6 +49,9 @@ serve: $(STAMP) ## the search web page for an index: make serve INDEX=indexes/ph
 bench: $(STAMP) ## benchmarks: training, extraction, evaluation, search vs the compute ceiling and the original method (CPU, ~2 min); writes bench.json; ARGS="--quick|--only training,search"
 	$(PY) experiments/bench/run.py --profile cpu --out bench.json $(ARGS)
 
+reproduce: $(STAMP) ## the published setting: download Paris6k + Oxford5k, train gem_resnet50, evaluate ROxf/RPar (GPU, ~2.3 h); DRY=1: the same on the synthetic benchmark (CPU, 2-4 min); ARGS="--out DIR ..."
+	$(PY) experiments/reproduce.py $(if $(filter 1 yes true,$(DRY)),--dry) $(ARGS)
+
 compare: $(STAMP) ## compare runs without a dashboard (table + val/mAP plot): make compare RUNS=logs/train/multiruns/<time> [ARGS="--sort M"]
 	$(VENV)/bin/oxford-ir-compare $(RUNS) $(ARGS)
 
@@ -59,4 +62,4 @@ clean: ## remove run outputs and caches (keeps .venv and data/)
 	rm -rf outputs multirun logs wandb .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-.PHONY: help install test test-full lint train sweep eval index search serve bench compare data clean
+.PHONY: help install test test-full lint train sweep eval index search serve bench reproduce compare data clean

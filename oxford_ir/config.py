@@ -171,10 +171,9 @@ Expected = tuple
 
 def _expected(annotation: Any, default: Any) -> Expected | None:
     """What the annotation (else the default's type) says a parameter takes; None when it says nothing checkable."""
-    kind = _kind(annotation) if annotation is not inspect.Parameter.empty else None
-    if kind is not None:
-        none_ok = kind[1] or default is None
-        return (kind[0], none_ok, *kind[2:])
+    if annotation is not inspect.Parameter.empty:  # an annotation it cannot read (Union[int, bool]) says nothing
+        kind = _kind(annotation)
+        return None if kind is None else (kind[0], kind[1] or default is None, *kind[2:])
     if isinstance(default, bool):
         return ("bool", False)
     if isinstance(default, (int, float)):  # an int default (margin=0) still takes 0.5

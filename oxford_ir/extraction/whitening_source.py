@@ -92,6 +92,18 @@ class WhiteningSample:
         """Identifies the sample by its image names (not folders), so moving the dataset keeps it."""
         return hashlib.sha256("\n".join(p.name for p in self.paths).encode()).hexdigest()
 
+    def restrict(self, kept: np.ndarray, why: str) -> WhiteningSample:
+        """The sample of the images where ``kept`` (a boolean mask over ``paths``) and of the pairs of two of them."""
+        kept = np.asarray(kept, dtype=bool)
+        position = np.cumsum(kept) - 1
+        pairs = kept[self.queries] & kept[self.positives]
+        return WhiteningSample(
+            [p for p, k in zip(self.paths, kept, strict=True) if k],
+            position[self.queries[pairs]],
+            position[self.positives[pairs]],
+            f"{self.description} ({why})",
+        )
+
     def source_info(self) -> dict[str, Any]:
         """What a whitening file records about its images: enough to reuse it, and to refuse it on a benchmark
         that evaluates any of them."""
@@ -203,7 +215,16 @@ def evaluated_images(benchmark: Benchmark) -> set[str]:
     return {os.path.realpath(p) for p in named}
 
 
-def check_disjoint(source_images: Iterable[str | Path], benchmarks: Iterable[Benchmark], what: str) -> None:
+#: how to learn a whitening that does not overlap the evaluation, for oxford-ir-eval and search
+EVAL_FIX = (
+    "Learn it from a split that keeps them out (whitening.source={split: landmarks, held_out_landmarks: [...]}, or a "
+    "training dataset other than the evaluated one), or evaluate another benchmark"
+)
+
+
+def check_disjoint(
+    source_images: Iterable[str | Path], benchmarks: Iterable[Benchmark], what: str, fix: str = EVAL_FIX
+) -> None:
     """A :class:`ConfigError` when a whitening learned from ``source_images`` would be evaluated on a benchmark
     that evaluates any of them (its queries, their positives or junk): the whitening would have seen the test."""
     source = {os.path.realpath(p) for p in source_images}
@@ -212,7 +233,5 @@ def check_disjoint(source_images: Iterable[str | Path], benchmarks: Iterable[Ben
         if shared:
             raise ConfigError(
                 f"{what} was learned from {len(shared)} images that {benchmark.name} evaluates (queries, their "
-                f"positives or junk; e.g. {Path(shared[0]).name}): its numbers would have seen the test. Learn it "
-                "from a split that keeps them out (whitening.source={split: landmarks, held_out_landmarks: [...]}, or "
-                "a training dataset other than the evaluated one), or evaluate another benchmark"
+                f"positives or junk; e.g. {Path(shared[0]).name}): its numbers would have seen the test. {fix}"
             )

@@ -46,7 +46,13 @@ from oxford_ir.extraction.benchmark import benchmark_loaders, image_list_loader
 from oxford_ir.extraction.distributed import all_failures, gather_rows
 from oxford_ir.extraction.embedding import embed_loader_item
 from oxford_ir.extraction.whitening import Whitening
-from oxford_ir.extraction.whitening_source import WhiteningSample, WhiteningSettings, fit_whitening, split_sample
+from oxford_ir.extraction.whitening_source import (
+    WhiteningSample,
+    WhiteningSettings,
+    check_disjoint,
+    fit_whitening,
+    split_sample,
+)
 from oxford_ir.models.cross_batch import (
     CHECKPOINT_KEY,
     CrossBatchMining,
@@ -395,6 +401,12 @@ class RetrievalModule(pl.LightningModule):
         self._whitening_sample = None
         if self._whitening_settings is not None:
             self._whitening_sample = split_sample(datamodule.whitening_split, self._whitening_settings)
+            what = f"the {self._whitening_settings.kind} whitening ({self._whitening_sample.description})"
+            fix = (
+                "The seed split trains on the evaluated queries' positives: use data.split=landmarks (or cross) to "
+                "validate with a whitening, or whitening=none"
+            )
+            check_disjoint(self._whitening_sample.paths, [datamodule.eval_benchmark], what, fix)
             self._whitening_image_size = settings["image_size"]
             keys = ("batch_size", "batching", "max_shapes", "num_workers", "pin_memory", "persistent_workers")
             loader, _ = image_list_loader(
@@ -509,40 +521,27 @@ class RetrievalModule(pl.LightningModule):
             return None
         vectors, present = assemble_by_index(*rows, len(sample.paths))
         vectors = vectors.float().cpu()
-        try:
-            if bool(present.all()):
-                whitening = fit_whitening(self._whitening_settings, vectors, sample)
-            else:
-                whitening = self._partial_whitening(sample, vectors, present.cpu().numpy())
-        except DataError as error:
-            if _shortened_pass(self.trainer) is None:
-                raise
-            if not self.trainer.sanity_checking:
-                rank_zero_warn(f"{error} ({_shortened_pass(self.trainer)} shortens validation): val/ is unwhitened")
-            return None
-        if whitening is not None:
-            scales = [float(s) for s in self.hparams.eval_scales]
-            info = {"image_size": self._whitening_image_size, "scales": scales, "source": sample.source_info()}
-            self.last_whitening = whitening = whitening.with_info(**info)
-        return whitening
-
-    def _partial_whitening(self, sample: WhiteningSample, vectors: torch.Tensor, present: np.ndarray) -> Whitening:
-        """A shortened pass: the whitening of the embedded images and of the pairs with both images embedded."""
         reason = _shortened_pass(self.trainer)
-        if reason is None:
+        if not bool(present.all()) and reason is None:
             raise DataError(
                 f"validation embedded {int(present.sum())}/{len(sample.paths)} of the whitening's training images; "
                 "the whitening loader (2) must list each of them once"
             )
-        index = np.cumsum(present) - 1
-        pairs = present[sample.queries] & present[sample.positives]
-        subset = WhiteningSample(
-            [p for p, kept in zip(sample.paths, present, strict=True) if kept],
-            index[sample.queries[pairs]],
-            index[sample.positives[pairs]],
-            f"{sample.description} (the part embedded by a shortened validation pass)",
-        )
-        return fit_whitening(self._whitening_settings, vectors[torch.from_numpy(present)], subset)
+        if not bool(present.all()):  # a deliberately shortened pass: what it embedded
+            kept = present.cpu().numpy()
+            sample, vectors = sample.restrict(kept, "embedded by a shortened validation pass"), vectors[present.cpu()]
+        try:
+            whitening = fit_whitening(self._whitening_settings, vectors, sample)
+        except DataError as error:
+            if reason is None:
+                raise
+            if not self.trainer.sanity_checking:
+                rank_zero_warn(f"{error} ({reason} shortens validation): val/ is unwhitened")
+            return None
+        scales = [float(s) for s in self.hparams.eval_scales]
+        info = {"image_size": self._whitening_image_size, "scales": scales, "source": sample.source_info()}
+        self.last_whitening = whitening = whitening.with_info(**info)
+        return whitening
 
     def _partial_benchmark(
         self, benchmark: Benchmark, db_present: torch.Tensor, q_present: torch.Tensor

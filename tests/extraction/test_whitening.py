@@ -277,3 +277,11 @@ def test_source_images_overlapping_an_evaluated_benchmark_are_refused(tmp_path):
     for name in ("q", "a", "b", "c"):
         with pytest.raises(ConfigError, match="learned from 1 images that b evaluates"):
             check_disjoint([folder / f"{name}.jpg"], [benchmark], "w")
+
+
+def test_a_sample_restricted_to_the_embedded_images_keeps_their_pairs():
+    labels = np.array([0, 0, 0, 1, 1])
+    sample = whitening_sample([Path(f"{i}.jpg") for i in range(5)], labels, 2, WhiteningSettings("learned"), "s")
+    part = sample.restrict(np.array([True, False, True, True, True]), "shortened")
+    pairs = {(part.paths[q].name, part.paths[p].name) for q, p in zip(part.queries, part.positives, strict=True)}
+    assert pairs == {("0.jpg", "2.jpg"), ("3.jpg", "4.jpg")} and part.description == "s (shortened)"

@@ -158,3 +158,17 @@ def test_whitening_mismatches_are_refused(trained):
     )  # fmt: skip
     with pytest.raises(ConfigError, match="images that synthetic evaluates"):
         evaluate(own)
+
+
+def test_validation_refuses_a_whitening_learned_from_the_evaluated_queries_positives(tmp_path):
+    """The seed split trains on the positives of the queries it validates on: a whitening from it is refused."""
+    cfg = compose_train(tmp_path, *TINY, *TINY_SCRATCH, "whitening=learned", "logger=none", "trainer.max_epochs=1")
+    with pytest.raises(ConfigError, match="use data.split=landmarks"):
+        train(cfg)
+
+
+def test_a_shortened_validation_learns_from_the_images_it_embedded(tmp_path):
+    cfg = compose_train(
+        tmp_path, *TINY, *TINY_SCRATCH, *LANDMARKS_SPLIT, "whitening=pca", "logger=none", "+trainer.fast_dev_run=2"
+    )
+    train(cfg)  # fast_dev_run embeds two batches per loader: the whitening is learned from those (or skipped)
