@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.web.test_app import N_IMAGES, build_tiny_index
+from tests.web.tiny_index import N_IMAGES, build_tiny_index
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = [

@@ -33,35 +33,19 @@ from oxford_ir.retrieval.search import Searcher  # noqa: E402
 from oxford_ir.web.app import ServeSettings, create_app  # noqa: E402
 from oxford_ir.web.limits import DecodeSlots  # noqa: E402
 from tests.web.test_app import (  # noqa: E402
-    N_IMAGES,
     brute_force,
-    build_tiny_index,
     embed_file,
     error_of,
     multipart_body,
     running,
 )
+from tests.web.tiny_index import N_IMAGES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BOUNDARY = "oxfordirlimits"
 FORM = f"multipart/form-data; boundary={BOUNDARY}"
 #: the settings of the live server here: small limits (cheap to exceed), a 1 s body deadline
 SETTINGS = ServeSettings(k=5, max_k=10, max_upload_mb=0.5, max_image_megapixels=2.0, upload_timeout_s=1.0)
-
-
-@pytest.fixture(scope="module")
-def index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_index(tmp_path_factory.mktemp("limits"))
-
-
-@pytest.fixture(scope="module")
-def index(index_dir: Path) -> RetrievalIndex:
-    return RetrievalIndex.load(index_dir)
-
-
-@pytest.fixture(scope="module")
-def searcher(index: RetrievalIndex) -> Searcher:
-    return Searcher(index)
 
 
 @pytest.fixture(scope="module")
