@@ -471,8 +471,9 @@ def run_step(step: Step, log_dir: Path, reuse: bool = True) -> Outcome:
     return Outcome("ok", seconds, "", 0)
 
 
-def best_checkpoint(train_dir: Path, which: str = "best") -> Path:
-    """``checkpoints/best-epochNNN.ckpt`` of the training run (the newest when several), or ``last.ckpt``."""
+def chosen_checkpoint(train_dir: Path, which: str = "last") -> Path:
+    """``last.ckpt`` of the training run, or with ``which="best"`` its ``best-epochNNN.ckpt`` (the newest when
+    several)."""
     folder = train_dir / "checkpoints"
     if which == "last":
         return folder / "last.ckpt"
@@ -727,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_plan(first, out / "logs", jobs, outcomes, total=len(steps))
     if outcomes["train"].status in ("ok", "done"):
         try:
-            best = best_checkpoint(out / "train", s.checkpoint)
+            best = chosen_checkpoint(out / "train", s.checkpoint)
             print(f"evaluating {best}", flush=True)
             steps = plan(s, best)
         except FileNotFoundError as error:

@@ -284,11 +284,11 @@ def test_the_best_checkpoint_is_the_newest_best_file(tmp_path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     with pytest.raises(FileNotFoundError, match="best-"):
-        rp.best_checkpoint(tmp_path)
+        rp.chosen_checkpoint(tmp_path, "best")
     for name in ("last.ckpt", "best-epoch001.ckpt", "best-epoch004.ckpt"):
         (folder / name).write_text(name)
-    assert rp.best_checkpoint(tmp_path).name == "best-epoch004.ckpt"
-    assert rp.best_checkpoint(tmp_path, "last").name == "last.ckpt"
+    assert rp.chosen_checkpoint(tmp_path, "best").name == "best-epoch004.ckpt"
+    assert rp.chosen_checkpoint(tmp_path).name == "last.ckpt"  # the default
 
 
 @pytest.mark.slow

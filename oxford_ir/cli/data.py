@@ -33,6 +33,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def _benchmark_arguments(parser: argparse.ArgumentParser, data_dir: Path) -> None:
+    """The ``benchmark`` and ``--root`` arguments of the commands that read a benchmark's images."""
+    parser.add_argument("benchmark", choices=BENCHMARK_NAMES, help="benchmark whose ground truth lists the images")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=data_dir,
+        help="data folder or the dataset folder itself (default: $OXFORD_IR_DATA or ./data)",
+    )
+
+
 def _whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
@@ -106,13 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Exit status 0 when all are present and decodable, 1 otherwise."
         ),
     )
-    verify.add_argument("benchmark", choices=BENCHMARK_NAMES, help="benchmark whose ground truth lists the images")
-    verify.add_argument(
-        "--root",
-        type=Path,
-        default=data_dir,
-        help="data folder or the dataset folder itself (default: $OXFORD_IR_DATA or ./data)",
-    )
+    _benchmark_arguments(verify, data_dir)
     verify.add_argument("--gt-file", type=Path, help="ground truth to use instead of the one found in the folder")
     verify.add_argument(
         "--allow-missing", action="store_true", help="exit 0 when images are missing (a subset); still fail on corrupt"
@@ -160,13 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Up-to-date entries are kept; changed images are decoded again."
         ),
     )
-    cache.add_argument("benchmark", choices=BENCHMARK_NAMES, help="benchmark whose ground truth lists the images")
-    cache.add_argument(
-        "--root",
-        type=Path,
-        default=data_dir,
-        help="data folder or the dataset folder itself (default: $OXFORD_IR_DATA or ./data)",
-    )
+    _benchmark_arguments(cache, data_dir)
     cache.add_argument("--dir", type=Path, help="cache folder (default: ROOT/cache, as data.cache.dir=null)")
     cache.add_argument(
         "--eval-size", type=_positive_int, default=1024, help="long side of evaluation images (data.eval_image_size)"

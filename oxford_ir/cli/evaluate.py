@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.benchmarks.prepare import prepare_benchmark
 from oxford_ir.benchmarks.ranking import rank_database
 from oxford_ir.benchmarks.registry import BENCHMARKS, load_benchmark
@@ -46,7 +48,7 @@ def _cache_dir(ex: DictConfig, data_dir: Path) -> Path | None:
 
 def evaluate_model(
     model: torch.nn.Module,
-    benchmark_names: list[str],
+    benchmarks: Sequence[str | Benchmark],
     data_dir: Path,
     *,
     image_size: int,
@@ -60,15 +62,18 @@ def evaluate_model(
     aspect_tolerance: float = 0.1,
     **extract_kwargs: Any,
 ) -> tuple[dict[str, dict[str, float]], dict[str, str], dict[str, tuple[ExtractionPlan, ExtractionPlan]]]:
-    """Evaluate ``model`` on each benchmark; returns ``{name: metrics}``, ``{name: subset note}`` and
+    """Evaluate ``model`` on each benchmark (a name, loaded from ``data_dir``, or a loaded one); returns
+    ``{name: metrics}``, ``{name: subset note}`` and
     ``{name: (database plan, query plan)}`` (what the network was fed: see :func:`extraction_report`).
 
     ``cache_dir``: read the images from the evaluation image cache there (built on first use), which gives
     the same tensors as decoding them.
     """
     results, notes, extraction = {}, {}, {}
-    for name in benchmark_names:
-        benchmark = load_benchmark(name, data_dir, allow_missing_images=allow_missing_images)
+    for benchmark in benchmarks:
+        if not isinstance(benchmark, Benchmark):
+            benchmark = load_benchmark(benchmark, data_dir, allow_missing_images=allow_missing_images)
+        name = benchmark.name
         cache = None
         if cache_dir is not None:
             cache = benchmark_cache(
@@ -203,11 +208,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             prepare_benchmark(name, data_dir, download=bool(cfg.download), synthetic=synthetic)
     barrier()
     allow_missing = bool(cfg.allow_missing_images)
+    benchmarks = [load_benchmark(name, data_dir, allow_missing_images=allow_missing) for name in names]
     extract_kwargs = {"batch_size": batch_size, "num_workers": num_workers, "device": device, **options}
     model, whitening = evaluation_whitening(
         cfg,
         model,
-        [load_benchmark(name, data_dir, allow_missing_images=allow_missing) for name in names],
+        benchmarks,
         image_size=image_size,
         scales=scales,
         progress=True,
@@ -215,7 +221,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     )
     results, notes, extraction = evaluate_model(
         model,
-        names,
+        benchmarks,
         data_dir,
         image_size=image_size,
         scales=scales,

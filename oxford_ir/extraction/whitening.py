@@ -24,7 +24,6 @@ search and the web page all apply it.
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,9 +302,3 @@ def fit_pca(vectors: torch.Tensor, *, shrinkage: float = 0.0, dim: int | None = 
         )
     projection = axes[:, :out_dim].T / kept.sqrt()[:, None]
     return Whitening("pca", mean.float(), projection.float(), kept.float())
-
-
-def spread(whitening: Whitening) -> float:
-    """Ratio of the largest to the smallest kept variance (how much the whitening re-weights the dimensions)."""
-    values = whitening.variances.double()
-    return float(values.max() / values.min()) if float(values.min()) > 0 else math.inf

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from oxford_ir import hashing
 from oxford_ir.errors import CheckpointError, ConfigError
 from oxford_ir.extraction.whitening import Whitened, Whitening, whitening_file
+from oxford_ir.extraction.whitening_source import WhiteningSettings
 
 #: string values of an embedder config treated as local files (when they exist): paths, not keywords such
 #: as ``weights: imagenet``
@@ -63,11 +64,12 @@ class ModelSpec:
         exist (beside the checkpoint, or ``whitening.file``)."""
         network = cls._network_from_config(cfg)
         node = cfg.get("whitening") if whitening else None
-        kind = node.get("kind", "none") if node is not None else "none"
-        if kind == "none":
+        settings = WhiteningSettings.from_config(node)  # checked: kind and values
+        if settings is None:
             return network
-        path = whitening_file(kind, node.get("file"), network.checkpoint, None)
-        Whitening.load(path, model_fingerprint=network.fingerprint(), kind=kind)  # refused now, not at the first query
+        path = whitening_file(settings.kind, node.get("file"), network.checkpoint, None)
+        # refused now, not at the first query
+        Whitening.load(path, model_fingerprint=network.fingerprint(), kind=settings.kind)
         return cls(checkpoint=network.checkpoint, embedder=network.embedder, whitening=str(path.resolve()))
 
     @classmethod

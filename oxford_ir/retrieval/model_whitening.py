@@ -71,7 +71,7 @@ def source_split(checkpoint: str | None, source: Any, data_dir: Path) -> TrainSp
             f"the training data of the whitening's source, {settings['data_dir']} (where {checkpoint} was trained), "
             "is not here: set whitening.source.data_dir=<the folder holding the training benchmark>"
         )
-    settings.update(num_workers=0, cache={"enabled": False}, download=bool(settings.get("download", False)))
+    settings.update(num_workers=0, cache={"enabled": False})  # only the ground truth and the file list are read
     target = f"{RetrievalDataModule.__module__}.{RetrievalDataModule.__name__}"
     datamodule = instantiate({"_target_": target, **settings}, "whitening.source")
     if rank_and_world()[0] == 0:
