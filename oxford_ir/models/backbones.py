@@ -168,7 +168,7 @@ class Backbone(nn.Module):
             raise CheckpointError(
                 f"{source}: these are not {type(self).__name__} weights in torchvision's layout: "
                 f"{'; '.join(problems)}. Give a state dict of torchvision's {self._arch_name()} "
-                "(weights=/path/to/file.pth), weights=imagenet, or weights=none"
+                "(backbone.weights=/path/to/file.pth), backbone.weights=imagenet, or backbone.weights=none"
             )
         self.load_state_dict(mapped, strict=True)
 
@@ -187,8 +187,8 @@ class Backbone(nn.Module):
         path = Path(name).expanduser()
         if not path.is_file():
             raise ConfigError(
-                f"weights={name!r}: no such file {path}; give weights=imagenet, weights=none, "
-                f"or weights=/path/to/file.pth (a torchvision {self._arch_name()} state dict)"
+                f"backbone.weights={name!r}: no such file {path}; give backbone.weights=imagenet, backbone.weights=none, "
+                f"or backbone.weights=/path/to/file.pth (a torchvision {self._arch_name()} state dict)"
             )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -210,8 +210,8 @@ def _download_imagenet(weights_enum: type[torchvision.models.WeightsEnum], arch:
         except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad hash is a RuntimeError
             raise ConfigError(
                 f"the ImageNet weights of {arch} ({entry.url}) could not be downloaded ({error}); "
-                f"on a machine without internet give a local file with weights=/path/to/file.pth "
-                f"(a torchvision {arch} state dict), or use weights=none for random initialisation"
+                f"on a machine without internet give a local file with backbone.weights=/path/to/file.pth "
+                f"(a torchvision {arch} state dict), or use backbone.weights=none for random initialisation"
             ) from None
 
     return fetch
@@ -219,8 +219,8 @@ def _download_imagenet(weights_enum: type[torchvision.models.WeightsEnum], arch:
 
 def _no_imagenet(member: str) -> Any:
     raise ConfigError(
-        f"weights={member}: the scratch CNN has no ImageNet weights; use weights=none (random) "
-        "or weights=/path/to/file.pth (a ScratchCNN state dict)"
+        f"backbone.weights={member}: the scratch CNN has no ImageNet weights; use backbone.weights=none (random) "
+        "or backbone.weights=/path/to/file.pth (a ScratchCNN state dict)"
     )
 
 
