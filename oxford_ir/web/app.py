@@ -2,14 +2,23 @@
 
 Routes
   ``GET /``                    the page (templates/index.html, static/app.js, static/app.css)
-  ``GET /api/info``            index size, model, extraction settings, limits
+  ``GET /api/info``            index size, version and build time, model, extraction settings, limits
   ``GET /api/examples?n=``     ``n`` random indexed images (the page's strip of examples)
   ``GET /api/images?q=``       indexed images whose relative path contains ``q`` (case-insensitive)
-  ``GET /api/search?id=&k=&bbox=``   search with indexed image ``id`` (its stored embedding, or its box)
+  ``GET /api/search?id=&k=&bbox=&v=``   search with indexed image ``id`` (its stored embedding, or its box)
   ``POST /api/search``         search with an uploaded image: multipart ``file``, optional ``bbox``, ``k``
-  ``GET /thumb/<id>?size=``    a JPEG thumbnail of indexed image ``id``
+  ``GET /thumb/<id>?size=&v=`` a JPEG thumbnail of indexed image ``id``
 
-Errors are JSON ``{"error": "<one sentence>"}`` with the status that fits: 404 unknown id or page, 405 wrong
+The server follows the index folder (:mod:`oxford_ir.web.served_index`): when ``oxford-ir-index`` commits a new
+version, the next requests are answered from it, each request from one version only. Every answer about the
+index carries ``version`` (the version folder, e.g. ``v000003``) and ``v`` (a token of its rows); ids are rows
+of that version, and thumbnail URLs carry ``v=``. An id sent with the ``v`` of a recently replaced version still
+means the image that version listed (a search maps it to its row in the new version); a thumbnail is only ever
+the picture the version's embedding was computed from: a file replaced or deleted since is refused (409 or 404)
+rather than shown beside the old embedding.
+
+Errors are JSON ``{"error": "<one sentence>"}`` with the status that fits: 404 unknown id or page, 409 an id or
+file that changed since the version that listed it (reload the page), 405 wrong
 method, 408 upload body too slow, 413 upload too large (bytes or pixels), 415 not an image, 400 undecodable
 image or malformed body, 422 bad ``k``/``bbox``/parameter, 503 (with ``Retry-After``) when an upload waited
 ``upload_wait_s`` for a decode slot; an unexpected failure is a 500 with one line, its traceback only in the
@@ -44,7 +53,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from oxford_ir.errors import ConfigError, DataError, OxfordIRError
+from oxford_ir.errors import ConfigError, DataError, IndexFormatError, OxfordIRError
 from oxford_ir.web.limits import DecodeSlots, GuardMiddleware, HostGuard, release_memory
 from oxford_ir.web.queries import (
     ApiError,
@@ -57,7 +66,8 @@ from oxford_ir.web.queries import (
     scrub_paths,
     upload_pixels,
 )
-from oxford_ir.web.thumbnails import ThumbnailCache, contained_path, make_thumbnail
+from oxford_ir.web.served_index import Listing, ServedIndex, ServedVersion, file_matches, searcher_like
+from oxford_ir.web.thumbnails import FileChanged, ThumbnailCache, contained_path, entry_key, entry_thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +118,8 @@ class ServeSettings:
     upload_wait_s: float = 30.0
     #: how long the whole body of a request may take to arrive before it is refused with 408
     upload_timeout_s: float = 60.0
+    #: at least this many seconds between two looks (one stat) at the index's CURRENT file for a new version
+    index_check_s: float = 1.0
 
     @property
     def max_upload_bytes(self) -> int:
@@ -134,36 +146,34 @@ class ServeSettings:
             ("max_parallel_decodes", self.max_parallel_decodes >= 1, "at least 1"),
             ("upload_wait_s", self.upload_wait_s >= 0, "0 (refuse at once when busy) or more"),
             ("upload_timeout_s", self.upload_timeout_s > 0, "positive"),
+            ("index_check_s", self.index_check_s >= 0, "0 (look at every request) or more"),
         ]
         for key, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"{key}={getattr(self, key)!r} must be {expected} (see conf/serve.yaml)")
 
 
-def _version_token(index: Any) -> str:
-    """Changes whenever the index does: thumbnail URLs carry it so browsers may cache them for good."""
-    digest = hashlib.sha256(str(index.fingerprint).encode())
-    for entry in index.entries:
-        digest.update(f"\0{entry.path}\0{entry.size}\0{entry.mtime_ns}".encode())
-    return digest.hexdigest()[:12]
-
-
-def create_app(searcher: Any, index: Any, settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI app searching ``index`` with ``searcher`` (a :class:`~oxford_ir.retrieval.search.Searcher`).
+def create_app(
+    searcher: Any,
+    index: Any,
+    settings: ServeSettings | None = None,
+    *,
+    make_searcher: Callable[[Any], Any] | None = None,
+) -> FastAPI:
+    """The FastAPI app searching ``index`` with ``searcher`` (a :class:`~oxford_ir.retrieval.search.Searcher`),
+    then each newer version of the index folder that ``oxford-ir-index`` commits.
 
     ``index`` is the loaded :class:`~oxford_ir.retrieval.index_format.RetrievalIndex`; only its entries, root,
     ``image_path`` and descriptive attributes are used here, the vectors stay behind ``searcher``.
+    ``make_searcher(index)`` builds the searcher of a newer version (default: ``searcher``'s settings).
     """
     settings = settings or ServeSettings()
     settings.validate()
-    n_images = len(index)
-    if n_images == 0:
+    if len(index) == 0:
         raise ConfigError(f"the index at {index.path} holds no images; index a folder with images first")
-    root = Path(index.root)
-    version = _version_token(index)
-    lowered_paths = [entry.path.lower() for entry in index.entries]
-    k_limit = min(settings.max_k, n_images)
-    default_k = min(settings.k, n_images)
+    served = ServedIndex(
+        ServedVersion.of(index, searcher), make_searcher or searcher_like(searcher), check_s=settings.index_check_s
+    )
     thumbs = ThumbnailCache(int(settings.thumb_cache_mb * 1024 * 1024))
     # one search at a time: torch already spreads one query over every core, so a queue keeps latencies honest
     search_lock = threading.Lock()
@@ -175,65 +185,124 @@ def create_app(searcher: Any, index: Any, settings: ServeSettings | None = None)
     ).hexdigest()[:12]
 
     app = FastAPI(title="oxford-ir search", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
-    app.state.index = index
-    app.state.searcher = searcher
+    app.state.served = served
     app.state.settings = settings
     app.state.thumbnails = thumbs
     app.state.decode_slots = slots
     app.mount("/static", StaticFiles(directory=str(WEB_DIR / "static")), name="static")
 
-    info = {
-        "images": n_images,
-        "model": scrub_paths(index.model.describe()),  # weights and checkpoints by file name only
-        "fingerprint": str(index.fingerprint),
-        "image_size": None if index.image_size is None else int(index.image_size),
-        "scales": [float(s) for s in index.scales],
-        "embedding_dim": int(index.embedding_dim),
-        "dtype": str(index.dtype),
-        "backend": settings.backend,
-        "root_name": root.name,
-        "complete": bool(getattr(index, "complete", True)),
-        "k": default_k,
-        "max_k": k_limit,
-        "max_upload_mb": settings.max_upload_mb,
-        "max_image_megapixels": settings.max_image_megapixels,
-        "max_parallel_decodes": settings.max_parallel_decodes,
-        "upload_timeout_s": settings.upload_timeout_s,
-        "thumb_size": settings.thumb_size,
-        "max_thumb_size": settings.max_thumb_size,
-        "examples": settings.examples,
-        "version": version,
-    }
+    def k_limit(sv: ServedVersion) -> int:
+        return min(settings.max_k, len(sv))
 
-    def thumb_url(i: int, size: int | None = None) -> str:
-        return f"/thumb/{i}?size={size or settings.thumb_size}&v={version}"
+    def default_k(sv: ServedVersion) -> int:
+        return min(settings.k, len(sv))
 
-    def describe(i: int) -> dict[str, Any]:
-        entry = index.entries[i]
-        return {"id": i, "path": entry.path, "width": entry.width, "height": entry.height, "thumb": thumb_url(i)}
+    def info_of(sv: ServedVersion) -> dict[str, Any]:
+        """What /api/info and the page show of version ``sv``."""
+        index = sv.index
+        return {
+            "images": len(sv),
+            "version": sv.name,
+            "v": sv.token,
+            "built": sv.built,  # ISO 8601; from the manifest's "created", else its file's mtime (built_source)
+            "built_source": sv.built_source,
+            "model": scrub_paths(index.model.describe()),  # weights and checkpoints by file name only
+            "fingerprint": str(index.fingerprint),
+            "image_size": None if index.image_size is None else int(index.image_size),
+            "scales": [float(s) for s in index.scales],
+            "embedding_dim": int(index.embedding_dim),
+            "dtype": str(index.dtype),
+            "backend": settings.backend,
+            "root_name": Path(index.root).name,
+            "complete": bool(getattr(index, "complete", True)),
+            "k": default_k(sv),
+            "max_k": k_limit(sv),
+            "max_upload_mb": settings.max_upload_mb,
+            "max_image_megapixels": settings.max_image_megapixels,
+            "max_parallel_decodes": settings.max_parallel_decodes,
+            "upload_timeout_s": settings.upload_timeout_s,
+            "thumb_size": settings.thumb_size,
+            "max_thumb_size": settings.max_thumb_size,
+            "examples": settings.examples,
+        }
 
-    def check_id(i: int) -> int:
+    def thumb_url(sv: ServedVersion, i: int, size: int | None = None) -> str:
+        return f"/thumb/{i}?size={size or settings.thumb_size}&v={sv.token}"
+
+    def describe(sv: ServedVersion, i: int) -> dict[str, Any]:
+        entry = sv.entries[i]
+        return {"id": i, "path": entry.path, "width": entry.width, "height": entry.height, "thumb": thumb_url(sv, i)}
+
+    def stamp(sv: ServedVersion) -> dict[str, str]:
+        """The version an answer was made from, for the answer."""
+        return {"version": sv.name, "v": sv.token}
+
+    def check_id(i: int, n_images: int) -> int:
         if not 0 <= i < n_images:
             raise ApiError(404, f"no indexed image with id {echo(i)}: ids run from 0 to {n_images - 1}")
         return i
 
-    def run_search(query: dict[str, Any], k: int, search: Callable[[], Any], embeds: bool = False) -> dict[str, Any]:
+    def retired(i: int) -> ApiError:
+        return ApiError(
+            409,
+            f"image id {echo(i)} was listed from a version of the index that this server no longer holds "
+            "(the index was updated since): reload the page",
+        )
+
+    def resolve_id(i: int, token: str | None) -> tuple[ServedVersion, int]:
+        """The served version and the row in it of image ``i`` of the version with ``token`` (None: served)."""
+        sv = served.current()
+        if token is None or token == sv.token:
+            return sv, check_id(i, len(sv))
+        listed = served.listing(token)
+        if listed is None:
+            raise retired(i)
+        entry = listed.entries[check_id(i, len(listed))]
+        try:
+            row = int(sv.index.positions([entry.path])[0])
+        except IndexFormatError:
+            row = -1
+        if row < 0 or sv.entries[row] != entry:
+            raise ApiError(
+                409,
+                f"image {i} ({entry.path}) was changed or removed by the index update to {sv.name}: reload the page",
+            )
+        return sv, row
+
+    def changed(sv: Listing | ServedVersion, i: int, deleted: bool) -> ApiError:
+        served.newest(timeout=0)  # let the next requests see the version that describes the file as it is now
+        entry = sv.entries[i]
+        if deleted:
+            return ApiError(
+                404,
+                f"image {i} ({entry.path}) cannot be read any more: image not found (deleted or moved after index "
+                f"version {sv.name or 'served'} was built)",
+            )
+        return ApiError(
+            409,
+            f"image {i} ({entry.path}) was replaced on disk after index version {sv.name or 'served'} was built: "
+            "its picture no longer matches the indexed one; reload the page once the index is updated",
+        )
+
+    def run_search(
+        sv: ServedVersion, query: dict[str, Any], k: int, search: Callable[[], Any], embeds: bool = False
+    ) -> dict[str, Any]:
         """``search()`` under the search lock; ``embeds``: it runs the network (memory handed back after)."""
         start = time.perf_counter()
         try:
             with search_lock:
                 result = search()
         except OxfordIRError as error:
-            raise ApiError(422, scrub_paths(str(error), root)) from None
+            raise ApiError(422, scrub_paths(str(error), Path(sv.index.root))) from None
         finally:
             if embeds:  # the activations were freed in this worker thread's heap arena: give them back
                 release_memory()
         took_ms = (time.perf_counter() - start) * 1000.0
         scores, indices = result.scores[0], result.indices[0]
         found = [(float(s), int(i)) for s, i in zip(scores, indices, strict=True) if i >= 0 and math.isfinite(s)]
-        results = [{"rank": rank, "score": score, **describe(i)} for rank, (score, i) in enumerate(found, 1)]
+        results = [{"rank": rank, "score": score, **describe(sv, i)} for rank, (score, i) in enumerate(found, 1)]
         log.info("search %s k=%d: %.0f ms", query.get("path") or query.get("name"), k, took_ms)
-        return {"query": query, "k": k, "took_ms": round(took_ms, 1), "results": results}
+        return {"query": query, "k": k, "took_ms": round(took_ms, 1), **stamp(sv), "results": results}
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -277,48 +346,58 @@ def create_app(searcher: Any, index: Any, settings: ServeSettings | None = None)
 
     @app.get("/", response_class=HTMLResponse)
     def page(request: Request) -> Response:
+        info = info_of(served.current())
         return templates.TemplateResponse(request, "index.html", {"info": info, "static_version": static_version})
 
     @app.get("/api/info")
     def api_info() -> dict[str, Any]:
-        return info
+        return info_of(served.current())
 
     @app.get("/api/examples")
     def api_examples(
         n: int = Query(default=settings.examples, ge=0, le=200), seed: int | None = Query(default=None)
     ) -> dict[str, Any]:
-        ids = random.Random(seed).sample(range(n_images), min(n, n_images))
-        return {"items": [describe(i) for i in ids]}
+        sv = served.current()
+        ids = random.Random(seed).sample(range(len(sv)), min(n, len(sv)))
+        return {**stamp(sv), "items": [describe(sv, i) for i in ids]}
 
     @app.get("/api/images")
     def api_images(
         q: str = Query(default="", max_length=200), limit: int = Query(default=48, ge=1, le=500)
     ) -> dict[str, Any]:
+        sv = served.current()
         needle = q.strip().lower()
-        matches = [i for i, p in enumerate(lowered_paths) if needle in p]
-        return {"query": q, "total": len(matches), "items": [describe(i) for i in matches[:limit]]}
+        matches = [i for i, p in enumerate(sv.lowered_paths) if needle in p]
+        return {"query": q, "total": len(matches), **stamp(sv), "items": [describe(sv, i) for i in matches[:limit]]}
 
     @app.get("/api/search")
     def api_search_id(
         image_id: int = Query(alias="id", description="row of an indexed image"),
-        k: int = Query(default=default_k),
+        k: int | None = Query(default=None),
         bbox: str | None = Query(default=None, max_length=200),
+        v: str | None = Query(default=None, max_length=64),
     ) -> dict[str, Any]:
-        i = check_id(image_id)
-        k = check_k(k, k_limit)
+        sv, i = resolve_id(image_id, v)
+        k = check_k(default_k(sv) if k is None else k, k_limit(sv))
         box = parse_bbox(bbox)
-        entry = index.entries[i]
+        entry = sv.entries[i]
         check_bbox(box, entry.width, entry.height)
         query = {
             "kind": "id",
-            **describe(i),
-            "image": thumb_url(i, settings.max_thumb_size),
+            **describe(sv, i),
+            "image": thumb_url(sv, i, settings.max_thumb_size),
             "bbox": list(box) if box else None,
         }
+        searcher = sv.searcher
         if box is None:
-            return run_search(query, k, lambda: searcher.search_ids([i], k=k))
-        path = _indexed_path(i)
-        return run_search(query, k, lambda: searcher.search_images([path], [box], k=k), embeds=True)
+            return run_search(sv, query, k, lambda: searcher.search_ids([i], k=k))
+        path = _indexed_path(sv, i)
+        if not file_matches(path, entry):  # the query embedding must come from the indexed picture
+            raise changed(sv, i, deleted=not path.exists())
+        answer = run_search(sv, query, k, lambda: searcher.search_images([path], [box], k=k), embeds=True)
+        if not file_matches(path, entry):  # replaced while it was read
+            raise changed(sv, i, deleted=not path.exists())
+        return answer
 
     def busy() -> ApiError:
         return ApiError(
@@ -328,7 +407,7 @@ def create_app(searcher: Any, index: Any, settings: ServeSettings | None = None)
             headers={"retry-after": str(RETRY_AFTER_S)},
         )
 
-    def prepare_upload(file: UploadFile, name: str, box: Any) -> tuple[Any, int, int]:
+    def prepare_upload(file: UploadFile, name: str, box: Any, image_size: int | None) -> tuple[Any, int, int]:
         """The upload's test-time pixels and its size as shown; the big decode happens here, in a slot."""
         with tempfile.NamedTemporaryFile(prefix="oxford-ir-upload-") as spool:
             shutil.copyfileobj(file.file, spool)
@@ -342,7 +421,7 @@ def create_app(searcher: Any, index: Any, settings: ServeSettings | None = None)
             width, height = probe_upload(path, name, settings.max_pixels)
             check_bbox(box, width, height)
             try:
-                pixels = upload_pixels(path, name, index.image_size, box)
+                pixels = upload_pixels(path, name, image_size, box)
             finally:
                 if width * height > TRIM_PIXELS:
                     release_memory()
@@ -352,15 +431,16 @@ def create_app(searcher: Any, index: Any, settings: ServeSettings | None = None)
     async def api_search_upload(
         request: Request,
         file: UploadFile = File(description="the query image"),
-        k: int = Form(default=default_k),
+        k: int | None = Form(default=None),
         bbox: str | None = Form(default=None, max_length=200),
     ) -> dict[str, Any]:
+        sv = served.current()  # one version from the decode (its image size) to the results
         name = echo(Path(file.filename or "upload").name)
-        k = check_k(k, k_limit)
+        k = check_k(default_k(sv) if k is None else k, k_limit(sv))
         box = parse_bbox(bbox)
         check_content_type(file.content_type, name)
         async with slots.hold(settings.upload_wait_s, busy, request.is_disconnected):
-            pixels, width, height = await run_in_threadpool(prepare_upload, file, name, box)
+            pixels, width, height = await run_in_threadpool(prepare_upload, file, name, box, sv.index.image_size)
             query = {
                 "kind": "upload",
                 "name": name,
@@ -370,19 +450,37 @@ def create_app(searcher: Any, index: Any, settings: ServeSettings | None = None)
             }
             # the pixels are the test-time ones already (cropped, downscaled): the searcher's own eval_image leaves
             # them as they are, so no box here and no second resize
-            search = lambda: searcher.search_images([pixels], [None], k=k)  # noqa: E731
-            if index.image_size is None:  # a full-resolution index: the pixels stay large until embedded
-                return await run_in_threadpool(run_search, query, k, search, True)
-        return await run_in_threadpool(run_search, query, k, search, True)
+            search = lambda: sv.searcher.search_images([pixels], [None], k=k)  # noqa: E731
+            if sv.index.image_size is None:  # a full-resolution index: the pixels stay large until embedded
+                return await run_in_threadpool(run_search, sv, query, k, search, True)
+        return await run_in_threadpool(run_search, sv, query, k, search, True)
 
-    def _indexed_path(i: int) -> Path:
+    def _indexed_path(sv: Listing | ServedVersion, i: int) -> Path:
         try:
-            return contained_path(root, Path(index.image_path(i)))
+            return contained_path(sv.root, sv.root / sv.entries[i].path)
         except DataError as error:
             log.warning("refused: %s", error)
             raise ApiError(
-                404, f"image {i} ({index.entries[i].path}) is not served: it lies outside the indexed folder"
+                404, f"image {i} ({sv.entries[i].path}) is not served: it lies outside the indexed folder"
             ) from None
+
+    def thumbnail_of(sv: Listing | ServedVersion, i: int, size: int) -> bytes:
+        """The thumbnail of row ``i`` of ``sv``, only ever of the file its embedding was computed from."""
+        entry = sv.entries[i]
+        key = entry_key(entry.path, entry.size, entry.mtime_ns, size)
+        data = thumbs.get(key)
+        if data is None:
+            path = _indexed_path(sv, i)
+            try:
+                data = entry_thumbnail(path, entry.size, entry.mtime_ns, size)
+            except FileChanged as error:
+                raise changed(sv, i, error.deleted) from None
+            except DataError as error:
+                log.warning("thumbnail %d: %s", i, error)
+                reason = scrub_paths(str(error), sv.root)
+                raise ApiError(404, f"image {i} ({entry.path}) cannot be read any more: {reason}") from None
+            thumbs.put(key, data)
+        return data
 
     @app.get("/thumb/{image_id}")
     def thumbnail(
@@ -390,20 +488,24 @@ def create_app(searcher: Any, index: Any, settings: ServeSettings | None = None)
         size: int = Query(default=settings.thumb_size, ge=MIN_THUMB_SIZE, le=settings.max_thumb_size),
         v: str | None = Query(default=None, max_length=64),
     ) -> Response:
-        i = check_id(image_id)
-        key = (i, size)
-        data = thumbs.get(key)
-        if data is None:
-            path = _indexed_path(i)
+        if v is None:  # an id of whichever version is served: after a file changed, of the newest one
+            sv = served.current()
+            check_id(image_id, len(sv))
             try:
-                data = make_thumbnail(path, size)
-            except DataError as error:
-                log.warning("thumbnail %d: %s", i, error)
-                reason = scrub_paths(str(error), root)
-                raise ApiError(404, f"image {i} ({index.entries[i].path}) cannot be read any more: {reason}") from None
-            thumbs.put(key, data)
-        cache = "public, max-age=31536000, immutable" if v == version else "no-cache"
-        return Response(data, media_type="image/jpeg", headers={"cache-control": cache})
+                data = thumbnail_of(sv, image_id, size)
+            except ApiError as error:
+                newest = served.newest() if error.status in (404, 409) else sv
+                if newest is sv or not 0 <= image_id < len(newest):
+                    raise
+                data = thumbnail_of(newest, image_id, size)
+            return Response(data, media_type="image/jpeg", headers={"cache-control": "no-cache"})
+        served.current()  # a look at CURRENT now and then, as for every request
+        listed = served.listing(v)
+        if listed is None:
+            raise retired(image_id)
+        check_id(image_id, len(listed))
+        data = thumbnail_of(listed, image_id, size)  # the URL names one picture for good: the browser may keep it
+        return Response(data, media_type="image/jpeg", headers={"cache-control": "public, max-age=31536000, immutable"})
 
     if settings.allowed_hosts is not None:
         app.add_middleware(HostGuard, allowed_hosts=list(settings.allowed_hosts))

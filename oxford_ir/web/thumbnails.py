@@ -3,14 +3,22 @@
 The web page never serves files from disk: it asks for ``/thumb/<id>``, an integer into the index, and
 gets a JPEG re-encoded here. The path is taken from the index, never from the request, and is checked
 to lie inside the index's image root even so (a tampered manifest cannot point the server elsewhere).
+
+A thumbnail must show the picture whose embedding the index holds: :func:`entry_thumbnail` reads the file only
+while it still has the size and mtime its index entry recorded (checked on the open file before and after
+decoding), else raises :class:`FileChanged`; the cache is keyed by the entry (path, size, mtime), never by a
+row number, so a replaced file can never be answered with the thumbnail of the file it replaced, nor the
+reverse.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps
 
@@ -27,22 +35,59 @@ def contained_path(root: Path, path: Path) -> Path:
     return resolved
 
 
-def make_thumbnail(path: Path, size: int, quality: int = 85) -> bytes:
-    """JPEG bytes of ``path`` fitted into ``size`` x ``size`` (aspect kept, never upscaled).
+class FileChanged(DataError):
+    """The file is not the one the index entry recorded any more: ``deleted``, or replaced or rewritten."""
+
+    def __init__(self, message: str, deleted: bool) -> None:
+        super().__init__(message)
+        self.deleted = deleted
+
+
+def entry_key(path: str, file_size: int, mtime_ns: int, size: int) -> tuple[str, int, int, int]:
+    """The cache key of the thumbnail of an index entry at ``size`` pixels: the file as recorded, not its row."""
+    return (path, int(file_size), int(mtime_ns), int(size))
+
+
+def entry_thumbnail(path: Path, file_size: int, mtime_ns: int, size: int) -> bytes:
+    """:func:`make_thumbnail` of ``path`` if it is still the file of size ``file_size`` and mtime ``mtime_ns``
+    from start to end of the decode; :class:`FileChanged` otherwise (the picture would not match the embedding)."""
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below; fstat needs the handle
+    except FileNotFoundError:
+        raise FileChanged(f"image not found: {path}", deleted=True) from None
+    except OSError as error:
+        raise DataError(f"cannot open image {path}: {error.strerror or error}") from None
+    with handle:
+
+        def check() -> None:
+            info = os.fstat(handle.fileno())
+            if (info.st_size, info.st_mtime_ns) != (file_size, mtime_ns):
+                raise FileChanged(f"image {path} changed on disk since it was indexed", deleted=False)
+
+        check()
+        data = make_thumbnail(handle, size, name=path)
+        check()
+    return data
+
+
+def make_thumbnail(path: Path | BinaryIO, size: int, quality: int = 85, *, name: Path | None = None) -> bytes:
+    """JPEG bytes of ``path`` (or an open binary file, ``name`` for messages) fitted into ``size`` x ``size``
+    (aspect kept, never upscaled).
 
     Decodes as :func:`oxford_ir.images.load_image` does (EXIF orientation, any mode to RGB), but
     lets the JPEG decoder skip detail first (``draft``): a 12-megapixel photo is decoded at 1/8 scale
     for a 256-pixel thumbnail, which is what keeps a page of results fast.
     """
+    name = name if name is not None else path
     try:
         with Image.open(path) as image:
             image.draft("RGB", (size, size))  # JPEG only; stays >= size on both sides, so orientation is moot
             image.load()
             image = to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:
-        raise DataError(f"image not found: {path}; the folder changed since indexing, rebuild the index") from None
+        raise DataError(f"image not found: {name}; the folder changed since indexing, rebuild the index") from None
     except DECODE_ERRORS as error:
-        raise DataError(f"cannot decode image {path}: {error}") from None
+        raise DataError(f"cannot decode image {name}: {error}") from None
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality, optimize=True)
