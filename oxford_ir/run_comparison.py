@@ -1,11 +1,15 @@
 """Runs side by side without a dashboard: one table (settings that differ, best ``val/mAP``, final mAP, time,
-checkpoint) and one plot of ``val/mAP`` per epoch, drawn with PIL (no matplotlib)."""
+checkpoint) and one plot of any logged metric (``val/mAP`` by default) per epoch, drawn with PIL (no matplotlib).
+Runs whose curves are identical are named in a note (the setting they differ in changed nothing) and drawn with
+their own marker and dash, so that none hides another."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +17,7 @@ from typing import Any
 
 from oxford_ir.errors import ConfigError, DataError
 from oxford_ir.fs import replace_file
-from oxford_ir.run_history import RunHistory
+from oxford_ir.run_history import VAL_METRIC, RunHistory
 
 #: the final-evaluation columns: Revisited Easy / Medium / Hard mAP, or the original protocol's mAP
 FINAL_COLUMNS = {"E": "E/mAP", "M": "M/mAP", "H": "H/mAP", "mAP": "mAP"}
@@ -163,19 +167,78 @@ PLOT_SIZE = (960, 540)
 
 @dataclass
 class PlotBox:
-    """Where the axes are in the image (pixels)."""
+    """Where the axes are in the image (pixels), and the title drawn above them."""
 
     left: int
     top: int
     right: int
     bottom: int
+    title: str = ""
 
 
-def plot_val_map(
-    runs: Sequence[RunHistory], keys: Sequence[str], path: Path, size: tuple[int, int] = PLOT_SIZE
-) -> PlotBox:
-    """Write a PNG of ``val/mAP`` (%) per epoch: one line per run (colours from :data:`PALETTE` in the runs'
-    order), the legend naming each run by its job and the settings that differ. Returns the axes' box."""
+def plot_name(metric: str) -> str:
+    """The plot's file name: the metric's name with ``/`` and other characters a file name should not hold as
+    ``_`` (``val/mAP`` -> ``val_mAP.png``, ``train/loss_epoch`` -> ``train_loss_epoch.png``)."""
+    return re.sub(r"[^\w.-]", "_", metric).strip("._") + ".png"
+
+
+def is_percent(metric: str) -> bool:
+    """mAP and precision values are fractions shown in % (as in the table); a loss is shown as it is."""
+    return bool(re.search(r"mAP|mP@|P@|recall", metric))
+
+
+def identical_curves(runs: Sequence[RunHistory], metric: str) -> list[list[RunHistory]]:
+    """Groups (two or more, in the runs' order) of runs whose ``metric`` has the same value at every epoch/step."""
+    groups: dict[tuple, list[RunHistory]] = {}
+    for run in runs:
+        axis, values = run.curve(metric)
+        if values:
+            groups.setdefault((axis, tuple(values.items())), []).append(run)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def identical_notes(runs: Sequence[RunHistory], metric: str, keys: Sequence[str]) -> list[str]:
+    """One line per group of identical curves: which jobs, and which of the differing settings had no effect."""
+    labels = job_labels(runs)
+    notes = []
+    for group in identical_curves(runs, metric):
+        names = [labels[run.folder] for run in group]
+        jobs = ", ".join(names[:-1]) + f" and {names[-1]}"
+        differ = [key for key in keys if len({show_value(run.setting(key)) for run in group}) > 1]
+        effect = (
+            f"the setting{'s' if len(differ) > 1 else ''} they differ in ({', '.join(differ)}) "
+            f"{'have' if len(differ) > 1 else 'has'} no effect on it"
+            if differ
+            else "they ran the same settings"
+        )
+        notes.append(f"jobs {jobs} have identical {metric} curves: {effect}")
+    return notes
+
+
+def sweep_name(runs: Sequence[RunHistory]) -> str:
+    """The sweep(s) the runs belong to: their multirun folders' names (a lone run: its own folder's name)."""
+    names = []
+    for run in runs:
+        parent = run.folder.resolve().parent
+        name = parent.name if (parent / "multirun.yaml").is_file() or run.folder.name.isdigit() else run.folder.name
+        if name not in names:
+            names.append(name)
+    return ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else "")
+
+
+#: marker shapes, one per run in table order, so that runs drawn on top of one another stay visible
+MARKERS = ("circle", "square", "triangle", "diamond", "cross")
+#: dash patterns (pixels on, off) of the second, third... run of a group of identical curves
+DASHES = ((10, 6), (4, 4), (14, 4, 4, 4))
+
+
+def plot_metric(
+    runs: Sequence[RunHistory], keys: Sequence[str], path: Path, metric: str = VAL_METRIC,
+    size: tuple[int, int] = PLOT_SIZE,
+) -> PlotBox:  # fmt: skip
+    """Write a PNG of ``metric`` per epoch (or step): one line per run (colours from :data:`PALETTE` and markers from
+    :data:`MARKERS` in the runs' order; dashed when it repeats another run's curve), titled with the metric and the
+    sweep, the legend naming each run by its job and the settings that differ. Returns the axes' box."""
     from PIL import Image, ImageDraw
 
     font = _font(13)
@@ -184,16 +247,18 @@ def plot_val_map(
     box = PlotBox(left=64, top=36, right=width - legend_width - 16, bottom=height - 48)
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    series = [run.val_map for run in runs]
-    epochs = [e for s in series for e in s]
-    values = [100 * v for s in series for v in s.values()]
-    x_low, x_high = (min(epochs), max(epochs)) if epochs else (0, 1)
+    scale = 100.0 if is_percent(metric) else 1.0
+    curves = [run.curve(metric) for run in runs]
+    axis = "step" if any(a == "step" for a, values in curves if values) else "epoch"
+    xs = [x for _, values in curves for x in values]
+    values = [scale * v for _, series in curves for v in series.values() if math.isfinite(v)]
+    x_low, x_high = (min(xs), max(xs)) if xs else (0, 1)
     x_high = max(x_high, x_low + 1)
-    y_ticks = _ticks(min(values, default=0.0), max(values, default=100.0))
+    y_ticks = _ticks(min(values, default=0.0), max(values, default=100.0 if scale == 100 else 1.0))
     y_low, y_high = y_ticks[0], y_ticks[-1]
 
-    def x_at(epoch: float) -> int:
-        return round(box.left + (epoch - x_low) / (x_high - x_low) * (box.right - box.left))
+    def x_at(x: float) -> int:
+        return round(box.left + (x - x_low) / (x_high - x_low) * (box.right - box.left))
 
     def y_at(value: float) -> int:
         return round(box.bottom - (value - y_low) / (y_high - y_low) * (box.bottom - box.top))
@@ -204,29 +269,44 @@ def plot_val_map(
         draw.line([(box.left, y), (box.right, y)], fill=grid)
         label = f"{tick:g}"
         draw.text((box.left - 6 - draw.textlength(label, font=font), y - 7), label, fill=ink, font=font)
-    x_step = max(1, (x_high - x_low + 9) // 10)
-    for epoch in range(x_low, x_high + 1, x_step):
-        x = x_at(epoch)
+    x_step = _ticks(x_low, x_high, 10)
+    x_step = max(1, round(x_step[1] - x_step[0])) if len(x_step) > 1 else 1
+    for tick in range(x_low - x_low % x_step, x_high + 1, x_step):
+        if tick < x_low:
+            continue
+        x = x_at(tick)
         draw.line([(x, box.top), (x, box.bottom)], fill=grid)
-        draw.text((x - draw.textlength(str(epoch), font=font) / 2, box.bottom + 6), str(epoch), fill=ink, font=font)
+        draw.text((x - draw.textlength(str(tick), font=font) / 2, box.bottom + 6), str(tick), fill=ink, font=font)
     draw.rectangle([box.left, box.top, box.right, box.bottom], outline=ink)
-    draw.text((box.left, 10), "val/mAP (%) per epoch", fill=ink, font=font)
-    draw.text(((box.left + box.right) / 2 - 20, height - 22), "epoch", fill=ink, font=font)
+    unit = " (%)" if scale == 100 else ""
+    box.title = title = f"{metric}{unit} per {axis}: {sweep_name(runs)}"
+    draw.text((box.left, 10), _wrap([title], lambda t: draw.textlength(t, font=font), width - box.left - 8, 1)[0],
+              fill=ink, font=font)  # fmt: skip
+    draw.text(((box.left + box.right) / 2 - 20, height - 22), axis, fill=ink, font=font)
 
     labels = job_labels(runs)
+    repeats = {}  # run folder -> (position in its group of identical curves, the group's first job)
+    for group in identical_curves(runs, metric):
+        for position, run in enumerate(group):
+            repeats[run.folder] = (position, labels[group[0].folder])
     legend_x, legend_y = box.right + 24, box.top
     for index, run in enumerate(runs):
         colour = PALETTE[index % len(PALETTE)]
-        points = [(x_at(e), y_at(100 * v)) for e, v in run.val_map.items()]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=3, joint="curve")
+        marker = MARKERS[index % len(MARKERS)]
+        position, first = repeats.get(run.folder, (0, ""))
+        dash = DASHES[(position - 1) % len(DASHES)] if position else None
+        points = [(x_at(x), y_at(scale * v)) for x, v in curves[index][1].items() if math.isfinite(v)]
+        _polyline(draw, points, colour, 3 if dash is None else 2, dash)
         for x, y in points:
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+            _marker(draw, x, y, marker, colour, 4 if position == 0 else 3)
         words = [labels[run.folder], *(f"{key}={show_value(run.setting(key))}" for key in keys)]
+        if position:
+            words.append(f"(= job {first}, dashed)")
         lines = _wrap(words, lambda text: draw.textlength(text, font=font), width - legend_x - 34)
         if legend_y + 18 * len(lines) > height - 10:
             continue  # more runs than the legend holds: the table names them all
-        draw.line([(legend_x, legend_y + 8), (legend_x + 22, legend_y + 8)], fill=colour, width=3)
+        _polyline(draw, [(legend_x, legend_y + 8), (legend_x + 22, legend_y + 8)], colour, 3, dash)
+        _marker(draw, legend_x + 11, legend_y + 8, marker, colour, 4)
         for text in lines:
             draw.text((legend_x + 30, legend_y), text, fill=ink, font=font)
             legend_y += 16
@@ -239,6 +319,48 @@ def plot_val_map(
     except (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as error:
         raise DataError(f"cannot write the plot {path} ({error.strerror}): pass --plot <file> elsewhere") from None
     return box
+
+
+def _polyline(draw: Any, points: Sequence[tuple[int, int]], colour: tuple, width: int, dash: tuple | None) -> None:
+    """A line through ``points``; with ``dash`` (on, off, ... pixels) drawn in dashes along its whole length."""
+    if len(points) < 2:
+        return
+    if dash is None:
+        draw.line(list(points), fill=colour, width=width, joint="curve")
+        return
+    pattern, phase = list(dash), 0.0
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        length = math.hypot(x1 - x0, y1 - y0)
+        done = 0.0
+        while done < length:
+            cycle = sum(pattern)
+            at = phase % cycle
+            edge, on = 0.0, True
+            for part in pattern:
+                if at < edge + part:
+                    step = min(edge + part - at, length - done)
+                    break
+                edge, on = edge + part, not on
+            if on:
+                a, b = done / length, (done + step) / length
+                draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))],
+                          fill=colour, width=width)  # fmt: skip
+            done += step
+            phase += step
+
+
+def _marker(draw: Any, x: int, y: int, shape: str, colour: tuple, r: int) -> None:
+    if shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    elif shape == "square":
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(x, y - r - 1), (x - r - 1, y + r), (x + r + 1, y + r)], fill=colour)
+    elif shape == "diamond":
+        draw.polygon([(x, y - r - 1), (x + r + 1, y), (x, y + r + 1), (x - r - 1, y)], fill=colour)
+    else:
+        draw.line([(x - r, y - r), (x + r, y + r)], fill=colour, width=2)
+        draw.line([(x - r, y + r), (x + r, y - r)], fill=colour, width=2)
 
 
 def _wrap(words: Sequence[str], measure: Callable[[str], float], width: float, max_lines: int = 3) -> list[str]:
@@ -258,8 +380,6 @@ def _wrap(words: Sequence[str], measure: Callable[[str], float], width: float, m
 
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
     """Round tick values (steps of 1, 2 or 5 x 10^k) covering ``low..high``."""
-    import math
-
     if high - low < 1e-9:
         low, high = low - 1, high + 1
     raw = (high - low) / count

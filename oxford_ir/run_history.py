@@ -5,27 +5,30 @@ A run folder (the Hydra output folder of ``oxford-ir-train``, see :mod:`oxford_i
 the metrics logged per epoch: ``csv/metrics.csv`` (``logger=csv``) and/or W&B's transaction log
 ``wandb/offline-run-*/run-<id>.wandb`` (``logger=wandb``, offline by default). A multirun folder holds
 ``multirun.yaml`` and one folder per job (``0/``, ``1/``, ...). Everything is read from these files: no W&B
-server, no torch; a run that is still being written reads as far as it got.
+server, torch only to check that the best checkpoint loads; a run that is still being written reads as far as it
+got. Nothing read is trusted: a damaged file gives a warning line and what it does not say is left out
+(:mod:`oxford_ir.logged_metrics`), YAML is read as plain data (nothing instantiated or resolved), and a checkpoint
+that would not load is never named as the best one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import os
 import re
 import struct
 import sys
-from collections.abc import Iterator, Sequence
+import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from oxford_ir.errors import DataError
+from oxford_ir.logged_metrics import Row, Warnings, csv_rows, number, wandb_rows
 
 #: files of :mod:`oxford_ir.cli.run_folder` (not imported from there: it imports Lightning, which takes seconds)
 WANDB_ID_FILE = "wandb_run_id"
@@ -64,7 +67,12 @@ class RunHistory:
     wall_s: float | None
     checkpoint: Path | None
     choices: dict[str, str] = field(default_factory=dict)
-    config: DictConfig | None = None
+    #: ``.hydra/config.yaml`` as plain data, unresolved
+    config: dict | None = None
+    #: every row logged after an epoch's training or validation (not the untrained or final evaluation)
+    rows: list[Row] = field(default_factory=list)
+    #: one line per damaged file, line or record, and per checkpoint that would not load
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def best(self) -> tuple[int, float] | None:
@@ -85,23 +93,39 @@ class RunHistory:
             return self.overrides[key]
         if key in self.choices:
             return self.choices[key]
-        if self.config is not None:
-            missing = object()
-            value = OmegaConf.select(self.config, key, default=missing, throw_on_resolution_failure=False)
-            if value is not missing:
-                return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
-        return None
+        return select(self.config, key)
+
+    def curve(self, metric: str) -> tuple[str, dict[int, float]]:
+        """``(axis, x -> value)`` of ``metric`` per epoch (or per step, see :func:`curve`)."""
+        return curve(self.rows, metric)
 
 
 # -- finding runs ----------------------------------------------------------------------------------------------
+#: what Hydra writes into a job's folder when the job starts: the files that make a folder a run folder
+RUN_MARKERS = (Path(".hydra") / "config.yaml", Path(".hydra") / "overrides.yaml")
+#: what Hydra writes into a sweep's folder when the sweep starts
+MULTIRUN_MARKER = "multirun.yaml"
+
+
 def is_run_folder(path: Path) -> bool:
-    return (path / ".hydra").is_dir()
+    """A folder Hydra ran a job in: it holds ``.hydra/config.yaml`` and ``.hydra/overrides.yaml``."""
+    return all((path / marker).is_file() for marker in RUN_MARKERS)
 
 
 def job_folders(path: Path) -> list[Path]:
-    """The job folders of a multirun folder: numbered ones (started or not yet written) and any with ``.hydra/``."""
-    jobs = [p for p in path.iterdir() if p.is_dir() and (p.name.isdigit() or is_run_folder(p))]
+    """The run folders directly inside ``path`` (a multirun's jobs): numbered ones first, by number."""
+    try:
+        entries = [p for p in path.iterdir() if p.is_dir()]
+    except OSError:
+        return []
+    jobs = [p for p in entries if is_run_folder(p)]
     return sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+
+
+def is_multirun_folder(path: Path) -> bool:
+    """A sweep's folder: it holds ``multirun.yaml`` (Hydra writes it when the sweep starts) or, copied without it,
+    at least one run folder."""
+    return path.is_dir() and not is_run_folder(path) and ((path / MULTIRUN_MARKER).is_file() or bool(job_folders(path)))
 
 
 def find_run_folders(paths: Sequence[str | Path]) -> list[Path]:
@@ -113,14 +137,14 @@ def find_run_folders(paths: Sequence[str | Path]) -> list[Path]:
             raise DataError(f"{given}: no such folder; {RUN_FOLDER_HELP}")
         if is_run_folder(path):
             runs = [path]
-        elif path.is_dir() and ((path / "multirun.yaml").is_file() or job_folders(path)):
+        elif is_multirun_folder(path):
             runs = job_folders(path)
             if not runs:
                 raise DataError(f"{given}: no job of this multirun has started yet; run the command again later")
         else:
             raise DataError(
-                f"{given} is neither a run folder (no .hydra/) nor a multirun folder (no multirun.yaml, no job "
-                f"folders 0/, 1/, ...); {RUN_FOLDER_HELP}"
+                f"{given} is neither a run folder (no .hydra/config.yaml and .hydra/overrides.yaml) nor a multirun "
+                f"folder (no {MULTIRUN_MARKER}, no run folder inside); {RUN_FOLDER_HELP}"
             )
         for run in runs:
             found.setdefault(run.resolve(), run)
@@ -129,221 +153,198 @@ def find_run_folders(paths: Sequence[str | Path]) -> list[Path]:
 
 # -- one run -----------------------------------------------------------------------------------------------------
 def read_run(folder: Path) -> RunHistory:
-    """Everything the comparison shows of the run in ``folder``, read from its files."""
+    """Everything the comparison shows of the run in ``folder``, read from its files; what a damaged file does not
+    say is left out with a line in ``warnings``."""
+    warnings = Warnings()
     hydra_dir = folder / ".hydra"
-    config = _load_yaml(hydra_dir / "config.yaml")
-    hydra_cfg = _load_yaml(hydra_dir / "hydra.yaml")
-    choices = {}
-    if hydra_cfg is not None:
-        raw = OmegaConf.select(hydra_cfg, "hydra.runtime.choices", default=None, throw_on_resolution_failure=False)
-        choices = {str(k): str(v) for k, v in (raw or {}).items() if v is not None}
-    max_epochs = None
-    if config is not None:
-        value = OmegaConf.select(config, "trainer.max_epochs", default=None, throw_on_resolution_failure=False)
-        max_epochs = int(value) if isinstance(value, int) and value >= 0 else None
+    config = _load_mapping(hydra_dir / "config.yaml", warnings)
+    hydra_cfg = _load_mapping(hydra_dir / "hydra.yaml", warnings)
+    raw_choices = select(hydra_cfg, "hydra.runtime.choices")
+    choices = {str(k): str(v) for k, v in raw_choices.items() if v is not None} if isinstance(raw_choices, dict) else {}
+    value = select(config, "trainer.max_epochs")
+    max_epochs = value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
-    results = _load_json(folder / "metrics.json")
-    final_evaluations = (results or {}).get("evaluations", {}).get("final") or {}
+    results = _load_json(folder / "metrics.json", warnings)
+    evaluations = results.get("evaluations") if isinstance(results, dict) else None
+    final_evaluations = evaluations.get("final") if isinstance(evaluations, dict) else None
+    final_evaluations = final_evaluations if isinstance(final_evaluations, dict) else {}
     benchmark, final = next(iter(final_evaluations.items()), (None, {}))
-    rows, source = logged_val_rows(folder)
-    val_map = val_map_per_epoch(
+    final = {str(k): v for k, v in (final.items() if isinstance(final, dict) else []) if number(v) is not None}
+    in_use = folder_in_use(folder)
+    rows, source = logged_rows(folder, warnings, still_writing=bool(in_use))
+    rows = epoch_rows(
         rows,
         untrained=(folder / UNTRAINED_FILE).is_file(),
         finished_with_evaluation=bool(final_evaluations),
         max_epochs=max_epochs,
     )
-    in_use = folder_in_use(folder)
-    status = "running" if in_use else "done" if results is not None else "unfinished"
+    status = "running" if in_use else "done" if (folder / "metrics.json").is_file() else "unfinished"
     history = RunHistory(
         folder=folder,
-        overrides=read_overrides(hydra_dir / "overrides.yaml"),
+        overrides=read_overrides(hydra_dir / "overrides.yaml", warnings),
         status=status,
-        val_map=val_map,
+        val_map=curve(rows, VAL_METRIC)[1],
         source=source,
         max_epochs=max_epochs,
         final={k: float(v) for k, v in final.items()},
-        benchmark=benchmark,
+        benchmark=None if benchmark is None else str(benchmark),
         wall_s=wall_seconds(folder),
         checkpoint=None,
         choices=choices,
         config=config,
+        rows=rows,
+        warnings=warnings,
     )
     best = history.best
-    history.checkpoint = best_checkpoint(folder, best[0] if best else None)
+    history.checkpoint = best_checkpoint(folder, best[0] if best else None, warnings)
+    warnings.close()
     return history
 
 
-def read_overrides(path: Path) -> dict[str, Any]:
-    """``key -> value`` of a Hydra ``overrides.yaml`` (``+key`` and ``++key`` count as ``key``; ``~key``: None)."""
+def read_overrides(path: Path, warnings: Warnings | None = None) -> dict[str, Any]:
+    """``key -> value`` of a Hydra ``overrides.yaml`` (``+key`` and ``++key`` count as ``key``; ``~key``: None).
+    Values are parsed as Hydra parses them, never resolved: an interpolation stays its text."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    listed = [str(o) for o in (_load_list(path) or [])]
-    try:
-        parsed = OverridesParser.create().parse_overrides(listed)
-    except Exception as error:  # hydra's OverrideParseException: not what Hydra wrote
-        raise DataError(f"{path}: not Hydra overrides ({error}); restore it or leave its run out") from None
+    warnings = Warnings() if warnings is None else warnings
+    listed = _load(path, warnings)
+    if not isinstance(listed, list):
+        if listed is not None:
+            warnings.add(path, f"{path}: not a list of overrides: its settings are not shown")
+        return {}
+    parser = OverridesParser.create()
     overrides = {}
-    for override in parsed:
+    for position, text in enumerate(listed):
+        try:
+            (override,) = parser.parse_overrides([str(text)])
+        except Exception as error:  # hydra's OverrideParseException: not what Hydra wrote
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            warnings.add(path, f"{path}: entry {position}, {str(text)[:40]!r}, is not a Hydra override ({first}): "
+                               "left out")  # fmt: skip
+            continue
         key = override.key_or_group + (f"@{override.package}" if override.package else "")
         if key not in NOT_SETTINGS:
             overrides[key] = None if override.is_delete() else override.value()
     return overrides
 
 
-def _load_yaml(path: Path) -> DictConfig | None:
-    loaded = _load(path)
-    return loaded if isinstance(loaded, DictConfig) else None
+def select(tree: Any, key: str, depth: int = 0) -> Any:
+    """The value at the dotted ``key`` of a plain (unresolved) config tree, None when absent. An interpolation of
+    another node (``${loss.margin}``) is followed; any other (a resolver: ``${oc.env:X}``, ``${eval:...}``) is
+    shown as its text and never run: a run folder is data, not code."""
+    node = tree
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    target = re.fullmatch(r"\$\{([\w.\-]+)\}", node) if isinstance(node, str) else None
+    if target is not None and depth < 8:  # a chain of interpolations, never a loop forever
+        return select(tree, target.group(1), depth + 1)
+    return node
 
 
-def _load_list(path: Path) -> ListConfig | None:
-    loaded = _load(path)
-    return loaded if isinstance(loaded, ListConfig) else None
+def _load_mapping(path: Path, warnings: Warnings) -> dict | None:
+    loaded = _load(path, warnings)
+    if loaded is not None and not isinstance(loaded, dict):
+        warnings.add(path, f"{path}: not a mapping of settings: left out")
+        return None
+    return loaded
 
 
-def _load(path: Path) -> DictConfig | ListConfig | None:
+def _load(path: Path, warnings: Warnings) -> Any:
+    """A YAML file as plain data (dicts, lists, scalars), None when absent or damaged (with a warning). Loaded by
+    OmegaConf (YAML's safe loader: no object is built) and turned into containers without resolving anything."""
     if not path.is_file():
         return None
     try:
-        return OmegaConf.load(path)
-    except Exception as error:  # a file cut short by a killed process, or not YAML
-        raise DataError(f"{path} is not readable YAML ({error}); restore it or leave its run out") from None
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as error:  # a file cut short by a killed process, not UTF-8, not YAML
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        warnings.add(path, f"{path}: not readable YAML ({first[:120]}): left out")
+        return None
 
 
-def _load_json(path: Path) -> dict | None:
+def _load_json(path: Path, warnings: Warnings) -> Any:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes())
     except (ValueError, OSError) as error:
-        raise DataError(f"{path} is not readable JSON ({error}); restore it or leave its run out") from None
+        warnings.add(path, f"{path}: not readable JSON ({str(error)[:120]}): its final evaluation is not shown")
+        return None
 
 
-# -- val/mAP per epoch -------------------------------------------------------------------------------------------
-#: one logged validation: (epoch or None when not logged, val/mAP)
-ValRow = tuple[int | None, float]
-
-
-def logged_val_rows(folder: Path) -> tuple[list[ValRow], str | None]:
-    """Every ``val/mAP`` the run logged, in order, from ``csv/metrics.csv`` or else from its W&B files."""
+# -- what was logged, per epoch ------------------------------------------------------------------------------------
+def logged_rows(folder: Path, warnings: Warnings, still_writing: bool = False) -> tuple[list[Row], str | None]:
+    """Every row the run logged, in order, from ``csv/metrics.csv`` or else from its W&B files."""
     csv_file = folder / CSV_METRICS
     if csv_file.is_file():
-        return csv_val_rows(csv_file), "csv"
+        return csv_rows(csv_file, warnings, still_writing), "csv"
     files = wandb_run_files(folder)
     if files:
-        return [row for path in files for row in wandb_val_rows(path)], "wandb"
+        last = len(files) - 1
+        rows = [row for i, path in enumerate(files) for row in wandb_rows(path, warnings, still_writing and i == last)]
+        return rows, "wandb"
     return [], None
 
 
-def val_map_per_epoch(
-    rows: Sequence[ValRow], *, untrained: bool, finished_with_evaluation: bool, max_epochs: int | None
-) -> dict[int, float]:
-    """``epoch -> val/mAP`` of the validations after each epoch, leaving out the other evaluations the loggers
-    hold: the untrained network's (the first row, when the run kept ``untrained.json``) and the best checkpoint's
-    after training (the last row of a run that finished with one, and any row past ``max_epochs``). A resumed run
-    logs an epoch again: its later value counts."""
-    rows = list(rows)
-    if untrained and rows:
-        rows = rows[1:]
-    if finished_with_evaluation and rows:
-        rows = rows[:-1]
-    per_epoch: dict[int, float] = {}
-    for index, (epoch, value) in enumerate(rows):
-        epoch = index if epoch is None else epoch
-        if max_epochs is not None and epoch >= max_epochs:
-            continue
-        per_epoch[epoch] = value
-    return dict(sorted(per_epoch.items()))
+def epoch_rows(
+    rows: Sequence[Row], *, untrained: bool, finished_with_evaluation: bool, max_epochs: int | None
+) -> list[Row]:
+    """``rows`` without the evaluations that are not an epoch's validation: the untrained network's (the first
+    row holding ``val/mAP``, when the run kept ``untrained.json``) and the best checkpoint's after training (the
+    last such row of a run that finished with one, when it is past the epochs trained: logged with the epoch count,
+    never with a trained epoch, so a log cut before it keeps its last epoch), and any row past ``max_epochs``."""
+    rows = [row for row in rows if not (max_epochs is not None and row.get("epoch", 0) >= max_epochs)]
+    validations = [i for i, row in enumerate(rows) if VAL_METRIC in row]
+    dropped = set()
+    if untrained and validations:
+        dropped.add(validations.pop(0))
+    if finished_with_evaluation and validations:
+        last = rows[validations[-1]]
+        trained = {row["epoch"] for row in rows if "epoch" in row and any(k.startswith("train/") for k in row)}
+        if "epoch" not in last or not trained or last["epoch"] not in trained:
+            dropped.add(validations[-1])
+    return [row for i, row in enumerate(rows) if i not in dropped]
 
 
-def csv_val_rows(path: Path) -> list[ValRow]:
-    """The rows of a Lightning ``metrics.csv`` that hold ``val/mAP``; a last line still being written is skipped."""
-    text = path.read_text()
-    text = text[: text.rfind("\n") + 1]
-    rows = []
-    for row in csv.DictReader(io.StringIO(text)):
-        value = _number(row.get(VAL_METRIC))
-        if value is not None:
-            epoch = _number(row.get("epoch"))
-            rows.append((None if epoch is None else int(epoch), value))
-    return rows
+def curve(rows: Sequence[Row], metric: str) -> tuple[str, dict[int, float]]:
+    """``(axis, x -> value)`` of ``metric``: per epoch (0-based, as in checkpoint names) when it was logged once an
+    epoch, per step when several steps of an epoch logged it. A resumed run logs an epoch (or step) again: its
+    later value counts."""
+    found = [row for row in rows if metric in row]
+    steps_per_epoch: dict[float, set[float]] = {}
+    for row in found:
+        if "epoch" in row and "step" in row:
+            steps_per_epoch.setdefault(row["epoch"], set()).add(row["step"])
+    axis = "step" if any(len(steps) > 1 for steps in steps_per_epoch.values()) else "epoch"
+    values: dict[int, float] = {}
+    for index, row in enumerate(found):
+        x = row.get(axis)
+        values[index if x is None else int(x)] = row[metric]
+    return axis, dict(sorted(values.items()))
+
+
+def metric_names(rows: Sequence[Row]) -> list[str]:
+    """The metrics logged in ``rows`` (not ``epoch`` and ``step``), sorted."""
+    return sorted({key for row in rows for key in row} - {"epoch", "step"})
 
 
 def wandb_run_files(folder: Path) -> list[Path]:
     """The run's W&B transaction logs (one per session of a resumed run), oldest first."""
     id_file = folder / WANDB_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.is_file() else ""
+    try:
+        run_id = id_file.read_text(errors="replace").strip() if id_file.is_file() else ""
+    except OSError:
+        run_id = ""
+    run_id = run_id if re.fullmatch(r"[\w-]+", run_id) else ""
     pattern = f"*-{run_id}/run-{run_id}.wandb" if run_id else "*/run-*.wandb"
-    files = [p for p in (folder / "wandb").glob(pattern) if not p.parent.is_symlink()]
+    files = [p for p in (folder / "wandb").glob(pattern) if not p.parent.is_symlink() and p.is_file()]
     # offline-run-20261126_120000-<id> (or run-... online): the time the session started
     return sorted(files, key=lambda p: (re.findall(r"\d{8}_\d{6}", p.parent.name) or [""])[0])
-
-
-def wandb_val_rows(path: Path) -> list[ValRow]:
-    """The history rows of a W&B run file that hold ``val/mAP``."""
-    rows = []
-    for record in wandb_records(path):
-        if not record.HasField("history"):
-            continue
-        items = {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
-        if VAL_METRIC in items:
-            value = _number(json.loads(items[VAL_METRIC]))
-            epoch = _number(json.loads(items["epoch"])) if "epoch" in items else None
-            if value is not None:
-                rows.append((None if epoch is None else int(epoch), value))
-    return rows
-
-
-#: the W&B transaction log (``run-<id>.wandb``, what ``wandb sync`` uploads): a 7-byte header, then LevelDB-style
-#: 32 KiB blocks of chunks (crc32, length, type), each record a serialised ``wandb_internal_pb2.Record``
-WANDB_MAGIC = b":W&B"
-WANDB_BLOCK = 32768
-WANDB_HEADER = 7
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-def wandb_records(path: Path) -> Iterator[Any]:
-    """The records of a W&B run file, without the W&B service; a record still being written ends the file."""
-    from google.protobuf.message import DecodeError
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    if len(data) < WANDB_HEADER:  # a run that has just started
-        return
-    if data[:4] != WANDB_MAGIC:
-        raise DataError(f"{path} is not a W&B run file (no {WANDB_MAGIC!r} header); move it out of the run folder")
-    pos, pending = WANDB_HEADER, b""
-    while pos + WANDB_HEADER <= len(data):
-        space = WANDB_BLOCK - pos % WANDB_BLOCK
-        if space < WANDB_HEADER:  # a block's tail too short for a chunk header is padding
-            pos += space
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + WANDB_HEADER])
-        pos += WANDB_HEADER
-        if kind == 0 and length == 0:  # zero padding to the end of the block
-            pos += space - WANDB_HEADER
-            continue
-        if pos + length > len(data):
-            return
-        chunk, pos = data[pos : pos + length], pos + length
-        if kind in (FIRST, MIDDLE):
-            pending = chunk if kind == FIRST else pending + chunk
-            continue
-        raw, pending = (chunk if kind == FULL else pending + chunk), b""
-        record = wandb_internal_pb2.Record()
-        try:
-            record.ParseFromString(raw)
-        except DecodeError:
-            return
-        yield record
-
-
-def _number(text: Any) -> float | None:
-    if text is None or text == "":
-        return None
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return None
 
 
 # -- state, time, checkpoint -------------------------------------------------------------------------------------
@@ -395,12 +396,58 @@ def wall_seconds(folder: Path) -> float | None:
     return end - start
 
 
-def best_checkpoint(folder: Path, epoch: int | None) -> Path | None:
+def best_checkpoint(folder: Path, epoch: int | None, warnings: Warnings | None = None) -> Path | None:
     """The run's best checkpoint: the one of ``checkpoints/`` (not ``last.ckpt``) whose name holds the best epoch,
-    else the newest of them; None when there is none."""
-    kept = [p for p in (folder / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
+    else the newest of them; None when there is none, or when it would not load (with a warning saying why)."""
+    kept = [p for p in (folder / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt" and p.is_file()]
+    chosen = None
     if epoch is not None:
         named = [p for p in kept if epoch in {int(n) for n in re.findall(r"\d+", p.stem)}]
         if len(named) == 1:
-            return named[0]
-    return max(kept, key=lambda p: p.stat().st_mtime, default=None)
+            chosen = named[0]
+    if chosen is None:
+        chosen = max(kept, key=lambda p: p.stat().st_mtime, default=None)
+    problem = None if chosen is None else checkpoint_problem(chosen)
+    if problem is not None:
+        if warnings is not None:
+            warnings.add(chosen, f"{chosen}: {problem}: not shown as the best checkpoint")
+        return None
+    return chosen
+
+
+#: what a checkpoint of :class:`~oxford_ir.models.module.RetrievalModule` holds, as
+#: :func:`oxford_ir.models.checkpoint.load_retrieval_checkpoint` checks it (not imported: it imports Lightning,
+#: seconds for a table; tests/test_compare.py checks the two agree)
+HYPER_PARAMS_KEY = "hyper_parameters"
+REQUIRED_HPARAMS = ("embedder", "loss", "distance", "optimizer")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` would not load as a checkpoint of this project, or None. Cheap: the zip archive's directory
+    (a file cut short has none), then the pickled dict's keys, read as ``load_retrieval_checkpoint`` reads it
+    (``weights_only``: nothing but tensors and plain data) with the tensors memory-mapped, not read."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "an empty file (0 bytes)"
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist()):
+                return "not a PyTorch checkpoint (a zip archive without data.pkl)"
+    except zipfile.BadZipFile:
+        return "not a whole PyTorch checkpoint (cut short, or not a zip archive: an interrupted save or copy?)"
+    except OSError as error:
+        return f"cannot be read ({error.strerror})"
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many kinds on damaged files; each is "does not load"
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return f"does not load ({first[:120]})"
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        return "not a Lightning checkpoint (no state_dict)"
+    hparams = checkpoint.get(HYPER_PARAMS_KEY)
+    missing = [k for k in REQUIRED_HPARAMS if not isinstance(hparams, dict) or k not in hparams]
+    if missing:
+        return f"not written by RetrievalModule (its hyper_parameters have no {', '.join(missing)})"
+    return None

@@ -23,8 +23,8 @@ import pytest
 from PIL import Image
 
 from oxford_ir.cli.compare import PLOT_NAME, main
-from oxford_ir.run_comparison import PALETTE, PLOT_SIZE, differing_keys, plot_val_map
-from oxford_ir.run_history import find_run_folders, read_run, val_map_per_epoch, wall_seconds
+from oxford_ir.run_comparison import PALETTE, PLOT_SIZE, differing_keys, plot_metric
+from oxford_ir.run_history import curve, epoch_rows, find_run_folders, read_run, wall_seconds
 from tests.reliability.processes import lock_held_elsewhere
 from tests.test_train import TINY, TINY_SCRATCH, TRAIN_SCRIPT, run_main
 from tests.wandb_files import read_records
@@ -131,7 +131,8 @@ def test_plot_has_one_line_per_job_in_the_order_of_the_values(runs, capsys, tmp_
     with Image.open(runs.sweep / PLOT_NAME) as written:
         assert written.format == "PNG" and written.size == PLOT_SIZE
     jobs = [read_run(folder) for folder in find_run_folders([runs.sweep])]
-    box = plot_val_map(jobs, differing_keys(jobs), tmp_path / "plot.png")
+    box = plot_metric(jobs, differing_keys(jobs), tmp_path / "plot.png")
+    assert box.title == f"val/mAP (%) per epoch: {runs.sweep.name}"
     pixels = Image.open(tmp_path / "plot.png").convert("RGB").load()
     centres = []
     for index, job in enumerate(jobs):
@@ -216,7 +217,7 @@ def test_a_real_sweep_reads_running_while_it_trains_and_unfinished_once_killed(t
 def test_runs_of_different_folders_and_the_wandb_offline_source(runs, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # the whole sweep, one of its jobs again (listed once) and a run of another folder, logged by W&B only
-    header, rows, _ = compare(capsys, runs.sweep, runs.sweep / "1", runs.single)
+    header, rows, printed = compare(capsys, runs.sweep, runs.sweep / "1", runs.single)
     assert not (runs.single / "csv").exists() and list((runs.single / "wandb").glob("offline-run-*"))
     assert header[:3] == ["job", "loss.margin", "logger"]
     by_job = {row["job"]: row for row in rows}
@@ -230,7 +231,8 @@ def test_runs_of_different_folders_and_the_wandb_offline_source(runs, capsys, tm
     assert single.source == "wandb" and single.val_map == wandb_val_map(runs.single)
     values = [float(row["best val/mAP"]) for row in rows]
     assert values == sorted(values, reverse=True)
-    assert (tmp_path / PLOT_NAME).is_file()  # several folders: the plot goes to the working folder
+    # runs of several folders: no plot unless --plot says where (never the working folder by surprise)
+    assert list(tmp_path.iterdir()) == [] and "val/mAP plot: not written" in printed
 
 
 def test_wall_time_runs_from_the_first_file_to_the_last(runs, tmp_path, capsys):
@@ -246,13 +248,32 @@ def test_wall_time_runs_from_the_first_file_to_the_last(runs, tmp_path, capsys):
     assert row["wall (files)"] == "1:02:05"
 
 
+def val_rows(*pairs: tuple[int, float], trained: bool = True) -> list[dict[str, float]]:
+    """Rows as the loggers hold them: per epoch a training row (unless ``trained`` is false), then its validation."""
+    rows = []
+    for epoch, value in pairs:
+        if trained:
+            rows.append({"epoch": epoch, "train/loss": 0.1})
+        rows.append({"epoch": epoch, "val/mAP": value})
+    return rows
+
+
+def per_epoch(rows, **kwargs) -> dict[int, float]:
+    return curve(epoch_rows(rows, **kwargs), "val/mAP")[1]
+
+
 def test_validations_that_are_not_an_epochs_are_left_out_and_a_repeated_epoch_keeps_its_last_value():
     # untrained network, epochs 0 and 1, epoch 1 again (a resumed run), the best checkpoint after training
-    rows = [(0, 0.10), (0, 0.20), (1, 0.30), (1, 0.35), (2, 0.35)]
-    assert val_map_per_epoch(rows, untrained=True, finished_with_evaluation=True, max_epochs=2) == {0: 0.2, 1: 0.35}
+    rows = [{"epoch": 0, "val/mAP": 0.10}, *val_rows((0, 0.20), (1, 0.30), (1, 0.35)), {"epoch": 2, "val/mAP": 0.35}]
+    assert per_epoch(rows, untrained=True, finished_with_evaluation=True, max_epochs=2) == {0: 0.2, 1: 0.35}
     # still running: the evaluation after training is logged, metrics.json not yet written
-    assert val_map_per_epoch(rows[1:], untrained=False, finished_with_evaluation=False, max_epochs=2) == {
-        0: 0.2, 1: 0.35}  # fmt: skip
+    assert per_epoch(rows[1:], untrained=False, finished_with_evaluation=False, max_epochs=2) == {0: 0.2, 1: 0.35}
+    # finished, but its log lost the evaluation after training (cut short): the last epoch stays
+    assert per_epoch(rows[:-1], untrained=True, finished_with_evaluation=True, max_epochs=None) == {0: 0.2, 1: 0.35}
+    # no training rows logged (a logger that keeps validations only): the last validation is the final one
+    untrained_only = val_rows((0, 0.2), (1, 0.3), (2, 0.3), trained=False)
+    assert per_epoch(untrained_only, untrained=False, finished_with_evaluation=True, max_epochs=None) == {
+        0: 0.2, 1: 0.3}  # fmt: skip
 
 
 def test_file_names_are_those_the_training_run_writes():
@@ -280,7 +301,7 @@ def test_console_script_prints_the_error_line(tmp_path):
     result = subprocess.run([COMPARE_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (
-        f"error: {tmp_path} is neither a run folder (no .hydra/) nor a multirun folder (no multirun.yaml, no job "
-        "folders 0/, 1/, ...); pass a run folder (the 'run folder' oxford-ir-train prints, e.g. logs/train/runs/"
-        "<time>) or a multirun folder (logs/train/multiruns/<time>)\n"
+        f"error: {tmp_path} is neither a run folder (no .hydra/config.yaml and .hydra/overrides.yaml) nor a multirun "
+        "folder (no multirun.yaml, no run folder inside); pass a run folder (the 'run folder' oxford-ir-train prints, "
+        "e.g. logs/train/runs/<time>) or a multirun folder (logs/train/multiruns/<time>)\n"
     )
