@@ -286,8 +286,14 @@ def test_resume_after_sigkill_mid_epoch_continues_the_same_run_exactly(tmp_path,
     assert (killed / "wandb_run_id").read_text() == run_id
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").rglob("last.ckpt"))
 
-    a = torch.load(two_epochs.run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    b = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert_same_run(killed, two_epochs.run)
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    """``resumed`` ended exactly as the uninterrupted ``reference``: step, weights, optimizer state, every logged
+    CSV row (none twice), ``metrics.json``, ``table.txt`` and the checkpoint files."""
+    a = torch.load(reference / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert a["global_step"] == b["global_step"] == 6
     assert a["epoch"] == b["epoch"]
     for key, value in a["state_dict"].items():
@@ -296,11 +302,39 @@ def test_resume_after_sigkill_mid_epoch_continues_the_same_run_exactly(tmp_path,
         a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(), strict=True
     ):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"])
-    # every row of the uninterrupted run, none twice; the same results and table
-    assert read_csv_metrics(killed) == read_csv_metrics(two_epochs.run)
-    results = [json.loads((folder / "metrics.json").read_text()) for folder in (killed, two_epochs.run)]
+    assert read_csv_metrics(resumed) == read_csv_metrics(reference)
+    results = [json.loads((folder / "metrics.json").read_text()) for folder in (resumed, reference)]
     assert results[0] == results[1]
-    assert (killed / "table.txt").read_text() == (two_epochs.run / "table.txt").read_text()
+    assert (resumed / "table.txt").read_text() == (reference / "table.txt").read_text()
+    names = [sorted(p.name for p in (folder / "checkpoints").iterdir()) for folder in (resumed, reference)]
+    assert names[0] == names[1]
+
+
+def test_ctrl_c_mid_epoch_then_resume_continues_the_same_run_exactly(tmp_path, two_epochs):
+    """Ctrl-C (SIGINT to the run's process group, workers included, as a terminal sends it) in the middle of
+    epoch 1, then ``resume=``: exit 130 without a traceback, the ``resume with`` line printed, nothing saved at the
+    stop (``last.ckpt`` is still the end of epoch 0, no ``best-*`` of the unvalidated epoch 1), and the resumed run
+    ends exactly as the uninterrupted one. Before the fix the stop overwrote ``last.ckpt`` with the mid-epoch state
+    and saved it as ``best-epoch001.ckpt``, exited 1 without the resume line, and the resume ended elsewhere."""
+    from tests.reliability.processes import environment
+    from tests.reliability.processes import run as run_process
+
+    args = [*TWO_EPOCHS, f"paths.data_dir={two_epochs.data}", "trainer.max_epochs=2"]
+    stopped = tmp_path / "stopped"
+    kill = ["+callbacks.kill._target_=tests.reliability.kill_training.KillAt", "+callbacks.kill.point=train_batch",
+            "+callbacks.kill.at=4", "+callbacks.kill.signal=SIGINT"]  # fmt: skip
+    env = environment(PYTHONPATH=str(REPO))
+    part = run_process([TRAIN_SCRIPT, *args, "data.num_workers=2", *kill, f"hydra.run.dir={stopped}"], cwd=tmp_path,
+                       env=env, timeout=120)  # fmt: skip
+    assert part.returncode == 130 and not part.traceback, part.stderr[-3000:]
+    assert f"resume with:  oxford-ir-train resume={stopped}" in part.stdout, part.stdout[-2000:]
+    assert not part.error_lines and not (stopped / "metrics.json").exists()
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    last = torch.load(stopped / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (0, 3)  # the end of epoch 0, not the stop at step 4
+    resumed = cli(f"resume={stopped}", "~callbacks.kill", cwd=tmp_path, env={"PYTHONPATH": str(REPO)})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(stopped, two_epochs.run)
 
 
 def test_resume_errors_are_clear(tmp_path):

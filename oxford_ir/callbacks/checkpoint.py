@@ -8,19 +8,63 @@ points into the old folder, and saves the next ``last.ckpt`` as ``last-v1.ckpt``
 next resume then picks up, stale. :class:`RunCheckpoint` fixes both, and keeps the metrics logged by the time of
 each checkpoint, so that a run resumed after its last epoch (killed while it evaluated the best checkpoint or wrote
 its results) reports the same final metrics as an uninterrupted one.
+
+Two more things it does not leave to Lightning. A stop in the middle of an epoch (Ctrl-C, an error) saves nothing:
+Lightning's ``save_on_exception`` would overwrite ``last.ckpt`` with a mid-epoch state that a resume does not
+continue exactly, and save it as ``best-epochNNN.ckpt`` although that epoch was never validated; ``last.ckpt``
+stays the end of the last whole epoch, which a resume continues exactly. And checkpoints are written by
+:class:`AtomicCheckpointIO` (a temp file beside the checkpoint, fsynced, renamed over it) instead of fsspec's
+transaction, which writes a temp file under ``/tmp`` and, on another file system, copies it into the final name:
+a full disk then left a 0-byte or partial checkpoint under that name, named by the error as the temp file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from oxford_ir.errors import NO_ROOM, ResourceError
+from oxford_ir.fs import replace_file
+
+log = logging.getLogger(__name__)
 
 #: the callback-state fields of ModelCheckpoint that hold paths of checkpoint files
 PATH_FIELDS = ("best_model_path", "kth_best_model_path", "last_model_path")
+#: a checkpoint being written is ``<name>.tmp`` beside it (:func:`oxford_ir.fs.replace_file`) until it is whole
+TEMP_SUFFIX = ".tmp"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO``, writing each checkpoint whole or not at all beside its final name.
+
+    The checkpoint is serialised in memory (as Lightning does), written to ``<name>.tmp`` in the same folder, fsynced
+    and renamed over ``<name>`` (:func:`oxford_ir.fs.replace_file`): a failed write (full disk, file-size limit,
+    Ctrl-C) leaves the previous file of that name as it was and no temp file, and its error names ``<name>``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        try:
+            replace_file(path, buffer.getbuffer(), temp=path.with_name(path.name + TEMP_SUFFIX))
+        except OSError as error:
+            if error.errno is None:
+                raise
+            raise OSError(error.errno, error.strerror or os.strerror(error.errno), os.fspath(path)) from error
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -44,9 +88,23 @@ class RunCheckpoint(ModelCheckpoint):
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Save nothing on Ctrl-C or an error (whatever ``save_on_exception`` says): ``last.ckpt`` stays the end of
+        the last whole epoch, the state a resume continues exactly, and no ``best-*`` is written for an epoch that
+        was not validated. What the stop cut short is trained again by ``resume=``."""
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._trainer = trainer
+        if self.save_on_exception:
+            log.info("RunCheckpoint: save_on_exception is ignored (a mid-epoch state does not resume exactly)")
+        # checkpoints written whole or not at all, beside their final name (not through a temp file under /tmp)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if trainer.is_global_zero and self.dirpath and Path(self.dirpath).is_dir():
+            for left in Path(self.dirpath).glob(f"*.ckpt{TEMP_SUFFIX}"):  # of a process killed while it wrote
+                with contextlib.suppress(OSError):
+                    left.unlink()
 
     def state_dict(self) -> dict[str, Any]:
         trainer = getattr(self, "_trainer", None)
@@ -54,14 +112,22 @@ class RunCheckpoint(ModelCheckpoint):
         return {**super().state_dict(), "logged_metrics": logged}
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        """The parent's save (atomic: a temp file renamed into place); a failed write names the checkpoint file,
-        so that a full disk reads as one line naming it (:func:`oxford_ir.errors.no_room_error`)."""
+        """The parent's save (:class:`AtomicCheckpointIO`); a write that ran out of room is one line naming the
+        checkpoint and the run folder to resume (:class:`~oxford_ir.errors.ResourceError`)."""
         try:
             super()._save_checkpoint(trainer, filepath)
         except OSError as error:
-            if error.filename is not None or error.errno is None:
-                raise
-            raise OSError(error.errno, error.strerror or os.strerror(error.errno), filepath) from error
+            reason = NO_ROOM.get(errno.errorcode.get(error.errno or 0, ""))
+            if reason is None:
+                if error.filename is not None or error.errno is None:
+                    raise
+                raise OSError(error.errno, error.strerror or os.strerror(error.errno), filepath) from error
+            run = Path(filepath).parent.parent if Path(filepath).parent.name == "checkpoints" else None
+            then = f"continue the run with oxford-ir-train resume={run}" if run else "run the same command again"
+            raise ResourceError(
+                f"{reason} writing the checkpoint {filepath}: free space (or raise the limit), then {then}; the "
+                "checkpoints saved before are kept and nothing half-written is left"
+            ) from error
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the stored paths relative to this folder when the checkpoint was written in another one."""

@@ -3,6 +3,10 @@
 ``train(cfg)`` holds the logic and is what tests call; ``main`` is the thin Hydra wrapper,
 which also turns ``resume=<run folder>`` into "compose that run's config again and write
 into that same folder" (Hydra would otherwise make a new folder).
+
+Ctrl-C (SIGINT) at any point stops the run without a traceback, prints the ``resume with:`` line and exits with
+130, the shell's status for SIGINT. Nothing is saved at the stop (``RunCheckpoint.on_exception``): ``last.ckpt``
+stays the end of the last whole epoch, so ``resume=`` gives exactly the uninterrupted run's results.
 """
 
 from __future__ import annotations
@@ -11,14 +15,17 @@ import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerStatus
 from omegaconf import DictConfig, OmegaConf
 
 from oxford_ir.cli.run_folder import (
+    LAST_CHECKPOINT,
     RunInfo,
     checkpoint_step,
     distributed_scope,
@@ -67,6 +74,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     under ``cfg.paths.output_dir``. ``cfg.resume`` / ``cfg.ckpt_path`` continue a run.
     """
     run: RunInfo = resolve_run(cfg)
+    try:
+        return _train(cfg, run)
+    except KeyboardInterrupt:
+        _print_stopped(run)
+        raise
+
+
+def _train(cfg: DictConfig, run: RunInfo) -> tuple[dict[str, float], dict[str, Any]]:
     pl.seed_everything(int(cfg.seed), workers=True)
 
     log.info("data <%s>", cfg.data._target_)
@@ -90,7 +105,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     tables: dict[str, str] = {}
     evaluations: dict[str, dict] = {}
     try:
-        with folder_lock, distributed_scope():  # the scope closes the process group this run opened
+        with folder_lock, distributed_scope(), _ctrl_c_raised(trainer):  # the scope closes the process group
             if trainer.is_global_zero:
                 save_wandb_id(run)
             log_config(cfg, loggers, model)
@@ -124,6 +139,27 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if trainer.is_global_zero:
         _print_summary(tables, run, trainer)
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer, "run": run, "tables": tables}
+
+
+@contextlib.contextmanager
+def _ctrl_c_raised(trainer: pl.Trainer) -> Iterator[None]:
+    """Ctrl-C as a KeyboardInterrupt: Lightning turns one in ``fit``/``validate`` into ``sys.exit(1)`` after its
+    graceful shutdown (callbacks' ``on_exception``, loggers finalised, workers stopped)."""
+    try:
+        yield
+    except SystemExit as stop:
+        if stop.code == 1 and trainer.state.status == TrainerStatus.INTERRUPTED:
+            raise KeyboardInterrupt from None
+        raise
+
+
+def _print_stopped(run: RunInfo) -> None:
+    """What a Ctrl-C leaves and how to go on (stdout, as the summary of a finished run)."""
+    last = run.output_dir / LAST_CHECKPOINT
+    kept = f"{last} holds the last whole epoch" if last.is_file() else "no checkpoint was saved yet"
+    print(f"\nstopped (Ctrl-C): {kept}; the interrupted epoch is trained again on resume", flush=True)
+    print(f"run folder:   {run.output_dir}")
+    print(f"resume with:  oxford-ir-train resume={run.output_dir}", flush=True)
 
 
 def _fit_metrics(trainer: pl.Trainer) -> dict[str, float]:
@@ -229,7 +265,14 @@ def main() -> None:
     sys.argv = [sys.argv[0], *_rewrite_resume_argv(sys.argv[1:])]
     if not any(a in ("-m", "--multirun") for a in sys.argv) and any(a.startswith("resume=") for a in sys.argv):
         log.info("resuming: %s", " ".join(sys.argv[1:]))
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:  # train() printed where the run stands and the resume command
+        raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+#: the conventional exit status of a command stopped by SIGINT (128 + 2)
+EXIT_INTERRUPTED = 130
 
 
 if __name__ == "__main__":

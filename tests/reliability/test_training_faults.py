@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,99 @@ def test_checkpoint_state_follows_a_copied_run_folder(tmp_path):
     elsewhere = moved_state(state, old, tmp_path / "c" / "checkpoints")  # files not there: a new run
     assert (elsewhere["best_model_path"], elsewhere["last_model_path"], elsewhere["best_k_models"]) == ("", "", {})
     assert elsewhere["best_model_score"] is None and "kth_value" not in elsewhere
+
+
+#: a real Trainer fitting a 256 x 256 linear layer (a ~260 KB checkpoint) for one epoch with the run's checkpoint
+#: callback as ``conf/callbacks/default.yaml`` configures it, its errors reported as the console scripts report them
+CHECKPOINTING = """
+import sys, torch, lightning.pytorch as pl
+from torch.utils.data import DataLoader, TensorDataset
+from oxford_ir.callbacks.checkpoint import RunCheckpoint
+from oxford_ir.errors import exit_on_user_error
+
+class Linear(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(256, 256)
+    def training_step(self, batch, index):
+        return self.layer(batch[0]).pow(2).mean()
+    def validation_step(self, batch, index):
+        self.log("val/mAP", -self.layer(batch[0]).pow(2).mean())
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.randn(4, 256)), batch_size=2)
+    val_dataloader = train_dataloader
+
+@exit_on_user_error
+def main():
+    checkpoint = RunCheckpoint(dirpath=sys.argv[1], filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+                               monitor="val/mAP", mode="max", save_top_k=1, save_last=True, save_on_exception=True,
+                               enable_version_counter=False)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[checkpoint], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Linear())
+
+main()
+"""
+
+
+def test_a_checkpoint_over_the_file_size_limit_is_one_line_naming_it_and_leaves_no_file(tmp_path):
+    """A real Trainer and ``RunCheckpoint`` in a process whose file-size limit (RLIMIT_FSIZE: writes fail with EFBIG,
+    as on a full disk) is below the checkpoint's size: one ``error:`` line naming the checkpoint's final path (not
+    a temp file) and the fix, and nothing under any checkpoint name, 0-byte or partial, nor a temp file. Before the
+    fix Lightning's fsspec transaction wrote a temp file under /tmp (the error named it) and, across file systems,
+    copied it into the final name, and ``save_on_exception`` tried again under the best checkpoint's name."""
+    folder = tmp_path / "run" / "checkpoints"
+    result = run([sys.executable, "-c", CHECKPOINTING, str(folder)], cwd=tmp_path, env=_env(), file_size=64 * 1024,
+                 timeout=120)  # fmt: skip
+    assert result.returncode == 2 and not result.traceback, result.stderr[-3000:]
+    assert len(result.error_lines) == 1, result.stderr[-3000:]
+    line = result.error_lines[0]
+    assert f"the file-size limit was reached writing the checkpoint {folder / 'best-epoch000.ckpt'}:" in line, line
+    assert f"resume={tmp_path / 'run'}" in line and ".tmp" not in line
+    assert not folder.exists() or list(folder.iterdir()) == []
+
+
+def test_a_checkpoint_write_is_atomic_beside_its_final_name(tmp_path, monkeypatch):
+    """``AtomicCheckpointIO``: a write that fails part way (here, the disk fills after 1 KB) leaves the previous
+    checkpoint of that name byte for byte and no temp file, and the error names the final path."""
+    import errno
+
+    from oxford_ir.callbacks.checkpoint import AtomicCheckpointIO
+
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state": torch.arange(10)}, path)
+    before = path.read_bytes()
+    assert torch.equal(torch.load(path, weights_only=True)["state"], torch.arange(10))
+
+    class Full:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            self.handle.write(bytes(data)[:1024])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    def full_open(file, mode="r", *args, **kwargs):
+        handle = open(file, mode, *args, **kwargs)  # noqa: SIM115 - closed by its user
+        return Full(handle) if "x" in mode else handle
+
+    monkeypatch.setattr("oxford_ir.fs.open", full_open, raising=False)  # the file writers' open
+    with pytest.raises(OSError) as info:
+        io.save_checkpoint({"state": torch.zeros(100_000)}, path)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
 # -- slow: every kill point, full disk, dead worker, copied folder ---------------------------------------------
