@@ -3,7 +3,6 @@ message, thumbnails only by id (no path traversal, also over a real socket), and
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import http.client
 import io
@@ -12,8 +11,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,15 +21,15 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
-from oxford_ir.cli.serve import bind_socket, build_app, server_config  # noqa: E402
+from oxford_ir.cli.serve import bind_socket, build_app  # noqa: E402
 from oxford_ir.errors import ConfigError  # noqa: E402
 from oxford_ir.extraction.embedding import extract_embeddings  # noqa: E402
 from oxford_ir.retrieval.index_format import RetrievalIndex  # noqa: E402
 from oxford_ir.retrieval.search import Searcher  # noqa: E402
 from oxford_ir.web.app import ServeSettings, create_app  # noqa: E402
 from oxford_ir.web.thumbnails import ThumbnailCache  # noqa: E402
+from tests.web.live_server import running  # noqa: E402
 from tests.web.tiny_index import IMAGE_SIZE, N_IMAGES, ROTATED  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -426,27 +423,6 @@ def test_unknown_host_header_is_refused(index: RetrievalIndex, searcher: Searche
 
 
 # -- over a real socket: raw paths that an HTTP client library would normalise --------------------------------
-@contextlib.contextmanager
-def running(app) -> Iterator[tuple[str, int]]:
-    """``app`` served by uvicorn on 127.0.0.1 (a free port) in a thread; yields ``(host, port)``."""
-    import uvicorn
-
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(server_config(app, OmegaConf.create({"log_level": "warning"})))  # as oxford-ir-serve
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield sock.getsockname()[:2]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def live_server(client: TestClient) -> Iterator[tuple[str, int]]:
     with running(client.app) as address:

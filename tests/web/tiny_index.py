@@ -22,6 +22,11 @@ def tiny_embedder(weights: Path) -> dict:
     """
     torch.manual_seed(0)
     torch.save(ScratchCNN(channels=[8, 16]).state_dict(), weights)
+    return embedder_config(weights)
+
+
+def embedder_config(weights: Path) -> dict:
+    """The config of :func:`tiny_embedder` around weights it saved already (an update must not rewrite them)."""
     return {
         "_target_": "oxford_ir.models.embedder.Embedder",
         "backbone": {"_target_": "oxford_ir.models.backbones.ScratchCNN", "channels": [8, 16], "weights": str(weights)},
@@ -68,8 +73,16 @@ def make_collection(folder: Path) -> list[Path]:
 def build_tiny_index(root: Path) -> Path:
     """A real index (oxford_ir.retrieval.index_build.build_index) of :func:`make_collection` with a tiny random CNN."""
     make_collection(root / "images")
-    build_index(
-        ModelSpec(embedder=tiny_embedder(root / "scratch_cnn.pth")),
+    tiny_embedder(root / "scratch_cnn.pth")
+    update_tiny_index(root)
+    return root / "index"
+
+
+def update_tiny_index(root: Path) -> str:
+    """Update the index of :func:`build_tiny_index` to what ``root/images`` holds now, as ``oxford-ir-index`` does
+    (the same build_index, in this process); the new version's name."""
+    report = build_index(
+        ModelSpec(embedder=embedder_config(root / "scratch_cnn.pth")),
         str(root / "images"),
         root / "index",
         image_size=IMAGE_SIZE,
@@ -77,4 +90,12 @@ def build_tiny_index(root: Path) -> Path:
         num_workers=0,
         progress=False,
     )
-    return root / "index"
+    return report.version
+
+
+def draw_picture(path: Path, seed: int, size: tuple[int, int] = (80, 64)) -> None:
+    """A small JPEG at ``path`` unlike the collection's and unlike other seeds' (random blocks of colour)."""
+    rng = np.random.default_rng(1000 + seed)
+    blocks = rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(blocks).resize(size, Image.Resampling.NEAREST).save(path, quality=90)
