@@ -4,6 +4,10 @@
 builds the model and the search backend once (so a broken checkpoint fails here, not at the first
 query), binds the socket, prints the URL and serves until Ctrl-C. ``port=0`` picks a free port.
 
+The server follows the index folder: when ``oxford-ir-index`` updates it, the new version is loaded beside the
+old one and served from then on (:mod:`oxford_ir.web.served_index`); ``index_check_s`` (default 1) is how often
+it looks. A new version that cannot be loaded is logged and the old one stays served.
+
 uvicorn runs with the h11 protocol subclassed only so that a request too malformed to reach the app (a broken
 request line or header, a Content-Length that is not a number, headers over ``max_header_kb``) is also answered
 with the API's JSON error, not uvicorn's plain text (:func:`server_config`).
@@ -59,6 +63,10 @@ def _plain(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
 def settings_from_config(cfg: DictConfig) -> ServeSettings:
     """The app's limits and defaults from ``conf/serve.yaml``."""
     try:
@@ -76,6 +84,7 @@ def settings_from_config(cfg: DictConfig) -> ServeSettings:
             max_parallel_decodes=int(cfg.max_parallel_decodes),
             upload_wait_s=float(cfg.upload_wait_s),
             upload_timeout_s=float(cfg.upload_timeout_s),
+            index_check_s=float(_or(_plain(cfg, "index_check_s"), ServeSettings.index_check_s)),
         )
     except (TypeError, ValueError) as error:
         raise ConfigError(f"conf/serve.yaml: a limit is not a number ({error}); see the comments there") from None

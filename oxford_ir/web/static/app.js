@@ -11,6 +11,8 @@
     examples: Number(body.dataset.examples),
     maxThumbSize: Number(body.dataset.maxThumbSize),
   };
+  // the index version the header describes; answers name theirs, and a newer one refreshes the header
+  let shownVersion = body.dataset.version;
   const els = {
     file: $("file-input"),
     dropzone: $("dropzone"),
@@ -60,6 +62,31 @@
       throw new Error(message);
     }
     return payload;
+  }
+
+  // ---------- the index version ----------
+  function formatBuilt(iso) {
+    return iso ? `${iso.slice(0, 16).replace("T", " ")} UTC` : "at an unknown time";
+  }
+  async function noteVersion(payload) {
+    if (!payload || !payload.version || payload.version === shownVersion) return;
+    shownVersion = payload.version;
+    try {
+      const info = await apiJson(await fetch("/api/info"));
+      $("index-count").firstElementChild.textContent = String(info.images);
+      $("index-version").textContent = info.version;
+      const built = $("index-built");
+      built.textContent = formatBuilt(info.built);
+      built.dateTime = info.built || "";
+      built.title = `from the ${info.built_source}`;
+      shownVersion = info.version;
+    } catch (_) {
+      // the header stays as it was; the answers themselves are right
+    }
+  }
+  // an indexed image's id means a row of the version that listed it: its thumbnail URL names that version
+  function versionOf(item) {
+    return new URL(item.thumb, window.location.href).searchParams.get("v");
   }
 
   // ---------- the query image and its box ----------
@@ -138,10 +165,13 @@
     runSearch();
   }
   function useIndexed(item) {
-    query = { kind: "id", id: item.id, path: item.path, width: item.width, height: item.height, bbox: null };
+    const v = versionOf(item);
+    query = { kind: "id", id: item.id, v, path: item.path, width: item.width, height: item.height, bbox: null };
     els.bbox.value = "";
     els.file.value = ""; // the file input no longer names the query
-    showQuery(`/thumb/${item.id}?size=${config.maxThumbSize}`);
+    const params = new URLSearchParams({ size: String(config.maxThumbSize) });
+    if (v) params.set("v", v);
+    showQuery(`/thumb/${item.id}?${params}`);
     runSearch();
   }
 
@@ -222,6 +252,7 @@
     }
     const params = new URLSearchParams({ id: String(query.id), k: String(k) });
     if (bboxText) params.set("bbox", bboxText);
+    if (query.v) params.set("v", query.v);
     return fetch(`/api/search?${params}`);
   }
 
@@ -237,6 +268,12 @@
     try {
       const payload = await apiJson(await searchRequest(k, bboxText));
       if (serial !== requestSerial) return;
+      if (query.kind === "id") {
+        // the image's row in the version that answered (the server maps it when the index was updated)
+        query.id = payload.query.id;
+        query.v = payload.v;
+      }
+      noteVersion(payload);
       query.width = payload.query.width;
       query.height = payload.query.height;
       query.bbox = payload.query.bbox;
@@ -330,6 +367,7 @@
   async function loadExamples() {
     try {
       const payload = await apiJson(await fetch(`/api/examples?n=${config.examples}`));
+      noteVersion(payload);
       renderPicks(payload.items);
       els.pickStatus.textContent = "random examples";
     } catch (error) {
@@ -344,6 +382,7 @@
       if (!q) return loadExamples();
       try {
         const payload = await apiJson(await fetch(`/api/images?${new URLSearchParams({ q, limit: "24" })}`));
+        noteVersion(payload);
         renderPicks(payload.items);
         els.pickStatus.textContent =
           payload.total > payload.items.length
