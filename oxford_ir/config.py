@@ -6,7 +6,8 @@ package when the code runs as a console script.
 
 :func:`instantiate` builds a node with ``_target_`` (Hydra's ``instantiate``) after checking its values against the
 target's signature, and :func:`call` completes a ``_partial_: true`` node (an optimizer with its parameters, a
-scheduler with its optimizer). A value of the wrong type (``optimizer.lr=abc``), a key the target does not take
+scheduler with its optimizer). A value of the wrong type (``optimizer.lr=abc``) or out of range
+(``optimizer.lr=1e300``, ``inf``, ``embedder.projection_dim=-4``), a key the target does not take
 (``+optimizer.foo=1``), or a value the target refuses while it is built (``optimizer.lr=-1``: torch raises
 ``ValueError``) is one :class:`~oxford_ir.errors.ConfigError` naming the key as it is written on the command
 line and what to give instead; errors of the project (a missing weights file, ...) pass through unchanged.
@@ -82,8 +83,9 @@ def check_node(node: Any, key: str) -> None:
 
     Refused: a key the target does not take (unless it takes ``**kwargs``), and a value whose type does not fit
     the parameter: a number where its annotation or default is a number (``float``, ``int``: a whole number),
-    true/false for a bool, a list of n numbers for a tuple of n numbers. Anything the signature does not say
-    (no annotation, a complex one) is left to the target.
+    true/false for a bool, a list of n numbers for a tuple of n numbers; and a number out of range
+    (:func:`_out_of_range`: not finite, beyond float32, a learning rate above 10, a size below 1). Anything the
+    signature does not say (no annotation, a complex one) is left to the target.
     """
     values = _plain(node)
     if not isinstance(values, Mapping) or "_target_" not in values:
@@ -108,9 +110,14 @@ def check_node(node: Any, key: str) -> None:
                 f"(remove {key}.{arg} or correct its spelling)"
             )
         expected = _expected(hints.get(arg, inspect.Parameter.empty), parameter.default)
-        if expected is not None and not _fits(value, expected):
-            example = "" if parameter.default is inspect.Parameter.empty else f"; default {parameter.default!r}"
+        if expected is None:
+            continue
+        example = "" if parameter.default is inspect.Parameter.empty else f"; default {parameter.default!r}"
+        if not _fits(value, expected):
             raise ConfigError(f"{key}.{arg}={value!r}: expected {_describe(expected)} ({name}'s {arg}{example})")
+        reason = _out_of_range(arg, value, expected)
+        if reason is not None:
+            raise ConfigError(f"{key}.{arg}={value!r}: {reason} ({name}'s {arg}{example})")
 
 
 def to_plain(value: Any) -> Any:
@@ -228,7 +235,7 @@ def _fits(value: Any, expected: Expected) -> bool:
     if kind == "int":
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "number":
-        return _is_number(value) and not (isinstance(value, float) and math.isnan(value))
+        return _is_number(value)  # NaN and infinities: _out_of_range says why they are refused
     if kind == "numbers":
         return (
             isinstance(value, Sequence)
@@ -237,6 +244,36 @@ def _fits(value: Any, expected: Expected) -> bool:
             and all(_fits(v, ("number", False)) for v in value)
         )
     return True
+
+
+#: the largest float32: a larger number overflows the float32 tensors it multiplies (``optimizer.lr=1e300`` raised
+#: "value cannot be converted to type float without overflow" deep inside the first optimizer step)
+FLOAT32_MAX = 3.4028234663852886e38
+#: a learning rate above this makes the weights overflow to inf/NaN within a few steps, whatever the model
+MAX_LEARNING_RATE = 10.0
+_LEARNING_RATE = re.compile(r"(^|_)lr$")  # lr, backbone_lr, max_lr, base_lr, ...
+_SIZE = re.compile(r"(^|_)(size|dim)$")  # batch_size, image_size, projection_dim, ...
+
+
+def _out_of_range(name: str, value: Any, expected: Expected) -> str | None:
+    """Why a value of the right type still cannot be used, or None: rules by kind and parameter name, not a list
+    of keys. Every number is finite and within float32's range (the tensors it meets are float32); a learning
+    rate (``lr``, ``*_lr``) is at most :data:`MAX_LEARNING_RATE`; a size (``*_size``, ``*_dim``) is at least 1."""
+    if value is None or expected[0] == "bool":
+        return None
+    values = list(value) if expected[0] == "numbers" else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        return "expected a finite number"
+    if _LEARNING_RATE.search(name) and any(v > MAX_LEARNING_RATE for v in values):
+        return (
+            f"expected a learning rate of at most {MAX_LEARNING_RATE:g}: a larger one sends the weights to inf/NaN "
+            "within a few steps (typical: 1e-4 to 1e-1)"
+        )
+    if _SIZE.search(name) and any(v < 1 for v in values):
+        return "expected a size of at least 1"
+    if any(abs(v) > FLOAT32_MAX for v in values):
+        return f"expected a number within float32's range (at most {FLOAT32_MAX:.3g} in size): it would overflow"
+    return None
 
 
 def _describe(expected: Expected) -> str:

@@ -82,6 +82,14 @@ CASES = [
     # -- oxford-ir-train: config values of every kind, checkpoints
     case("train", "optimizer.lr=abc", names=("optimizer.lr='abc'", "expected a number"), fast=True),
     case("train", "optimizer.lr=-1", names=("optimizer:", "lr=-1", "Invalid learning rate"), fast=True),
+    case("train", "optimizer.lr=1e300", names=("optimizer.lr=1e+300", "learning rate of at most 10"), fast=True),
+    case("train", "optimizer.lr=inf", names=("optimizer.lr=inf", "finite number")),
+    case("train", "optimizer.lr=-inf", names=("optimizer.lr=-inf", "finite number")),
+    case("train", "optimizer.lr=nan", names=("optimizer.lr=nan", "finite number")),
+    case("train", "optimizer.weight_decay=1e39", names=("optimizer.weight_decay=1e+39", "float32")),
+    case("train", "loss.margin=inf", names=("loss.margin=inf", "finite number"), fast=True),
+    case("train", "data.image_size=-1", names=("data.image_size=-1", "size of at least 1")),
+    case("train", "data.classes_per_batch=-4", names=("data.classes_per_batch", "-4", "positive")),
     case("train", "optimizer=sgd", "optimizer.momentum=abc", names="optimizer.momentum='abc'"),
     case("train", "optimizer=adamw", "+optimizer.betas=[0.9]", names=("optimizer.betas=[0.9]", "2 numbers")),
     case("train", "optimizer=adamw", "+optimizer.betas=[0.9,2.0]", names=("optimizer:", "betas", "Invalid beta")),
@@ -113,6 +121,8 @@ CASES = [
     case("eval", "extraction.batch_size=0", names="extraction.batch_size=0"),
     case("eval", "benchmarks=[nope]", names=("benchmarks=['nope']", "unknown")),
     case("eval", "embedder.projection_dim=abc", names="embedder.projection_dim='abc'"),
+    case("eval", "embedder.projection_dim=-4", names=("embedder.projection_dim=-4", "size of at least 1")),
+    case("eval", "extraction.image_size=-1", names="extraction.image_size=-1"),
     case("eval", "benchmarks=[oxford5k]", "paths.data_dir={badgt}", names=("tower_1_good.txt:2:", "x y z"), fast=True),
     # -- oxford-ir-index
     case("index", "images={missing}", "out={tmp}/ix", names=("images=", "missing")),
