@@ -305,3 +305,72 @@ def test_console_script_prints_the_error_line(tmp_path):
         "folder (no multirun.yaml, no run folder inside); pass a run folder (the 'run folder' oxford-ir-train prints, "
         "e.g. logs/train/runs/<time>) or a multirun folder (logs/train/multiruns/<time>)\n"
     )
+
+
+# -- damaged run folders: each problem one warning line, the rest used ---------------------------------------------
+def compare_with_warnings(capsys, *args) -> tuple[list[dict[str, str]], list[str]]:
+    assert main([str(a) for a in args]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    header = re.split(r"\s{2,}", lines[0].strip())
+    body = lines[2 : next(i for i, line in enumerate(lines) if line.startswith("mAP in %"))]
+    rows = [dict(zip(header, re.split(r"\s{2,}", line.strip()), strict=True)) for line in body]
+    warnings = captured.err.splitlines()
+    assert all(line.startswith("warning: ") for line in warnings), captured.err
+    return rows, warnings
+
+
+def test_a_log_line_that_is_not_utf8_is_skipped_with_a_warning_naming_it(runs, capsys, tmp_path):
+    job = copy_run(runs.sweep / "0", tmp_path / "sweep" / "0")
+    log = job / "csv" / "metrics.csv"
+    lines = log.read_bytes().split(b"\n")
+    train = next(i for i, line in enumerate(lines) if line.startswith(b"0,,,1,"))  # a training row of epoch 0
+    lines[train] = lines[train][:8] + b"\xff\xfe\x00" + lines[train][8:]
+    log.write_bytes(b"\n".join(lines))
+    (row,), warnings = compare_with_warnings(capsys, job, "--no-plot")
+    assert warnings == [f"warning: {log}:{train + 1}: not UTF-8 text (byte 8 of the line): line skipped"]
+    assert_row_matches_files(row, job, csv_val_map(runs.sweep / "0"))
+
+
+def test_a_finished_runs_log_cut_mid_line_keeps_every_epoch_and_the_best_one(runs, capsys, tmp_path):
+    """The evaluation after training is the log's last line: cut there, the last epoch is still an epoch."""
+    job = copy_run(runs.sweep / "0", tmp_path / "sweep" / "0")
+    log = job / "csv" / "metrics.csv"
+    text = log.read_text()
+    last_line = text.rstrip("\n").rsplit("\n", 1)[1]
+    assert last_line.startswith(f"{EPOCHS},")  # the evaluation after training
+    log.write_text(text[: len(text) - len(last_line) + 10 - 1])  # 10 characters of it, no newline
+    number = text.count("\n")
+    (row,), warnings = compare_with_warnings(capsys, job, "--no-plot")
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {log}:{number}: the last line is cut short")
+    assert read_run(job).val_map == csv_val_map(runs.sweep / "0")
+    assert_row_matches_files(row, job, csv_val_map(runs.sweep / "0"))
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut short", "text"])
+def test_a_best_checkpoint_that_would_not_load_is_never_named(runs, capsys, tmp_path, damage):
+    from oxford_ir.errors import CheckpointError
+    from oxford_ir.models.checkpoint import load_retrieval_checkpoint
+
+    job = copy_run(runs.sweep / "0", tmp_path / "sweep" / "0")
+    (checkpoint,) = (job / "checkpoints").glob("best-*.ckpt")
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes({"empty": b"", "cut short": data[: len(data) // 2], "text": b"not a checkpoint\n"}[damage])
+    with pytest.raises(CheckpointError):  # what the project's loader says of it
+        load_retrieval_checkpoint(checkpoint)
+    (row,), warnings = compare_with_warnings(capsys, job, "--no-plot")
+    assert row["best checkpoint"] == "-" and row["epoch"] != "-"
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {checkpoint}: ")
+    assert warnings[0].endswith(": not shown as the best checkpoint")
+
+
+def test_the_checkpoint_check_agrees_with_the_projects_loader(runs):
+    from oxford_ir import run_history
+    from oxford_ir.models import checkpoint
+    from oxford_ir.models.module import RetrievalModule
+
+    assert run_history.REQUIRED_HPARAMS == checkpoint.REQUIRED_HPARAMS
+    assert run_history.HYPER_PARAMS_KEY == RetrievalModule.CHECKPOINT_HYPER_PARAMS_KEY
+    for path in (runs.sweep / "0" / "checkpoints").glob("*.ckpt"):
+        assert run_history.checkpoint_problem(path) is None
+        checkpoint.load_retrieval_checkpoint(path)
