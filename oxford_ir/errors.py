@@ -35,6 +35,10 @@ class ConfigError(OxfordIRError):
     """A configuration value is invalid."""
 
 
+class UntrustedConfigError(ConfigError):
+    """A config read back from a file names something to build that only code may name; it was refused, not built."""
+
+
 class CheckpointError(OxfordIRError):
     """A checkpoint is corrupt or belongs to another model."""
 

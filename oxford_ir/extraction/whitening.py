@@ -23,7 +23,9 @@ search and the web page all apply it.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +37,14 @@ from torch.nn import functional as F
 
 from oxford_ir.errors import CheckpointError, ConfigError, DataError
 from oxford_ir.fs import replace_file
+from oxford_ir.trusted_targets import check_trusted
 
 #: ``whitening.kind`` values
 WHITENING_KINDS = ("none", "learned", "pca")
 #: what a whitening file says it is
 FILE_FORMAT = "oxford-ir-whitening"
-FILE_VERSION = 1
+#: 2: with the sha256 of its content (:func:`content_sha256`); version 1 files, without one, are refused
+FILE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -78,17 +82,10 @@ class Whitening:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
+        tensors = {name: getattr(self, name).detach().float().cpu().contiguous() for name in _TENSORS}
+        content = {"kind": self.kind, **tensors, "info": self.info}
         torch.save(
-            {
-                "format": FILE_FORMAT,
-                "version": FILE_VERSION,
-                "kind": self.kind,
-                "mean": self.mean.float().contiguous(),
-                "projection": self.projection.float().contiguous(),
-                "variances": self.variances.float().contiguous(),
-                "info": self.info,
-            },
-            buffer,
+            {"format": FILE_FORMAT, "version": FILE_VERSION, **content, "sha256": content_sha256(content)}, buffer
         )
         replace_file(path, buffer.getvalue())
         return path
@@ -119,10 +116,16 @@ class Whitening:
                 f"{path} is not a whitening file of this project (no format {FILE_FORMAT!r}); give the .pt file "
                 "written with whitening=learned|pca"
             )
-        if int(data.get("version", 0)) > FILE_VERSION:
+        version = data.get("version", 0)
+        if not isinstance(version, int) or version > FILE_VERSION:
             raise CheckpointError(
-                f"{path} is a whitening file of version {data.get('version')}, newer than this code reads "
+                f"{path} is a whitening file of version {version!r}, newer than this code reads "
                 f"({FILE_VERSION}): update oxford-ir"
+            )
+        if version < FILE_VERSION or not isinstance(data.get("sha256"), str):
+            raise CheckpointError(
+                f"{path} is a whitening file of version {version} without a checksum, which cannot be verified: "
+                "delete it and learn it again (whitening=learned|pca)"
             )
         mean, projection, variances = data.get("mean"), data.get("projection"), data.get("variances")
         shapes_ok = (
@@ -134,11 +137,23 @@ class Whitening:
             and projection.shape[1] == mean.shape[0]
             and variances.shape == (projection.shape[0],)
         )
-        if not shapes_ok or data.get("kind") not in WHITENING_KINDS[1:]:
+        if not shapes_ok or data.get("kind") not in WHITENING_KINDS[1:] or not isinstance(data.get("info"), Mapping):
             raise CheckpointError(
                 f"{path}: the whitening's tensors or kind are malformed; delete it and learn it again"
             )
-        whitening = cls(str(data["kind"]), mean, projection, variances, dict(data.get("info") or {}))
+        if content_sha256({name: data[name] for name in ("kind", *_TENSORS, "info")}) != data["sha256"]:
+            raise CheckpointError(
+                f"{path} is damaged: its content does not match the sha256 stored with it (changed after it was "
+                "written); delete it and learn it again (whitening=learned|pca)"
+            )
+        bad = [name for name in _TENSORS if not bool(torch.isfinite(data[name]).all())]
+        if bad:
+            raise CheckpointError(
+                f"{path}: the whitening's {', '.join(bad)} hold NaN or infinite values; it would whiten every "
+                "embedding into garbage: delete it and learn it again (a larger sample or whitening.shrinkage helps)"
+            )
+        check_trusted(data["info"], str(path), "info")
+        whitening = cls(str(data["kind"]), mean, projection, variances, dict(data["info"]))
         if kind is not None and whitening.kind != kind:
             raise ConfigError(
                 f"{path} holds a {whitening.kind} whitening, not the {kind} one asked for (whitening={kind})"
@@ -151,6 +166,22 @@ class Whitening:
                 "this model (oxford-ir-eval ckpt_path=<checkpoint> whitening=learned|pca writes it)"
             )
         return whitening
+
+
+#: the tensors of a whitening file, in the order the checksum reads them
+_TENSORS = ("mean", "projection", "variances")
+
+
+def content_sha256(content: Mapping[str, Any]) -> str:
+    """Hex sha256 of a whitening's kind, tensors (shape and float32 bytes) and info (canonical JSON): what its file
+    stores beside them, so that a byte changed anywhere in the values is found when the file is read."""
+    digest = hashlib.sha256(str(content["kind"]).encode())
+    for name in _TENSORS:
+        tensor = content[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+    digest.update(json.dumps(content["info"], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def whitening_file(kind: str, file: str | Path | None, checkpoint: str | Path | None, run_dir: Path | None) -> Path:

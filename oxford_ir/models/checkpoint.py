@@ -20,6 +20,7 @@ import torch
 from oxford_ir.errors import CheckpointError, OxfordIRError
 from oxford_ir.models.module import RetrievalModule
 from oxford_ir.models.settings import describe_config
+from oxford_ir.trusted_targets import check_trusted
 
 #: hyperparameters a checkpoint of the module always has
 REQUIRED_HPARAMS = ("embedder", "loss", "distance", "optimizer")
@@ -104,6 +105,7 @@ def load_retrieval_checkpoint(
             f"{path} was not written by RetrievalModule: its hyper_parameters ({sorted(hparams) or 'none'}) have no "
             f"{', '.join(missing)}; load it with the model class that trained it"
         )
+    check_trusted(hparams, str(path), "hyper_parameters")
     state = checkpoint["state_dict"]
     trained_with = describe_config(hparams.get("embedder"))
     if expected is not None:
@@ -142,4 +144,5 @@ def checkpoint_data_settings(path: str | Path) -> dict[str, Any]:
             f"{path} does not record the data it was trained on (no datamodule_hyper_parameters); give the training "
             "split to learn from as whitening.source={benchmark: ..., split: ...}"
         )
+    check_trusted(settings, str(path), "datamodule_hyper_parameters")
     return dict(settings)

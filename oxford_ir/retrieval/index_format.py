@@ -303,7 +303,7 @@ def _load_version(path: Path, version: str, *, mmap: bool) -> RetrievalIndex:
         entries = [IndexEntry.from_dict(e) for e in raw_entries]
         count, dim, dtype = int(manifest["count"]), int(manifest["embedding_dim"]), str(manifest["dtype"])
         extraction = manifest["extraction"]
-        model = ModelSpec.from_dict(manifest["model"])
+        model = ModelSpec.from_dict(manifest["model"], source=str(folder / MANIFEST_FILE))
         skipped = [SkippedImage(**s) for s in manifest.get("skipped", [])]
         root = Path(manifest["images"]["root"])
         image_size = extraction["image_size"]

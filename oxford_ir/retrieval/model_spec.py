@@ -22,6 +22,7 @@ from oxford_ir import hashing
 from oxford_ir.errors import CheckpointError, ConfigError
 from oxford_ir.extraction.whitening import Whitened, Whitening, whitening_file
 from oxford_ir.extraction.whitening_source import WhiteningSettings
+from oxford_ir.trusted_targets import check_trusted
 
 #: string values of an embedder config treated as local files (when they exist): paths, not keywords such
 #: as ``weights: imagenet``
@@ -91,10 +92,12 @@ class ModelSpec:
         return cls(embedder=_absolute_files(dict(embedder)))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
-        """Inverse of :meth:`to_dict` (as stored in an index manifest)."""
+    def from_dict(cls, data: Mapping[str, Any], *, source: str) -> ModelSpec:
+        """Inverse of :meth:`to_dict`, as read back from the file ``source`` (an index manifest): its embedder
+        config may only name the project's own builders (:mod:`oxford_ir.trusted_targets`)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"a model spec is a mapping with checkpoint or embedder, got {type(data).__name__}")
+        check_trusted(data.get("embedder"), source, "model.embedder")
         return cls(checkpoint=data.get("checkpoint"), embedder=data.get("embedder"), whitening=data.get("whitening"))
 
     def to_dict(self) -> dict[str, Any]:

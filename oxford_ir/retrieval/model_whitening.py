@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -124,10 +125,13 @@ def evaluation_whitening(
     }
     whitening = None
     if path.is_file():
-        stored = Whitening.load(path)
+        stored = Whitening.load(path)  # a damaged file is an error, never silently replaced
         changed = _differences(stored, expected)
         if changed:
-            log.warning("%s was learned with other %s: learning it again and replacing it", path, ", ".join(changed))
+            kept = keep_aside(path)
+            log.warning(
+                "%s was learned with other %s: kept as %s, learning it again", path, ", ".join(changed), kept.name
+            )
         else:
             whitening, status = stored, "reused"
     if whitening is None:
@@ -160,7 +164,18 @@ def save_run_whitening(whitening: Whitening | None, checkpoint: str, node: Any) 
         return None
     path = whitening_file(settings.kind, node.get("file"), checkpoint, None)
     fingerprint = ModelSpec(checkpoint=str(Path(checkpoint).resolve())).fingerprint()
+    if path.is_file():
+        kept = keep_aside(path)
+        log.warning("%s existed (learned for another checkpoint?): kept as %s", path, kept.name)
     return whitening.with_info(model_fingerprint=fingerprint).save(path)
+
+
+def keep_aside(path: Path) -> Path:
+    """Move the whitening file ``path`` to ``<stem>.previous-<its sha256[:12]>.pt`` beside it, so that writing a
+    new one never destroys a whitening another model or setting may still need."""
+    kept = path.with_name(f"{path.stem}.previous-{file_sha256(path)[:12]}{path.suffix}")
+    os.replace(path, kept)
+    return kept
 
 
 def check_requested_whitening(node: Any, model: ModelSpec, where: str) -> None:

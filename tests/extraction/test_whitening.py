@@ -14,7 +14,15 @@ from torch.nn import functional as F
 from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.errors import CheckpointError, ConfigError, DataError
 from oxford_ir.extraction.embedding import embed_batch
-from oxford_ir.extraction.whitening import Whitened, Whitening, fit_learned, fit_pca, shrink, whitening_file
+from oxford_ir.extraction.whitening import (
+    Whitened,
+    Whitening,
+    content_sha256,
+    fit_learned,
+    fit_pca,
+    shrink,
+    whitening_file,
+)
 from oxford_ir.extraction.whitening_source import (
     WhiteningSettings,
     check_disjoint,
@@ -166,6 +174,34 @@ def test_whitening_file_round_trip_and_refusals(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "ckpt.pt")
     with pytest.raises(CheckpointError, match="not a whitening file"):
         Whitening.load(tmp_path / "ckpt.pt")
+
+
+def test_a_damaged_whitening_file_is_refused_never_used(tmp_path):
+    """16 bytes flipped inside the stored values, a NaN written with a valid checksum, a file without a checksum:
+    each is one line naming the file (the code before the checksum loaded all three, and evaluated with them)."""
+    x, labels = clustered(4, 10, 5)
+    w = fit_learned(x, *pairs_of(labels)).with_info(model_fingerprint="a" * 64)
+    path = w.save(tmp_path / "w.pt")
+    raw = bytearray(path.read_bytes())
+    start = bytes(raw).find(w.projection.float().numpy().tobytes())
+    assert start > 0  # torch stores tensors uncompressed: the values are in the file as they are
+    raw[start : start + 16] = bytes(b ^ 0xFF for b in raw[start : start + 16])
+    flipped = tmp_path / "flipped.pt"
+    flipped.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="flipped.pt is damaged: its content does not match the sha256"):
+        Whitening.load(flipped)
+
+    data = torch.load(path, weights_only=True)
+    data["mean"][2] = float("nan")
+    data["sha256"] = content_sha256(data)  # the damage happened before the checksum was computed
+    torch.save(data, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match="nan.pt: the whitening's mean hold NaN or infinite values"):
+        Whitening.load(tmp_path / "nan.pt")
+
+    old = {k: v for k, v in torch.load(path, weights_only=True).items() if k != "sha256"}
+    torch.save({**old, "version": 1}, tmp_path / "v1.pt")
+    with pytest.raises(CheckpointError, match="v1.pt is a whitening file of version 1 without a checksum"):
+        Whitening.load(tmp_path / "v1.pt")
 
 
 def test_whitening_file_lives_beside_the_checkpoint():

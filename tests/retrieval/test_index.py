@@ -653,7 +653,7 @@ def test_model_spec_from_an_embedder_config_is_portable_and_fingerprints_weights
     cfg = {"embedder": {**TINY, "backbone": {**TINY["backbone"], "weights": "w/scratch.pth"}}}
     spec = ModelSpec.from_config(cfg)
     assert spec.embedder["backbone"]["weights"] == str(weights.resolve())  # absolute: builds from anywhere
-    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict())), source="manifest.json") == spec
     assert "ScratchCNN(channels=[8, 16], weights=" in spec.describe() and "GeM()" in spec.describe()
     fingerprint = spec.fingerprint()
 

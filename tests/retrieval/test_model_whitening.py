@@ -14,7 +14,7 @@ from oxford_ir.cli.evaluate import evaluate
 from oxford_ir.cli.index import index
 from oxford_ir.cli.search import search
 from oxford_ir.cli.train import train
-from oxford_ir.errors import ConfigError, IndexFormatError
+from oxford_ir.errors import CheckpointError, ConfigError, IndexFormatError
 from oxford_ir.extraction.embedding import extract_embeddings
 from oxford_ir.extraction.whitening import Whitened, Whitening
 from oxford_ir.models.checkpoint import load_retrieval_checkpoint
@@ -144,6 +144,21 @@ def test_whitening_mismatches_are_refused(trained):
         index(index_cfg(tmp, "idx-other", other_ckpt, "whitening=learned", f"whitening.file={stored_path}"))
     with pytest.raises(ConfigError, match="whitening file not found"):
         index(index_cfg(tmp, "idx-missing", other_ckpt, "whitening=learned"))
+    # ... found beside this model's checkpoint by oxford-ir-eval: kept under another name, never overwritten
+    beside = other_ckpt.with_name(f"{other_ckpt.stem}.whitening-learned.pt")
+    beside.write_bytes(stored_path.read_bytes())
+    evaluate(eval_cfg(tmp, "eval-other", other_ckpt, trained.other, "whitening=learned"))
+    (kept,) = tmp.glob(f"{other_ckpt.stem}.whitening-learned.previous-*.pt")
+    assert kept.read_bytes() == stored_path.read_bytes()
+    assert Whitening.load(beside, model_fingerprint=ModelSpec(checkpoint=str(other_ckpt)).fingerprint())
+    # ... and a damaged one is an error, not reused nor replaced
+    data = torch.load(beside, weights_only=True)
+    data["projection"][0, 0] += 1.0
+    torch.save(data, beside)
+    damaged = beside.read_bytes()
+    with pytest.raises(CheckpointError, match="is damaged"):
+        evaluate(eval_cfg(tmp, "eval-damaged", other_ckpt, trained.other, "whitening=learned"))
+    assert beside.read_bytes() == damaged
 
     # the whitening replaced after the index was built: its queries would not match
     evaluate(eval_cfg(tmp, "eval3", best, trained.other, "whitening=learned", "whitening.shrinkage=0.5"))
