@@ -29,7 +29,10 @@ whitening refused), at the synthetic images' size instead of 1024 px.
 
 Every step is a console script of the project run as a subprocess with its output in ``logs/<step>.log``; numbers
 are read from each run's ``metrics.json``, never from logs. A rerun with the same ``--out`` skips the steps that
-finished (unless a step they need ran again) and resumes an interrupted training with ``resume=``.
+finished (unless a step they need ran again) and resumes an interrupted training with ``resume=``. A step counts as
+finished from its own completion marker, never from its having started (:func:`finished_before`): an index whose
+``CURRENT`` names a complete version (a build killed after a checkpoint leaves ``CURRENT`` naming that checkpoint,
+which the rerun of the step resumes), a run's readable ``metrics.json``, a data folder's ``.complete.json``.
 """
 
 from __future__ import annotations
@@ -200,8 +203,8 @@ PUBLISHED_ROW = Row("oxford", "multi", "none", "none")
 
 @dataclass(frozen=True)
 class Step:
-    """One command of the pipeline. ``run_dir``: its Hydra folder (``metrics.json`` there); ``done``: a file whose
-    presence means the step finished in an earlier run; ``needs``: steps that must have succeeded first."""
+    """One command of the pipeline. ``run_dir``: its Hydra folder (``metrics.json`` there); ``done``: the step's
+    completion marker (see :func:`finished_before`); ``needs``: steps that must have succeeded first."""
 
     name: str
     argv: tuple[str, ...]
@@ -446,12 +449,35 @@ def error_line(text: str) -> str:
     return (errors or lines or [""])[-1]
 
 
+def finished_before(step: Step) -> bool:
+    """Whether ``step`` finished in an earlier run, told by its own completion marker ``step.done``, never by its
+    having started: an index folder's ``CURRENT`` must name a version that loads and is complete (an index build
+    killed after a checkpoint leaves ``CURRENT`` naming that checkpoint, ``complete: false``, which lacks images:
+    the step runs again and resumes it); any other marker (``metrics.json``, ``.complete.json``, written last and
+    whole by their commands) must hold a JSON object."""
+    marker = step.done
+    if marker is None or not marker.is_file():
+        return False
+    if marker.name == "CURRENT":
+        from oxford_ir.errors import OxfordIRError
+        from oxford_ir.retrieval.index_format import RetrievalIndex
+
+        try:
+            return RetrievalIndex.load(marker.parent, mmap=True, warn_incomplete=False).complete
+        except (OxfordIRError, OSError, ValueError):
+            return False
+    try:
+        return isinstance(json.loads(marker.read_bytes()), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def run_step(step: Step, log_dir: Path, reuse: bool = True) -> Outcome:
-    """Run ``step``, its output into ``log_dir/<name>.log``; with ``reuse``, a step whose ``done`` file exists is
-    not run again ("done")."""
+    """Run ``step``, its output into ``log_dir/<name>.log``; with ``reuse``, a step that finished before
+    (:func:`finished_before`) is not run again ("done")."""
     argv = list(step.argv)
-    if reuse and step.done is not None and step.done.exists():
-        return Outcome("done", message=f"finished before ({step.done.name} present)")
+    if reuse and finished_before(step):
+        return Outcome("done", message=f"finished before ({step.done.name} complete)")
     if step.name == "train" and (step.run_dir / "checkpoints" / "last.ckpt").exists():
         argv = ["oxford-ir-train", f"resume={step.run_dir}"]  # an interrupted training continues in its folder
     log = log_dir / f"{step.name}.log"

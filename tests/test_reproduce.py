@@ -261,7 +261,7 @@ def test_the_runner_skips_what_needs_a_failed_step_and_checks_refusals(tmp_path)
         rp.Step("g", python("print('again')"), done=tmp_path / "marker", needs=("a",)),
         rp.Step("h", python("raise SystemExit(1)"), done=tmp_path / "marker", needs=("f",)),
     ]
-    (tmp_path / "marker").write_text("")
+    (tmp_path / "marker").write_text("{}")  # a completion marker: a whole JSON object, like metrics.json
     outcomes: dict[str, rp.Outcome] = {}
     rp.run_plan(steps, tmp_path / "logs", 2, outcomes)
     assert {name: o.status for name, o in outcomes.items()} == {
@@ -289,6 +289,59 @@ def test_the_best_checkpoint_is_the_newest_best_file(tmp_path):
         (folder / name).write_text(name)
     assert rp.chosen_checkpoint(tmp_path, "best").name == "best-epoch004.ckpt"
     assert rp.chosen_checkpoint(tmp_path).name == "last.ckpt"  # the default
+
+
+def _set_complete(index: Path, complete: bool) -> None:
+    """Mark the live version of ``index`` as a checkpoint of an interrupted build (``complete: false``), as a build
+    killed after a checkpoint leaves it, or as complete again."""
+    manifest = index / (index / "CURRENT").read_text().strip() / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "complete": complete}))
+
+
+def test_a_step_is_done_from_its_completion_marker_not_from_having_started(tmp_path):
+    from tests.web.tiny_index import build_tiny_index
+
+    index = build_tiny_index(tmp_path / "tiny")
+    step = rp.Step("index-x", ("true",), done=index / "CURRENT")
+    assert rp.finished_before(step)
+    _set_complete(index, False)  # killed after a checkpoint: CURRENT names a version that lacks images
+    assert not rp.finished_before(step)
+    (index / "CURRENT").write_text("v9")  # damaged
+    assert not rp.finished_before(step)
+    (index / "CURRENT").unlink()  # killed before its first checkpoint
+    assert not rp.finished_before(step)
+    metrics = tmp_path / "run" / "metrics.json"
+    run = rp.Step("search-x", ("true",), done=metrics)
+    assert not rp.finished_before(run)
+    metrics.parent.mkdir()
+    for text, finished in (("", False), ('{"metrics": {"a": ', False), ("[]", False), ('{"metrics": {}}', True)):
+        metrics.write_text(text)
+        assert rp.finished_before(run) is finished, text
+
+
+def test_a_rerun_after_an_index_build_killed_at_a_checkpoint_resumes_the_index_then_searches(tmp_path):
+    """``make reproduce`` killed while an index step had written a checkpoint: the rerun builds the index again
+    (the real build resumes from its checkpoint) instead of taking it as done, and the searches then succeed."""
+    from tests.web.tiny_index import build_tiny_index
+
+    index = build_tiny_index(tmp_path / "tiny")
+    _set_complete(index, False)
+    manifest = f"{index}/{(index / 'CURRENT').read_text().strip()}/manifest.json"
+    finish = f"import json, pathlib; p = pathlib.Path({manifest!r}); p.write_text(json.dumps({{**json.loads(p.read_text()), 'complete': True}}))"  # noqa: E501
+    search = (
+        f"import json, sys; sys.exit(0 if json.load(open({manifest!r}))['complete'] else 'lacks 48 of the 152 images')"  # noqa: E501
+    )
+    searched = tmp_path / "search" / "metrics.json"
+    steps = [
+        rp.Step("index-x", (sys.executable, "-c", finish), done=index / "CURRENT"),
+        rp.Step("search-x", (sys.executable, "-c", search), done=searched, needs=("index-x",)),
+    ]
+    outcomes: dict[str, rp.Outcome] = {}
+    rp.run_plan(steps, tmp_path / "logs", 1, outcomes)
+    assert {name: o.status for name, o in outcomes.items()} == {"index-x": "ok", "search-x": "ok"}
+    again: dict[str, rp.Outcome] = {}
+    rp.run_plan(steps[:1], tmp_path / "logs", 1, again)
+    assert again["index-x"].status == "done"  # complete now: not built a third time
 
 
 @pytest.mark.slow
