@@ -180,8 +180,13 @@ def read_csv_metrics(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-#: the shared two-epoch run's overrides (deterministic: the resume test compares a resumed run with it)
-TWO_EPOCHS = [*TINY, *TINY_SCRATCH, "logger=csv", "trainer.deterministic=true"]
+#: the shared two-epoch run's overrides (deterministic: the resume test compares a resumed run with it): TINY with a
+#: fifth landmark, landmark-disjoint (3 trained, 2 held out: evaluated, and the batches of val/loss)
+HELD_OUT = ["data.synthetic.n_landmarks=5", "data.split=landmarks", "data.n_held_out=2"]
+TWO_EPOCHS = [
+    *(o for o in TINY if not o.startswith("data.synthetic.n_landmarks=")), *HELD_OUT, *TINY_SCRATCH, "logger=csv",
+    "trainer.deterministic=true",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +221,13 @@ def test_train_logs_mining_statistics_and_writes_checkpoints(two_epochs):
     triplets = [float(r["train/num_triplets"]) for r in rows if r.get("train/num_triplets")]
     # one whole count per step, and the tiny run does mine triplets (a batch without any would train nothing)
     assert len(triplets) == 6 and all(t == int(t) for t in triplets) and sum(triplets) > 0
+    # loss curves: the epoch mean of the training loss and the loss on the held-out landmarks, once per epoch
+    step_losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    epoch_means = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    assert epoch_means == pytest.approx([sum(step_losses[:3]) / 3, sum(step_losses[3:]) / 3])
+    val_losses = [(r["epoch"], float(r["val/loss"])) for r in rows if r.get("val/loss")]
+    assert [epoch for epoch, _ in val_losses] == ["0", "1", "2"] and all(v > 0 for _, v in val_losses)  # 2: final
+    assert two_epochs.metrics["final/val/loss"] == val_losses[-1][1]
     assert 0.0 <= two_epochs.metrics["final/val/mAP"] <= 1.0
     # grids and per-query tables are written with any logger: two epochs, then the best checkpoint's evaluation
     assert len(list((run / "retrieval_grids").glob("epoch*.png"))) == 2

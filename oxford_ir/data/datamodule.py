@@ -60,6 +60,7 @@ from oxford_ir.data.gpu_decode import (
     check_decode,
     collate_encoded,
 )
+from oxford_ir.data.held_out import validation_batches
 from oxford_ir.data.prefetch import DevicePrefetchLoader, ReadyBatch
 from oxford_ir.data.sampler import ClassBalancedSampler
 from oxford_ir.errors import ConfigError, DataError
@@ -89,6 +90,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         classes_per_batch / images_per_class: P and K of the training batches.
         batches_per_epoch: training batches per epoch and process; None: enough to show each
             landmark image about once.
+        val_loss_batches: P x K batches of the evaluated landmarks' images for ``val/loss`` (0: none; held_out).
         use_distractors / distractors_per_batch: add distractor images, each its own label, to every batch.
         eval_batch_size: images per evaluation batch.
         eval_batching / eval_max_shapes: how evaluation images are batched (``bucket``: padded to at most
@@ -121,6 +123,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         classes_per_batch: int = 8,
         images_per_class: int = 4,
         batches_per_epoch: int | None = None,
+        val_loss_batches: int = 4,
         use_distractors: bool = True,
         distractors_per_batch: int = 0,
         eval_batch_size: int = 8,
@@ -178,6 +181,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         if worker_timeout is not None and (isinstance(worker_timeout, bool) or not float(worker_timeout) > 0):
             raise ConfigError(f"data.worker_timeout={worker_timeout!r}: seconds (e.g. 300), or null for no limit")
         non_negative_int(distractors_per_batch, "distractors_per_batch")
+        non_negative_int(val_loss_batches, "val_loss_batches")
         non_negative_int(seed, "seed")
         if eval_image_size is not None:
             positive_int(eval_image_size, "eval_image_size")
@@ -207,6 +211,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         self._split: TrainSplit | None = None
         self._train_split: TrainSplit | None = None
         self._whitening_split: TrainSplit | None = None
+        #: the validation loss's images and sampler, or why there are none (None: not looked at yet)
+        self._val_loss: tuple[TrainSplit, ClassBalancedSampler] | str | None = None
         self._train_classes: np.ndarray | None = None
         self._train_cache: ImageCache | None = None
         self._eval_cache: ImageCache | None = None
@@ -436,10 +442,31 @@ class RetrievalDataModule(pl.LightningDataModule):
         (:class:`~oxford_ir.data.prefetch.DevicePrefetchLoader`): they come out as
         :class:`~oxford_ir.data.prefetch.ReadyBatch`, which :meth:`on_after_batch_transfer` hands over as
         ``(images, labels)``. On other devices the hook finishes the raw batches."""
-        hp = self.hparams
-        split = self.train_split
         sampler = self.train_sampler()
         sampler.set_epoch(self._resumed_epoch())
+        return self._balanced_loader(self.train_split, sampler, device, self._train_cache, self.hparams.num_workers)
+
+    def val_loss_dataloader(self, device: torch.device | str | None = None) -> DevicePrefetchLoader | None:
+        """The batches of ``val/loss`` (:func:`~oxford_ir.data.held_out.validation_batches`) as training batches
+        for ``device``, in this process; the global random state is left alone (a resume stays exact). None, the
+        reason logged once, when the split holds no such images."""
+        hp = self.hparams
+        if self._val_loss is None:
+            self._val_loss = validation_batches(
+                self.split, hp.classes_per_batch, hp.images_per_class, hp.get("val_loss_batches", 0), hp.seed
+            )
+            if isinstance(self._val_loss, str):
+                log.info("val/loss is not logged: %s", self._val_loss)
+        if isinstance(self._val_loss, str):
+            return None
+        held, sampler = self._val_loss
+        generator = torch.Generator().manual_seed(int(hp.seed))  # the loader's base seed: not the global RNG
+        return self._balanced_loader(held, sampler, device, None, 0, generator=generator)
+
+    def _balanced_loader(self, split: TrainSplit, sampler: ClassBalancedSampler, device: Any, cache: ImageCache | None,
+                         num_workers: int, **loader: Any) -> DevicePrefetchLoader:  # fmt: skip
+        """Batches of ``sampler`` over ``split``'s images, augmented as training batches, for ``device``."""
+        hp = self.hparams
         device = self._training_device(device)
         if self._gpu_decode:  # workers only read the files; the device decodes and augments
             dataset, collate = EncodedTrainDataset(split.paths, split.labels), collate_encoded
@@ -450,11 +477,11 @@ class RetrievalDataModule(pl.LightningDataModule):
                 split.labels,
                 SeededCrop(hp.image_size, self.augmentation),
                 draft_size=self.train_long_side,
-                cache=self._train_cache,
+                cache=cache,
             )
             collate = CropCollate(self._batch_augmentation if device.type == "cpu" else None)
             prepare = self._batch_augmentation.prepare
-        if hp.num_workers > 0:
+        if num_workers > 0:
             share_tensors_by_name()  # a stopped worker cannot block the handover of a batch past the timeout
         return DevicePrefetchLoader(
             dataset,
@@ -462,12 +489,13 @@ class RetrievalDataModule(pl.LightningDataModule):
             sampler=sampler,
             drop_last=True,
             collate_fn=collate,
-            num_workers=hp.num_workers,
+            num_workers=num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),  # pinning needs an accelerator
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-            timeout=float(hp.worker_timeout or 0) if hp.num_workers > 0 else 0,
+            persistent_workers=hp.persistent_workers and num_workers > 0,
+            timeout=float(hp.worker_timeout or 0) if num_workers > 0 else 0,
             prepare=prepare if device.type == "cuda" else None,
             device=device,
+            **loader,
         )
 
     def _resumed_epoch(self) -> int:

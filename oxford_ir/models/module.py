@@ -18,7 +18,8 @@ padding support) from the datamodule's ``eval_images()`` and ``eval_settings``; 
 planned batches, loader 1 the (cropped) queries'. Embeddings
 are gathered across processes, placed by benchmark index, ranked and evaluated once per epoch with the
 benchmark's own protocol; the result is kept as :attr:`RetrievalModule.last_evaluation` (an :class:`Evaluation`)
-for callbacks and the training report.
+for callbacks and the training report. Validation also logs ``val/loss`` (:mod:`oxford_ir.models.validation_loss`);
+training ``train/loss`` every step and its epoch mean ``train/loss_epoch``.
 
 The checks of the settings live in :mod:`oxford_ir.models.settings`; loading a checkpoint with a clear error in
 :mod:`oxford_ir.models.checkpoint`.
@@ -71,6 +72,7 @@ from oxford_ir.models.settings import (
     scheduler_parts,
 )
 from oxford_ir.models.tuple_stats import SUPPORTED_LOSSES, TupleStatistics, tuple_statistics
+from oxford_ir.models.validation_loss import held_out_loss
 
 log = logging.getLogger(__name__)
 
@@ -280,15 +282,19 @@ class RetrievalModule(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedder(images)
 
+    def embed_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings of a batch of training images (in the memory format training uses)."""
+        if self.hparams.get("channels_last", False):
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.embedder(images)
+
     def compute_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, TupleStatistics]:
         """Embed the batch with the one network, mine, and apply the loss; returns ``(loss, TupleStatistics)``.
 
         A batch without tuples gives pytorch-metric-learning's zero loss, which keeps a gradient graph (its
         gradient is zero), so the optimisation step runs and the zero count is logged.
         """
-        if self.hparams.get("channels_last", False):
-            images = images.contiguous(memory_format=torch.channels_last)
-        embeddings = self.embedder(images)
+        embeddings = self.embed_batch(images)
         labels = labels.to(embeddings.device)
         memory: CrossBatchMining | None = self.cross_batch_memory
         if memory is not None:  # enqueue the batch, mine it against the queue with self.miner
@@ -305,6 +311,7 @@ class RetrievalModule(pl.LightningModule):
         size = int(labels.shape[0])
         # per step (every log_every_n_steps) and per process: an empty batch must show up, not be averaged away
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
         self.log("train/num_triplets", float(stats.num_triplets), batch_size=size)
         if stats.active_fraction is not None:
             self.log("train/active_fraction", stats.active_fraction, batch_size=size)
@@ -477,6 +484,9 @@ class RetrievalModule(pl.LightningModule):
         they are logged with a max-reduction across processes, the identity on equal values, so Lightning
         treats them as synchronised and checkpointing agrees on every rank.
         """
+        loss = held_out_loss(self, self._eval_datamodule())
+        if loss is not None:
+            self.log("val/loss", loss, sync_dist=True)
         benchmark = self._eval_benchmark()
         db_rows, q_rows = self._local_rows(DB_LOADER), self._local_rows(QUERY_LOADER)
         whitening_rows = self._local_rows(WHITENING_LOADER)
