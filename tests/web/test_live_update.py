@@ -264,3 +264,20 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_served(
     client.app.state.served.newest()
     info = client.get("/api/info").json()
     assert (info["version"], info["images"]) == (version, N_IMAGES + 1)
+
+
+def test_the_thumbnail_cache_never_answers_a_replaced_file_with_its_old_picture(tiny: tuple[Path, TestClient]) -> None:
+    """Same id, same size, before and after: the cache is keyed by the file as indexed, not by the row."""
+    root, client = tiny
+    images = root / "images"
+    before = listed(client, REPLACED)
+    old_picture = client.get(before["thumb"]).content  # now cached
+    assert old_picture == make_thumbnail(images / REPLACED, 256)
+    replace_picture(images / REPLACED, seed=11)
+    assert update_tiny_index(root) == "v000002"
+    client.app.state.served.newest()
+    after = listed(client, REPLACED)
+    assert (after["id"], after["version"]) == (before["id"], "v000002")
+    fresh = client.get(after["thumb"])
+    assert fresh.status_code == 200 and fresh.content == make_thumbnail(images / REPLACED, 256) != old_picture
+    assert client.get(before["thumb"]).content == old_picture  # the old version's URL: still its own picture
