@@ -187,8 +187,9 @@ class Backbone(nn.Module):
         path = Path(name).expanduser()
         if not path.is_file():
             raise ConfigError(
-                f"backbone.weights={name!r}: no such file {path}; give backbone.weights=imagenet, backbone.weights=none, "
-                f"or backbone.weights=/path/to/file.pth (a torchvision {self._arch_name()} state dict)"
+                f"backbone.weights={name!r}: no such file {path}; give backbone.weights=imagenet, "
+                f"backbone.weights=none or backbone.weights=/path/to/file.pth (a torchvision {self._arch_name()} "
+                "state dict)"
             )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
