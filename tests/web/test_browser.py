@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.web.tiny_index import N_IMAGES, build_tiny_index
+from tests.web.tiny_index import N_IMAGES, build_tiny_index, draw_picture, update_tiny_index
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = [
@@ -131,6 +131,7 @@ def test_upload_box_and_click_through_in_chromium(server: tuple[str, Path], chro
             page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
             page.goto(url)
             assert f"{N_IMAGES}" in page.inner_text("#index-info")
+            assert "index v000001, built 20" in page.inner_text("#index-info")
             page.wait_for_function("() => document.querySelectorAll('#examples .card img').length > 0")
 
             # 1. upload through the file input: k thumbnails appear and load, the image itself first
@@ -181,6 +182,27 @@ def test_upload_box_and_click_through_in_chromium(server: tuple[str, Path], chro
             page.wait_for_selector("#error:not([hidden])")
             assert "is not a box: give four numbers x1,y1,x2,y2" in page.inner_text("#error")
             page.screenshot(path=str(tmp_path / "search-page-error.png"), full_page=True)
+
+            # 5. oxford-ir-index adds an image that moves every row, while the page is open: a click on a result
+            # listed by the old version searches that same image, and the header shows the new version
+            target = page.eval_on_selector_all(
+                "#results li.result", "lis => lis.map((li) => li.querySelector('.path').textContent)"
+            )[1]
+            draw_picture(images / "a" / "0_added.jpg", seed=1)
+            assert update_tiny_index(index_dir.parent) == "v000002"
+            deadline = time.monotonic() + 20
+            while api(f"{url}api/info")["version"] != "v000002":
+                assert time.monotonic() < deadline, "the server did not switch to the new version"
+                time.sleep(0.2)
+            page.click("#results li.result:nth-child(2) button")
+            page.wait_for_function(
+                "() => document.getElementById('index-version').textContent === 'v000002'", timeout=30_000
+            )
+            page.wait_for_function(ALL_LOADED, arg=K, timeout=30_000)
+            assert f"#{api(f'{url}api/images?q={target}')['items'][0]['id']} {target}" in page.inner_text(
+                "#query-caption"
+            )
+            assert f"{N_IMAGES + 1} images" in page.inner_text("#index-info")
         finally:
             browser.close()
     # the page's only console error is the 422 of step 4 (Chromium logs failed requests)
