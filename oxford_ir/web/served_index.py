@@ -173,7 +173,7 @@ class ServedIndex:
         self._version = first
         self._retired: OrderedDict[str, Listing] = OrderedDict()
         self._lock = threading.Lock()  # guards the fields below, held only for a few assignments
-        self._seen = _current_stat(self.path)
+        self._seen: Any = "unread"  # the first look reads CURRENT: it may have moved on since ``first`` was loaded
         self._checked = time.monotonic()
         self._loader: threading.Thread | None = None
         self._failed: tuple[Any, str, float] | None = None  # (CURRENT's stat, version name, when)
