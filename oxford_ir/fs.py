@@ -5,6 +5,10 @@ nothing half-written behind when they fail; a write error names the file, so tha
 limit reads as one line (:func:`~oxford_ir.errors.no_room_error`). :func:`exclusive_lock` lets one process at a
 time write a folder: the others wait or are refused, told which process (pid) holds it.
 
+Paths read from files: :func:`path_escape` and :func:`escapes` say whether a relative path that a file holds (an
+index entry, an image name of the ground truth) stays inside the folder it is joined to: the one containment check
+of the project, so that no file can make a reader open ``/etc/passwd`` or ``../../secret``.
+
 Worker processes: :func:`worker_items` iterates a DataLoader whose workers may fail. A worker that dies (killed,
 out of memory), raises, cannot hand its result over (shared memory full, under ``/dev/shm`` or a file-size
 limit) or delivers nothing for ``timeout`` seconds ends the iteration with one
@@ -17,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
+import stat
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -83,6 +89,67 @@ def replace_file(path: Path, data: bytes, *, temp: Path | None = None) -> None:
             raise _named(error, path) from None
         raise
     fsync_dir(path.parent)
+
+
+# -- paths read from files -------------------------------------------------------------------------
+_SEPARATORS = re.compile(r"[/\\]")
+
+
+def path_escape(name: str) -> str | None:
+    """Why the relative path ``name`` (posix, as files store it) leaves any folder it is joined to, from its text
+    alone; None when it cannot. Refused: empty, a NUL byte, absolute (``/x``, ``\\x``), a ``..`` part
+    (``\\`` counts as a separator here too: such a name is refused on every platform alike)."""
+    if not isinstance(name, str) or not name:
+        return "is empty"
+    if "\0" in name:
+        return "holds a NUL byte"
+    if name.startswith(("/", "\\")):
+        return "is an absolute path"
+    if ".." in _SEPARATORS.split(name):
+        return "climbs out of its folder with '..'"
+    return None
+
+
+def outside_root(root: Path, names: Iterable[str], *, follow_links: bool = True) -> tuple[int, str, str] | None:
+    """The first of ``names`` (paths relative to ``root``) that leads outside ``root``, as ``(position, name,
+    why)``; None when every one stays inside (:func:`escapes`)."""
+    return next(escapes(root, names, follow_links=follow_links), None)
+
+
+def escapes(root: Path, names: Iterable[str], *, follow_links: bool = True) -> Iterator[tuple[int, str, str]]:
+    """``(position, name, why)`` of every one of ``names`` (paths relative to ``root``) that leads outside ``root``.
+
+    Its text is checked first (:func:`path_escape`); with ``follow_links``, symbolic links too: a folder on the way
+    (each distinct folder resolved once) or the file itself may not resolve outside ``root`` resolved. A file that
+    does not exist cannot be a link and passes. Costs one ``lstat`` per name: a million names take about a second.
+    """
+    real_root = root.resolve() if follow_links else root
+    folders: dict[str, str | None] = {}
+    for position, name in enumerate(names):
+        why = path_escape(name)
+        if why is None and follow_links:
+            folder = name.rpartition("/")[0]
+            if folder not in folders:
+                folders[folder] = _resolves_outside(root / folder, real_root) if folder else None
+            why = folders[folder] or _link_outside(root / name, real_root)
+        if why is not None:
+            yield position, name, why
+
+
+def _link_outside(path: Path, real_root: Path) -> str | None:
+    try:
+        if not stat.S_ISLNK(os.lstat(path).st_mode):
+            return None
+    except OSError:
+        return None  # nothing there (or unreadable): nothing to follow
+    return _resolves_outside(path, real_root)
+
+
+def _resolves_outside(path: Path, real_root: Path) -> str | None:
+    resolved = Path(os.path.realpath(path))
+    if resolved == real_root or resolved.is_relative_to(real_root):
+        return None
+    return f"is a symbolic link to {resolved}"
 
 
 def lock_holder(path: Path) -> int | None:

@@ -9,7 +9,8 @@ Every image the ground truth names (query or positive) must be in the dataset's 
 ``jpg/`` folder, or the pickle's own ``imlist``; a revisited pickle's queries are the exception: its database
 leaves them out). A name outside that list is an error of the ground truth, not a missing download: it is never
 reported as a file to download, nor dropped with the missing images of a subset. Names are file names without
-extension; one with a path separator or ``..`` is refused, so no name can point outside the image folder.
+extension; one that leads outside the image folder (``..``, absolute: :func:`oxford_ir.fs.path_escape`, the rule
+index entries follow too) or holds a path separator is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from oxford_ir.errors import GroundTruthError
+from oxford_ir.fs import path_escape
 from oxford_ir.images import IMAGE_EXTENSIONS
 
 #: the protocol's index keys, positives first (same as ``benchmark.INDEX_KEYS``)
@@ -91,7 +93,12 @@ def _clean_name(name: str) -> str:
 def checked_name(text: str, where: str) -> str:
     """``text`` as an image name (prefix and extension removed); ``where`` names the place for the error."""
     name = _clean_name(text)
-    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+    escape = path_escape(name)  # the project's one containment rule (oxford_ir.fs)
+    if escape is not None:
+        raise GroundTruthError(
+            f"{where}: not an image name: it {escape}; expected a file name inside jpg/ (e.g. all_souls_000013)"
+        )
+    if name == "." or any(c in name for c in "/\\") or name != name.strip():
         raise GroundTruthError(
             f"{where}: not an image name; expected a file name without folders (e.g. all_souls_000013)"
         )

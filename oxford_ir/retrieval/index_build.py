@@ -40,7 +40,7 @@ from oxford_ir.extraction.buckets import MAX_SHAPES
 from oxford_ir.extraction.distributed import rank_and_world
 from oxford_ir.extraction.embedding import embed_shard, gathered, plan_for_model, resolve_decode
 from oxford_ir.extraction.planning import shard
-from oxford_ir.fs import WORKER_TIMEOUT, exclusive_lock
+from oxford_ir.fs import WORKER_TIMEOUT, escapes, exclusive_lock
 from oxford_ir.images import upright_size
 from oxford_ir.retrieval.image_sources import ImageSource, resolve_images
 from oxford_ir.retrieval.index_format import (
@@ -111,7 +111,8 @@ def build_index(
     are then skipped.
 
     Embeds only new and changed files (see the module docstring for ``incremental``); undecodable files are
-    skipped and reported, never fatal (files that are not regular files, such as FIFOs, are skipped unread).
+    skipped and reported, never fatal (files that are not regular files, such as FIFOs, and symbolic links that
+    lead outside the image folder, which the index's loader refuses, are skipped unread).
     ``checkpoint_every`` (seconds, None = never) commits the work done so far during a long run, so that a run
     killed without warning loses at most that much (checkpoints are spaced at least 20 times the time the last
     one took to write); an interruption (Ctrl-C or an error) also commits what was finished, then re-raises.
@@ -155,7 +156,11 @@ def build_index(
         skipped: dict[str, SkippedImage] = {}
         todo: list[str] = []
         kept_rows: dict[str, IndexEntry] = {}
+        outside = {name: why for _, name, why in escapes(source.root, source.paths)}  # what the loader refuses
         for rel in source.paths:
+            if rel in outside:
+                skipped[rel] = SkippedImage(rel, f"{outside[rel]}, outside the image folder: not read")
+                continue
             try:
                 info = os.stat(source.root / rel)
             except OSError as error:

@@ -25,9 +25,10 @@ that could not be decoded, with the size and mtime they had, so an unchanged bad
 Atomicity: a build writes a complete new version folder (:func:`write_version`), fsyncs it, then replaces
 ``CURRENT`` with ``os.replace``; older versions are deleted only after that. A crash, Ctrl-C or SIGKILL at any
 moment leaves ``CURRENT`` naming a complete version, which :meth:`RetrievalIndex.load` verifies against its
-checksums; a version folder that is not named by ``CURRENT`` is never read, and a failed write (disk full,
-file-size limit) removes it at once (a killed process leaves it to the next build, which deletes it:
-:func:`remove_unreferenced`).
+checksums (and every entry's path against its image folder: none, symbolic links followed, leads outside it,
+:func:`~oxford_ir.fs.escapes`); a version folder that is not named by ``CURRENT`` is never read, and a failed
+write (disk full, file-size limit) removes it at once (a killed process leaves it to the next build, which deletes
+it: :func:`remove_unreferenced`).
 
 Building and updating an index (checkpoints, the lock, incremental updates) is
 :mod:`oxford_ir.retrieval.index_build`.
@@ -51,7 +52,7 @@ import numpy as np
 import torch
 
 from oxford_ir.errors import IndexFormatError
-from oxford_ir.fs import fsync_dir, replace_file, write_new
+from oxford_ir.fs import fsync_dir, outside_root, replace_file, write_new
 from oxford_ir.hashing import file_sha256
 from oxford_ir.retrieval.model_spec import ModelSpec
 
@@ -322,6 +323,12 @@ def _load_version(path: Path, version: str, *, mmap: bool) -> RetrievalIndex:
         )
     if len(entries) != count:
         raise corrupt(f"{ENTRIES_FILE} has {len(entries)} records for {count} embeddings", manifest)
+    if not root.is_absolute():
+        raise corrupt(f"{MANIFEST_FILE} names the image folder {str(root)!r}, not an absolute path", manifest)
+    escape = outside_root(root, [e.path for e in entries])  # a file may not point a reader outside the images
+    if escape is not None:
+        position, name, why = escape
+        raise corrupt(f"{ENTRIES_FILE} entry {position} {name!r} {why}, outside the image folder {root}", manifest)
     return RetrievalIndex(
         path=path,
         root=root,

@@ -483,6 +483,16 @@ def test_derive_query_landmarks_components_and_names() -> None:
     assert name_stem("paris_defense_000605") == "defense" and name_stem("all_souls_000013") == "all_souls"
 
 
+def test_every_real_oxford_and_paris_name_is_accepted(oxford_root: Path, paris_root: Path) -> None:
+    """The containment rule refuses no published name (all_souls_000013, paris_defense_000605, ...): every form of
+    the real ground truth reads in full."""
+    for pickle_path in [*oxford_root.glob("gnd_*.pkl"), *paris_root.glob("gnd_*.pkl")]:
+        truth = read_gnd_pickle(pickle_path)
+        assert len(truth.imlist) > 4900 and len(truth.qimlist) in (55, 70), pickle_path
+    text = _oxford_text(str(oxford_root))
+    assert len(text.qimlist) == 55 and "all_souls_000013" in text.imlist
+
+
 # -- hostile files: every error names the file, the line or position, and what is expected ------------------
 
 
@@ -491,7 +501,9 @@ def test_derive_query_landmarks_components_and_names() -> None:
     [
         ("good", ["tower_000000", "tower_000002 0 0 4 4"], r"tower_1_good.txt:2: 'tower_000002 0 0 4 4' is not an"),
         ("ok", ["", "tower_000000", "castle_000009"], r"tower_1_ok.txt:3: image 'castle_000009' is not in imlist.txt"),
-        ("junk", ["../../etc/passwd"], r"tower_1_junk.txt:1: '../../etc/passwd': not an image name"),
+        ("junk", ["../../etc/passwd"], r"tower_1_junk.txt:1: '../../etc/passwd': not an image name: it climbs out"),
+        ("junk", ["/etc/passwd"], r"tower_1_junk.txt:1: '/etc/passwd': not an image name: it is an absolute path"),
+        ("ok", ["oxc1_..\\..\\x"], r"tower_1_ok.txt:1: 'oxc1_..\\\\..\\\\x': not an image name: it climbs out"),
     ],
 )
 def test_garbage_line_in_a_list_file_names_its_line(tmp_path: Path, kind: str, lines, expected: str) -> None:
@@ -536,6 +548,8 @@ def test_query_outside_the_image_list_is_a_ground_truth_error(tmp_path: Path) ->
             r"landmark 'tower' 'query'\[1\] names image 'tower_00009",
         ),
         ({"ok": ["sub/tower_000002.jpg"]}, r"landmark 'tower' 'ok'\[0\] 'sub/tower_000002.jpg': not an image name"),
+        ({"junk": ["../../../etc/passwd"]}, r"'junk'\[0\] '../../../etc/passwd': not an image name: it climbs out"),
+        ({"query": ["/etc/passwd.jpg"]}, r"'query'\[0\] '/etc/passwd.jpg': not an image name: it is an absolute"),
     ],
 )
 def test_bad_json_entry_names_its_key_and_position(tmp_path: Path, lists, expected: str) -> None:
@@ -550,7 +564,11 @@ def test_bad_json_entry_names_its_key_and_position(tmp_path: Path, lists, expect
     ("edit", "expected"),
     [
         (lambda d: d["qimlist"].__setitem__(1, 5), r"'qimlist'\[1\] is 5; 'qimlist' must list image names"),
-        (lambda d: d["imlist"].__setitem__(3, "../x"), r"'imlist'\[3\] '../x': not an image name"),
+        (lambda d: d["imlist"].__setitem__(3, "../x"), r"'imlist'\[3\] '../x': not an image name: it climbs out"),
+        (
+            lambda d: d["qimlist"].__setitem__(0, "/etc/passwd"),
+            r"'qimlist'\[0\] '/etc/passwd': not an image name: it is",
+        ),
         (lambda d: d["imlist"].__setitem__(4, "tower_000000"), r"'imlist'\[4\] = 'tower_000000' repeats 'imlist'\[0\]"),
         (lambda d: d["qimlist"].__setitem__(0, "castle_000001"), r"'qimlist'\[0\] = 'castle_000001' is not in the"),
     ],

@@ -384,6 +384,67 @@ def test_the_caller_s_model_must_match_the_index(built):
         RetrievalIndex.load(built, expected_dim=512)
 
 
+def tamper_entry(index: Path, row: int, path: str) -> None:
+    """Rewrite row ``row``'s path in entries.json and the checksums in the manifest, as a forger would."""
+    folder = index / "v000001"
+    entries = json.loads((folder / ENTRIES_FILE).read_text())
+    entries[row]["path"] = path
+    data = json.dumps(entries).encode()
+    (folder / ENTRIES_FILE).write_bytes(data)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["files"][ENTRIES_FILE] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def _outside_link(built: Path) -> str:
+    (built.parent / "secret.png").write_bytes((built.parent / "photos" / "img_01.png").read_bytes())
+    (built.parent / "photos" / "link.png").symlink_to(built.parent / "secret.png")
+    return "link.png"
+
+
+def _outside_folder(built: Path) -> str:
+    (built.parent / "elsewhere").mkdir()
+    (built.parent / "elsewhere" / "x.png").write_bytes(b"x")
+    (built.parent / "photos" / "sub" / "away").symlink_to(built.parent / "elsewhere")
+    return "sub/away/x.png"
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda built: "../../../../../etc/passwd", "climbs out of its folder with '..'"),
+        (lambda built: "sub/../../secret.png", "climbs out of its folder with '..'"),
+        (lambda built: "/etc/passwd", "is an absolute path"),
+        (lambda built: "", "is empty"),
+        (_outside_link, "is a symbolic link to"),
+        (_outside_folder, "is a symbolic link to"),
+    ],
+    ids=["dotdot", "inner-dotdot", "absolute", "empty", "file-link", "folder-link"],
+)
+def test_an_entry_leading_outside_the_image_folder_is_refused_at_load(built, make, why):
+    name = make(built)
+    tamper_entry(built, 1, name)
+    with pytest.raises(IndexFormatError) as error:
+        RetrievalIndex.load(built)
+    message = str(error.value)
+    assert f"v000001/{ENTRIES_FILE} entry 1 {name!r} {why}" in message, message
+    assert f"outside the image folder {built.parent / 'photos'}" in message and "\n" not in message
+
+
+def test_symbolic_links_inside_the_image_folder_are_indexed_and_those_leading_out_skipped(tmp_path):
+    photos = tmp_path / "photos"
+    make_folder(photos, n=3)
+    (photos / "again.png").symlink_to(photos / "img_01.png")  # stays inside: indexed
+    write_photo(tmp_path / "secret.png", seed=7)
+    (photos / "leak.png").symlink_to(tmp_path / "secret.png")
+    report = build_index(tiny_spec(), photos, tmp_path / "index", **FAST)
+    assert [s.path for s in report.skipped] == ["leak.png"]
+    assert report.skipped[0].reason == f"is a symbolic link to {tmp_path / 'secret.png'}, outside the image folder: not read"
+    assert [e.path for e in RetrievalIndex.load(tmp_path / "index").entries] == [
+        "again.png", "img_01.png", "img_02.jpg", "sub/img_00.jpg"
+    ]  # fmt: skip
+
+
 def test_a_corrupt_index_is_replaced_by_the_next_build_but_strict_refuses(built, count_embedded):
     (built / "v000001" / EMBEDDINGS_FILE).write_bytes(b"garbage")
     photos = built.parent / "photos"
