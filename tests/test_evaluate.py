@@ -159,3 +159,52 @@ def test_evaluation_from_the_image_cache_equals_decoding(tmp_path):
     assert again == plain and manifest.stat().st_mtime_ns == before  # fresh: opened, not rewritten
     with pytest.raises(ConfigError, match="extraction.cache='yes'"):
         evaluate(compose_eval(tmp_path, *common, "extraction.cache=yes"))
+
+
+def test_per_query_files_have_one_row_per_query_and_average_to_the_map(tmp_path, capsys):
+    """per_query_ap/<benchmark>.csv: one row per query (AP of each protocol, positives); its mean is the mAP; the
+    run folder is printed last."""
+    import csv
+
+    cfg = compose_eval(tmp_path, "backbone=raw_pixels", "pooling=flatten", "benchmarks=[synthetic,rsynthetic]")
+    flat, objects = evaluate(cfg)
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"results: {(tmp_path / 'run').resolve()}")
+    for name, protocols in (("synthetic", ("",)), ("rsynthetic", ("E/", "M/", "H/"))):
+        with open(tmp_path / "run" / "per_query_ap" / f"{name}.csv", newline="") as file:
+            rows = list(csv.DictReader(file))
+        benchmark = objects["results"][name]
+        assert [int(r["index"]) for r in rows] == list(range(len(rows)))
+        assert len(rows) == len({r["query"] for r in rows}) > 0
+        assert all(int(r["positives"]) > 0 for r in rows)
+        for prefix in protocols:
+            aps = [float(r[f"{prefix}AP"]) for r in rows if r[f"{prefix}AP"] != ""]
+            assert np.mean(aps) == pytest.approx(flat[f"{name}/{prefix}mAP"], abs=1e-5)
+            assert benchmark[f"{prefix}mAP"] == flat[f"{name}/{prefix}mAP"]
+
+
+def test_landmarks_restricts_the_queries_and_keeps_the_database(tmp_path):
+    cfg = compose_eval(tmp_path, "backbone=raw_pixels", "pooling=flatten", "benchmarks=[synthetic]",
+                       "landmarks=[landmark_01]")  # fmt: skip
+    evaluate(cfg)
+    rows = (tmp_path / "run" / "per_query_ap" / "synthetic.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2 and all(",landmark_01," in row for row in rows)  # the tiny preset: 2 queries a landmark
+    note = json.loads((tmp_path / "run" / "metrics.json").read_text())["notes"]["synthetic"]
+    assert "landmark_01" in note
+    with pytest.raises(ConfigError, match="synthetic has no query of landmark_99; its landmarks: landmark_00"):
+        evaluate(compose_eval(tmp_path, "backbone=raw_pixels", "benchmarks=[synthetic]", "landmarks=[landmark_99]"))
+    with pytest.raises(ConfigError, match="landmarks=held_out: held out of which split"):
+        evaluate(compose_eval(tmp_path, "backbone=raw_pixels", "benchmarks=[synthetic]", "landmarks=held_out"))
+
+
+def test_learned_whitening_without_a_checkpoint_on_the_held_out_landmarks(tmp_path):
+    """The README's example of a whitening learned for a model without checkpoint, on the synthetic benchmark:
+    learned from a landmarks split of the evaluated dataset, evaluated on the landmarks it held out."""
+    source = "{benchmark: synthetic, split: landmarks, held_out_landmarks: [landmark_00], synthetic: {preset: tiny}}"
+    overrides = ("backbone=scratch", "backbone.channels=[8,16]", "extraction.image_size=64", "extraction.device=cpu",
+                 "benchmarks=[synthetic]", "whitening=learned", f"whitening.source={source}")  # fmt: skip
+    with pytest.raises(ConfigError, match="images that synthetic evaluates"):
+        evaluate(compose_eval(tmp_path, *overrides))  # every landmark evaluated: the whitening saw the test
+    flat, _ = evaluate(compose_eval(tmp_path, *overrides, "landmarks=held_out"))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["whitening"]["kind"] == "learned" and saved["whitening"]["status"] == "learned"
+    assert "landmark_00" in saved["notes"]["synthetic"] and 0.0 <= flat["synthetic/mAP"] <= 1.0

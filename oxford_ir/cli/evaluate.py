@@ -1,16 +1,23 @@
 """``oxford-ir-eval``: embed each benchmark's database and queries, rank, print the protocol's table.
 
 Every setting is checked and the model built before any data is read or written, so a bad value fails at once
-with one line naming it. The run folder gets ``table.txt`` and then ``metrics.json``, each written whole or not at
-all; ``metrics.json`` marks a finished evaluation (see :func:`write_results`).
+with one line naming it. The run folder gets ``table.txt``, ``per_query_ap/<benchmark>.csv`` (the AP of each query,
+to see which ones fail) and then ``metrics.json``, each written whole or not at all; ``metrics.json`` marks a
+finished evaluation (see :func:`write_results`). The folder is printed last, so that a newcomer finds them.
+
+``landmarks=`` evaluates the queries of some landmarks only (the database stays whole), e.g. the landmarks a
+whitening's training split held out: a whitening learned on a dataset may then be evaluated on that dataset.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import hydra
@@ -21,6 +28,8 @@ from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.benchmarks.prepare import prepare_benchmark
 from oxford_ir.benchmarks.ranking import rank_database
 from oxford_ir.benchmarks.registry import BENCHMARKS, load_benchmark
+from oxford_ir.benchmarks.splits import _restrict_to_landmarks, landmark_of_queries
+from oxford_ir.callbacks.per_query_table import per_query_rows
 from oxford_ir.config import CONFIG_DIR, instantiate
 from oxford_ir.errors import ConfigError, exit_on_user_error
 from oxford_ir.extraction.benchmark import benchmark_cache, extract_benchmark, plan_benchmark, plans_summary
@@ -30,7 +39,7 @@ from oxford_ir.extraction.options import extraction_options, resolve_device
 from oxford_ir.extraction.planning import ExtractionPlan
 from oxford_ir.extraction.whitening_source import WhiteningSettings
 from oxford_ir.fs import replace_file
-from oxford_ir.retrieval.model_whitening import evaluation_whitening
+from oxford_ir.retrieval.model_whitening import evaluation_whitening, source_split
 from oxford_ir.retrieval.report import format_table
 
 log = logging.getLogger(__name__)
@@ -60,6 +69,7 @@ def evaluate_model(
     batching: str = "bucket",
     max_shapes: int = 16,
     aspect_tolerance: float = 0.1,
+    per_query: dict[str, tuple[Benchmark, dict[str, Any]]] | None = None,
     **extract_kwargs: Any,
 ) -> tuple[dict[str, dict[str, float]], dict[str, str], dict[str, tuple[ExtractionPlan, ExtractionPlan]]]:
     """Evaluate ``model`` on each benchmark (a name, loaded from ``data_dir``, or a loaded one); returns
@@ -67,7 +77,7 @@ def evaluate_model(
     ``{name: (database plan, query plan)}`` (what the network was fed: see :func:`extraction_report`).
 
     ``cache_dir``: read the images from the evaluation image cache there (built on first use), which gives
-    the same tensors as decoding them.
+    the same tensors as decoding them. ``per_query``: a dict that gets ``{name: (benchmark, per-query AP arrays)}``.
     """
     results, notes, extraction = {}, {}, {}
     for benchmark in benchmarks:
@@ -98,7 +108,9 @@ def evaluate_model(
             batch_size=batch_size,
             **extract_kwargs,
         )
-        results[name] = benchmark.evaluate(rank_database(db, queries), kappas=kappas)
+        results[name], aps = benchmark.evaluate_detailed(rank_database(db, queries), kappas=kappas)
+        if per_query is not None:
+            per_query[name] = (benchmark, aps)
         notes[name] = benchmark.subset_note
         extraction[name] = plans
         log.info(
@@ -209,6 +221,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     barrier()
     allow_missing = bool(cfg.allow_missing_images)
     benchmarks = [load_benchmark(name, data_dir, allow_missing_images=allow_missing) for name in names]
+    landmarks = evaluated_landmarks(cfg, data_dir)
+    if landmarks is not None:
+        benchmarks = [restrict_to_landmarks(benchmark, landmarks) for benchmark in benchmarks]
     extract_kwargs = {"batch_size": batch_size, "num_workers": num_workers, "device": device, **options}
     model, whitening = evaluation_whitening(
         cfg,
@@ -219,6 +234,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         progress=True,
         **extract_kwargs,
     )
+    per_query: dict[str, tuple[Benchmark, dict[str, Any]]] = {}
     results, notes, extraction = evaluate_model(
         model,
         benchmarks,
@@ -228,6 +244,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         allow_missing_images=allow_missing,
         kappas=kappas,
         cache_dir=cache_dir,
+        per_query=per_query,
         progress=True,
         **extract_kwargs,
     )
@@ -240,12 +257,79 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     print(table)
     summary = extraction_report(extraction, options, scales, device)
     results_json = {"metrics": flat, "notes": notes, "extraction": summary, "whitening": whitening or None}
-    write_results(Path(cfg.paths.output_dir), results_json, table)
+    output_dir = Path(cfg.paths.output_dir)
+    csvs = {name: per_query_csv(benchmark, aps) for name, (benchmark, aps) in per_query.items()}
+    write_results(output_dir, results_json, table, csvs)
+    print(f"results: {output_dir.resolve()} (table.txt, metrics.json, {PER_QUERY_DIR}/<benchmark>.csv)")
     return flat, {"model": model, "results": results, "table": table}
 
 
-def write_results(output_dir: Path, results: dict[str, Any], table: str) -> None:
-    """``table.txt``, then ``metrics.json``, each whole or not at all (:func:`~oxford_ir.fs.replace_file`).
+#: the folder of the per-query AP files in the run folder (as training's per-query table callback)
+PER_QUERY_DIR = "per_query_ap"
+#: ``landmarks=`` value: the landmarks held out of the whitening's (or the checkpoint's) training split
+HELD_OUT = "held_out"
+
+
+def per_query_csv(benchmark: Benchmark, aps: dict[str, Any]) -> bytes:
+    """``index, query, landmark, positives`` and the AP of each protocol (``AP``, or ``E/AP``, ``M/AP``,
+    ``H/AP``; empty where a query has no positive in that protocol), one row per evaluated query: the mean of a
+    column is the benchmark's mAP."""
+    columns, rows = per_query_rows(SimpleNamespace(benchmark=benchmark, per_query=aps))
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["index", *columns])
+    writer.writerows([index, *row] for index, row in enumerate(rows))
+    return text.getvalue().encode()
+
+
+def evaluated_landmarks(cfg: DictConfig, data_dir: Path) -> list[str] | None:
+    """``landmarks=``: None (every query), a list of names, or ``held_out``: the landmarks held out of the
+    training split that the whitening is learned from (``whitening.source``, on top of the checkpoint's run's
+    data), or of the checkpoint's own run."""
+    value = cfg.get("landmarks")
+    if value is None:
+        return None
+    if value == HELD_OUT:
+        node = cfg.get("whitening")
+        source = node.get("source") if WhiteningSettings.from_config(node) is not None else None
+        if not cfg.get("ckpt_path") and not source:
+            raise ConfigError(
+                "landmarks=held_out: held out of which split? Give whitening.source={benchmark: ..., split: "
+                "landmarks, held_out_landmarks: [...]} or ckpt_path= of a run trained with data.split=landmarks"
+            )
+        split = source_split(cfg.get("ckpt_path"), source, data_dir)
+        if not split.held_out_landmarks:
+            raise ConfigError(
+                f"landmarks=held_out: the {split.kind} split of {split.train_benchmark} holds no landmark out; "
+                "use split: landmarks with held_out_landmarks (or n_held_out), or name the landmarks: landmarks=[...]"
+            )
+        return list(split.held_out_landmarks)
+    names = [value] if isinstance(value, str) else OmegaConf.to_container(value) if OmegaConf.is_list(value) else None
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(
+            f"landmarks={_shown(value)}: null (every query), held_out, or a list of landmark names, e.g. "
+            "landmarks=[louvre,moulinrouge]"
+        )
+    return [str(n) for n in names]
+
+
+def restrict_to_landmarks(benchmark: Benchmark, landmarks: Sequence[str]) -> Benchmark:
+    """The queries of ``landmarks`` only, against the whole database (as validation on held-out landmarks)."""
+    present = landmark_of_queries(benchmark)
+    unknown = [name for name in landmarks if name not in present]
+    if unknown:
+        raise ConfigError(
+            f"landmarks: {benchmark.name} has no query of {', '.join(unknown)}; its landmarks: "
+            f"{', '.join(sorted(set(present)))}"
+        )
+    return _restrict_to_landmarks(benchmark, landmarks)
+
+
+def write_results(
+    output_dir: Path, results: dict[str, Any], table: str, per_query: dict[str, bytes] | None = None
+) -> None:
+    """``table.txt``, ``per_query_ap/<benchmark>.csv`` (``per_query``: the CSV of each benchmark), then
+    ``metrics.json``, each whole or not at all (:func:`~oxford_ir.fs.replace_file`).
 
     ``metrics.json`` marks a finished evaluation: an older one in the folder is removed first and the new one is
     written last, so whenever it exists, it and ``table.txt`` are of the same run. A write that fails (a full
@@ -255,6 +339,10 @@ def write_results(output_dir: Path, results: dict[str, Any], table: str) -> None
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").unlink(missing_ok=True)
     replace_file(output_dir / "table.txt", (table + "\n").encode())
+    if per_query:
+        (output_dir / PER_QUERY_DIR).mkdir(exist_ok=True)
+    for name, data in (per_query or {}).items():
+        replace_file(output_dir / PER_QUERY_DIR / f"{name}.csv", data)
     replace_file(output_dir / "metrics.json", json.dumps(results, indent=2).encode())
 
 
