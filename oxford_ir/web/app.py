@@ -197,8 +197,17 @@ def create_app(
     def default_k(sv: ServedVersion) -> int:
         return min(settings.k, len(sv))
 
+    info_cache: list[tuple[ServedVersion, dict[str, Any]]] = []
+
     def info_of(sv: ServedVersion) -> dict[str, Any]:
-        """What /api/info and the page show of version ``sv``."""
+        """What /api/info and the page show of version ``sv`` (made once per version)."""
+        cached = info_cache[-1] if info_cache else None  # one (version, info) pair, replaced whole
+        if cached is None or cached[0] is not sv:
+            cached = (sv, describe_version(sv))
+            info_cache[:] = [cached]
+        return cached[1]
+
+    def describe_version(sv: ServedVersion) -> dict[str, Any]:
         index = sv.index
         return {
             "images": len(sv),
