@@ -1,6 +1,9 @@
 """Query boxes ``x1,y1,x2,y2`` as people give them: the one reader (:func:`parse_bbox`) and the one set of checks
 (:func:`bbox_is_empty`, :func:`bbox_inside`, :func:`check_bbox_inside`) of every place a box comes from: the search
 command and its query lists, :meth:`~oxford_ir.retrieval.search.Searcher.embed_images`, the web page and its API.
+A benchmark's query boxes come from its ground truth: :func:`check_query_crop` refuses one that does not overlap its
+image or leaves less than :data:`MIN_QUERY_SIDE` pixels of it (a query image replaced by another); one that only
+runs past the image's edge is cropped as the published code crops it (PIL pads the outside with black).
 
 Coordinates are pixels of the image as displayed (EXIF rotation applied), as the ground truth's query boxes are; a
 crop rounds them as ``PIL.Image.crop`` does. Errors name the key the box came under (``bbox``,
@@ -74,3 +77,25 @@ def check_bbox_inside(bbox: Sequence[float], size: tuple[int, int], label: str) 
             f"{label}: bbox {format_bbox(bbox)} lies outside the {width} x {height} image; "
             "boxes are x1,y1,x2,y2 in pixels of the image as displayed (EXIF rotation applied)"
         )
+
+
+#: fewest pixels of the image a query crop must hold in each direction: fewer is not a view of the landmark
+MIN_QUERY_SIDE = 4
+
+
+def check_query_crop(bbox: Sequence[float], size: tuple[int, int], label: str, fix: str) -> None:
+    """A :class:`DataError` naming ``label`` (benchmark and query), the box and the image size when the crop of
+    ``bbox`` (rounded as ``PIL.Image.crop`` rounds it) holds no pixel of an image of ``size = (width, height)``, or
+    fewer than :data:`MIN_QUERY_SIDE` in a direction; ``fix`` says what to do."""
+    width, height = size
+    x1, y1, x2, y2 = (round(float(v)) for v in bbox)
+    inside_w, inside_h = min(x2, width) - max(x1, 0), min(y2, height) - max(y1, 0)
+    if inside_w <= 0 or inside_h <= 0:
+        problem = "does not overlap"
+    elif min(inside_w, inside_h) < MIN_QUERY_SIDE:
+        problem = (
+            f"holds only {inside_w} x {inside_h} pixels of (at least {MIN_QUERY_SIDE} x {MIN_QUERY_SIDE} make a query)"
+        )
+    else:
+        return
+    raise DataError(f"{label}: box {format_bbox(bbox)} {problem} the {width} x {height} image; {fix}")

@@ -6,7 +6,8 @@ the protocol and which ground truth to read. Missing images are an error unless 
 caller asks for the subset on disk, because a silently smaller benchmark gives numbers
 that look comparable with published ones and are not. For the same reason a dataset folder that
 ``oxford-ir-data download`` has not finished (its state file, no completion marker) is refused: a run
-interrupted while it placed the files would otherwise read as a dataset with fewer queries or images.
+interrupted while it placed the files would otherwise read as a dataset with fewer queries or images. A query box
+that leaves no usable crop of its image (the image replaced by another) is refused at load, from the image headers.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 from oxford_ir.benchmarks.benchmark import Benchmark
+from oxford_ir.benchmarks.boxes import check_query_crop
 from oxford_ir.benchmarks.download import COMPLETE_MARKER, STATE_FILE, is_complete
 from oxford_ir.benchmarks.ground_truth import IMAGE_FOLDER, read_ground_truth
 from oxford_ir.benchmarks.gt_record import GroundTruth
 from oxford_ir.benchmarks.gt_text_files import GT_TEXT_FOLDERS
 from oxford_ir.benchmarks.landmark_json import GT_JSON_NAME
 from oxford_ir.errors import ConfigError, DataError, GroundTruthError
+from oxford_ir.images import upright_size
 
 
 class BenchmarkSpec(NamedTuple):
@@ -136,15 +139,17 @@ def load_benchmark(
     ``gt_file`` overrides the ground-truth discovery of :func:`find_ground_truth`; its
     protocol must be the benchmark's. When database or query images are missing from
     ``<folder>/jpg``, raises :class:`DataError`, or, with ``allow_missing_images``, returns
-    the benchmark restricted to the images present (warned, ``is_subset`` set).
+    the benchmark restricted to the images present (warned, ``is_subset`` set). A query box that does not overlap
+    its image, or leaves fewer than 4 pixels of it in a direction, raises :class:`DataError` naming the benchmark,
+    the query, the box and the image's size.
     """
     benchmark = load_listed_benchmark(name, root, gt_file)
     folder = benchmark.root
     missing = benchmark.missing_images()
     if not missing:
-        return benchmark
+        return _check_query_boxes(benchmark)
     if allow_missing_images:
-        return benchmark.restrict_to_available()
+        return _check_query_boxes(benchmark.restrict_to_available())
     total = len(dict.fromkeys([*benchmark.imlist, *benchmark.qimlist]))
     shown = ", ".join(p.name for p in missing[:_MISSING_NAMES_SHOWN])
     more = ", ..." if len(missing) > _MISSING_NAMES_SHOWN else ""
@@ -153,6 +158,22 @@ def load_benchmark(
         f"({shown}{more}). {_fix(name, folder)}, or pass allow_missing_images=true to evaluate on the images "
         "present (a subset whose numbers are not comparable with published ones)"
     )
+
+
+def _check_query_boxes(benchmark: Benchmark) -> Benchmark:
+    """Every query box must cut a usable crop out of its image (:func:`~oxford_ir.benchmarks.boxes.check_query_crop`),
+    read from the image headers before anything is extracted; an unreadable header is left to decoding to report."""
+    for name, path, bbox in zip(benchmark.qimlist, benchmark.query_paths, benchmark.query_bboxes, strict=True):
+        size = None if bbox is None else upright_size(path)
+        if size is not None:
+            check_query_crop(
+                bbox,
+                size,
+                f"{benchmark.name}: query {name!r} ({path})",
+                f"the image is not the one the ground truth ({benchmark.source}) was made for: restore it or "
+                "download the dataset again",
+            )
+    return benchmark
 
 
 def _benchmark(name: str, folder: Path, truth: GroundTruth) -> Benchmark:

@@ -218,6 +218,36 @@ def test_missing_images_raise_or_give_a_warned_subset(tmp_path: Path) -> None:
     assert [subset.imlist[i] for i in subset.gnd[1]["ok"]] == ["tower_000000", "tower_000001"]
 
 
+# -- query boxes against their images -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "problem"),
+    [
+        ((1, 5000), "box 1,1,7,5 does not overlap the 1 x 5000 image"),
+        ((5000, 1), "box 1,1,7,5 does not overlap the 5000 x 1 image"),
+        ((3, 5000), "box 1,1,7,5 holds only 2 x 4 pixels of (at least 4 x 4 make a query) the 3 x 5000 image"),
+    ],
+)
+@pytest.mark.parametrize("name", ["oxford5k", "roxford5k"])
+def test_a_query_image_replaced_so_its_box_leaves_no_usable_crop_is_refused(tiny_root, name, size, problem) -> None:
+    """Before: the crop of a box outside its image (black padding only) was embedded and evaluated without a word."""
+    query = tiny_root / "oxford5k" / "jpg" / "tower_000001.jpg"
+    Image.new("RGB", size, (200, 10, 10)).save(query)
+    with pytest.raises(DataError) as error:
+        load_benchmark(name, tiny_root)
+    message = str(error.value)
+    assert message.startswith(f"{name}: query 'tower_000001' ({query}): {problem}; "), message
+    assert "the image is not the one the ground truth" in message and "download the dataset again" in message
+
+
+def test_a_box_running_past_the_image_edge_is_kept_and_cropped_as_published(tiny_root: Path) -> None:
+    """Only no overlap or a degenerate crop is refused: PIL pads the part outside the image, as the published code."""
+    Image.new("RGB", (5, 5), (200, 10, 10)).save(tiny_root / "oxford5k" / "jpg" / "tower_000001.jpg")
+    benchmark = load_benchmark("oxford5k", tiny_root)
+    assert benchmark.query_bboxes[benchmark.qimlist.index("tower_000001")] == (1.0, 1.0, 7.0, 5.0)
+
+
 # -- real data --------------------------------------------------------------------------------------
 
 

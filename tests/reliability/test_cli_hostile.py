@@ -124,6 +124,13 @@ CASES = [
     case("eval", "embedder.projection_dim=-4", names=("embedder.projection_dim=-4", "size of at least 1")),
     case("eval", "extraction.image_size=-1", names="extraction.image_size=-1"),
     case("eval", "benchmarks=[oxford5k]", "paths.data_dir={badgt}", names=("tower_1_good.txt:2:", "x y z"), fast=True),
+    case(
+        "eval",
+        "benchmarks=[oxford5k]",
+        "paths.data_dir={badbox}",
+        names=("oxford5k: query 'tower_000001'", "box 1,1,7,5 does not overlap the 1 x 5000 image"),
+        fast=True,
+    ),
     # -- oxford-ir-index
     case("index", "images={missing}", "out={tmp}/ix", names=("images=", "missing")),
     case("index", "images={photos}", "out={text}", names=("out=", "is a file")),
@@ -151,6 +158,7 @@ CASES = [
     case("search", "index={index}", "query={missing}", names=("query=", "no such file")),
     case("search", "index={index}", "query={truncated}", names=("truncated.ckpt", "cannot decode")),
     case("search", "index={index}", "benchmark=oxford5k", "paths.data_dir={badgt}", names="good.txt:2:", fast=True),
+    case("search", "index={index}", "benchmark=oxford5k", "paths.data_dir={badbox}", names="does not overlap"),
     # -- oxford-ir-serve
     case("serve", "index={notindex}", names=("notindex", "not an index"), fast=True),
     case("serve", "index={text}", names="text.ckpt"),
@@ -242,12 +250,15 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "notindex" / "notes.txt").write_text("mine\n")
     _write_bad_ground_truth(root / "badgt" / "oxford5k")
     _write_bad_ground_truth(root / "unknownquery" / "oxford5k", good="tower_000000\n", query="tower_000099")
+    _write_bad_ground_truth(root / "badbox" / "oxford5k", good="tower_000000\n")  # then its query replaced:
+    Image.new("RGB", (1, 5000), (90, 80, 70)).save(root / "badbox" / "oxford5k" / "jpg" / "tower_000001.jpg")
     (root / "data").mkdir()
     return {
         "tmp": root, "photos": photos, "photo": photos / "p0.png", "index": root / "index",
         "other": root / "other.ckpt", "foreign": root / "foreign.ckpt", "truncated": root / "truncated.ckpt",
         "text": root / "text.ckpt", "notindex": root / "notindex", "missing": root / "missing",
         "badgt": root / "badgt", "unknownquery": root / "unknownquery", "data": root / "data",
+        "badbox": root / "badbox",
     }  # fmt: skip
 
 
