@@ -9,14 +9,19 @@ STAMP := $(VENV)/.installed
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}'
 
+# CPU=1: torch and torchvision from PyTorch's CPU wheel index first (about 1 GB instead of the 5.5 GB CUDA stack that
+# PyPI's Linux torch brings along); TORCH_INDEX names another index or a local mirror
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
+	$(if $(filter 1 yes true,$(CPU)),$(PY) -m pip install --index-url $(TORCH_INDEX) 'torch<=2.14.1' 'torchvision<=0.29.1')
 	$(PY) -m pip install -e '.[dev,optuna,slurm,joblib,faiss]'
 	./.ci/install-chromium
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv, install the package with its dev/optuna/slurm/joblib/faiss extras, and Debian's chromium if missing
+install: $(STAMP) ## create .venv, install the package with its dev/optuna/slurm/joblib/faiss extras, and Debian's chromium if missing; CPU=1: CPU-only torch
 
 test: $(STAMP) ## run the fast test suite (CPU, a few minutes)
 	$(PY) -m pytest
