@@ -30,6 +30,7 @@ from oxford_ir.benchmarks.ranking import rank_database
 from oxford_ir.benchmarks.registry import BENCHMARKS, load_benchmark
 from oxford_ir.benchmarks.splits import _restrict_to_landmarks, landmark_of_queries
 from oxford_ir.callbacks.per_query_table import per_query_rows
+from oxford_ir.cli.hydra_typos import refuse_typos
 from oxford_ir.config import CONFIG_DIR, instantiate
 from oxford_ir.errors import ConfigError, exit_on_user_error
 from oxford_ir.extraction.benchmark import benchmark_cache, extract_benchmark, plan_benchmark, plans_summary
@@ -348,12 +349,18 @@ def write_results(
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 @exit_on_user_error
-def main(cfg: DictConfig) -> float:
+def _main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the mean mAP over benchmarks and protocols (for sweepers)."""
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
     flat, _ = evaluate(cfg)
     maps = [v for k, v in flat.items() if k.endswith("mAP")]
     return sum(maps) / len(maps)
+
+
+def main() -> None:
+    """Console script: a mistyped key or option is answered with its close match (:mod:`.hydra_typos`)."""
+    refuse_typos("eval")
+    _main()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from oxford_ir.cli.hydra_typos import refuse_typos
 from oxford_ir.config import CONFIG_DIR
 from oxford_ir.errors import ConfigError, exit_on_user_error
 from oxford_ir.extraction.distributed import init_from_environment, rank_and_world
@@ -78,10 +79,15 @@ def _number(cfg: DictConfig, key: str, convert, *, optional: bool = False):
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="index")
 @exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point."""
+def _main(cfg: DictConfig) -> None:
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
     index(cfg)
+
+
+def main() -> None:
+    """Console script: a mistyped key or option is answered with its close match (:mod:`.hydra_typos`)."""
+    refuse_typos("index")
+    _main()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from oxford_ir.benchmarks.boxes import BBox, parse_bbox
+from oxford_ir.cli.hydra_typos import refuse_typos
 from oxford_ir.config import CONFIG_DIR
 from oxford_ir.errors import ConfigError, DataError, exit_on_user_error
 from oxford_ir.extraction.options import resolve_device
@@ -233,6 +234,7 @@ def main() -> None:
     is quoted here so that ``bbox=10,20,200,180`` works as the usage says.
     """
     sys.argv = [sys.argv[0], *(_quote_bbox(arg) for arg in sys.argv[1:])]
+    refuse_typos("search")  # a mistyped key or option is answered with its close match
     _main()
 
 
