@@ -13,7 +13,9 @@ Concurrency: a build holds ``.lock`` (``flock``, released by the kernel when the
 SIGKILL); a second build of the same folder is refused with a message naming the pid of the first.
 
 Incremental updates: a file is unchanged when its relative path, size and mtime_ns equal those recorded;
-only new and changed files are embedded, deleted ones dropped, the rows of the rest copied bit for bit.
+only new and changed files are embedded, deleted ones dropped, the rows of the rest copied bit for bit. Every row
+embedded records the size, mtime and pixel size of the file it embedded: a file whose size or mtime changes while
+the run reads it is left out (skipped, with the reason) and embedded by the next run.
 Rows are reused only when the existing index has the same fingerprint, images root and dtype;
 ``incremental="auto"`` (default) otherwise re-embeds everything with a warning, ``"strict"`` refuses
 (:class:`~oxford_ir.errors.IndexFormatError`), ``"off"`` always re-embeds.
@@ -68,6 +70,8 @@ INCREMENTAL_MODES = ("auto", "strict", "off")
 CHECKPOINT_EVERY = 60.0
 #: a checkpoint waits at least this many times as long as the last one took to write: <= ~5% of the run
 _CHECKPOINT_SHARE = 20
+#: why a file replaced during a run is not in the index it wrote (not kept in the manifest: the next run embeds it)
+CHANGED_WHILE_INDEXED = "changed while it was being indexed: run oxford-ir-index again to index it"
 
 
 @dataclass
@@ -264,7 +268,18 @@ def build_index(
                             size, mtime_ns = current[rel]
                             skipped[rel] = SkippedImage(rel, _short_reason(reason, source.root / rel), size, mtime_ns)
                         continue
-                    state.add(names, vectors.numpy(), [_upright(sizes, p, source.root / todo[p]) for p in positions])
+                    fresh = _unchanged(source.root, names, current)  # else it changed while it was read
+                    for rel in (rel for rel, ok in zip(names, fresh, strict=True) if not ok):
+                        skipped[rel] = SkippedImage(rel, CHANGED_WHILE_INDEXED)
+                    state.add(
+                        [rel for rel, ok in zip(names, fresh, strict=True) if ok],
+                        vectors.numpy()[fresh],
+                        [
+                            _upright(sizes, p, source.root / todo[p])
+                            for p, ok in zip(positions, fresh, strict=True)
+                            if ok
+                        ],
+                    )
                     if (
                         writer
                         and checkpoint_every is not None
@@ -303,6 +318,19 @@ def build_index(
         if writer:
             write_report(out, report)
         return report
+
+
+def _unchanged(root: Path, names: Sequence[str], current: dict[str, tuple[int, int]]) -> np.ndarray:
+    """Which files still have the size and mtime they had when listed: only then are the embedding, the pixel size
+    read from the header before decoding and the recorded size and mtime all of the same file."""
+    fresh = []
+    for rel in names:
+        try:
+            info = os.stat(root / rel)
+            fresh.append((info.st_size, info.st_mtime_ns) == current[rel])
+        except OSError:
+            fresh.append(False)
+    return np.asarray(fresh, dtype=bool)
 
 
 def _upright(sizes: Sequence[tuple[int, int] | None], position: int, path: Path) -> tuple[int, int]:

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 import oxford_ir.extraction.embedding as extraction_module
 import oxford_ir.images as images_module
+import oxford_ir.retrieval.index_build as index_build_module
 import oxford_ir.retrieval.index_format as index_format_module
 from oxford_ir.errors import CheckpointError, ConfigError, DataError, IndexFormatError
 from oxford_ir.extraction.embedding import extract_embeddings
@@ -195,6 +196,61 @@ def test_rerun_embeds_only_new_and_changed_files_and_drops_deleted_ones(tmp_path
     assert scratch.entries == after.entries
     np.testing.assert_allclose(scratch.vectors(), after.vectors(), atol=1e-3)
     assert os.listdir(out / "v000002") and not (out / "v000001").exists()  # the old version was removed
+
+
+def assert_entries_describe_their_files(index: RetrievalIndex, photos: Path) -> None:
+    for entry in index.entries:
+        info = os.stat(photos / entry.path)
+        with Image.open(photos / entry.path) as image:
+            actual = (info.st_size, info.st_mtime_ns, *image.size)
+        assert (entry.size, entry.mtime_ns, entry.width, entry.height) == actual, entry
+
+
+def test_an_update_records_the_size_dimensions_and_mtime_of_every_re_embedded_file(tmp_path, monkeypatch):
+    """Issue 21 item 7: files replaced by others of another size, between runs (mtime kept, or files swapped) and
+    while the update runs (after the files were listed and their headers read, before they are decoded)."""
+    photos, out = tmp_path / "photos", tmp_path / "index"
+    names = make_folder(photos, n=6)
+    build_index(tiny_spec(), photos, out, **FAST)
+    before = {e.path: e for e in RetrievalIndex.load(out).entries}
+    write_photo(tmp_path / "other.png", seed=50, size=(64, 20))
+    stat = os.stat(photos / names[0])
+    (photos / names[0]).write_bytes((tmp_path / "other.png").read_bytes())  # another image, the old mtime
+    os.utime(photos / names[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(photos / names[1], tmp_path / "swap")  # two files swap names
+    os.replace(photos / names[2], photos / names[1])
+    os.replace(tmp_path / "swap", photos / names[2])
+    write_photo(photos / names[3], seed=52, size=(30, 60))  # changed, then changed again while the update runs:
+    real_plan = index_build_module.plan_for_model
+
+    def replaced_while_running(*args, **kwargs):
+        plan = real_plan(*args, **kwargs)  # listed, stat'ed, headers read: now the file changes
+        write_photo(photos / names[3], seed=51, size=(70, 50))
+        return plan
+
+    monkeypatch.setattr(index_build_module, "plan_for_model", replaced_while_running)
+    report = build_index(tiny_spec(), photos, out, **FAST)
+    updated = RetrievalIndex.load(out)
+    assert_entries_describe_their_files(updated, photos)  # before: names[3] kept its old size and dimensions
+    assert sorted(report.updated) == sorted(names[:3]) and report.removed == [names[3]]
+    assert {e.path for e in updated.entries} == set(names) - {names[3]}
+    assert [(s.path, s.reason) for s in report.skipped] == [
+        (names[3], "changed while it was being indexed: run oxford-ir-index again to index it")
+    ]
+    assert (before[names[1]].width, before[names[2]].width) == (
+        updated.entries[updated.positions([names[2]])[0]].width,
+        updated.entries[updated.positions([names[1]])[0]].width,
+    )
+
+    monkeypatch.setattr(index_build_module, "plan_for_model", real_plan)
+    again = build_index(tiny_spec(), photos, out, **FAST)
+    assert again.added == [names[3]] and again.kept == 5
+    final = RetrievalIndex.load(out)
+    assert_entries_describe_their_files(final, photos)
+    build_index(tiny_spec(), photos, tmp_path / "scratch", **FAST)
+    scratch = RetrievalIndex.load(tmp_path / "scratch")
+    assert final.entries == scratch.entries
+    np.testing.assert_allclose(final.vectors(), scratch.vectors(), atol=1e-3)
 
 
 def test_other_model_or_settings_re_embed_everything_or_refuse_when_strict(tmp_path, count_embedded, caplog):
@@ -439,7 +495,10 @@ def test_symbolic_links_inside_the_image_folder_are_indexed_and_those_leading_ou
     (photos / "leak.png").symlink_to(tmp_path / "secret.png")
     report = build_index(tiny_spec(), photos, tmp_path / "index", **FAST)
     assert [s.path for s in report.skipped] == ["leak.png"]
-    assert report.skipped[0].reason == f"is a symbolic link to {tmp_path / 'secret.png'}, outside the image folder: not read"
+    assert (
+        report.skipped[0].reason
+        == f"is a symbolic link to {tmp_path / 'secret.png'}, outside the image folder: not read"
+    )
     assert [e.path for e in RetrievalIndex.load(tmp_path / "index").entries] == [
         "again.png", "img_01.png", "img_02.jpg", "sub/img_00.jpg"
     ]  # fmt: skip
