@@ -84,7 +84,7 @@ def csv_rows(path: Path, warnings: Warnings, still_writing: bool = False) -> lis
             if not still_writing:
                 left = header[len(fields) - 1] if len(fields) <= len(header) else "its end"
                 warnings.add(path, f"{path}:{index}: the last line is cut short (a run killed while writing it): "
-                                   f"read up to {left}, which is left out")  # fmt: skip
+                                   f"its fields from {left} on are left out")  # fmt: skip
             fields = fields[:-1]  # the field the cut went through may be cut itself
         elif len(fields) != len(header):
             warnings.add(path, f"{path}:{index}: {len(fields)} fields where the header has {len(header)}: "

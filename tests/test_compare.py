@@ -374,3 +374,18 @@ def test_the_checkpoint_check_agrees_with_the_projects_loader(runs):
     for path in (runs.sweep / "0" / "checkpoints").glob("*.ckpt"):
         assert run_history.checkpoint_problem(path) is None
         checkpoint.load_retrieval_checkpoint(path)
+
+
+def test_the_epoch_loss_of_real_runs_is_plotted_per_epoch(runs, capsys):
+    """``--metric train/loss_epoch``: the epoch means the training logs, one point per epoch, in its own file."""
+    with open(runs.sweep / "0" / "csv" / "metrics.csv") as handle:
+        logged = {
+            int(r["epoch"]): float(r["train/loss_epoch"]) for r in csv.DictReader(handle) if r["train/loss_epoch"]
+        }
+    assert sorted(logged) == list(range(EPOCHS))
+    _, _, printed = compare(capsys, runs.sweep, "--metric", "train/loss_epoch")
+    assert f"train/loss_epoch per epoch: {runs.sweep / 'train_loss_epoch.png'}" in printed
+    assert Image.open(runs.sweep / "train_loss_epoch.png").size == PLOT_SIZE
+    assert read_run(runs.sweep / "0").curve("train/loss_epoch") == ("epoch", logged)
+    single = read_run(runs.single)  # the same key from the W&B offline files
+    assert sorted(single.curve("train/loss_epoch")[1]) == list(range(EPOCHS))

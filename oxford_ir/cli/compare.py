@@ -100,8 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.metric} plot: not written (the runs are not the jobs of one multirun folder): pass --plot "
                   "<file>")  # fmt: skip
         else:
-            plot_metric(runs, keys, path, args.metric)
-            print(f"{args.metric} per epoch: {path}")
+            box = plot_metric(runs, keys, path, args.metric)
+            print(f"{box.title.split(':')[0].replace(' (%)', '')}: {path}")
     return 0
 
 
