@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -265,10 +267,31 @@ def main() -> None:
     sys.argv = [sys.argv[0], *_rewrite_resume_argv(sys.argv[1:])]
     if not any(a in ("-m", "--multirun") for a in sys.argv) and any(a.startswith("resume=") for a in sys.argv):
         log.info("resuming: %s", " ".join(sys.argv[1:]))
+    previous = _ctrl_c_in_this_process_only()
     try:
         _hydra_main()
     except KeyboardInterrupt:  # train() printed where the run stands and the resume command
         raise SystemExit(EXIT_INTERRUPTED) from None
+    finally:
+        if previous is not None:  # None: a handler not set from Python, left in place
+            signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_in_this_process_only() -> Any:
+    """Ctrl-C raises KeyboardInterrupt in this process only. A terminal sends SIGINT to every process of the
+    command, and a DataLoader worker forked with Python's handler that gets it before torch's worker loop catches
+    it would print a traceback of its own; workers ignore it instead (this process stops them). Returns the handler
+    it replaced."""
+    main_pid = os.getpid()
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if os.getpid() == main_pid:
+            raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupt)
+    return previous
 
 
 #: the conventional exit status of a command stopped by SIGINT (128 + 2)

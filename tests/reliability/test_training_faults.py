@@ -222,6 +222,47 @@ def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_results(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("point", "at"),
+    [
+        ("train_batch", 1),  # before the first checkpoint: the resume starts again from the beginning
+        ("train_batch", 7),  # in the middle of the last epoch (mid-epoch 1 is in the default suite, test_train.py)
+        ("validation", 1),  # while epoch 1 is evaluated: no best-epoch001.ckpt of an unvalidated epoch
+        ("checkpoint", 2),  # while epoch 0's last.ckpt is being saved: none is left half-written
+        ("final_validation", 0),  # while the best checkpoint is evaluated after training
+    ],
+)
+def test_ctrl_c_at_any_point_then_resume_gives_the_uninterrupted_results(tmp_path, uninterrupted, point, at):
+    """Ctrl-C (SIGINT to the run's process group, as a terminal sends it) at each kind of point: exit 130 without a
+    traceback, the ``resume with`` line, no ``best-*`` of an epoch that was not validated, ``last.ckpt`` (if any) at
+    the end of an epoch; ``resume=`` then gives the uninterrupted run's table, metrics.json, CSV rows and files."""
+    reference, data = uninterrupted
+    folder = tmp_path / "run"
+    stopped = run(
+        [TRAIN, *QUICK, f"paths.data_dir={data}", f"hydra.run.dir={folder}", KILL,
+         f"+callbacks.kill.point={point}", f"+callbacks.kill.at={at}", "+callbacks.kill.signal=SIGINT"],
+        cwd=tmp_path, env=_env(),
+    )  # fmt: skip
+    assert stopped.returncode == 130 and not stopped.traceback, stopped.stderr[-3000:]
+    assert f"resume with:  oxford-ir-train resume={folder}" in stopped.stdout
+    assert not (folder / "metrics.json").exists()
+    checkpoints = folder / "checkpoints"
+    rows = read_csv_metrics(folder) if (folder / "csv" / "metrics.csv").is_file() else []
+    validated = {int(r["epoch"]) for r in rows if r.get("val/mAP") and r.get("epoch")}
+    best = {p.name for p in checkpoints.glob("best-*.ckpt")} if checkpoints.is_dir() else set()
+    assert best <= {f"best-epoch{e:03d}.ckpt" for e in validated}, (best, validated)
+    assert not checkpoints.is_dir() or not list(checkpoints.glob("*.tmp"))
+    if (checkpoints / "last.ckpt").is_file():
+        last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+        assert last["global_step"] % 3 == 0 and last["global_step"] == 3 * (last["epoch"] + 1)
+    resumed = run([TRAIN, f"resume={folder}", "~callbacks.kill"], cwd=tmp_path, env=_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _results(folder) == _results(reference)
+    names = [sorted(p.name for p in (f / "checkpoints").iterdir()) for f in (folder, reference)]
+    assert names[0] == names[1]
+
+
+@pytest.mark.slow
 def test_a_copied_run_folder_resumes_in_itself(tmp_path, uninterrupted):
     """Kill a run, copy its folder, resume the copy: the copy's own last.ckpt is continued (not a stale one beside
     a new last-v1.ckpt), its best checkpoint is the one evaluated, and the results are the uninterrupted run's."""
