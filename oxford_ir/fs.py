@@ -121,33 +121,34 @@ def escapes(root: Path, names: Iterable[str], *, follow_links: bool = True) -> I
 
     Its text is checked first (:func:`path_escape`); with ``follow_links``, symbolic links too: a folder on the way
     (each distinct folder resolved once) or the file itself may not resolve outside ``root`` resolved. A file that
-    does not exist cannot be a link and passes. Costs one ``lstat`` per name: a million names take about a second.
+    does not exist cannot be a link and passes. Costs one ``lstat`` per name (9 us on the 2-core test machine).
     """
-    real_root = root.resolve() if follow_links else root
-    folders: dict[str, str | None] = {}
+    base = os.fspath(root)
+    real_root = os.path.realpath(base) if follow_links else base
+    folders: dict[str, str | None] = {"": None}
     for position, name in enumerate(names):
         why = path_escape(name)
         if why is None and follow_links:
             folder = name.rpartition("/")[0]
             if folder not in folders:
-                folders[folder] = _resolves_outside(root / folder, real_root) if folder else None
-            why = folders[folder] or _link_outside(root / name, real_root)
+                folders[folder] = _resolves_outside(os.path.join(base, folder), real_root)
+            why = folders[folder] or _link_outside(os.path.join(base, name), real_root)
         if why is not None:
             yield position, name, why
 
 
-def _link_outside(path: Path, real_root: Path) -> str | None:
+def _link_outside(path: str, real_root: str) -> str | None:
     try:
         if not stat.S_ISLNK(os.lstat(path).st_mode):
             return None
-    except OSError:
+    except (OSError, ValueError):
         return None  # nothing there (or unreadable): nothing to follow
     return _resolves_outside(path, real_root)
 
 
-def _resolves_outside(path: Path, real_root: Path) -> str | None:
-    resolved = Path(os.path.realpath(path))
-    if resolved == real_root or resolved.is_relative_to(real_root):
+def _resolves_outside(path: str, real_root: str) -> str | None:
+    resolved = os.path.realpath(path)
+    if resolved == real_root or resolved.startswith(real_root.rstrip(os.sep) + os.sep):
         return None
     return f"is a symbolic link to {resolved}"
 
