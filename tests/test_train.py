@@ -479,5 +479,5 @@ def test_grid_search_config_sweeps_margin_and_miner(tmp_path):
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["hparams_search=grid"], return_hydra_config=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
-    assert dict(cfg.hydra.sweeper.params) == {"loss.margin": "0.05,0.1,0.2", "miner": "batch_hard,triplet_semihard"}
+    assert dict(cfg.hydra.sweeper.params) == {"loss.margin": "0.1,0.2", "miner": "triplet_semihard,triplet_all"}
     assert cfg.optimized_metric == "val/mAP"
