@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from oxford_ir.config import instantiate
 from oxford_ir.errors import ConfigError
 from oxford_ir.fs import exclusive_lock
+from oxford_ir.trusted_targets import check_saved_overrides
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,13 @@ def resume_overrides(argv: list[str]) -> list[str]:
     given = [a for a in argv if not a.startswith("hydra.run.dir=")]
     keys = {a.split("=", 1)[0].lstrip("+~") for a in given if "=" in a}
     kept = [o for o in saved if o.split("=", 1)[0].lstrip("+~") not in keys]
+    check_saved_overrides(kept, str(overrides_file), decided=sorted(keys | _deleted(given)))
     return [*kept, *given, f"hydra.run.dir={target.resolve()}"]
+
+
+def _deleted(argv: list[str]) -> set[str]:
+    """Keys deleted by ``~key`` overrides (with or without ``=value``)."""
+    return {a[1:].split("=", 1)[0] for a in argv if a.startswith("~")}
 
 
 #: callbacks that only report to a logger; left out when the run has none (logger=none)

@@ -28,6 +28,7 @@ The checks of the settings live in :mod:`oxford_ir.models.settings`; loading a c
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,7 @@ from oxford_ir.models.settings import (
 )
 from oxford_ir.models.tuple_stats import SUPPORTED_LOSSES, TupleStatistics, tuple_statistics
 from oxford_ir.models.validation_loss import held_out_loss
+from oxford_ir.trusted_targets import check_trusted
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +321,15 @@ class RetrievalModule(pl.LightningModule):
             self.log("train/num_pos_pairs", float(stats.num_pos_pairs), batch_size=size)
             self.log("train/num_neg_pairs", float(stats.num_neg_pairs), batch_size=size)
         return loss
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's loader, after refusing hyperparameters that name anything but the project's own builders:
+        a checkpoint from elsewhere must not run code through ``_target_`` (:mod:`oxford_ir.trusted_targets`)."""
+        if isinstance(checkpoint_path, (str, os.PathLike)):
+            data = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+            check_trusted(data.get(cls.CHECKPOINT_HYPER_PARAMS_KEY), str(checkpoint_path), "hyper_parameters")
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The cross-batch memory's queue and position, so that a resume continues with the same memory."""
