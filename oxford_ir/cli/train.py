@@ -24,6 +24,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from oxford_ir.cli.run_folder import (
@@ -156,7 +157,9 @@ def _ctrl_c_raised(trainer: pl.Trainer) -> Iterator[None]:
 
 
 def _print_stopped(run: RunInfo) -> None:
-    """What a Ctrl-C leaves and how to go on (stdout, as the summary of a finished run)."""
+    """What a Ctrl-C leaves and how to go on (stdout, as the summary of a finished run; global rank 0 only)."""
+    if rank_zero_only.rank != 0:
+        return
     last = run.output_dir / LAST_CHECKPOINT
     kept = f"{last} holds the last whole epoch" if last.is_file() else "no checkpoint was saved yet"
     print(f"\nstopped (Ctrl-C): {kept}; the interrupted epoch is trained again on resume", flush=True)
