@@ -32,12 +32,14 @@ def environment(**extra: str) -> dict[str, str]:
     return {**os.environ, "WANDB_MODE": "disabled", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", **extra}
 
 
-def _limits(file_size: int | None) -> Callable[[], None] | None:
-    if file_size is None:
-        return None
+def _child_setup(file_size: int | None) -> Callable[[], None]:
+    """What the command's process starts with: SIGINT at its default (a shell starts background jobs with it ignored,
+    which a command inherits: its Ctrl-C tests would then test nothing), and the file-size limit, if any."""
 
     def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if file_size is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
 
     return apply
 
@@ -86,7 +88,7 @@ def run(
     with open(out_path, "w+") as out, open(err_path, "w+") as err:
         process = subprocess.Popen(
             list(args), cwd=cwd, env=env or environment(), stdout=out, stderr=err,
-            start_new_session=True, preexec_fn=_limits(file_size),
+            start_new_session=True, preexec_fn=_child_setup(file_size),
         )  # fmt: skip
         killed = False
         while process.poll() is None:
