@@ -34,3 +34,13 @@ def test_out_of_range_values_name_the_key_the_value_and_what_it_takes(node, mess
 @pytest.mark.parametrize("node", [{**ADAM, "lr": 10.0, "eps": 1e-300}, {**STEP}, {**EMBEDDER}])
 def test_values_in_range_pass(node):
     check_node(node, "optimizer")
+
+
+@pytest.mark.parametrize("value", [float("inf"), 1e300, float("nan"), 0.0, -1e-3])
+def test_the_backbone_learning_rate_follows_the_same_rule(value):
+    """``model.backbone_lr`` is a module argument, not a ``_target_`` parameter: checked with the module's values."""
+    from oxford_ir.models.settings import check_values
+
+    with pytest.raises(ConfigError, match=r"model\.backbone_lr=.*at most 10"):
+        check_values([1.0], [1], value, 0)
+    check_values([1.0], [1], 1e-4, 0)

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf, open_dict
 
 from oxford_ir.cli.train import main, train
 from oxford_ir.errors import CheckpointError, ConfigError
-from tests.wandb_files import read_records
+from tests.wandb_files import read_finished_records
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -442,7 +442,7 @@ def test_wandb_offline_run_files_hold_metrics_images_table_and_group(tmp_path):
         (folder,) = (job / "wandb").glob(f"offline-run-*-{run_id}")
         ids.add(run_id)
         (wandb_file,) = folder.glob("run-*.wandb")
-        records = read_records(wandb_file)
+        records = read_finished_records(wandb_file)
         run_record = next(r.run for r in records if r.HasField("run"))
         groups.add(run_record.run_group)
         assert {"dataset:synthetic", "backbone:scratch"} <= set(run_record.tags)

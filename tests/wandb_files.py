@@ -49,3 +49,21 @@ def read_records(path: Path) -> list:
         record.ParseFromString(chunk)
         records.append(record)
     return records
+
+
+def read_finished_records(path: Path, timeout: float = 120.0) -> list:
+    """The records of a run file once it holds the run's exit record: W&B's service process writes the file after
+    ``wandb.finish()`` hands it the last records, so under load a reader right after the run may see it unfinished
+    (the test that read it at once failed that way once). A run file still unfinished after ``timeout`` s fails."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = read_records(path)
+        except (ValueError, OSError, struct.error):
+            records = []
+        if any(r.HasField("exit") for r in records) or time.monotonic() > deadline:
+            assert any(r.HasField("exit") for r in records), f"{path} holds no exit record after {timeout:.0f} s"
+            return records
+        time.sleep(0.5)

@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
+from oxford_ir.cli.library_notices import without_anonymous_setting
 from oxford_ir.config import instantiate
 from oxford_ir.errors import ConfigError
 from oxford_ir.fs import exclusive_lock
@@ -332,7 +333,7 @@ def instantiate_loggers(cfg: DictConfig | None, run: RunInfo) -> list[pl.loggers
                 "tags": list(dict.fromkeys([*(node.get("tags") or []), *run.tags])),
                 "resume": "allow",
             }
-            loggers.append(instantiate(node, f"logger.{name}", **extra))
+            loggers.append(without_anonymous_setting(instantiate(node, f"logger.{name}", **extra)))
         elif node._target_.endswith("RunCSVLogger"):
             loggers.append(instantiate(node, f"logger.{name}", keep_before_step=run.resume_step))
         else:

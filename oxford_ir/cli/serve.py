@@ -26,6 +26,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from oxford_ir.cli.hydra_typos import refuse_typos
 from oxford_ir.config import CONFIG_DIR
 from oxford_ir.errors import ConfigError, exit_on_user_error
 from oxford_ir.web.app import ServeSettings, create_app
@@ -224,10 +225,16 @@ def serve(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="serve")
 @exit_on_user_error
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
     serve(cfg)
+
+
+def main() -> None:
+    """Console script: a mistyped key or option is answered with its close match (:mod:`.hydra_typos`)."""
+    refuse_typos("serve")
+    _main()
 
 
 if __name__ == "__main__":

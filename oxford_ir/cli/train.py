@@ -27,6 +27,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from oxford_ir.cli.hydra_typos import refuse_typos
 from oxford_ir.cli.run_folder import (
     LAST_CHECKPOINT,
     RunInfo,
@@ -272,6 +273,7 @@ def main() -> None:
         log.info("resuming: %s", " ".join(sys.argv[1:]))
     previous = _ctrl_c_in_this_process_only()
     try:
+        refuse_typos("train")  # a mistyped key or option: one line with its close match
         _hydra_main()
     except KeyboardInterrupt:  # train() printed where the run stands and the resume command
         raise SystemExit(EXIT_INTERRUPTED) from None

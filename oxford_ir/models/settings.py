@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_metric_learning.losses import ContrastiveLoss
 
-from oxford_ir.config import to_plain
+from oxford_ir.config import MAX_LEARNING_RATE, to_plain
 from oxford_ir.errors import ConfigError
 
 #: Lightning's keys of an ``lr_scheduler`` dict that a scheduler config may set next to ``scheduler``
@@ -78,8 +78,11 @@ def check_values(
         raise ConfigError(f"model.eval_scales={eval_scales}: give one or more positive scale factors, e.g. [1.0]")
     if not kappas or min(kappas) < 1:
         raise ConfigError(f"model.kappas={kappas}: give positive k for P@k, e.g. [1, 5, 10]")
-    if backbone_lr is not None and not backbone_lr > 0:
-        raise ConfigError(f"model.backbone_lr={backbone_lr}: must be positive, or null for the optimizer's lr")
+    if backbone_lr is not None and not 0 < backbone_lr <= MAX_LEARNING_RATE:  # NaN fails both
+        raise ConfigError(
+            f"model.backbone_lr={backbone_lr}: must be a positive learning rate of at most {MAX_LEARNING_RATE:g} "
+            "(typical: 1e-5 to 1e-2), or null for the optimizer's lr"
+        )
     if freeze_backbone_epochs < 0:
         raise ConfigError(f"model.freeze_backbone_epochs={freeze_backbone_epochs}: must be >= 0 (0 = never)")
 

@@ -51,10 +51,7 @@ def help_groups(text: str) -> dict[str, str | None]:
 
 @pytest.mark.parametrize("entry", list(ENTRIES))
 def test_help_lists_the_commands_own_groups_with_their_options(entry: str, tmp_path: Path) -> None:
-    extra = ()
-    if entry == "train" and "override hydra/help: train" not in (CONF / "train.yaml").read_text():
-        extra = ("hydra/help=train",)  # until conf/train.yaml selects conf/hydra/help/train.yaml itself
-    result = run_main("--help", *extra, cwd=tmp_path, entry=ENTRIES[entry], prog=f"oxford-ir-{entry}")
+    result = run_main("--help", cwd=tmp_path, entry=ENTRIES[entry], prog=f"oxford-ir-{entry}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith(f"oxford-ir-{entry}: ")
     assert f"oxford-ir-{entry} " in result.stdout.split("== Examples ==", 1)[1]
