@@ -117,8 +117,10 @@ def is_trusted(target: Any) -> bool:
     try:
         module = importlib.import_module(module_name)
     except Exception:
-        return False  # the builder reports a missing module; trust is not the question then
-    value = getattr(module, name, None)
+        return True  # nothing was imported, nothing runs: the builder reports the missing module
+    if not hasattr(module, name):
+        return True  # nothing to run: the builder says there is no such class
+    value = getattr(module, name)
     return inspect.isclass(value) and _under(getattr(value, "__module__", "") or "", defined_in)
 
 
