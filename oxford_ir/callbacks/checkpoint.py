@@ -129,6 +129,25 @@ class RunCheckpoint(ModelCheckpoint):
                 "checkpoints saved before are kept and nothing half-written is left"
             ) from error
 
+    @staticmethod
+    def _link_checkpoint(trainer: pl.Trainer, filepath: str, linkpath: str) -> None:
+        """``save_last="link"``: ``linkpath`` made a link to ``filepath`` (a copy where links are refused) under a
+        temp name, then renamed over the old one: never missing, never a partial copy (the parent removes the old
+        link first and copies in place)."""
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            link = Path(linkpath)
+            temp = link.with_name(link.name + TEMP_SUFFIX)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            try:
+                os.symlink(os.path.relpath(filepath, link.parent), temp)
+                os.replace(temp, link)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+                replace_file(link, Path(filepath).read_bytes(), temp=temp)
+        trainer.strategy.barrier()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the stored paths relative to this folder when the checkpoint was written in another one."""
         self.restored_metrics = dict(state_dict.get("logged_metrics") or {})

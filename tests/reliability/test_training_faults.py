@@ -355,3 +355,19 @@ def test_a_killed_worker_ends_training_with_one_clear_error(tmp_path):
     assert result.returncode == 2 and not result.traceback, result.stderr[-3000:]
     assert len(result.error_lines) == 1
     assert f"a data-loading worker process (pid {killed[0]}) died" in result.error_lines[0]
+
+
+def test_save_last_link_replaces_the_link_in_one_step(tmp_path):
+    """``save_last="link"``: ``last.ckpt`` becomes a link to the new checkpoint by a rename over the old link (never
+    missing in between, no temp left), relative, so that a copied run folder keeps it."""
+    from types import SimpleNamespace
+
+    from oxford_ir.callbacks.checkpoint import RunCheckpoint
+
+    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None))
+    for name in ("best-epoch000.ckpt", "best-epoch001.ckpt"):
+        (tmp_path / name).write_bytes(name.encode())
+        RunCheckpoint._link_checkpoint(trainer, str(tmp_path / name), str(tmp_path / "last.ckpt"))
+        assert (tmp_path / "last.ckpt").read_bytes() == name.encode()
+        assert os.readlink(tmp_path / "last.ckpt") == name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-epoch000.ckpt", "best-epoch001.ckpt", "last.ckpt"]
