@@ -1,9 +1,16 @@
 """The P x K sampler of training: class-balanced batches of P classes x K images (+ D distractors), reproducible
-from ``(seed, epoch)`` and sharded across processes by itself (see :class:`ClassBalancedSampler`)."""
+from ``(seed, epoch)`` and sharded across processes by itself (see :class:`ClassBalancedSampler`).
+
+Scale: it costs O(batch) per batch, not O(dataset). Labels are sorted once (class offsets and counts: the members
+of a class are a slice of one index array, never a Python list per class), an image round of a class is shuffled
+only when a batch first draws that class in the round, and batches are drawn as the loader asks for them. A
+1.6-million-image, 81k-class training set gives its first batch in milliseconds after construction
+(``experiments/bench/scale_manifest.py``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch.distributed as dist
@@ -13,6 +20,8 @@ from oxford_ir.data.config_values import non_negative_int, positive_int
 from oxford_ir.errors import ConfigError
 
 _SHOWN = 5
+#: batches whose augmentation seeds are drawn at once while iterating
+_SEED_CHUNK = 1024
 
 
 class _Cycle:
@@ -82,22 +91,29 @@ class ClassBalancedSampler(DistributedSampler):
         self.distractors = np.asarray(distractors, dtype=np.int64)
         self.distractors_per_batch = non_negative_int(distractors_per_batch, "distractors_per_batch")
         self.seed = non_negative_int(seed, "seed")
-        self.members = {int(c): np.flatnonzero(labels == c) for c in self.classes}
+        # the members of class classes[j] are order[starts[j] : starts[j] + counts[j]], in ascending index order
+        order = np.argsort(labels, kind="stable")
+        sorted_labels = labels[order]
+        self._order = order
+        self._starts = np.searchsorted(sorted_labels, self.classes, side="left")
+        self._counts = np.searchsorted(sorted_labels, self.classes, side="right") - self._starts
+        self._distractor_pool = np.unique(self.distractors)
         if len(self.classes) < self.classes_per_batch:
             raise ConfigError(
                 f"classes_per_batch={self.classes_per_batch} but only {len(self.classes)} classes to draw from; "
                 f"lower classes_per_batch to at most {len(self.classes)}"
             )
-        small = {c: len(m) for c, m in self.members.items() if len(m) < self.images_per_class}
+        too_small = self._counts < self.images_per_class
+        small = dict(zip(self.classes[too_small].tolist(), self._counts[too_small].tolist(), strict=True))
         if small:
             shown = ", ".join(f"label {c}: {n}" for c, n in list(small.items())[:_SHOWN])
             raise ConfigError(
                 f"images_per_class={self.images_per_class} but {len(small)} classes have fewer images ({shown}); "
                 "lower images_per_class or leave those classes out"
             )
-        if len(np.unique(self.distractors)) < self.distractors_per_batch:
+        if len(self._distractor_pool) < self.distractors_per_batch:
             raise ConfigError(
-                f"distractors_per_batch={self.distractors_per_batch} but only {len(np.unique(self.distractors))} "
+                f"distractors_per_batch={self.distractors_per_batch} but only {len(self._distractor_pool)} "
                 "distractor images; lower distractors_per_batch (0 disables them) or use_distractors=true"
             )
         self._num_replicas = num_replicas
@@ -127,25 +143,54 @@ class ClassBalancedSampler(DistributedSampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def global_batches(self, epoch: int) -> np.ndarray:
-        """All ``num_batches * num_replicas`` batches of ``epoch`` (every process computes the same)."""
+    def members(self, label: int) -> np.ndarray:
+        """Indices of the images of class ``label`` (one of ``classes``), ascending."""
+        j = int(np.searchsorted(self.classes, label))
+        if j == len(self.classes) or self.classes[j] != label:
+            raise KeyError(label)
+        return self._order[self._starts[j] : self._starts[j] + self._counts[j]]
+
+    def _draw(self, epoch: int) -> Iterator[np.ndarray]:
+        """The ``num_batches * num_replicas`` batches of ``epoch``, one at a time: O(batch) work per batch.
+
+        One generator seeded by ``(seed, epoch)`` shuffles, in the order the batches need them, the rounds of
+        classes, of each class's images (a class's first round when a batch first draws it) and of distractors.
+        """
         rng = np.random.default_rng([self.seed, int(epoch)])
-        class_cycle = _Cycle(self.classes, rng)
-        image_cycles = {c: _Cycle(m, rng) for c, m in self.members.items()}
-        distractor_cycle = _Cycle(np.unique(self.distractors), rng) if self.distractors_per_batch else None
-        batches = np.empty((self.num_batches * self.num_replicas, self.batch_size), dtype=np.int64)
-        for b in range(len(batches)):
-            parts = [image_cycles[int(c)].take(self.images_per_class) for c in class_cycle.take(self.classes_per_batch)]
+        class_cycle = _Cycle(np.arange(len(self.classes)), rng)  # positions in classes: the same shuffles
+        image_cycles: dict[int, _Cycle] = {}
+        distractor_cycle = _Cycle(self._distractor_pool, rng) if self.distractors_per_batch else None
+        k = self.images_per_class
+        for _ in range(self.num_batches * self.num_replicas):
+            parts = []
+            for j in class_cycle.take(self.classes_per_batch).tolist():
+                cycle = image_cycles.get(j)
+                if cycle is None:
+                    start = self._starts[j]
+                    cycle = image_cycles[j] = _Cycle(self._order[start : start + self._counts[j]], rng)
+                parts.append(cycle.take(k))
             if distractor_cycle is not None:
                 parts.append(distractor_cycle.take(self.distractors_per_batch))
-            batches[b] = np.concatenate(parts)
+            yield np.concatenate(parts)
+
+    def global_batches(self, epoch: int) -> np.ndarray:
+        """All ``num_batches * num_replicas`` batches of ``epoch`` (every process computes the same)."""
+        batches = np.empty((self.num_batches * self.num_replicas, self.batch_size), dtype=np.int64)
+        for b, batch in enumerate(self._draw(epoch)):
+            batches[b] = batch
         return batches
+
+    def _shard(self, epoch: int | None) -> tuple[int, int, int]:
+        """``(epoch, rank, num_replicas)``, checked; ``epoch`` defaults to the current one."""
+        rank, world = self.rank, self.num_replicas
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside [0, {world})")
+        return (self.epoch if epoch is None else int(epoch)), rank, world
 
     def batches(self, epoch: int | None = None) -> np.ndarray:
         """This process's ``num_batches x batch_size`` indices of ``epoch`` (default: the current one)."""
-        if not 0 <= self.rank < self.num_replicas:
-            raise ValueError(f"rank {self.rank} is outside [0, {self.num_replicas})")
-        return self.global_batches(self.epoch if epoch is None else epoch)[self.rank :: self.num_replicas]
+        epoch, rank, world = self._shard(epoch)
+        return self.global_batches(epoch)[rank::world]
 
     def draw_seeds(self, epoch: int | None = None) -> np.ndarray:
         """A seed per drawn image, aligned with :meth:`batches`: the augmentation of each draw.
@@ -154,14 +199,31 @@ class ClassBalancedSampler(DistributedSampler):
         epoch, so a run resumed from ``last.ckpt`` sees exactly the crops an uninterrupted one
         sees, whatever the global random state or the number of workers.
         """
-        epoch = self.epoch if epoch is None else int(epoch)
-        rng = np.random.default_rng([self.seed, epoch, 0x5EED])
-        seeds = rng.integers(0, 2**62, size=(self.num_batches * self.num_replicas, self.batch_size), dtype=np.int64)
-        return seeds[self.rank :: self.num_replicas]
+        epoch, rank, world = self._shard(epoch)
+        return np.concatenate(list(self._seed_chunks(epoch, self.num_batches * world)))[rank::world]
 
-    def __iter__(self):
-        """``(image index, augmentation seed)`` pairs, batch after batch."""
-        return iter(zip(self.batches().ravel().tolist(), self.draw_seeds().ravel().tolist(), strict=True))
+    def _seed_chunks(self, epoch: int, rows: int) -> Iterator[np.ndarray]:
+        """The ``rows x batch_size`` seeds of ``epoch`` in chunks of at most ``_SEED_CHUNK`` batches: the same
+        numbers as one draw of them all (each 64-bit draw consumes the generator in order)."""
+        rng = np.random.default_rng([self.seed, epoch, 0x5EED])
+        for start in range(0, rows, _SEED_CHUNK):
+            yield rng.integers(0, 2**62, size=(min(_SEED_CHUNK, rows - start), self.batch_size), dtype=np.int64)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """``(image index, augmentation seed)`` pairs, batch after batch, drawn as they are asked for. The epoch is
+        read now, when the iterator is made, not at its first item."""
+        epoch, rank, world = self._shard(None)
+        return self._pairs(epoch, rank, world)
+
+    def _pairs(self, epoch: int, rank: int, world: int) -> Iterator[tuple[int, int]]:
+        batches = self._draw(epoch)
+        b = 0
+        for chunk in self._seed_chunks(epoch, self.num_batches * world):
+            for seeds in chunk:
+                batch = next(batches)
+                if b % world == rank:
+                    yield from zip(batch.tolist(), seeds.tolist(), strict=True)
+                b += 1
 
     def __len__(self) -> int:
         return self.num_batches * self.batch_size

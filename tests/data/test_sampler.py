@@ -99,3 +99,40 @@ def test_sampler_refuses_impossible_batches() -> None:
     with pytest.raises(ConfigError, match="batches_per_epoch must be a positive integer"):
         sampler(num_batches=0)
     assert sampler(distractors=(), distractors_per_batch=0).batch_size == 9
+
+
+def test_members_are_the_images_of_each_class_from_one_sort() -> None:
+    labels = np.random.default_rng(0).integers(0, 50, size=2000)
+    s = ClassBalancedSampler(labels, np.unique(labels), 4, 2, 5)
+    for c in np.unique(labels):
+        assert np.array_equal(s.members(int(c)), np.flatnonzero(labels == c))
+    with pytest.raises(KeyError):
+        s.members(10_000)
+
+
+def test_a_batch_costs_a_batch_not_an_epoch() -> None:
+    """1M images in 100k classes and an endless epoch: construction sorts the labels once and the first batches
+    come at once (a per-class scan or an epoch drawn up front would take minutes or exhaust memory)."""
+    import time
+
+    labels = np.random.default_rng(0).permutation(np.arange(1_000_000) % 100_000)
+    start = time.perf_counter()
+    s = ClassBalancedSampler(
+        labels, np.arange(100_000), 8, 4, 10**12, distractors=np.arange(10), distractors_per_batch=2
+    )
+    it = iter(s)
+    drawn = np.array([next(it) for _ in range(3 * s.batch_size)])
+    assert time.perf_counter() - start < 5
+    for batch in drawn[:, 0].reshape(3, s.batch_size):
+        assert len(set(batch.tolist())) == len(batch)
+        assert sorted(Counter(labels[batch[:32]].tolist()).values()) == [4] * 8
+
+
+def test_the_iterator_keeps_the_epoch_it_was_made_in() -> None:
+    """Lightning may create the loader's iterator before ``set_epoch``; the iterator draws the epoch current when
+    it was made (``RetrievalDataModule`` sets the resumed epoch before making the loader)."""
+    s = sampler()
+    it = iter(s)
+    s.set_epoch(1)
+    assert np.array_equal(np.array([i for i, _ in it]).reshape(10, 11), s.batches(0))
+    assert [seed for _, seed in s] == s.draw_seeds(1).ravel().tolist()
