@@ -49,6 +49,7 @@ LOCK_FILE = ".download.lock"
 SOURCES_DIR = Path(__file__).resolve().parents[2] / "conf" / "download"
 #: dataset name -> folder under the data root; the Revisited benchmarks share their images
 DATASET_FOLDERS = {"oxford5k": "oxford5k", "roxford5k": "oxford5k", "paris6k": "paris6k", "rparis6k": "paris6k"}
+DATASET_FOLDERS["sfm120k"] = "retrieval-SfM-120k"  # training set of cnnimageretrieval-pytorch (benchmarks.sfm120k)
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
