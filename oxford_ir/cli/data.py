@@ -4,6 +4,7 @@ oxford-ir-data download oxford5k --root data          # -> data/oxford5k/{jpg,gt
 oxford-ir-data verify roxford5k --root data           # exit 0 when every listed image decodes
 oxford-ir-data synthetic --root data/synthetic --seed 0
 oxford-ir-data cache roxford5k --root data --eval-size 1024 --train-long-side 724 --workers 8
+oxford-ir-data check my_photos/                       # or a CSV manifest; exit 0 when it has no problem
 
 A bad argument, like any error a user can fix, is one ``error:`` line on stderr naming the option and what it takes,
 exit status 2 (argparse's usage block is left out: ``--help`` shows it).
@@ -177,6 +178,31 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--workers", type=_non_negative_int, default=0, help="decoding processes (default: 0)")
     cache.add_argument("--allow-missing", action="store_true", help="cache the images present (a subset)")
     cache.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    check = commands.add_parser(
+        "check",
+        help="summarise your own collection (a folder per class or a CSV manifest) and list its problems",
+        description=(
+            "Summarise a collection: images and classes, images per class, per-split counts, queries and gallery. "
+            "Warn about classes with fewer than --images-per-class training images and files that are not images. "
+            "List the problems, one line each naming the file or manifest line: unreadable manifest rows, the same "
+            "path under two labels, missing files, files whose image header cannot be read, the same content "
+            "twice (in two classes, or a duplicate in one). Exit status 0 when there is no problem, 1 otherwise "
+            "(warnings do not count), 2 when the collection cannot be read at all."
+        ),
+    )
+    check.add_argument(
+        "collection", type=Path, help="a folder with a sub-folder per class (or train/ val/ test/), or a CSV manifest"
+    )
+    check.add_argument("--root", type=Path, help="folder the manifest's paths are relative to (default: its folder)")
+    check.add_argument(
+        "--images-per-class",
+        type=_positive_int,
+        default=4,
+        help="K of the P x K sampler: warn about classes with fewer training images (default: 4)",
+    )
+    check.add_argument("--workers", type=_positive_int, help="threads reading the files (default: up to 8)")
+    check.add_argument("--max-listed", type=_non_negative_int, default=20, help="list at most this many per kind")
     return parser
 
 
@@ -207,6 +233,16 @@ def _cache(args: argparse.Namespace) -> int:
         )
         print(f"{kind} cache: {len(built)} images at long side {size}, {built.pixel_bytes / 1e6:.1f} MB in {folder}")
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from oxford_ir.benchmarks.collection_check import check_collection
+
+    report = check_collection(
+        args.collection, root=args.root, images_per_class=args.images_per_class, workers=args.workers
+    )
+    print(report.format(max_listed=args.max_listed))
+    return 0 if report.ok else 1
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -275,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``oxford-ir-data``; returns the exit status (errors a user can fix exit 2)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    commands = {"download": _download, "verify": _verify, "synthetic": _synthetic, "cache": _cache}
+    commands = {"download": _download, "verify": _verify, "synthetic": _synthetic, "cache": _cache, "check": _check}
     return commands[args.command](args)
 
 
