@@ -12,9 +12,10 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from oxford_ir.benchmarks.registry import load_benchmark
@@ -34,6 +35,12 @@ from tests.data.conftest import TINY
 from tests.data.test_sampler import check_batch
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def data_config(name: str) -> DictConfig:
+    """``conf/data/<name>.yaml`` composed with its defaults (``base``), interpolations left to the caller's root."""
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose(f"data/{name}").data
 
 
 def make(data_dir: Path, **overrides) -> RetrievalDataModule:
@@ -359,28 +366,24 @@ def test_lightning_sets_the_epoch_and_keeps_the_sampler(data_dir: Path, tmp_path
 
 
 def test_configs_instantiate(tmp_path: Path) -> None:
-    names = sorted(p.stem for p in (REPO / "conf" / "data").glob("*.yaml"))
+    names = sorted(p.stem for p in (REPO / "conf" / "data").glob("*.yaml") if p.stem != "base")
     assert names == ["oxford5k", "paris6k", "paris_to_oxford", "roxford5k", "rparis6k", "synthetic"]
     for name in names:
         cfg = OmegaConf.create(
             {
                 "paths": {"data_dir": str(tmp_path)},
                 "seed": 3,
-                "data": OmegaConf.load(REPO / "conf" / "data" / f"{name}.yaml"),
+                "data": data_config(name),
             }
         )
         dm = instantiate(cfg.data)
         assert isinstance(dm, RetrievalDataModule) and dm.data_dir == tmp_path and dm.hparams.seed == 3
         assert isinstance(dm.hparams.augmentation, dict) and "eval_scales" not in cfg.data
-    quickstart = OmegaConf.create(
-        {"paths": {"data_dir": "d"}, "seed": 0, "data": OmegaConf.load(REPO / "conf" / "data" / "synthetic.yaml")}
-    )
+    quickstart = OmegaConf.create({"paths": {"data_dir": "d"}, "seed": 0, "data": data_config("synthetic")})
     # the quickstart benchmark is the documented default one
     assert OmegaConf.to_container(quickstart.data.synthetic) == {"seed": 0, **SYNTHETIC_DEFAULTS}
     cross = instantiate(
-        OmegaConf.create(
-            {"paths": {"data_dir": "d"}, "seed": 0, "data": OmegaConf.load(REPO / "conf/data/paris_to_oxford.yaml")}
-        ).data
+        OmegaConf.create({"paths": {"data_dir": "d"}, "seed": 0, "data": data_config("paris_to_oxford")}).data
     )
     assert cross.hparams.split == "cross" and cross.eval_benchmark_name == "roxford5k"
 
@@ -463,7 +466,7 @@ def test_augmentation_of_each_draw_depends_only_on_seed_epoch_and_position(data_
 def test_loader_defaults_pin_and_keep_workers(data_dir: Path) -> None:
     """conf/data pins memory (only applied with an accelerator) and keeps workers (only when there are any)."""
     for path in sorted((REPO / "conf" / "data").glob("*.yaml")):
-        cfg = OmegaConf.load(path)
+        cfg = data_config(path.stem)
         assert cfg.pin_memory is True and cfg.persistent_workers is True, path.name
         assert cfg.cache.enabled is False and cfg.cache.dir is None and cfg.cache.train_long_side is None, path.name
     dm = make(data_dir, num_workers=1)
