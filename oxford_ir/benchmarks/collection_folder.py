@@ -92,7 +92,11 @@ def scan_folder(root: str | Path, *, name: str | None = None) -> FolderScan:
     splits: list[str] = []
     ignored: list[str] = []
     unlabelled: list[str] = []
-    for split, folder, entries in parts:
+    if split_folders:  # a README next to train/ val/ test/ is ignored; an image there has no class
+        for entry in top:
+            if not entry.is_dir(follow_symlinks=False):
+                (unlabelled if _is_image(entry.name) else ignored).append(entry.name)
+    for split, _folder, entries in parts:
         for entry in entries:
             relative = Path(entry.path).relative_to(root).as_posix()
             if entry.is_dir(follow_symlinks=False):
@@ -101,8 +105,6 @@ def scan_folder(root: str | Path, *, name: str | None = None) -> FolderScan:
                 labels += [entry.name] * len(images)
                 splits += [split] * len(images)
                 ignored += others
-            elif folder is root and split_folders:
-                ignored.append(relative)  # a README next to train/ val/ test/
             elif _is_image(entry.name):
                 unlabelled.append(relative)
             else:

@@ -40,6 +40,7 @@ import io
 import logging
 import os
 import posixpath
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -361,7 +362,7 @@ def _load(cached: Path, key: str, name: str, root: Path, manifest: Path) -> Pars
             return ParsedManifest(collection, npz["lines"], [])
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, IndexError, TypeError, DataError) as error:  # damaged: parse again
+    except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError, zipfile.BadZipFile, DataError) as error:
         log.info("%s: unreadable parsed manifest (%s); parsing the manifest again", cached, error)
         return None
 
