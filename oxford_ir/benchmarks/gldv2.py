@@ -226,11 +226,12 @@ def read_full_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 # -- downloaded parts -------------------------------------------------------------------------------
 
 
-def write_part_ids(folder: Path, part: int, relative_paths: list[str]) -> None:
-    """Record the image ids of an unpacked TAR (its member paths ``<a>/<b>/<c>/<id>.jpg``), atomically."""
+def write_part_ids(folder: Path, part: int, paths: list[str]) -> None:
+    """Record the image ids of an unpacked TAR (the files it placed, ``.../<a>/<b>/<c>/<id>.jpg``), atomically."""
     from oxford_ir.fs import replace_file
 
-    ids = sorted(Path(p).stem for p in relative_paths if p.endswith(".jpg"))
+    stems = (Path(p).stem for p in paths if p.endswith(".jpg"))
+    ids = sorted(s for s in stems if len(s) == ID_LENGTH and not s.strip("0123456789abcdef"))
     (folder / PARTS_FOLDER).mkdir(exist_ok=True)
     replace_file(folder / PARTS_FOLDER / f"{part_name(part)}.ids", "".join(f"{i}\n" for i in ids).encode())
 

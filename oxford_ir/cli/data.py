@@ -1,6 +1,7 @@
 """``oxford-ir-data``: download the benchmarks, verify their images, write the synthetic benchmark.
 
 oxford-ir-data download oxford5k --root data          # -> data/oxford5k/{jpg,gt_files_170407,gnd_*.pkl}
+oxford-ir-data download gldv2 --root data --parts 0-3,7  # -> data/gldv2/{train_clean.csv,train.csv,train/}
 oxford-ir-data verify roxford5k --root data           # exit 0 when every listed image decodes
 oxford-ir-data synthetic --root data/synthetic --seed 0
 oxford-ir-data cache roxford5k --root data --eval-size 1024 --train-long-side 724 --workers 8
@@ -94,10 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Fetch a dataset's official images and ground truth into ROOT/<dataset>/ (jpg/, the gt text files and "
             "the gnd_*.pkl of both protocols). Interrupted runs resume; a complete dataset is left alone. "
-            "The Revisited names fetch the same folder."
+            "The Revisited names fetch the same folder. gldv2 (Google Landmarks v2) fetches its CSVs and the "
+            "training TARs named by --parts, each checked against its md5 file."
         ),
     )
-    download.add_argument("dataset", choices=sorted(DATASET_FOLDERS), help="dataset to fetch")
+    download.add_argument("dataset", choices=sorted([*DATASET_FOLDERS, "gldv2"]), help="dataset to fetch")
     download.add_argument(
         "--root", type=Path, default=data_dir, help="data folder (default: $OXFORD_IR_DATA or ./data)"
     )
@@ -109,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--retries", type=_non_negative_int, default=3, help="retries on connection errors")
     download.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds without data before giving up")
     download.add_argument("--no-progress", action="store_true", help="no progress bars")
+    download.add_argument(
+        "--parts",
+        help="gldv2 only: which of its 500 training TARs (about 1 GB each), e.g. 0-3,7 or all (about 500 GB)",
+    )
 
     verify = commands.add_parser(
         "verify",
@@ -247,7 +253,12 @@ def _check(args: argparse.Namespace) -> int:
 
 def _download(args: argparse.Namespace) -> int:
     from oxford_ir.benchmarks.download import download_dataset
+    from oxford_ir.errors import ConfigError
 
+    if args.dataset == "gldv2":
+        return _download_gldv2(args)
+    if args.parts is not None:
+        raise ConfigError(f"--parts is for gldv2 only; {args.dataset} is fetched whole")
     folder = download_dataset(
         args.dataset,
         args.root,
@@ -259,6 +270,32 @@ def _download(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     print(f"{args.dataset}: complete in {folder}")
+    return 0
+
+
+def _download_gldv2(args: argparse.Namespace) -> int:
+    from oxford_ir.benchmarks.gldv2 import NUM_PARTS
+    from oxford_ir.benchmarks.gldv2_download import PART_GB, download_gldv2, format_parts, parse_parts
+    from oxford_ir.errors import ConfigError
+
+    if args.parts is None:
+        raise ConfigError(
+            f"gldv2 has {NUM_PARTS} training TARs of about {PART_GB:g} GB each (about {NUM_PARTS * PART_GB:.0f} GB in "
+            "all): choose them with --parts, e.g. --parts 0-3,7 (or --parts all)"
+        )
+    if args.sources is not None:
+        raise ConfigError("--sources does not apply to gldv2 (its URLs follow a pattern); use --base-url for a mirror")
+    parts = parse_parts(args.parts)
+    folder = download_gldv2(
+        args.root,
+        parts,
+        base_url=args.base_url,
+        progress=not args.no_progress,
+        keep_archives=args.keep_archives,
+        retries=args.retries,
+        timeout=args.timeout,
+    )
+    print(f"gldv2: parts {format_parts(parts)} complete in {folder}")
     return 0
 
 
