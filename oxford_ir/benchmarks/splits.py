@@ -46,6 +46,7 @@ import numpy as np
 
 from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.benchmarks.ground_truth import read_ground_truth
+from oxford_ir.benchmarks.path_array import PathArray
 from oxford_ir.errors import ConfigError, DataError, GroundTruthError
 
 SPLIT_KINDS = ("seed", "landmarks", "cross")
@@ -56,13 +57,16 @@ _SHOWN = 5
 class TrainSplit:
     """Training images with their labels, and the benchmark evaluated during validation.
 
-    ``paths[i]`` has label ``labels[i]``. Labels ``0 .. num_landmark_classes - 1`` are the landmarks
-    ``label_names[:num_landmark_classes]`` (sorted by name); every label from ``num_landmark_classes`` on
-    is one distractor image (its name in ``label_names``). Landmark images come first, grouped by label.
+    ``paths[i]`` has label ``labels[i]``. ``paths`` is given as any sequence of paths and held as a
+    :class:`~oxford_ir.benchmarks.path_array.PathArray` (a root and a numpy array of names: 1.6M images cost tens
+    of MB, not hundreds, and no per-image object); it reads like a list of ``Path``. Labels
+    ``0 .. num_landmark_classes - 1`` are the landmarks ``label_names[:num_landmark_classes]`` (sorted by name);
+    every label from ``num_landmark_classes`` on is one distractor image (its name in ``label_names``). Landmark
+    images come first, grouped by label.
     """
 
     kind: str
-    paths: list[Path]
+    paths: PathArray
     labels: np.ndarray
     label_names: list[str]
     num_landmark_classes: int
@@ -74,6 +78,7 @@ class TrainSplit:
     dropped: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "paths", PathArray.of(self.paths))
         if len(self.paths) != len(self.labels):
             raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
 
@@ -165,13 +170,21 @@ class TrainSplit:
             "are left out of training (allow_missing_images)",
             stacklevel=2,
         )
-        keep = np.flatnonzero(present)
+        return self.without(~present, "missing", f"{n_missing} training images missing on disk left out")
+
+    def without(self, drop: np.ndarray, reason: str, note: str) -> TrainSplit:
+        """The split without the images of the boolean mask ``drop`` (labels keep their meaning), counted under
+        ``reason`` in ``dropped`` and said by ``note`` in the description."""
+        drop = np.asarray(drop, dtype=bool)
+        if drop.shape != (len(self),):
+            raise ValueError(f"a mask of {drop.shape} for {len(self)} training images")
+        keep = np.flatnonzero(~drop)
         return replace(
             self,
-            paths=[self.paths[i] for i in keep],
+            paths=self.paths[keep],
             labels=self.labels[keep],
-            dropped={**self.dropped, "missing": self.dropped.get("missing", 0) + n_missing},
-            description=f"{self.description}; {n_missing} training images missing on disk left out",
+            dropped={**self.dropped, reason: self.dropped.get(reason, 0) + int(drop.sum())},
+            description=f"{self.description}; {note}",
         )
 
 

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from oxford_ir.benchmarks.path_array import PathArray
 from oxford_ir.data.augmentation import SeededCrop
 from oxford_ir.data.batch_augment import CropItem
 from oxford_ir.data.cache_format import ImageCache
@@ -187,7 +188,7 @@ class TrainImageDataset(Dataset):
     ) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
-        self.paths = [Path(p) for p in paths]
+        self.paths = PathArray.of(paths)  # compact: no Path object per image (1.6M images)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.crop = crop
         self.draft_size = draft_size
