@@ -57,6 +57,16 @@ log = logging.getLogger(__name__)
 TABLE_TITLES = {"untrained": "Before training (untrained network)", "final": "After training (best checkpoint)"}
 
 
+def table_titles(run: RunInfo, trained: bool) -> dict[str, str]:
+    """What each table shows: before/after training, or for a run that does not train (``train=false``) the
+    network as configured or the checkpoint given as ``ckpt_path``, evaluated once."""
+    if trained:
+        return TABLE_TITLES
+    what = "the checkpoint given as ckpt_path" if run.ckpt_path is not None else "the network as configured"
+    title = f"Evaluation (train=false: {what}, not trained)"
+    return {"untrained": title, "final": title}
+
+
 def _evaluation_table(module: Any) -> str | None:
     """The table of the module's last full evaluation, or None when it skipped evaluating."""
     evaluation: Evaluation | None = getattr(module, "last_evaluation", None)
@@ -125,8 +135,12 @@ def _train(cfg: DictConfig, run: RunInfo) -> tuple[dict[str, float], dict[str, A
             if cfg.get("train", True):
                 trainer.fit(model, datamodule=datamodule, ckpt_path=str(run.ckpt_path) if run.ckpt_path else None)
                 metrics.update(_fit_metrics(trainer))
-            if cfg.get("test", True) and not trainer.fast_dev_run:
+            trains = bool(cfg.get("train", True))
+            # without training, the network evaluated before training is the final one: not evaluated twice
+            if cfg.get("test", True) and not trainer.fast_dev_run and (trains or "untrained" not in tables):
                 best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+                if not trains and run.ckpt_path is not None:
+                    best = str(run.ckpt_path)  # evaluating a checkpoint: its weights, not the config's
                 trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
                 tables["final"] = _evaluation_table(model) or ""
                 evaluations["final"] = _evaluation_metrics(model)
@@ -136,12 +150,12 @@ def _train(cfg: DictConfig, run: RunInfo) -> tuple[dict[str, float], dict[str, A
                     if whitening is not None:
                         log.info("whitening of the best checkpoint: %s", whitening)
             if trainer.is_global_zero:
-                _write_results(run, metrics, evaluations, tables)
+                _write_results(run, metrics, evaluations, tables, trained=bool(cfg.get("train", True)))
     finally:
         finish_wandb()
 
     if trainer.is_global_zero:
-        _print_summary(tables, run, trainer)
+        _print_summary(tables, run, trainer, trained=bool(cfg.get("train", True)))
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer, "run": run, "tables": tables}
 
 
@@ -210,12 +224,13 @@ def _restore_untrained(
 
 
 def _write_results(
-    run: RunInfo, metrics: dict[str, float], evaluations: dict[str, dict], tables: dict[str, str]
+    run: RunInfo, metrics: dict[str, float], evaluations: dict[str, dict], tables: dict[str, str], trained: bool
 ) -> None:
     """``metrics.json`` (logged metrics and the evaluation tables' values) and ``table.txt``, atomically."""
     results = {"metrics": metrics, "evaluations": {k: v for k, v in evaluations.items() if v}}
     _write_json(run.output_dir / "metrics.json", results)
-    text = "".join(f"{TABLE_TITLES[key]}\n{table}\n\n" for key, table in tables.items() if table)
+    titles = table_titles(run, trained)
+    text = "".join(f"{titles[key]}\n{table}\n\n" for key, table in tables.items() if table)
     if text:
         _write_text(run.output_dir / "table.txt", text)
 
@@ -229,23 +244,28 @@ def _write_text(path: Path, text: str) -> None:
     replace_file(path, text.encode())
 
 
-def _print_summary(tables: dict[str, str], run: RunInfo, trainer: pl.Trainer) -> None:
-    """The evaluation tables and where the run's files are."""
+def _print_summary(tables: dict[str, str], run: RunInfo, trainer: pl.Trainer, *, trained: bool = True) -> None:
+    """The evaluation tables and where the run's files are: only those that exist (a run that did not train has no
+    checkpoints to name and nothing to resume)."""
+    titles = table_titles(run, trained)
     for key, table in tables.items():
         if table:
-            print(f"\n{TABLE_TITLES[key]}\n{table}")
+            print(f"\n{titles[key]}\n{table}")
     checkpoint = trainer.checkpoint_callback
     print(f"\nrun folder:   {run.output_dir}")
-    if checkpoint is not None and checkpoint.dirpath:
+    if checkpoint is not None and checkpoint.dirpath and Path(checkpoint.dirpath).is_dir():
         print(f"checkpoints:  {checkpoint.dirpath} (best: {Path(checkpoint.best_model_path).name or '-'}, last.ckpt)")
     if run.wandb_dir is not None and run.wandb_dir.exists():
         print(f"W&B files:    {run.wandb_dir}  (upload with: wandb sync {run.wandb_dir}/offline-run-*)")
-    print(f"resume with:  oxford-ir-train resume={run.output_dir}")
+    if trained and (run.output_dir / LAST_CHECKPOINT).is_file():
+        print(f"resume with:  oxford-ir-train resume={run.output_dir}")
 
 
 def _selection_metric(metrics: dict[str, float], cfg: DictConfig) -> float:
     """The value a sweeper maximises (``optimized_metric``, default ``val/mAP``)."""
     name = cfg.get("optimized_metric") or "val/mAP"
+    if name not in metrics and not cfg.get("train", True):  # nothing trained: the evaluation is the result
+        name = next((f"{when}/{name}" for when in ("final", "untrained") if f"{when}/{name}" in metrics), name)
     if name not in metrics:
         if metrics:
             log.warning("optimized_metric %s was not logged (e.g. under fast_dev_run); returning 0", name)
