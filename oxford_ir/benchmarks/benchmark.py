@@ -48,6 +48,12 @@ class Benchmark:
     subset_note: str = ""
     #: landmark of each query (parallel to ``qimlist``); used for landmark-disjoint splits
     query_landmarks: list[str] = field(default_factory=list)
+    #: metrics reported besides the protocol's mAP and mP@k (:data:`~oxford_ir.benchmarks.metrics.EXTRA_METRICS`:
+    #: ``("recall",)`` adds ``R@k``); none for Oxford and Paris, whose tables stay the published ones
+    extra_metrics: tuple[str, ...] = ()
+    #: the dataset folder name its image caches are kept under (benchmarks of one dataset share them); "" for
+    #: the registry's folder of ``name``
+    dataset: str = ""
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -92,7 +98,7 @@ class Benchmark:
     def evaluate_detailed(
         self, ranks: np.ndarray, kappas: Sequence[int] = DEFAULT_KAPPAS
     ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        """Metrics and per-query AP arrays (``AP`` or ``E/AP``, ``M/AP``, ``H/AP``)."""
+        """Metrics (and :attr:`extra_metrics`) and per-query AP arrays (``AP`` or ``E/AP``, ``M/AP``, ``H/AP``)."""
         ranks = np.asarray(ranks)
         if ranks.ndim != 2 or ranks.shape[1] != self.n_queries:
             raise ValueError(
@@ -101,7 +107,7 @@ class Benchmark:
             )
         if ranks.size and (ranks.min() < 0 or ranks.max() >= self.n_db):
             raise ValueError(f"{self.name}: ranks hold indices outside the database of {self.n_db} images")
-        return evaluate_ranks(ranks, self.gnd, self.protocol, kappas)
+        return evaluate_ranks(ranks, self.gnd, self.protocol, kappas, self.extra_metrics)
 
     # -- consistency -------------------------------------------------------------------------
     def validate(self) -> Benchmark:

@@ -11,6 +11,10 @@ truth entry holds ``ok`` (positives) and optionally ``junk`` index lists.
 - P@k caps k at the position of the last positive, as that code does;
 - queries without positives get NaN and are left out of the means.
 
+Recall@k (:func:`compute_recall`, the CMC curve of re-identification and metric learning: 1 when a positive is
+among the first k after junk is removed) is not part of that code; benchmarks built from a collection report it
+(``R@k``, :func:`evaluate_ranks` with ``extra_metrics=("recall",)``), Oxford and Paris do not.
+
 The loops of the reference are vectorised per query; ``tests/retrieval`` checks
 the result against a literal copy of the published code.
 """
@@ -22,6 +26,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 DEFAULT_KAPPAS: tuple[int, ...] = (1, 5, 10)
+#: metrics a benchmark may report besides mAP and mP@k (:attr:`~oxford_ir.benchmarks.benchmark.Benchmark.extra_metrics`)
+EXTRA_METRICS: tuple[str, ...] = ("recall",)
 
 #: Revisited Oxford/Paris protocols: which ground-truth lists are positive and which are ignored.
 REVISITED_PROTOCOLS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -97,6 +103,39 @@ def compute_map(
     return float(aps[valid].mean()), aps, prs[valid].mean(axis=0), prs
 
 
+def compute_recall(
+    ranks: np.ndarray,
+    gnd: Sequence[Mapping[str, Sequence[int]]],
+    kappas: Sequence[int] = DEFAULT_KAPPAS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Recall@k (CMC): per query, 1 when one of its positives (``ok``) is among its first k database images
+    once its ``junk`` is removed from the ranking, else 0.
+
+    Returns ``(mean recall@k for each k over the queries that have positives, per-query values)`` (n_queries x
+    len(kappas), NaN rows for queries without positives; NaN means when no query has one).
+    """
+    ranks = np.asarray(ranks)
+    kappas = [int(k) for k in kappas]
+    if ranks.ndim != 2 or ranks.shape[1] != len(gnd):
+        raise ValueError(f"ranks must be (n_db, {len(gnd)}) with one column per query, got shape {ranks.shape}")
+    recalls = np.full((len(gnd), len(kappas)), np.nan)
+    for q, entry in enumerate(gnd):
+        positives = np.unique(np.asarray(entry["ok"], dtype=np.int64))
+        if positives.size == 0:
+            continue
+        column = ranks[:, q]
+        pos = _positions(column, positives)
+        if pos.size == 0:  # no positive ranked at all
+            recalls[q] = 0.0
+            continue
+        junk_pos = _positions(column, np.unique(np.asarray(entry.get("junk", ()), dtype=np.int64)))
+        first = pos[0] - np.searchsorted(junk_pos, pos[0])  # 0-based rank of the best positive without junk
+        recalls[q] = [float(first < k) for k in kappas]
+    valid = ~np.isnan(recalls[:, 0]) if kappas else np.zeros(len(gnd), bool)
+    means = recalls[valid].mean(axis=0) if valid.any() else np.full(len(kappas), np.nan)
+    return means, recalls
+
+
 def revisited_gnd(gnd: Sequence[Mapping[str, Sequence[int]]], protocol: str) -> list[dict[str, np.ndarray]]:
     """Map Revisited ground truth (``easy``/``hard``/``junk``) to ``ok``/``junk`` for protocol E, M or H."""
     try:
@@ -115,13 +154,19 @@ def evaluate_ranks(
     gnd: Sequence[Mapping[str, Sequence[int]]],
     protocol: str,
     kappas: Sequence[int] = DEFAULT_KAPPAS,
+    extra_metrics: Sequence[str] = (),
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Evaluate a ranking under the ``original`` or ``revisited`` protocol.
 
     Returns a flat dict of metrics (``mAP``, ``mP@k`` for the original protocol;
     ``E/mAP``, ``M/mAP``, ``H/mAP``, ``E/mP@k``, ... for the revisited one) and
     the per-query AP arrays under the same prefixes (``AP`` or ``E/AP``, ...).
+    ``extra_metrics`` (:data:`EXTRA_METRICS`) adds metrics after those: ``"recall"`` adds ``R@k`` for each k
+    (``E/R@k``, ... for the revisited protocol).
     """
+    unknown = [m for m in extra_metrics if m not in EXTRA_METRICS]
+    if unknown:
+        raise ValueError(f"unknown extra metric(s) {unknown}; known: {', '.join(EXTRA_METRICS)}")
     if protocol == "original":
         settings = {"": gnd}
     elif protocol == "revisited":
@@ -136,4 +181,7 @@ def evaluate_ranks(
         for k, value in zip(kappas, mpr, strict=True):
             metrics[f"{prefix}mP@{k}"] = float(value)
         per_query[f"{prefix}AP"] = aps
+        if "recall" in extra_metrics:
+            recall, _ = compute_recall(ranks, setting, kappas)
+            metrics.update({f"{prefix}R@{k}": float(value) for k, value in zip(kappas, recall, strict=True)})
     return metrics, per_query

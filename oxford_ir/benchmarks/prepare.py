@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from oxford_ir.benchmarks.download import STATE_FILE, download_dataset
-from oxford_ir.benchmarks.registry import benchmark_spec, dataset_dir, find_ground_truth
+from oxford_ir.benchmarks.registry import (
+    benchmark_spec,
+    collection_location,
+    dataset_dir,
+    find_ground_truth,
+    is_collection,
+)
 from oxford_ir.benchmarks.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
 from oxford_ir.errors import ConfigError
 
@@ -41,8 +47,11 @@ def prepare_benchmark(
     benchmark is kept as is. Real benchmarks: downloaded when ``download`` and the folder is not complete; without
     ``download``, a missing folder or ground truth raises :class:`~oxford_ir.errors.DataError` /
     :class:`~oxford_ir.errors.GroundTruthError` naming how to get it (an unfinished download is left to the loader,
-    which names how to resume it). ``key`` names the ``synthetic`` settings in errors (``data.synthetic``).
+    which names how to resume it). A ``collection:<path>`` is left as it is (its path is returned). ``key`` names the
+    ``synthetic`` settings in errors (``data.synthetic``).
     """
+    if is_collection(name):  # a collection is read where it lies: nothing to write or download
+        return collection_location(name)
     spec = benchmark_spec(name)
     root = Path(data_dir).expanduser()
     if spec.folder == "synthetic":

@@ -8,6 +8,14 @@ that look comparable with published ones and are not. For the same reason a data
 ``oxford-ir-data download`` has not finished (its state file, no completion marker) is refused: a run
 interrupted while it placed the files would otherwise read as a dataset with fewer queries or images. A query box
 that leaves no usable crop of its image (the image replaced by another) is refused at load, from the image headers.
+
+Any labelled image collection is a benchmark too, named ``collection:<folder or CSV manifest>`` (a folder with a
+sub-folder per class, :mod:`~oxford_ir.benchmarks.collection_folder`, or a manifest,
+:mod:`~oxford_ir.benchmarks.collection_manifest`; a relative path is relative to the current directory): its test
+split, else val, else all of it, each query against the gallery of its split
+(:mod:`~oxford_ir.benchmarks.collection_benchmark`). The same name works wherever a benchmark is named:
+``oxford-ir-eval benchmarks=[collection:/photos]``, ``oxford-ir-index images=benchmark:collection:/photos``,
+``oxford-ir-train data=collection data.benchmark=collection:/photos``.
 """
 
 from __future__ import annotations
@@ -17,6 +25,10 @@ from typing import NamedTuple
 
 from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.benchmarks.boxes import check_query_crop
+from oxford_ir.benchmarks.collection import Collection
+from oxford_ir.benchmarks.collection_benchmark import collection_benchmark, collection_dataset, evaluated_split
+from oxford_ir.benchmarks.collection_folder import read_folder
+from oxford_ir.benchmarks.collection_manifest import read_manifest
 from oxford_ir.benchmarks.download import COMPLETE_MARKER, STATE_FILE, is_complete
 from oxford_ir.benchmarks.ground_truth import IMAGE_FOLDER, read_ground_truth
 from oxford_ir.benchmarks.gt_record import GroundTruth
@@ -45,6 +57,50 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 }
 
 _MISSING_NAMES_SHOWN = 5
+#: the prefix of a collection's benchmark name: ``collection:<folder or CSV manifest>``
+COLLECTION_PREFIX = "collection:"
+
+
+def is_collection(name: object) -> bool:
+    """Whether ``name`` names a collection (``collection:<path>``) rather than a registered benchmark."""
+    return isinstance(name, str) and name.startswith(COLLECTION_PREFIX)
+
+
+def collection_location(name: str) -> Path:
+    """The folder or manifest of ``collection:<path>`` (``~`` expanded; relative to the current directory)."""
+    text = name[len(COLLECTION_PREFIX) :]
+    if not text.strip():
+        raise ConfigError(f"{name!r}: give the collection's folder or CSV manifest, e.g. collection:/data/photos")
+    return Path(text).expanduser()
+
+
+def read_collection(name: str) -> Collection:
+    """The :class:`Collection` ``collection:<path>`` names: a folder with a sub-folder per class, or a CSV
+    manifest; anything else is a :class:`DataError` naming the path."""
+    path = collection_location(name)
+    if path.is_dir():
+        return read_folder(path)
+    if path.is_file():
+        return read_manifest(path)
+    raise DataError(
+        f"{name}: {path} does not exist; give a folder with one sub-folder of images per class, or a CSV manifest "
+        "(path,label[,split,is_query,is_gallery,...])"
+    )
+
+
+def check_benchmark_name(name: object) -> None:
+    """A :class:`ConfigError` unless ``name`` is a registered benchmark or a ``collection:<path>`` name."""
+    if is_collection(name):
+        collection_location(str(name))
+    else:
+        benchmark_spec(name)
+
+
+def dataset_folder(name: str) -> str:
+    """The dataset folder name of benchmark ``name``, which its image caches are named after: the registry's
+    folder, or a name made from a collection's path
+    (:func:`~oxford_ir.benchmarks.collection_benchmark.collection_dataset`)."""
+    return collection_dataset(collection_location(name)) if is_collection(name) else benchmark_spec(name).folder
 
 
 def available_benchmarks(root: str | Path | None = None) -> list[str]:
@@ -66,7 +122,9 @@ def benchmark_spec(name: str) -> BenchmarkSpec:
     try:
         return BENCHMARKS[name]
     except (KeyError, TypeError):
-        raise ConfigError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}") from None
+        raise ConfigError(
+            f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)} or collection:<folder or manifest>"
+        ) from None
 
 
 def dataset_dir(name: str, root: str | Path) -> Path:
@@ -133,7 +191,8 @@ def load_benchmark(
     allow_missing_images: bool = False,
     gt_file: str | Path | None = None,
 ) -> Benchmark:
-    """Load benchmark ``name`` (see :data:`BENCHMARKS`) from ``root``, validated.
+    """Load benchmark ``name`` (see :data:`BENCHMARKS`, or ``collection:<path>``: see the module docstring) from
+    ``root``, validated.
 
     ``root`` is the dataset folder itself or a data folder holding ``<folder>/``.
     ``gt_file`` overrides the ground-truth discovery of :func:`find_ground_truth`; its
@@ -143,8 +202,19 @@ def load_benchmark(
     its image, or leaves fewer than 4 pixels of it in a direction, raises :class:`DataError` naming the benchmark,
     the query, the box and the image's size.
     """
-    benchmark = load_listed_benchmark(name, root, gt_file)
-    folder = benchmark.root
+    if is_collection(name):
+        if gt_file is not None:
+            raise ConfigError(f"gt_file does not apply to {name}: a collection's ground truth is its labels")
+        collection = read_collection(name)
+        benchmark = collection_benchmark(collection, evaluated_split(collection))
+    else:
+        benchmark = load_listed_benchmark(name, root, gt_file)
+    return checked_images(name, benchmark, allow_missing_images)
+
+
+def checked_images(name: str, benchmark: Benchmark, allow_missing_images: bool = False) -> Benchmark:
+    """``benchmark`` (called ``name``) once its images are on disk and its query boxes fit them: missing images
+    are a :class:`DataError`, or with ``allow_missing_images`` the benchmark is restricted to the images present."""
     missing = benchmark.missing_images()
     if not missing:
         return _check_query_boxes(benchmark)
@@ -153,9 +223,10 @@ def load_benchmark(
     total = len(dict.fromkeys([*benchmark.imlist, *benchmark.qimlist]))
     shown = ", ".join(p.name for p in missing[:_MISSING_NAMES_SHOWN])
     more = ", ..." if len(missing) > _MISSING_NAMES_SHOWN else ""
+    fix = f"Restore them or remove them from {benchmark.source}" if is_collection(name) else _fix(name, benchmark.root)
     raise DataError(
         f"{name}: {len(missing)} of {total} database and query images are missing from {benchmark.image_dir} "
-        f"({shown}{more}). {_fix(name, folder)}, or pass allow_missing_images=true to evaluate on the images "
+        f"({shown}{more}). {fix}, or pass allow_missing_images=true to evaluate on the images "
         "present (a subset whose numbers are not comparable with published ones)"
     )
 

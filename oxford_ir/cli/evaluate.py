@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.benchmarks.prepare import prepare_benchmark
 from oxford_ir.benchmarks.ranking import rank_database
-from oxford_ir.benchmarks.registry import BENCHMARKS, load_benchmark
+from oxford_ir.benchmarks.registry import BENCHMARKS, is_collection, load_benchmark
 from oxford_ir.benchmarks.splits import _restrict_to_landmarks, landmark_of_queries
 from oxford_ir.callbacks.per_query_table import per_query_rows
 from oxford_ir.cli.hydra_typos import refuse_typos
@@ -154,11 +154,12 @@ def extraction_report(
 def _benchmark_names(value: Any) -> list[str]:
     """``benchmarks=``: a list of names, or one name (``benchmarks=roxford5k``)."""
     names = [value] if isinstance(value, str) else list(value) if OmegaConf.is_list(value) else None
-    unknown = [n for n in names if n not in BENCHMARKS] if names is not None else [value]
+    unknown = [n for n in names if n not in BENCHMARKS and not is_collection(n)] if names is not None else [value]
     if not names or unknown:
         raise ConfigError(
             f"benchmarks={OmegaConf.to_container(value) if OmegaConf.is_config(value) else value!r}: unknown "
-            f"{unknown}; give one or a list of {sorted(BENCHMARKS)}, e.g. benchmarks=[roxford5k,rparis6k]"
+            f"{unknown}; give one or a list of {sorted(BENCHMARKS)} or collection:<folder or manifest>, e.g. "
+            "benchmarks=[roxford5k,rparis6k]"
         )
     return [str(n) for n in names]
 

@@ -44,9 +44,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from oxford_ir.benchmarks.benchmark import Benchmark
+from oxford_ir.benchmarks.collection_split import check_split_settings, collection_split
 from oxford_ir.benchmarks.prepare import prepare_benchmark
-from oxford_ir.benchmarks.registry import benchmark_spec, load_benchmark
-from oxford_ir.benchmarks.splits import SPLIT_KINDS, TrainSplit, build_split, full_ground_truth
+from oxford_ir.benchmarks.registry import dataset_folder, load_benchmark
+from oxford_ir.benchmarks.splits import TrainSplit, build_split, full_ground_truth
 from oxford_ir.data.augmentation import Augmentation, SeededCrop
 from oxford_ir.data.batch_augment import BatchAugmentation, CropBatch, CropCollate
 from oxford_ir.data.cache import CacheConfig, build_image_cache, cache_folder, default_train_long_side
@@ -79,8 +80,9 @@ class RetrievalDataModule(pl.LightningDataModule):
     Args:
         data_dir: folder holding the dataset folders (``oxford5k/``, ``paris6k/``, ``synthetic/``), or a
             dataset folder itself.
-        benchmark: the training benchmark (oxford5k, roxford5k, paris6k, rparis6k, synthetic, rsynthetic).
-        split: ``seed``, ``landmarks`` or ``cross`` (:mod:`oxford_ir.benchmarks.splits`).
+        benchmark: the training benchmark (oxford5k, roxford5k, paris6k, rparis6k, synthetic, rsynthetic), or
+            ``collection:<folder or manifest>`` (``split=collection``: :mod:`oxford_ir.benchmarks.collection_split`).
+        split: ``seed``, ``landmarks`` or ``cross`` (:mod:`oxford_ir.benchmarks.splits`), or ``collection``.
         eval_benchmark: the benchmark evaluated; default ``benchmark``; required (and different) for ``cross``.
         held_out_landmarks / n_held_out: the held-out landmarks of the ``landmarks`` split.
         image_size: side of the square training crops.
@@ -158,16 +160,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         # hyperparameters hold with another value
         self.save_hyperparameters(ignore=["eval_scales"], logger=False)
 
-        if split not in SPLIT_KINDS:
-            raise ConfigError(f"data.split={split!r} is unknown; choose one of {', '.join(SPLIT_KINDS)}")
-        benchmark_spec(benchmark)
-        if eval_benchmark is not None:
-            benchmark_spec(eval_benchmark)
-        if split == "cross" and (eval_benchmark is None or eval_benchmark == benchmark):
-            raise ConfigError(
-                f"data.split=cross trains on {benchmark} and evaluates on another dataset: set data.eval_benchmark "
-                "(e.g. benchmark=paris6k eval_benchmark=roxford5k)"
-            )
+        check_split_settings(split, benchmark, eval_benchmark)
         for name, value in (("image_size", image_size), ("classes_per_batch", classes_per_batch)):
             positive_int(value, name)
         positive_int(images_per_class, "images_per_class")
@@ -267,6 +260,10 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def _make_split(self) -> TrainSplit:
         hp = self.hparams
+        if hp.split == "collection":  # oxford_ir/benchmarks/collection_split.py
+            keys = ("held_out_landmarks", "n_held_out", "seed", "allow_missing_images")
+            other = None if self.eval_benchmark_name == hp.benchmark else self._load(self.eval_benchmark_name)
+            return collection_split(hp.benchmark, other, **{key: hp[key] for key in keys})
         train_loaded = self._load(hp.benchmark)
         eval_loaded = train_loaded if self.eval_benchmark_name == hp.benchmark else self._load(self.eval_benchmark_name)
         return build_split(
@@ -310,7 +307,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         """The cache folder of ``kind`` ("train" or "eval") for ``benchmark``
         (see :func:`~oxford_ir.data.cache.cache_folder`)."""
         size = self.train_long_side if kind == "train" else self.hparams.eval_image_size
-        return cache_folder(self.cache_dir, kind, benchmark_spec(benchmark).folder, size)
+        return cache_folder(self.cache_dir, kind, dataset_folder(benchmark), size)
 
     def _cache_workers(self) -> int:
         configured = self.cache_config.num_workers
@@ -320,7 +317,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         paths = [*benchmark.db_paths, *benchmark.query_paths]
         boxes = [None] * benchmark.n_db + list(benchmark.query_bboxes)
         return build_image_cache(
-            self.cache_folder("eval", benchmark.name),
+            self.cache_folder("eval", self.eval_benchmark_name),
             paths,
             boxes=boxes,
             kind="eval",

@@ -233,7 +233,7 @@ def benchmark_cache(
     """The evaluation image cache of ``benchmark`` at ``image_size`` under ``cache_dir`` (the folder the
     datamodule uses too), built or updated by the first process of a group and opened by all."""
     paths, boxes = every_image(benchmark)
-    folder = cache_folder(cache_dir, "eval", benchmark_spec(benchmark.name).folder, image_size)
+    folder = cache_folder(cache_dir, "eval", benchmark.dataset or benchmark_spec(benchmark.name).folder, image_size)
 
     def build() -> ImageCache:
         return build_image_cache(

@@ -1,4 +1,5 @@
-"""The evaluation table: one row per benchmark and protocol, mAP and mP@k in percent."""
+"""The evaluation table: one row per benchmark and protocol, mAP and mP@k in percent (and recall@k, ``R@k``, when a
+benchmark reports it: collections do, Oxford and Paris do not)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def format_table(
 ) -> str:
     """Plain-text table of ``{benchmark: flat metrics}``; values shown in percent, as in the literature."""
     columns = ["mAP", *[f"mP@{k}" for k in kappas]]
+    reported = {key.rpartition("/")[2] for metrics in results.values() for key in metrics}
+    columns += [c for c in (f"R@{k}" for k in kappas) if c in reported]
     width = max([12, *(len(name) for name in results)])
     header = f"{'benchmark':<{width}} {'protocol':<8} " + " ".join(f"{c:>7}" for c in columns)
     lines = [header, "-" * len(header)]
