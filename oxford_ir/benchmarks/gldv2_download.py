@@ -144,6 +144,7 @@ def _fetch_part(target: Path, base: str, part: int, hint: str, keep_archives: bo
     """Fetch, check, unpack and record one TAR; return its record."""
     name = part_name(part)
     md5_name, tar_name = f"md5.{name}.txt", f"{name}.tar"
+    (target / md5_name).unlink(missing_ok=True)  # a few bytes: always the server's current one
     md5_path, _, _ = fetch_with_digest(f"{base}/md5sum/train/{md5_name}", target / md5_name, None, hint=hint, **options)
     match = _MD5.match(md5_path.read_bytes())
     if match is None:
