@@ -151,17 +151,27 @@ def _normal_path(text: str, root_prefixes: tuple[str, ...]) -> tuple[str, str | 
     return path, why
 
 
-def _records(manifest: Path) -> Iterator[tuple[int, list[str]]]:
-    """``(first line of the record, fields)`` of every non-blank record, the header first."""
+def _needs_care(path: str) -> bool:
+    """Whether ``path`` needs :func:`_normal_path` (the common plain relative path does not)."""
+    return (
+        not path
+        or path[0] in "/\\."
+        or "\\" in path
+        or ".." in path
+        or "\0" in path
+        or "//" in path
+        or "/." in path
+        or path[1:2] == ":"
+    )
+
+
+def _parse(manifest: Path, root: Path, strict: bool) -> tuple[_Rows, dict[int, np.ndarray]]:
+    """Every row of ``manifest`` into columns, and the ignored rows of each query row."""
     try:
         with open(manifest, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
-            line = 1
             try:
-                for fields in reader:
-                    if fields:
-                        yield line, fields
-                    line = reader.line_num + 1
+                return _parse_rows(manifest, reader, root, strict)
             except csv.Error as error:
                 raise DataError(f"{manifest} line {reader.line_num}: {error}; fix the CSV quoting") from None
     except UnicodeDecodeError:
@@ -170,96 +180,106 @@ def _records(manifest: Path) -> Iterator[tuple[int, list[str]]]:
         raise DataError(f"{manifest}: cannot read the manifest ({error.strerror})") from None
 
 
-def _parse(manifest: Path, root: Path, strict: bool) -> tuple[_Rows, dict[int, np.ndarray]]:
-    """Every row of ``manifest`` into columns, and the ignored rows of each query row."""
+def _parse_rows(manifest: Path, reader: Iterator[list[str]], root: Path, strict: bool) -> tuple[_Rows, dict]:
     rows = _Rows(manifest, strict)
-    records = _records(manifest)
-    header = next(records, None)
-    if header is None:
+    names = next((fields for fields in reader if fields), None)
+    if names is None:
         raise DataError(f"{manifest}: empty; the first line must name the columns (path, label, ...)")
-    columns = _header(manifest, header[1])
-    width = len(header[1])
+    columns = _header(manifest, names)
+    width = len(names)
     at = columns.get
     path_at, label_at, split_at = columns["path"], columns["label"], at("split")
     query_at, gallery_at, ignore_at = at("is_query"), at("is_gallery"), at("ignore")
     box_at = [columns[key] for key in _BOX] if "x1" in columns else None
     base = os.path.abspath(root)
     prefixes = tuple(dict.fromkeys(p.rstrip("/") + "/" for p in (base, os.path.realpath(base))))
-    first_line: dict[str, int] = {}
-    row_label: dict[str, str] = {}
-    for line, fields in records:
+    flag_columns = [(i, key, p) for i, (key, p) in enumerate((("is_query", query_at), ("is_gallery", gallery_at)))]
+    flag_columns = [column for column in flag_columns if column[2] is not None]
+    row_of: dict[str, int] = {}  # path -> row
+    paths, labels, lines, splits = rows.paths, rows.labels, rows.lines, rows.splits
+    last = reader.line_num  # type: ignore[attr-defined]
+    for fields in reader:
+        line, last = last + 1, reader.line_num  # type: ignore[attr-defined]
+        if not fields:
+            continue
         if len(fields) != width:
             rows.problem(line, f"{len(fields)} fields for the {width} columns of the header; quote fields with commas")
             continue
-        path, why = _normal_path(fields[path_at], prefixes)
-        if why is not None:
-            rows.problem(line, f"path {fields[path_at]!r} {why}")
-            continue
+        path = fields[path_at]
+        if _needs_care(path):
+            path, why = _normal_path(path, prefixes)
+            if why is not None:
+                rows.problem(line, f"path {fields[path_at]!r} {why}")
+                continue
         label = fields[label_at].strip()
         if not label:
             rows.problem(line, f"empty label for {path}; give every image its class")
             continue
-        split = "train"
         if split_at is not None:
-            split = SPLIT_VALUES.get(fields[split_at].strip().lower(), "")
-            if not split:
+            split = SPLIT_VALUES.get(fields[split_at].strip().lower())
+            if split is None:
                 rows.problem(line, f"split {fields[split_at]!r} is not train, val, validation or test")
                 continue
-        flags = []
-        for key, position in (("is_query", query_at), ("is_gallery", gallery_at)):
-            cell = "" if position is None else fields[position].strip().lower()
-            flag = True if not cell else BOOLEANS.get(cell)
-            if flag is None:
-                rows.problem(line, f"{key} {fields[position]!r} is not 0/1, true/false or yes/no")
-                break
-            flags.append(flag)
-        if len(flags) != 2:
+        flags = [True, True]
+        for i, key, position in flag_columns:
+            cell = fields[position].strip().lower()
+            if cell:
+                flags[i] = BOOLEANS.get(cell)  # type: ignore[assignment]
+                if flags[i] is None:
+                    rows.problem(line, f"{key} {fields[position]!r} is not 0/1, true/false or yes/no")
+                    break
+        if None in flags:
             continue
-        box = _NO_BOX
         if box_at is not None:
-            cells = [fields[p].strip() for p in box_at]
-            if any(cells):
-                try:
-                    box = tuple(float(c) for c in cells)
-                except ValueError:
-                    box = ()
-                if len(box) != 4 or not (0 <= box[0] < box[2] < np.inf and 0 <= box[1] < box[3] < np.inf):
-                    rows.problem(line, f"box {', '.join(cells)} is not x1, y1, x2, y2 with 0 <= x1 < x2, 0 <= y1 < y2")
-                    continue
-        if path in first_line:
-            other = first_line[path]
-            if row_label[path] != label:
-                rows.problem(
-                    line, f"{path} is listed under two labels: {row_label[path]!r} (line {other}) and {label!r}"
-                )
+            box = _box([fields[p].strip() for p in box_at])
+            if box is None:
+                cells = ", ".join(fields[p].strip() for p in box_at)
+                rows.problem(line, f"box {cells} is not x1, y1, x2, y2 with 0 <= x1 < x2, 0 <= y1 < y2")
+                continue
+        other = row_of.setdefault(path, len(paths))
+        if other != len(paths):
+            if labels[other] != label:
+                what = f"{path} is listed under two labels: {labels[other]!r} (line {lines[other]}) and {label!r}"
+                rows.problem(line, what)
             else:
-                rows.problem(line, f"{path} is listed twice (lines {other} and {line}); keep one row")
+                rows.problem(line, f"{path} is listed twice (lines {lines[other]} and {line}); keep one row")
             continue
-        first_line[path] = line
-        row_label[path] = label
         if ignore_at is not None and fields[ignore_at].strip():
-            rows.ignore.append((len(rows.paths), line, fields[ignore_at]))
-        rows.paths.append(path)
-        rows.labels.append(label)
-        rows.splits.append(split)
-        rows.is_query.append(flags[0])
-        rows.is_gallery.append(flags[1])
-        rows.boxes.append(box)
-        rows.lines.append(line)
-    row_of = {path: row for row, path in enumerate(rows.paths)}
+            rows.ignore.append((len(paths), line, fields[ignore_at]))
+        paths.append(path)
+        labels.append(label)
+        lines.append(line)
+        if split_at is not None:
+            splits.append(split)
+        if flag_columns:
+            rows.is_query.append(flags[0])
+            rows.is_gallery.append(flags[1])
+        if box_at is not None:
+            rows.boxes.append(box)
     ignore: dict[int, np.ndarray] = {}
     for row, line, cell in rows.ignore:
         ignored = []
         for name in filter(None, (n.strip() for n in cell.split(IGNORE_SEPARATOR))):
-            path, why = _normal_path(name, prefixes)
+            path = _normal_path(name, prefixes)[0]
             if path not in row_of:
                 rows.problem(line, f"ignore lists {name!r}, which no row of the manifest lists")
                 continue
             ignored.append(row_of[path])
         ignore[row] = np.asarray(sorted(set(ignored)), dtype=np.int64)
-    if not rows.paths:
+    if not paths:
         raise DataError(f"{manifest}: no images listed (every row was refused or there are none)")
     return rows, ignore
+
+
+def _box(cells: list[str]) -> tuple[float, ...] | None:
+    """A box from its four cells (all empty: no box, NaN), None when it is not a box."""
+    if not any(cells):
+        return _NO_BOX
+    try:
+        x1, y1, x2, y2 = (float(c) for c in cells)
+    except ValueError:
+        return None
+    return (x1, y1, x2, y2) if 0 <= x1 < x2 < np.inf and 0 <= y1 < y2 < np.inf else None
 
 
 # -- cache -----------------------------------------------------------------------------------------
@@ -376,10 +396,10 @@ def parse_manifest(manifest: Path, root: Path, name: str, strict: bool = True) -
         manifest,
         rows.paths,
         rows.labels,
-        split=rows.splits,
-        is_query=rows.is_query,
-        is_gallery=rows.is_gallery,
-        boxes=np.asarray(rows.boxes, dtype=np.float32).reshape(-1, 4),
+        split=rows.splits or None,
+        is_query=rows.is_query or None,
+        is_gallery=rows.is_gallery or None,
+        boxes=np.asarray(rows.boxes, dtype=np.float32).reshape(-1, 4) if rows.boxes else None,
         ignore=ignore,
     )
     return ParsedManifest(collection, np.asarray(rows.lines, dtype=np.int64), rows.problems)

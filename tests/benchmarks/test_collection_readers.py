@@ -256,3 +256,11 @@ def test_cache_goes_to_the_cache_dir_when_the_folder_is_read_only(tmp_path: Path
     assert not beside.exists() and elsewhere.is_file()
     monkeypatch.setattr(collection_manifest, "parse_manifest", None)  # would fail if called
     assert read_manifest(manifest, cache_dir=tmp_path / "cache").paths.tolist() == ["a.jpg"]
+
+
+def test_manifest_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes("path,label\nk\xf6ln.jpg,k\xf6ln\n".encode("latin-1"))
+    with pytest.raises(DataError) as caught:
+        read_manifest(manifest)
+    assert str(caught.value) == f"{manifest}: not UTF-8 text; save the manifest as UTF-8"
