@@ -348,7 +348,8 @@ def _save(collection: Collection, lines: np.ndarray, key: str, targets: tuple[Pa
     for target in targets:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            replace_file(target, data)
+            # a temp file of its own: ranks of a distributed run may parse the same manifest at once
+            replace_file(target, data, temp=target.with_name(f"{target.name}.{os.getpid()}.tmp"))
             return
         except OSError as error:
             if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):

@@ -245,10 +245,10 @@ def test_cache_goes_to_the_cache_dir_when_the_folder_is_read_only(tmp_path: Path
     manifest = write(tmp_path / "m.csv", "path,label\na.jpg,cat\n")
     real_replace = collection_manifest.replace_file
 
-    def read_only_beside(path: Path, data: bytes) -> None:
+    def read_only_beside(path: Path, data: bytes, temp: Path) -> None:
         if path.parent == tmp_path:
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        real_replace(path, data)
+        real_replace(path, data, temp=temp)
 
     monkeypatch.setattr(collection_manifest, "replace_file", read_only_beside)
     read_manifest(manifest, cache_dir=tmp_path / "cache")
