@@ -25,6 +25,7 @@ import numpy as np
 from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.benchmarks.collection import SPLITS, Collection
 from oxford_ir.benchmarks.collection_benchmark import benchmark_of_rows
+from oxford_ir.benchmarks.path_array import PathArray
 from oxford_ir.benchmarks.registry import (
     COLLECTION_PREFIX,
     check_benchmark_name,
@@ -115,7 +116,7 @@ def collection_split(
     )
     return TrainSplit(
         kind=COLLECTION_KIND,
-        paths=collection.image_paths(rows),
+        paths=PathArray(collection.root, collection.paths[rows]),
         labels=labels,
         label_names=collection.label_names[trained].tolist(),
         num_landmark_classes=len(trained),
