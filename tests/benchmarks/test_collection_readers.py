@@ -264,3 +264,11 @@ def test_manifest_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataError) as caught:
         read_manifest(manifest)
     assert str(caught.value) == f"{manifest}: not UTF-8 text; save the manifest as UTF-8"
+
+
+def test_parquet_manifest_is_refused_in_one_line(tmp_path: Path) -> None:
+    manifest = tmp_path / "df.parquet"
+    manifest.write_bytes(b"PAR1....PAR1")
+    with pytest.raises(DataError) as caught:
+        read_manifest(manifest)
+    assert str(caught.value) == f"{manifest}: Parquet manifests are not read (no pyarrow here); write the table as CSV"
