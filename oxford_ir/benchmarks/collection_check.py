@@ -67,7 +67,7 @@ def _workers(workers: int | None) -> int:
     return workers or min(8, os.cpu_count() or 1)
 
 
-def _size(path: Path) -> int | None:
+def _size(path: str) -> int | None:
     try:
         return os.stat(path).st_size
     except OSError:
@@ -114,7 +114,8 @@ def _file_problems(collection: Collection, where: Callable[[int], str], workers:
     names = collection.paths.tolist()
     outside = {position: why for position, _name, why in escapes(collection.root, names)}
     problems += [f"{where(r)}: {why}; the image must lie inside {collection.root}" for r, why in outside.items()]
-    files = collection.image_paths()
+    base = os.fspath(collection.root)
+    files = [os.path.join(base, name) for name in names]  # str, not Path: a third of the memory at a million
     with ThreadPoolExecutor(workers) as pool:
         sizes = list(pool.map(_size, files))
         present = [r for r, size in enumerate(sizes) if size is not None and r not in outside]
