@@ -45,6 +45,7 @@ from oxford_ir.cli.run_folder import (
 )
 from oxford_ir.config import CONFIG_DIR, instantiate
 from oxford_ir.errors import exit_on_user_error
+from oxford_ir.extraction.overlap import find_overlap
 from oxford_ir.fs import replace_file
 from oxford_ir.models.checkpoint import load_retrieval_checkpoint
 from oxford_ir.models.module import Evaluation
@@ -100,6 +101,9 @@ def _train(cfg: DictConfig, run: RunInfo) -> tuple[dict[str, float], dict[str, A
 
     log.info("data <%s>", cfg.data._target_)
     datamodule: pl.LightningDataModule = instantiate(cfg.data, "data")
+    guard = getattr(datamodule, "overlap_guard", None)  # data.exclude_overlap: the data layer cannot embed images
+    if guard is not None:
+        guard.finder = find_overlap
     log.info("model <%s>", cfg.model._target_)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _recursive_=False)
     if run.ckpt_path is not None:
@@ -135,6 +139,10 @@ def _train(cfg: DictConfig, run: RunInfo) -> tuple[dict[str, float], dict[str, A
             if cfg.get("train", True):
                 trainer.fit(model, datamodule=datamodule, ckpt_path=str(run.ckpt_path) if run.ckpt_path else None)
                 metrics.update(_fit_metrics(trainer))
+                if guard is not None and guard.summary is not None:  # what the overlap guard found, and the pairs
+                    metrics.update(guard.metrics())
+                    if trainer.is_global_zero:
+                        _write_json(run.output_dir / "overlap.json", guard.summary)
             trains = bool(cfg.get("train", True))
             # without training, the network evaluated before training is the final one: not evaluated twice
             if cfg.get("test", True) and not trainer.fast_dev_run and (trains or "untrained" not in tables):

@@ -62,6 +62,7 @@ from oxford_ir.data.gpu_decode import (
     collate_encoded,
 )
 from oxford_ir.data.held_out import validation_batches
+from oxford_ir.data.overlap_exclusion import OverlapGuard
 from oxford_ir.data.prefetch import DevicePrefetchLoader, ReadyBatch
 from oxford_ir.data.sampler import ClassBalancedSampler
 from oxford_ir.errors import ConfigError, DataError
@@ -109,6 +110,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         augmentation: overrides of :class:`~oxford_ir.data.augmentation.Augmentation`.
         synthetic: the synthetic benchmark: a ``preset`` (default ``default``) and parameters of
             ``write_synthetic_benchmark`` on top of it (``seed``, ``n_landmarks``, ...).
+        exclude_overlap / overlap: the train/test overlap guard (:mod:`oxford_ir.data.overlap_exclusion`).
     """
 
     def __init__(
@@ -142,6 +144,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         synthetic: Mapping[str, Any] | None = None,
         cache: Mapping[str, Any] | None = None,
         decode: str = "cpu",
+        exclude_overlap: bool | str = False,
+        overlap: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         data_dir = str(data_dir)
@@ -209,6 +213,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self._train_classes: np.ndarray | None = None
         self._train_cache: ImageCache | None = None
         self._eval_cache: ImageCache | None = None
+        self.overlap_guard = OverlapGuard(exclude_overlap, _plain(overlap))  # its finder: attached by oxford-ir-train
 
     # -- preparing and loading ------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -242,7 +247,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         if self._split is None:
             self._split = self._make_split()
         if stage in (None, "fit") and self._train_split is None:
-            self._train_split = self._available(self._split)
+            self._train_split = self.overlap_guard.apply(self._available(self._split))
             self._train_classes = self._train_split.classes_for_batches(
                 self.hparams.classes_per_batch, self.hparams.images_per_class
             )
@@ -586,10 +591,8 @@ class RetrievalDataModule(pl.LightningDataModule):
 
 def _plain(value: Any) -> Any:
     """A Hydra/OmegaConf container as plain Python (lists, dicts), anything else unchanged."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        return value
+    from omegaconf import DictConfig, ListConfig, OmegaConf  # a dependency (Hydra's)
+
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     return value

@@ -1,9 +1,10 @@
 """``data.exclude_overlap``: leave out of training the images that are (nearly) evaluated images.
 
-The guard itself, which embeds images, lives above this layer (:mod:`oxford_ir.extraction.overlap`); the data module
-is handed it as ``overlap_finder`` (``oxford-ir-train`` attaches :func:`~oxford_ir.extraction.overlap.find_overlap`)
-and calls :func:`exclude_overlap` on the training split once it is built and its missing images dropped, before
-the sampler is made. Modes:
+The guard itself, which embeds images, lives above this layer (:mod:`oxford_ir.extraction.overlap`). The data module
+holds an :class:`OverlapGuard` (the mode and settings, checked when it is built) whose ``finder`` a higher layer
+attaches (``oxford-ir-train`` attaches :func:`~oxford_ir.extraction.overlap.find_overlap`), and applies it to the
+training split once it is built and its missing images dropped, before the sampler is made; the guard keeps the
+summary of what it found (``metrics.json`` and ``overlap.json`` of the run). Modes:
 
 - ``false``: the guard does not run;
 - ``report``: it runs and its findings are recorded (``metrics.json``, ``overlap.json``), nothing is dropped;
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -136,3 +137,30 @@ def exclude_overlap(
         note = f"{int(drop.sum())} training images overlapping the evaluated images left out ({mode})"
         split = split.without(drop, "overlap", note)
     return split, summary
+
+
+class OverlapGuard:
+    """``data.exclude_overlap`` and ``data.overlap`` of a data module, checked when built; ``finder`` is attached by
+    a layer that can embed images; ``summary`` is what :meth:`apply` found (None until then, or when off)."""
+
+    def __init__(self, mode: bool | str = False, settings: Mapping[str, Any] | None = None) -> None:
+        self.mode = check_exclude_overlap(mode)
+        self.settings = OverlapSettings.from_config(settings)
+        self.finder: OverlapFinder | None = None
+        self.summary: dict[str, Any] | None = None
+
+    def apply(self, split: TrainSplit) -> TrainSplit:
+        """:func:`exclude_overlap` of ``split`` (the split itself when the guard is off)."""
+        split, self.summary = exclude_overlap(split, self.mode, self.finder, asdict(self.settings))
+        return split
+
+    def metrics(self) -> dict[str, float]:
+        """What was found as flat numbers for ``metrics.json``: ``overlap/exact``, ``overlap/near``,
+        ``overlap/dropped``, ``overlap/threshold`` and ``overlap/<landmark>/exact|near``; empty when off."""
+        if self.summary is None:
+            return {}
+        found = {f"overlap/{k}": float(self.summary[k]) for k in ("exact", "near", "dropped")}
+        found["overlap/threshold"] = float(self.settings.threshold)
+        for landmark, counts in self.summary["per_landmark"].items():
+            found.update({f"overlap/{landmark}/{kind}": float(n) for kind, n in counts.items()})
+        return found

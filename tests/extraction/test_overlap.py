@@ -154,3 +154,28 @@ def test_exclude_overlap_drops_images_or_their_classes(planted: dict) -> None:
         OverlapSettings.from_config({"treshold": 0.9})
     with pytest.raises(ConfigError, match=r"data.overlap.threshold=1.5: a cosine similarity in \(0, 1\]"):
         OverlapSettings.from_config({"threshold": 1.5})
+
+
+def test_the_data_module_drops_the_overlap_before_the_sampler(planted: dict, monkeypatch) -> None:
+    from oxford_ir.data.datamodule import RetrievalDataModule
+
+    train = planted["train"]
+    labels = [i % 5 for i in range(len(train))]
+    split = _split(train, labels, "cross", planted["benchmark"])
+    monkeypatch.setattr(RetrievalDataModule, "_make_split", lambda self: split)
+    data_dir = planted["benchmark"].root.parent
+    dm = RetrievalDataModule(data_dir, classes_per_batch=2, images_per_class=2, distractors_per_batch=0,
+                             exclude_overlap=True, overlap={"threshold": 0.95}, num_workers=0)  # fmt: skip
+    with pytest.raises(ConfigError, match="needs the overlap guard"):
+        dm.setup("fit")
+    dm.overlap_guard.finder = find_overlap  # what oxford-ir-train attaches
+    dm.setup("fit")
+    copies = {*planted["exact"], *planted["near"]}
+    assert len(dm.train_split) == len(train) - 6 and not copies & set(dm.train_split.paths)
+    drawn = {dm.train_split.paths[i] for i in dm.train_sampler().batches(0).ravel().tolist()}
+    assert drawn and not drawn & copies
+    metrics = dm.overlap_guard.metrics()
+    assert metrics["overlap/exact"] == 3 and metrics["overlap/near"] == 3 and metrics["overlap/dropped"] == 6
+    assert metrics["overlap/threshold"] == 0.95 and metrics[f"overlap/{overlap.NO_LANDMARK}/exact"] == 1
+    with pytest.raises(ConfigError, match="data.exclude_overlap='all': choose false, report, true or landmarks"):
+        RetrievalDataModule(data_dir, exclude_overlap="all")
