@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -351,3 +352,32 @@ def load_gldv2(
     return Collection.from_rows(
         "gldv2" if clean else "gldv2-full", folder, source, image_paths(ids), landmarks, split=split
     )
+
+
+# -- the benchmark name -----------------------------------------------------------------------------
+
+#: the options of a ``gldv2:...`` name: tag -> the :func:`load_gldv2` argument it sets with the number after it
+NAME_OPTIONS = {"min": "min_images", "max": "max_landmarks", "val": "val_landmarks", "seed": "seed"}
+
+
+def is_gldv2_name(name: object) -> bool:
+    """Whether ``name`` names GLDv2 as a collection: ``gldv2``, or ``gldv2:`` followed by options."""
+    return isinstance(name, str) and (name == GLDV2_FOLDER or name.startswith(f"{GLDV2_FOLDER}:"))
+
+
+def gldv2_options(name: str) -> dict:
+    """The :func:`load_gldv2` arguments of a name such as ``gldv2:min4:max1000:val50:seed0`` (at least 4 images a
+    landmark, at most 1000 landmarks, 50 of them val, drawn with seed 0), ``full`` reading ``train.csv``. The
+    options are separated by ``:`` and hold no ``=`` or ``,``: a Hydra override takes the name unquoted."""
+    options: dict = {}
+    for item in name.split(":")[1:]:
+        match = re.fullmatch(r"(min|max|val|seed)(\d+)|(full|clean)", item.strip())
+        key = None if match is None else NAME_OPTIONS[match[1]] if match[1] else "clean"
+        if key is None or key in options:
+            raise ConfigError(
+                f"{name!r}: {item!r} is not an option (or is repeated); the options are min<N> (images a landmark at "
+                "least), max<N> (landmarks at most), val<N> (landmarks held out for validation), seed<N>, full "
+                "(train.csv instead of train_clean.csv), e.g. gldv2:min4:max1000:val50"
+            )
+        options[key] = int(match[2]) if match[1] else match[3] == "clean"
+    return options

@@ -16,6 +16,11 @@ split, else val, else all of it, each query against the gallery of its split
 (:mod:`~oxford_ir.benchmarks.collection_benchmark`). The same name works wherever a benchmark is named:
 ``oxford-ir-eval benchmarks=[collection:/photos]``, ``oxford-ir-index images=benchmark:collection:/photos``,
 ``oxford-ir-train data=collection data.benchmark=collection:/photos``.
+
+Google Landmarks v2 is the collection named ``gldv2`` (read from ``<data folder>/gldv2/`` by
+:func:`~oxford_ir.benchmarks.gldv2.load_gldv2`), with its subset in the name:
+``gldv2:min4:max1000:val50`` (at least 4 images a landmark, at most 1000 landmarks, 50 of them held
+out for validation; ``data=gldv2``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from oxford_ir.benchmarks.collection_benchmark import collection_benchmark, coll
 from oxford_ir.benchmarks.collection_folder import read_folder
 from oxford_ir.benchmarks.collection_manifest import read_manifest
 from oxford_ir.benchmarks.download import COMPLETE_MARKER, STATE_FILE, is_complete
+from oxford_ir.benchmarks.gldv2 import GLDV2_FOLDER, gldv2_options, is_gldv2_name, load_gldv2
 from oxford_ir.benchmarks.ground_truth import IMAGE_FOLDER, read_ground_truth
 from oxford_ir.benchmarks.gt_record import GroundTruth
 from oxford_ir.benchmarks.gt_text_files import GT_TEXT_FOLDERS
@@ -62,21 +68,31 @@ COLLECTION_PREFIX = "collection:"
 
 
 def is_collection(name: object) -> bool:
-    """Whether ``name`` names a collection (``collection:<path>``) rather than a registered benchmark."""
-    return isinstance(name, str) and name.startswith(COLLECTION_PREFIX)
+    """Whether ``name`` names a collection (``collection:<path>``, or ``gldv2[:options]``) rather than a registered
+    benchmark."""
+    return (isinstance(name, str) and name.startswith(COLLECTION_PREFIX)) or is_gldv2_name(name)
 
 
 def collection_location(name: str) -> Path:
-    """The folder or manifest of ``collection:<path>`` (``~`` expanded; relative to the current directory)."""
+    """The folder or manifest of ``collection:<path>`` (``~`` expanded; relative to the current directory); for
+    ``gldv2[:options]`` (checked), its folder's name under the data folder."""
+    if is_gldv2_name(name):
+        gldv2_options(name)
+        return Path(GLDV2_FOLDER)
     text = name[len(COLLECTION_PREFIX) :]
     if not text.strip():
         raise ConfigError(f"{name!r}: give the collection's folder or CSV manifest, e.g. collection:/data/photos")
     return Path(text).expanduser()
 
 
-def read_collection(name: str) -> Collection:
+def read_collection(name: str, root: str | Path | None = None) -> Collection:
     """The :class:`Collection` ``collection:<path>`` names: a folder with a sub-folder per class, or a CSV
-    manifest; anything else is a :class:`DataError` naming the path."""
+    manifest; anything else is a :class:`DataError` naming the path. ``gldv2[:options]`` is read from the data
+    folder ``root``."""
+    if is_gldv2_name(name):
+        if root is None:
+            raise ConfigError(f"{name}: GLDv2 is read from the data folder; pass it (data.data_dir)")
+        return load_gldv2(root, **gldv2_options(name))
     path = collection_location(name)
     if path.is_dir():
         return read_folder(path)
@@ -100,6 +116,8 @@ def dataset_folder(name: str) -> str:
     """The dataset folder name of benchmark ``name``, which its image caches are named after: the registry's
     folder, or a name made from a collection's path
     (:func:`~oxford_ir.benchmarks.collection_benchmark.collection_dataset`)."""
+    if is_gldv2_name(name):
+        return GLDV2_FOLDER
     return collection_dataset(collection_location(name)) if is_collection(name) else benchmark_spec(name).folder
 
 
@@ -205,7 +223,7 @@ def load_benchmark(
     if is_collection(name):
         if gt_file is not None:
             raise ConfigError(f"gt_file does not apply to {name}: a collection's ground truth is its labels")
-        collection = read_collection(name)
+        collection = read_collection(name, root)
         benchmark = collection_benchmark(collection, evaluated_split(collection))
     else:
         benchmark = load_listed_benchmark(name, root, gt_file)

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.benchmarks.collection_split import check_split_settings, collection_split
 from oxford_ir.benchmarks.prepare import prepare_benchmark
-from oxford_ir.benchmarks.registry import dataset_folder, load_benchmark
+from oxford_ir.benchmarks.registry import dataset_folder, load_benchmark, read_collection
 from oxford_ir.benchmarks.splits import TrainSplit, build_split, full_ground_truth
 from oxford_ir.data.augmentation import Augmentation, SeededCrop
 from oxford_ir.data.batch_augment import BatchAugmentation, CropBatch, CropCollate
@@ -268,7 +268,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         if hp.split == "collection":  # oxford_ir/benchmarks/collection_split.py
             keys = ("held_out_landmarks", "n_held_out", "seed", "allow_missing_images")
             other = None if self.eval_benchmark_name == hp.benchmark else self._load(self.eval_benchmark_name)
-            return collection_split(hp.benchmark, other, **{key: hp[key] for key in keys})
+            collection = read_collection(hp.benchmark, self.data_dir)  # gldv2[:options] lies under data_dir
+            return collection_split(collection, other, **{key: hp[key] for key in keys})
         train_loaded = self._load(hp.benchmark)
         eval_loaded = train_loaded if self.eval_benchmark_name == hp.benchmark else self._load(self.eval_benchmark_name)
         return build_split(

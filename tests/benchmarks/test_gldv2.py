@@ -331,3 +331,69 @@ def test_a_clean_csv_of_the_real_size_parses_in_seconds(tmp_path: Path) -> None:
     c = load_gldv2(tmp_path)
     assert time.perf_counter() - start < 15
     assert len(c) == 1_580_470 and c.num_classes == 81_313
+
+
+# -- training through the real reader -------------------------------------------------------------------
+
+
+def compose_gldv2_training(data: Path, tmp_path: Path, *overrides: str):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    repo = Path(__file__).resolve().parents[2]
+    with initialize_config_dir(str(repo / "conf"), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                f"paths.data_dir={data}", f"paths.log_dir={tmp_path / 'logs'}", "data=gldv2",
+                "data.benchmark=gldv2:min3:val3:seed1", "backbone=scratch",
+                "backbone.channels=[8,16]", "data.image_size=32", "data.eval_image_size=64",
+                "data.classes_per_batch=3", "data.images_per_class=2", "data.batches_per_epoch=2",
+                "data.num_workers=0", "data.eval_batch_size=8", "trainer.max_epochs=1", "logger=csv",
+                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", *overrides,
+            ],
+        )  # fmt: skip
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    return cfg
+
+
+def test_data_gldv2_splits_the_downloaded_miniature_by_its_name(miniature: MiniatureGldv2, tmp_path: Path) -> None:
+    """data=gldv2 builds the datamodule on the real reader: the landmarks of split train train, the val landmarks
+    are the benchmark (each image a query against the others); load_benchmark reads the same name."""
+    from hydra.utils import instantiate
+
+    from oxford_ir.benchmarks.registry import load_benchmark
+
+    data = tmp_path / "data"
+    download_gldv2(data, [0, 1, 2], base_url=miniature.folder.as_uri(), **FAST)
+    module = instantiate(compose_gldv2_training(data, tmp_path).data)
+    module.setup("fit")
+    split = module._split
+    collection = load_gldv2(data, min_images=3, val_landmarks=3, seed=1)
+    val_names = set(collection.label_names[collection.labels[collection.split == 1]].tolist())
+    assert set(split.label_names).isdisjoint(val_names) and len(split.label_names) == collection.num_classes - 3
+    assert sorted(str(p) for p in split.paths) == sorted(
+        str(p) for p in collection.image_paths(collection.rows("train"))
+    )
+    assert split.eval_benchmark.n_queries == int((collection.split == 1).sum()) == split.eval_benchmark.n_db
+    benchmark = load_benchmark("gldv2:min3:val3:seed1", data)
+    assert benchmark.n_queries == split.eval_benchmark.n_queries
+    with pytest.raises(ConfigError, match="'val' is not an option"):
+        load_benchmark("gldv2:val", data)
+
+
+@pytest.mark.slow  # 20 s on the shared 2-core machine; the split is covered by the test above
+def test_training_on_the_downloaded_miniature_through_data_gldv2(miniature: MiniatureGldv2, tmp_path: Path) -> None:
+    """oxford-ir-train's train() on data=gldv2 over the miniature downloaded by the real downloader (file:// mirror)."""
+    from oxford_ir.cli.train import train
+
+    data = tmp_path / "data"
+    download_gldv2(data, [0, 1, 2], base_url=miniature.folder.as_uri(), **FAST)
+    metrics, objects = train(compose_gldv2_training(data, tmp_path))
+    split = objects["datamodule"]._split
+    collection = load_gldv2(data, min_images=3, val_landmarks=3, seed=1)
+    val_names = set(collection.label_names[collection.labels[collection.split == 1]].tolist())
+    assert set(split.label_names).isdisjoint(val_names) and len(split.label_names) == collection.num_classes - 3
+    assert split.eval_benchmark.n_queries == int((collection.split == 1).sum())
+    assert 0.0 <= metrics["final/val/mAP"] <= 1.0
