@@ -17,17 +17,25 @@ from typing import Any
 
 import numpy as np
 
+#: names turned into Paths at a time while iterating
+_CHUNK = 1 << 16
+
 
 class PathArray(Sequence[Path]):
-    """``root / names[i]`` for each ``i`` (see the module docstring); ``names`` is kept as given when it is a numpy
+    """``root / names[i]`` for each ``i`` (see the module docstring), or ``root / names[index[i]]`` with an ``index``:
+    a selection of a collection's rows (``PathArray(collection.root, collection.paths, rows)``) copies no name, only
+    the row numbers (8 bytes a row, not the 128 of a 32-character name). ``names`` is kept as given when it is a numpy
     str array already (a :class:`~oxford_ir.benchmarks.collection.Collection`'s ``paths``: no copy)."""
 
-    def __init__(self, root: str | os.PathLike, names: Sequence[str] | np.ndarray) -> None:
+    def __init__(
+        self, root: str | os.PathLike, names: Sequence[str] | np.ndarray, index: np.ndarray | None = None
+    ) -> None:
         self.root = Path(root)
         names = names if isinstance(names, np.ndarray) and names.dtype.kind == "U" else np.asarray(names, dtype=str)
         if names.ndim != 1:
             raise ValueError(f"names must be one-dimensional, got shape {names.shape}")
         self.names = names
+        self.index = None if index is None else np.asarray(index, dtype=np.int64).reshape(-1)
 
     @classmethod
     def of(cls, paths: Sequence[str | os.PathLike] | PathArray) -> PathArray:
@@ -47,17 +55,28 @@ class PathArray(Sequence[Path]):
         return cls(root, [os.path.relpath(s, root) for s in strings])
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.names) if self.index is None else len(self.index)
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, (int, np.integer)):
-            return self.root / str(self.names[index])
-        return PathArray(self.root, self.names[index])
+            row = index if self.index is None else self.index[index]
+            return self.root / str(self.names[row])
+        if self.index is None:
+            if isinstance(index, slice):
+                return PathArray(self.root, self.names[index])  # a view
+            return PathArray(self.root, self.names, np.arange(len(self.names))[index])
+        return PathArray(self.root, self.names, self.index[index])
 
     def __iter__(self) -> Iterator[Path]:
         root = self.root
-        for name in self.names.tolist():
-            yield root / name
+        for start in range(0, len(self), _CHUNK):
+            chunk = (
+                self.names[start : start + _CHUNK]
+                if self.index is None
+                else self.names[self.index[start : start + _CHUNK]]
+            )
+            for name in chunk.tolist():
+                yield root / name
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, PathArray):

@@ -20,6 +20,13 @@ def test_reads_like_the_list_it_was_made_from(tmp_path: Path) -> None:
     assert array[1:] == paths[1:] and array[np.array([2, 0])] == [paths[2], paths[0]]
     assert array[np.array([True, False, True])] == [paths[0], paths[2]]
     assert pickle.loads(pickle.dumps(array)) == array and PathArray.of(array) is array
+    names = np.array(["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    rows = PathArray(tmp_path, names, np.array([3, 1, 2]))  # a selection of a collection's rows: names not copied
+    d, b, c = (tmp_path / n for n in ("d.jpg", "b.jpg", "c.jpg"))
+    assert rows == [d, b, c] and len(rows) == 3 and rows[-1] == c and rows[np.int32(0)] == d
+    assert rows[1:] == [b, c] and rows[np.array([True, False, True])] == [d, c] and rows[np.array([2, 2])] == [c, c]
+    assert rows[1:].names is names and rows[np.array([0])].names is names
+    assert pickle.loads(pickle.dumps(rows)) == rows
     mixed = PathArray.of(["rel/a.jpg", "/abs/b.jpg"])
     assert list(mixed) == [Path("rel/a.jpg"), Path("/abs/b.jpg")]
     assert PathArray.of([]) == [] and PathArray.of(["one.jpg"]) == [Path("one.jpg")]
