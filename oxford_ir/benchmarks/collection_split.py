@@ -70,6 +70,7 @@ def collection_split(
     n_held_out: int | None = None,
     seed: int = 0,
     allow_missing_images: bool = False,
+    name: str | None = None,
 ) -> TrainSplit:
     """The training images and labels of ``collection`` (a Collection, or a ``collection:<path>`` name read with
     :func:`~oxford_ir.benchmarks.registry.read_collection`) and the benchmark to evaluate (module docstring).
@@ -77,10 +78,12 @@ def collection_split(
     The collection's own evaluated images must be on disk (a :class:`~oxford_ir.errors.DataError` naming them), or
     with ``allow_missing_images`` the benchmark is restricted to those present; missing training images are left to
     the caller (:meth:`TrainSplit.restrict_to_available`). Impossible settings raise :class:`ConfigError`.
+    ``name``: the benchmark name the split trains on (``train_benchmark``, which names its image cache); default
+    the name given, else ``collection:<source>``.
     """
     if isinstance(collection, str):
-        collection = read_collection(collection)
-    name = f"{COLLECTION_PREFIX}{collection.source}"
+        name, collection = name or collection, read_collection(collection)
+    name = name or f"{COLLECTION_PREFIX}{collection.source}"
     train_rows = collection.rows("train")
     held_out: tuple[str, ...] = ()
     dropped: dict[str, int] = {}
