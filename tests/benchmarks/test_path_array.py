@@ -35,11 +35,11 @@ def test_reads_like_the_list_it_was_made_from(tmp_path: Path) -> None:
 def test_names_cost_a_third_of_a_list_of_paths() -> None:
     import tracemalloc
 
-    hashes = [f"{x:016x}" for x in np.random.default_rng(0).integers(0, 2**63, 20_000)]
+    hashes = [f"{x:016x}" for x in np.random.default_rng(0).integers(0, 2**63, 5_000)]
     names = np.array([f"train/{h[0]}/{h[1]}/{h[2]}/{h}.jpg" for h in hashes])  # the layout of GLDv2
     array = PathArray("/data/gldv2", names)
     assert array.names is names  # a collection's array is kept, not copied
-    assert array[19_999] == Path("/data/gldv2") / names[-1]
+    assert array[4_999] == Path("/data/gldv2") / names[-1]
     tracemalloc.start()
     try:
         as_list = [Path("/data/gldv2") / n for n in names.tolist()]

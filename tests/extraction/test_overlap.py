@@ -15,6 +15,7 @@ import oxford_ir.extraction.overlap as overlap
 from oxford_ir.benchmarks.registry import load_benchmark
 from oxford_ir.benchmarks.splits import TrainSplit
 from oxford_ir.benchmarks.synthetic import write_synthetic_benchmark
+from oxford_ir.data.datamodule import RetrievalDataModule
 from oxford_ir.data.overlap_exclusion import OverlapSettings, exclude_overlap
 from oxford_ir.errors import ConfigError
 from oxford_ir.extraction.overlap import EvaluatedImages, Thumbnail, find_overlap, similar_pairs
@@ -157,8 +158,6 @@ def test_exclude_overlap_drops_images_or_their_classes(planted: dict) -> None:
 
 
 def test_the_data_module_drops_the_overlap_before_the_sampler(planted: dict, monkeypatch) -> None:
-    from oxford_ir.data.datamodule import RetrievalDataModule
-
     train = planted["train"]
     labels = [i % 5 for i in range(len(train))]
     split = _split(train, labels, "cross", planted["benchmark"])
