@@ -21,6 +21,9 @@ Google Landmarks v2 is the collection named ``gldv2`` (read from ``<data folder>
 :func:`~oxford_ir.benchmarks.gldv2.load_gldv2`), with its subset in the name:
 ``gldv2:min4:max1000:val50`` (at least 4 images a landmark, at most 1000 landmarks, 50 of them held
 out for validation; ``data=gldv2``).
+
+retrieval-SfM-120k is the collection named ``sfm120k`` (read from ``<data folder>/retrieval-SfM-120k/`` by
+:func:`~oxford_ir.benchmarks.sfm120k.read_sfm120k`; its val part is the one evaluated; ``data=sfm120k``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ from oxford_ir.benchmarks.ground_truth import IMAGE_FOLDER, read_ground_truth
 from oxford_ir.benchmarks.gt_record import GroundTruth
 from oxford_ir.benchmarks.gt_text_files import GT_TEXT_FOLDERS
 from oxford_ir.benchmarks.landmark_json import GT_JSON_NAME
+from oxford_ir.benchmarks.sfm120k import FOLDER as SFM120K_FOLDER
+from oxford_ir.benchmarks.sfm120k import NAME as SFM120K
+from oxford_ir.benchmarks.sfm120k import read_sfm120k
 from oxford_ir.errors import ConfigError, DataError, GroundTruthError
 from oxford_ir.images import upright_size
 
@@ -68,9 +74,9 @@ COLLECTION_PREFIX = "collection:"
 
 
 def is_collection(name: object) -> bool:
-    """Whether ``name`` names a collection (``collection:<path>``, or ``gldv2[:options]``) rather than a registered
-    benchmark."""
-    return (isinstance(name, str) and name.startswith(COLLECTION_PREFIX)) or is_gldv2_name(name)
+    """Whether ``name`` names a collection (``collection:<path>``, ``gldv2[:options]`` or ``sfm120k``) rather than a
+    registered benchmark."""
+    return (isinstance(name, str) and name.startswith(COLLECTION_PREFIX)) or is_gldv2_name(name) or name == SFM120K
 
 
 def collection_location(name: str) -> Path:
@@ -79,6 +85,8 @@ def collection_location(name: str) -> Path:
     if is_gldv2_name(name):
         gldv2_options(name)
         return Path(GLDV2_FOLDER)
+    if name == SFM120K:
+        return Path(SFM120K_FOLDER)
     text = name[len(COLLECTION_PREFIX) :]
     if not text.strip():
         raise ConfigError(f"{name!r}: give the collection's folder or CSV manifest, e.g. collection:/data/photos")
@@ -93,6 +101,10 @@ def read_collection(name: str, root: str | Path | None = None) -> Collection:
         if root is None:
             raise ConfigError(f"{name}: GLDv2 is read from the data folder; pass it (data.data_dir)")
         return load_gldv2(root, **gldv2_options(name))
+    if name == SFM120K:
+        if root is None:
+            raise ConfigError(f"{name}: retrieval-SfM-120k is read from the data folder; pass it (data.data_dir)")
+        return read_sfm120k(root)
     path = collection_location(name)
     if path.is_dir():
         return read_folder(path)
@@ -118,6 +130,8 @@ def dataset_folder(name: str) -> str:
     (:func:`~oxford_ir.benchmarks.collection_benchmark.collection_dataset`)."""
     if is_gldv2_name(name):
         return GLDV2_FOLDER
+    if name == SFM120K:
+        return SFM120K_FOLDER
     return collection_dataset(collection_location(name)) if is_collection(name) else benchmark_spec(name).folder
 
 

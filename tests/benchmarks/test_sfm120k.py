@@ -257,3 +257,31 @@ def test_download_of_the_miniature_resumes_and_reads_back(server: FileServer, tm
     assert len(collection) == 66 and collection.is_query.sum() == 18
     files = {p.relative_to(collection.root).as_posix(): p.read_bytes() for p in collection.image_paths()}
     assert files == miniature.images
+
+
+# -- training through the real reader --------------------------------------------------------------
+
+
+def test_training_on_the_miniature_reads_it_through_the_registry(tmp_path: Path) -> None:
+    """``data=sfm120k``: trains on the train part's 3D models, validates on the val part (6 queries, 18 photos)."""
+    from oxford_ir.cli.train import train
+    from tests.test_train import TINY_SCRATCH, compose_train, read_csv_metrics
+
+    write_miniature_sfm120k(tmp_path / "data" / "retrieval-SfM-120k")
+    cfg = compose_train(
+        tmp_path, "data=sfm120k", "data.image_size=32", "data.eval_image_size=48", "data.classes_per_batch=3",
+        "data.images_per_class=2", "data.batches_per_epoch=2", "data.num_workers=0", "trainer.max_epochs=1",
+        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "logger=csv", "test=false", *TINY_SCRATCH,
+    )  # fmt: skip
+    metrics, objects = train(cfg)
+    split = objects["datamodule"].split
+    assert split.kind == "collection" and split.num_classes == 6 and len(split) == 48
+    assert split.label_names == [f"train/{c}" for c in range(6)]
+    evaluated = split.eval_benchmark
+    assert (evaluated.n_queries, evaluated.n_db) == (6, 18)
+    trained = {str(p) for p in split.paths}
+    assert not trained & {str(p) for p in [*evaluated.db_paths, *evaluated.query_paths]}
+    logged = {key for row in read_csv_metrics(tmp_path / "run") for key, value in row.items() if value}
+    assert {"val/mAP", "val/sfm120k/mAP", "val/sfm120k/R@1"} <= logged
+    assert 0.0 < metrics["val/mAP"] <= 1.0
