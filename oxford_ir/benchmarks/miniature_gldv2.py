@@ -137,12 +137,14 @@ def _pattern(rng: np.random.Generator, size: int) -> Image.Image:
 
 
 def _photograph(pattern: Image.Image, rng: np.random.Generator) -> bytes:
-    """A view of ``pattern``: a random crop of 60-90% of it, resized to half the canvas, relit, as a JPEG."""
+    """A view of ``pattern``: a random crop of 60-90% of it, resized to half the canvas, relit with a colour cast,
+    with noise, as a JPEG."""
     side = pattern.width
     crop = int(side * rng.uniform(0.6, 0.9))
     x0, y0 = (int(v) for v in rng.integers(0, side - crop + 1, 2))
     view = pattern.crop((x0, y0, x0 + crop, y0 + crop)).resize((side // 2, side // 2), Image.BILINEAR)
-    pixels = np.asarray(view, np.float32) * rng.uniform(0.75, 1.25) + rng.normal(0, 6, (side // 2, side // 2, 3))
+    gain = rng.uniform(0.75, 1.25) * rng.uniform(0.8, 1.2, 3)  # brightness, and a colour cast per photo
+    pixels = np.asarray(view, np.float32) * gain + rng.normal(0, 6, (side // 2, side // 2, 3))
     buffer = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
