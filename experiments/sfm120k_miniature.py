@@ -84,8 +84,8 @@ def main() -> None:
     ):
         metrics, seconds = run(out, data, name, *common, *extra)
         rows.append((evaluated, metrics, seconds))
-    print(f"\n{args.epochs} epochs x {args.batches} batches, seed {args.seed}; {platform.processor() or platform.machine()}"
-          f", {os.cpu_count()} cores; runs in {out}\n")  # fmt: skip
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    print(f"\n{args.epochs} epochs x {args.batches} batches, seed {args.seed}; {machine}; runs in {out}\n")
     print("| validated on | untrained val/mAP | trained val/mAP | other final metrics | wall time |")
     print("|---|---:|---:|---|---:|")
     for evaluated, metrics, seconds in rows:

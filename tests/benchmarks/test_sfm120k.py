@@ -285,3 +285,21 @@ def test_training_on_the_miniature_reads_it_through_the_registry(tmp_path: Path)
     logged = {key for row in read_csv_metrics(tmp_path / "run") for key, value in row.items() if value}
     assert {"val/mAP", "val/sfm120k/mAP", "val/sfm120k/R@1"} <= logged
     assert 0.0 < metrics["val/mAP"] <= 1.0
+
+
+def test_load_benchmark_of_sfm120k_is_the_val_part(tmp_path: Path) -> None:
+    """``oxford-ir-eval benchmarks=[sfm120k]``: each val query against every val photo, positives = its cluster."""
+    from oxford_ir.benchmarks.registry import dataset_folder, is_collection, load_benchmark
+
+    write(tmp_path / "retrieval-SfM-120k", database())
+    assert is_collection("sfm120k") and dataset_folder("sfm120k") == "retrieval-SfM-120k"
+    with pytest.raises(DataError, match="3 of 3 database and query images are missing"):
+        load_benchmark("sfm120k", tmp_path)
+    for cid in (E, F, G):
+        path = tmp_path / "retrieval-SfM-120k" / "ims" / f"{cid[-2:]}/{cid[-4:-2]}/{cid[-6:-4]}/{cid}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 12)).save(path, format="JPEG")
+    benchmark = load_benchmark("sfm120k", tmp_path)
+    # val: E, F (cluster 7), G (cluster 0); the one query is F: positive E, itself junk
+    assert [p.name for p in benchmark.db_paths] == [E, F, G] and [p.name for p in benchmark.query_paths] == [F]
+    assert benchmark.gnd[0]["ok"].tolist() == [0] and benchmark.gnd[0]["junk"].tolist() == [1]
