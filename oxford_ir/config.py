@@ -47,9 +47,17 @@ def instantiate(node: Any, key: str, **kwargs: Any) -> Any:
     import hydra
     from hydra.errors import InstantiationException
 
+    from omegaconf.errors import MissingMandatoryValue
+
     check_node(node, key)
     try:
         return hydra.utils.instantiate(node, **kwargs)
+    except MissingMandatoryValue as error:  # a ??? left in the composed config (e.g. data=base)
+        full_key = getattr(error, "full_key", None) or key
+        raise ConfigError(
+            f"{full_key} has no value (??? in its config): give one, e.g. {full_key}=<value>, or choose a config "
+            f"that sets it (conf/{key.split('.')[0]}/)"
+        ) from None
     except InstantiationException as error:
         cause = _innermost(error)
         if isinstance(cause, OxfordIRError):
