@@ -269,7 +269,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             keys = ("held_out_landmarks", "n_held_out", "seed", "allow_missing_images")
             other = None if self.eval_benchmark_name == hp.benchmark else self._load(self.eval_benchmark_name)
             collection = read_collection(hp.benchmark, self.data_dir)  # gldv2[:options] lies under data_dir
-            return collection_split(collection, other, **{key: hp[key] for key in keys})
+            return collection_split(collection, other, name=hp.benchmark, **{key: hp[key] for key in keys})
         train_loaded = self._load(hp.benchmark)
         eval_loaded = train_loaded if self.eval_benchmark_name == hp.benchmark else self._load(self.eval_benchmark_name)
         return build_split(
