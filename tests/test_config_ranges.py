@@ -44,3 +44,14 @@ def test_the_backbone_learning_rate_follows_the_same_rule(value):
     with pytest.raises(ConfigError, match=r"model\.backbone_lr=.*at most 10"):
         check_values([1.0], [1], value, 0)
     check_values([1.0], [1], 1e-4, 0)
+
+
+def test_a_value_left_missing_is_one_line_naming_the_key():
+    """``oxford-ir-train data=base`` composes a data node whose benchmark is ``???``: an omegaconf traceback before."""
+    from omegaconf import OmegaConf
+
+    from oxford_ir.config import instantiate
+
+    node = OmegaConf.create({"data": {"_target_": "oxford_ir.data.datamodule.RetrievalDataModule", "benchmark": "???"}})
+    with pytest.raises(ConfigError, match=r"^data\.benchmark has no value .* data\.benchmark=<value>"):
+        instantiate(node.data, "data")

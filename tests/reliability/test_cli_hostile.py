@@ -100,7 +100,6 @@ CASES = [
     case("train", "scheduler=step", "scheduler.scheduler.step_size=abc", names="step_size='abc'", fast=True),
     case("train", "scheduler=step", "scheduler.scheduler.step_size=2.5", names=("step_size=2.5", "whole number")),
     case("train", "data.classes_per_batch=abc", names="data.classes_per_batch"),
-    case("train", "data=base", names=("data.benchmark has no value", "data.benchmark=<value>"), fast=True),
     case("train", "model.backbone_lr=-1", names="model.backbone_lr"),
     case("train", "trainer.max_epochs=abc", names="trainer.max_epochs='abc'"),
     case("train", "trainer.max_epochs=-1", names=("trainer.max_epochs=-1", "forever")),
