@@ -69,11 +69,9 @@ def part_name(part: int) -> str:
 
 def ids_to_int(text: np.ndarray) -> np.ndarray:
     """``(n, 16)`` uint8 ASCII hex digits -> ``n`` uint64 ids; bad digits must have been refused before."""
-    values = _NIBBLE[text].astype(np.uint64)
-    ids = np.zeros(len(text), np.uint64)
-    for column in range(ID_LENGTH):
-        ids = (ids << np.uint64(4)) | values[:, column]
-    return ids
+    values = _NIBBLE[text]
+    packed = np.ascontiguousarray((values[:, 0::2] << 4) | values[:, 1::2])  # (n, 8) bytes, most significant first
+    return packed.view(">u8").ravel().astype(np.uint64)
 
 
 def ids_to_text(ids: np.ndarray) -> np.ndarray:
@@ -197,8 +195,60 @@ def read_clean_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def read_full_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(ids, landmark ids, line numbers)`` of ``train.csv`` (``id,url,landmark_id``; a url may hold commas)."""
+    """``(ids, landmark ids, line numbers)`` of ``train.csv`` (``id,url,landmark_id``; a url may hold commas).
+
+    Vectorised over the file's bytes (4.1M rows: see the module tests); a file that the fast path cannot take whole
+    (a quoted id or landmark, a bad row) is read line by line, which names the first bad line."""
     path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror or error}") from None
+    fast = _full_csv_fast(data)
+    return fast if fast is not None else _full_csv_lines(path)
+
+
+def _full_csv_fast(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """:func:`read_full_csv` of well-formed ``data`` without a Python step per row; None when a row is not (plain
+    ``<16 hex>,<url>,<digits>``, ids distinct) or the header is not the official one."""
+    buf = np.frombuffer(data, np.uint8)
+    ends = np.flatnonzero(buf == ord("\n"))
+    if not len(ends) or ends[-1] != len(buf) - 1:
+        ends = np.append(ends, len(buf))
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    ends = ends - ((ends > starts) & (buf[np.maximum(ends - 1, 0)] == ord("\r")))
+    if bytes(buf[starts[0] : ends[0]]) != FULL_HEADER:
+        return None
+    rows = np.flatnonzero(ends > starts)[1:]  # blank lines are skipped, as by the line reader
+    starts, ends, numbers = starts[rows], ends[rows], (rows + 1).astype(np.int32)
+    if not len(rows):
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64), numbers
+    if (ends - starts <= ID_LENGTH + 2).any() or (buf[starts + ID_LENGTH] != ord(",")).any():
+        return None
+    commas = np.flatnonzero(buf == ord(","))
+    last = commas[np.searchsorted(commas, ends) - 1]
+    digits = ends - last - 1
+    if (last <= starts + ID_LENGTH).any() or (digits < 1).any() or (digits > 18).any():
+        return None
+    landmarks = np.zeros(len(rows), np.int64)
+    for k in range(int(digits.max())):
+        inside = k < digits
+        value = buf[np.where(inside, last + 1 + k, 0)].astype(np.int64) - ord("0")
+        if ((value < 0) | (value > 9))[inside].any():
+            return None
+        landmarks = np.where(inside, landmarks * 10 + value, landmarks)
+    text = buf[starts[:, None] + np.arange(ID_LENGTH)]
+    if (_NIBBLE[text] == 255).any():
+        return None
+    ids = ids_to_int(text)
+    ordered = np.sort(ids)  # np.unique of 4M uint64 takes 10 s with numpy 2.4 (hashing), a sort 0.5 s
+    if (ordered[1:] == ordered[:-1]).any():
+        return None
+    return ids, landmarks, numbers
+
+
+def _full_csv_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`read_full_csv` one line at a time: quoted fields taken, the first bad line named."""
     lines = _lines(path, FULL_HEADER)
     text = bytearray()
     landmarks, numbers = [], []

@@ -17,6 +17,8 @@ from oxford_ir.benchmarks.collection import Collection
 from oxford_ir.benchmarks.gldv2 import (
     COMPLETE_MARKER,
     STATE_FILE,
+    _full_csv_fast,
+    _full_csv_lines,
     image_paths,
     load_gldv2,
     read_clean_csv,
@@ -81,6 +83,15 @@ def test_full_csv_takes_the_id_and_the_last_field(tmp_path: Path) -> None:
     assert c.name == "gldv2-full" and c.root == tmp_path / "gldv2"
     assert [p.split("/")[-1] for p in c.paths.tolist()] == [f"{A}.jpg", f"{B}.jpg", f"{C}.jpg"]
     assert c.label_names[c.labels].tolist() == ["5", "5", "40"]
+
+
+def test_the_fast_full_csv_path_equals_the_line_by_line_one(miniature: MiniatureGldv2, tmp_path: Path) -> None:
+    body = f"id,url,landmark_id\r\n{A},http://x/a.jpg,5\n\n{B},http://x/b,c.jpg,42\r\n{C},u,7".encode()
+    for data in (body, (miniature.folder / "metadata" / "train.csv").read_bytes(), b"id,url,landmark_id\n"):
+        fast = _full_csv_fast(data)
+        slow = _full_csv_lines(write(tmp_path / "train.csv", data.decode()))
+        assert fast is not None and all(a.tolist() == b.tolist() for a, b in zip(fast, slow, strict=True))
+    assert _full_csv_fast(body.replace(b"5\n", b'"5"\n')) is None  # a quoted field: the line reader takes it
 
 
 def test_the_miniature_reads_as_its_own_lists(miniature: MiniatureGldv2, tmp_path: Path) -> None:
