@@ -154,6 +154,8 @@ def benchmark_spec(name: str) -> BenchmarkSpec:
     try:
         return BENCHMARKS[name]
     except (KeyError, TypeError):
+        if isinstance(name, str) and ("/" in name or Path(name).expanduser().exists()):  # a folder or manifest
+            raise ConfigError(f"unknown benchmark {name!r}; a folder or manifest is named collection:{name}") from None
         raise ConfigError(
             f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)} or collection:<folder or manifest>"
         ) from None

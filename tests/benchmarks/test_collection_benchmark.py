@@ -176,6 +176,7 @@ def test_collection_names_load_from_a_folder_and_are_checked(tmp_path, monkeypat
         ("cross", "paris6k", None, "data.split=cross trains on paris6k"),
         ("random", "oxford5k", None, "data.split='random' is unknown"),
         ("collection", "collection:/p", "oxford105k", "unknown benchmark 'oxford105k'"),
+        ("seed", "/data/photos", None, "a folder or manifest is named collection:/data/photos"),
     ],
 )
 def test_split_settings_are_checked_together(split, benchmark, eval_benchmark, message):
