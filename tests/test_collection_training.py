@@ -40,7 +40,7 @@ def test_training_on_a_folder_logs_map_and_recall_and_never_trains_on_an_evaluat
     evaluated = {str(p) for p in [*split.eval_benchmark.db_paths, *split.eval_benchmark.query_paths]}
     assert len(evaluated) == 2 * PER_CLASS and not evaluated & {str(p) for p in split.paths}
     logged = {key for row in read_csv_metrics(tmp_path / "run") for key, value in row.items() if value}
-    for key in ("val/mAP", "val/photos/mAP", "val/photos/mP@1", "val/photos/R@1", "val/photos/R@5"):
+    for key in ("val/mAP", "val/photos/mAP", "val/photos/mP@1", "val/photos/R@1", "val/photos/R@5", "val/loss"):
         assert key in logged
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
     assert 0.0 <= saved["final/val/photos/R@1"] <= 1.0 and saved["final/val/photos/mAP"] == metrics["final/val/mAP"]

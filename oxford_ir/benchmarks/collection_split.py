@@ -24,7 +24,7 @@ import numpy as np
 
 from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.benchmarks.collection import SPLITS, Collection
-from oxford_ir.benchmarks.collection_benchmark import benchmark_of_rows
+from oxford_ir.benchmarks.collection_benchmark import COLLECTION_METRICS, benchmark_of_rows
 from oxford_ir.benchmarks.path_array import PathArray
 from oxford_ir.benchmarks.registry import (
     COLLECTION_PREFIX,
@@ -33,7 +33,7 @@ from oxford_ir.benchmarks.registry import (
     is_collection,
     read_collection,
 )
-from oxford_ir.benchmarks.splits import SPLIT_KINDS, TrainSplit, _resolve_held_out
+from oxford_ir.benchmarks.splits import SPLIT_KINDS, TrainSplit, _resolve_held_out, landmark_of_queries
 from oxford_ir.errors import ConfigError
 
 #: the split kind of a collection (beside :data:`~oxford_ir.benchmarks.splits.SPLIT_KINDS`)
@@ -128,6 +128,35 @@ def collection_split(
         held_out_landmarks=held_out,
         description=description,
         dropped=dropped,
+    )
+
+
+def labelled_gallery(benchmark: Benchmark) -> TrainSplit | None:
+    """The gallery images of a collection's benchmark, each with the class of the queries it is a positive of (an
+    image that is a positive of two classes is left out), as a split (classes sorted by name, no distractors): the
+    labelled images of validation's ``val/loss`` (:mod:`oxford_ir.data.held_out`). None for a benchmark not made
+    from a collection (its queries' positives and junk need the landmarks split's rules: ``build_split``)."""
+    if tuple(benchmark.extra_metrics) != COLLECTION_METRICS:
+        return None
+    names = sorted(set(landmark_of_queries(benchmark)))
+    index = {name: i for i, name in enumerate(names)}
+    label = np.full(benchmark.n_db, -1, dtype=np.int64)
+    clash = np.zeros(benchmark.n_db, dtype=bool)
+    for q, landmark in enumerate(benchmark.query_landmarks):
+        ok = benchmark.positives(q)
+        clash[ok] |= (label[ok] >= 0) & (label[ok] != index[landmark])
+        label[ok] = index[landmark]
+    keep = np.flatnonzero((label >= 0) & ~clash)
+    keep = keep[np.argsort(label[keep], kind="stable")]
+    return TrainSplit(
+        kind=COLLECTION_KIND,
+        paths=[benchmark.image_path(benchmark.imlist[i]) for i in keep],
+        labels=label[keep],
+        label_names=names,
+        num_landmark_classes=len(names),
+        eval_benchmark=benchmark,
+        train_benchmark=benchmark.name,
+        description=f"labelled gallery images of {benchmark.name}",
     )
 
 

@@ -5,6 +5,8 @@ how well the embedding separates landmarks it was not trained on, on the same sc
 
 - ``landmarks`` split: the positives of the held-out landmarks (excluded from training by the split);
 - ``cross`` split: the positives of the evaluation dataset's landmarks (another dataset);
+- ``collection`` split: the images of the evaluated val / test split or held-out classes, with their class
+  (:func:`~oxford_ir.benchmarks.collection_split.labelled_gallery`), or as ``cross`` for another benchmark;
 - ``seed`` split: none. It trains on every evaluated landmark's images, so a loss on them would not be held out.
 
 Classes are the evaluated landmarks with at least K images present (an image that is a positive of two landmarks,
@@ -19,6 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from oxford_ir.benchmarks.collection_split import labelled_gallery
 from oxford_ir.benchmarks.splits import TrainSplit, build_split
 from oxford_ir.data.sampler import ClassBalancedSampler
 from oxford_ir.errors import OxfordIRError
@@ -33,7 +36,8 @@ def held_out_split(split: TrainSplit, images_per_class: int) -> tuple[TrainSplit
     with warnings.catch_warnings():  # ambiguous images were reported with the split; they are left out here too
         warnings.simplefilter("ignore")
         try:
-            held = build_split("seed", split.eval_benchmark, use_distractors=False)
+            held = labelled_gallery(split.eval_benchmark) if split.kind == "collection" else None
+            held = held or build_split("seed", split.eval_benchmark, use_distractors=False)
         except OxfordIRError as error:
             return None, none, f"the evaluated landmarks have no labelled image to draw from ({error})"
     present = np.array([path.is_file() for path in held.paths], dtype=bool)

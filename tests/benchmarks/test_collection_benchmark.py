@@ -11,7 +11,7 @@ from PIL import Image
 from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.benchmarks.collection import Collection
 from oxford_ir.benchmarks.collection_benchmark import collection_benchmark, collection_dataset
-from oxford_ir.benchmarks.collection_split import check_split_settings, collection_split
+from oxford_ir.benchmarks.collection_split import check_split_settings, collection_split, labelled_gallery
 from oxford_ir.benchmarks.metrics import compute_recall, evaluate_ranks
 from oxford_ir.benchmarks.registry import dataset_folder, load_benchmark
 from oxford_ir.errors import ConfigError, DataError
@@ -106,6 +106,10 @@ def test_a_split_becomes_a_benchmark_with_the_query_itself_and_its_ignored_rows_
         collection_benchmark(small_collection(is_query=only, is_gallery=only), "train")
 
 
+def other_benchmark() -> Benchmark:
+    return Benchmark("other", "/o", "original", ["x"], ["x"], [{"ok": [0]}], "/o/gt", "/o")
+
+
 def test_training_split_uses_val_then_test_then_held_out_classes_and_never_an_evaluated_image(tmp_path):
     collection = on_disk(small_collection(tmp_path))
     with pytest.warns(UserWarning, match="1 of the 5 queries of the val split"):  # c has one image
@@ -115,6 +119,12 @@ def test_training_split_uses_val_then_test_then_held_out_classes_and_never_an_ev
     assert split.labels.tolist() == [0, 0, 0, 1, 1, 1] and split.label_names == ["a", "b"]
     assert split.num_distractors == 0 and split.eval_benchmark.n_queries == 5
     assert not {str(p) for p in split.paths} & {str(p) for p in split.eval_benchmark.db_paths}
+    # val/loss draws from the evaluated images with their class: a/3, a/4 (a), b/8, b/9 (b); c/10 has no positive
+    labelled = labelled_gallery(split.eval_benchmark)
+    assert [(p.name, label) for p, label in zip(labelled.paths, labelled.labels, strict=True)] == [
+        ("3.png", 0), ("4.png", 0), ("8.png", 1), ("9.png", 1)
+    ]  # fmt: skip
+    assert labelled.label_names == ["a", "b", "c"] and labelled_gallery(other_benchmark()) is None
     # test split when there is no val split
     as_test = Collection.from_rows(
         "t", tmp_path, tmp_path, collection.paths, collection.label_names[collection.labels],
@@ -137,7 +147,7 @@ def test_training_split_uses_val_then_test_then_held_out_classes_and_never_an_ev
     with pytest.raises(ConfigError, match="unknown landmark"):
         collection_split(everything, held_out_landmarks=["zebra"])
     # another benchmark evaluated: every train row trains
-    other = Benchmark("other", "/o", "original", ["x"], ["x"], [{"ok": [0]}], "/o/gt", "/o")
+    other = other_benchmark()
     assert len(collection_split(collection, other)) == 6 and collection_split(collection, other).eval_benchmark is other
 
 
