@@ -32,8 +32,9 @@ SPLITS = ("train", "val", "test")
 class Collection:
     """Rows of a labelled image collection (see the module docstring); every array has one entry per image.
 
-    ``paths``: relative paths (numpy str array) under ``root``, extension included; ``labels``: int64 indices into
-    ``label_names``; ``split``: int8 indices into :data:`SPLITS`; ``is_query`` / ``is_gallery``: bool;
+    ``paths``: relative paths (numpy str array) under ``root``, extension included (retrieval-SfM-120k's files have
+    none); ``labels``: int64 indices into ``label_names``; ``split``: int8 indices into :data:`SPLITS`;
+    ``is_query`` / ``is_gallery``: bool;
     ``boxes``: float32 (N, 4) ``x1, y1, x2, y2`` in pixels, a row of NaN where an image has no box;
     ``ignore``: for some query rows, the rows that query must not be scored on (junk). ``source`` is the file or
     folder it was read from, named in errors.
