@@ -50,7 +50,9 @@ def prepare_benchmark(
     which names how to resume it). A ``collection:<path>`` is left as it is (its path is returned). ``key`` names the
     ``synthetic`` settings in errors (``data.synthetic``).
     """
-    if is_collection(name):  # a collection is read where it lies: nothing to write or download
+    if is_collection(name):  # a collection is read where it lies: nothing to write (SfM-120k may be downloaded)
+        if download and name == "sfm120k":
+            return download_dataset("sfm120k", Path(data_dir).expanduser())  # returns at once when complete
         return collection_location(name)
     spec = benchmark_spec(name)
     root = Path(data_dir).expanduser()

@@ -303,3 +303,16 @@ def test_load_benchmark_of_sfm120k_is_the_val_part(tmp_path: Path) -> None:
     # val: E, F (cluster 7), G (cluster 0); the one query is F: positive E, itself junk
     assert [p.name for p in benchmark.db_paths] == [E, F, G] and [p.name for p in benchmark.query_paths] == [F]
     assert benchmark.gnd[0]["ok"].tolist() == [0] and benchmark.gnd[0]["junk"].tolist() == [1]
+
+
+def test_data_download_true_fetches_sfm120k(tmp_path: Path, monkeypatch) -> None:
+    """``data.download=true`` reaches the downloader for ``sfm120k`` (a collection read where it lies otherwise); the
+    remote files cannot be reached here, so the call is recorded instead."""
+    from oxford_ir.benchmarks import prepare
+
+    calls = []
+    monkeypatch.setattr(prepare, "download_dataset", lambda name, root: calls.append((name, root)) or root / name)
+    prepare.prepare_benchmark("sfm120k", tmp_path / "data", download=True)
+    assert calls == [("sfm120k", tmp_path / "data")]
+    assert prepare.prepare_benchmark("sfm120k", tmp_path / "data") == Path("retrieval-SfM-120k")
+    assert len(calls) == 1
