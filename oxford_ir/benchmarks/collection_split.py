@@ -119,7 +119,7 @@ def collection_split(
     )
     return TrainSplit(
         kind=COLLECTION_KIND,
-        paths=PathArray(collection.root, collection.paths[rows]),
+        paths=PathArray(collection.root, collection.paths, rows),  # row numbers only: no copy of the names
         labels=labels,
         label_names=collection.label_names[trained].tolist(),
         num_landmark_classes=len(trained),
