@@ -12,18 +12,23 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 
 
-def composed(*overrides: str, hydra: bool = False):
+def composed(*overrides: str, hydra: bool = False, experiment: str | None = "quickstart"):
+    chosen = [f"experiment={experiment}"] if experiment else []
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=["experiment=quickstart", *overrides], return_hydra_config=hydra)
+        return compose("train", overrides=[*chosen, *overrides], return_hydra_config=hydra)
 
 
 def test_the_triplet_miners_margin_follows_the_loss_unless_set():
     for miner in ("triplet_semihard", "triplet_hard", "triplet_all"):
-        cfg = composed(f"miner={miner}", "loss.margin=0.3")
+        cfg = composed(f"miner={miner}", "loss.margin=0.3", experiment=None)
         assert cfg.miner.margin == 0.3, miner
-        assert composed(f"miner={miner}", "loss.margin=0.3", "miner.margin=0.05").miner.margin == 0.05
+        set_here = composed(f"miner={miner}", "loss.margin=0.3", "miner.margin=0.05", experiment=None)
+        assert set_here.miner.margin == 0.05
         # a loss without a margin: the miner keeps its own
-        assert composed(f"miner={miner}", "loss=multi_similarity").miner.margin == 0.1
+        assert composed(f"miner={miner}", "loss=multi_similarity", experiment=None).miner.margin == 0.1
+    # the quickstart sets its miner's margin (0.1) below its loss's (0.2): its recipe, as measured
+    quickstart = composed()
+    assert (quickstart.miner.margin, quickstart.loss.margin) == (0.1, 0.2)
 
 
 def test_the_grid_has_no_two_jobs_that_train_the_same():
@@ -33,7 +38,7 @@ def test_the_grid_has_no_two_jobs_that_train_the_same():
     assert set(params) == {"loss.margin", "miner"}
     trainings = []
     for values in itertools.product(*params.values()):
-        job = composed(*(f"{key}={value}" for key, value in zip(params, values, strict=True)))
+        job = composed("hparams_search=grid", *(f"{key}={value}" for key, value in zip(params, values, strict=True)))
         # a margin the miner does not share only shifts the loss of the triplets it mined: the same training
         assert job.miner.margin == job.loss.margin
         trainings.append(OmegaConf.to_yaml(OmegaConf.create({"loss": job.loss, "miner": job.miner}), resolve=True))
