@@ -77,6 +77,7 @@ def tiny_root(tmp_path_factory) -> Path:
 
 
 # -- the whole quick run ------------------------------------------------------------------------------------------
+@pytest.mark.slow  # 20 s: the whole quick benchmark run; its parts are tested above, the run in make test-full
 def test_quick_cpu_run_prints_the_table_and_writes_consistent_json(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "WANDB_MODE": "disabled"}

@@ -76,6 +76,7 @@ def test_ddp_run_equals_single_process_evaluation(tmp_path):
     assert fit_end == {k: float(np.float32(v)) for k, v in single.items()}
 
 
+@pytest.mark.slow  # 17 s: DDP itself is tested by test_ddp_run_equals_single_process_evaluation in the fast suite
 def test_ddp_multirun_jobs_each_start_their_own_processes(tmp_path):
     """A sweep of DDP jobs (default launcher): each job re-launches its own rank 1 into its own folder.
 
