@@ -25,34 +25,21 @@ import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from miniature_recipe import QUICKSTART_ON_CPU, REPO, train_run  # experiments/, beside this script
 
 from oxford_ir.benchmarks.registry import load_benchmark
 from oxford_ir.benchmarks.synthetic import write_synthetic_benchmark
 from oxford_ir.cli.evaluate import evaluate
-from oxford_ir.cli.train import train
 
-REPO = Path(__file__).resolve().parents[1]
 #: the quickstart recipe on a collection
 RECIPE = [
     "data=collection",
-    "backbone=scratch",
-    "pooling=gem",
-    "loss=triplet",
-    "miner=triplet_semihard",
-    "optimizer=adam",
-    "trainer.accelerator=cpu",
-    "validate_before_training=true",
+    *QUICKSTART_ON_CPU,
     "data.image_size=96",
     "data.eval_image_size=128",
     "data.classes_per_batch=5",
     "data.images_per_class=4",
-    "data.num_workers=0",
     "data.eval_batch_size=16",
-    "logger=csv",
-    "trainer.log_every_n_steps=5",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
 ]
 
 
@@ -82,18 +69,10 @@ def main() -> None:
     write_synthetic_benchmark(data / "synthetic")
     photos = photo_folder(data, out / "photos")
     n_photos = sum(1 for _ in photos.rglob("*.jpg"))
-    overrides = [
-        f"paths.data_dir={data}", f"paths.log_dir={out / 'logs'}", *RECIPE, f"data.benchmark=collection:{photos}",
-        f"data.n_held_out={args.held_out}", f"trainer.max_epochs={args.epochs}",
-        f"data.batches_per_epoch={args.batches}", f"seed={args.seed}",
-    ]  # fmt: skip
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out / "train")
-    start = time.perf_counter()
-    metrics, objects = train(cfg)
-    seconds = time.perf_counter() - start
+    metrics, objects, seconds = train_run(
+        out, data, "train", RECIPE, f"data.benchmark=collection:{photos}", f"data.n_held_out={args.held_out}",
+        f"trainer.max_epochs={args.epochs}", f"data.batches_per_epoch={args.batches}", f"seed={args.seed}",
+    )  # fmt: skip
     split = objects["datamodule"].split
     checkpoint = objects["trainer"].checkpoint_callback.best_model_path
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):

@@ -22,48 +22,27 @@ import tempfile
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from miniature_recipe import QUICKSTART_ON_CPU, train_run  # experiments/, beside this script
 
 from oxford_ir.benchmarks.gldv2_download import download_gldv2
 from oxford_ir.benchmarks.miniature_gldv2 import write_miniature_gldv2
-from oxford_ir.cli.train import train
 
-REPO = Path(__file__).resolve().parents[1]
 #: the quickstart recipe, shrunk to the miniature's size
 RECIPE = [
     "data=gldv2",
     "data.benchmark=gldv2:min3:val6",
-    "backbone=scratch",
-    "pooling=gem",
-    "loss=triplet",
-    "miner=triplet_semihard",
-    "optimizer=adam",
-    "trainer.accelerator=cpu",
-    "validate_before_training=true",
+    *QUICKSTART_ON_CPU,
     "data.image_size=48",
     "data.eval_image_size=64",
     "data.classes_per_batch=4",
     "data.images_per_class=3",
-    "data.num_workers=0",
     "data.eval_batch_size=8",
-    "logger=csv",
-    "trainer.log_every_n_steps=5",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
 ]
 
 
 def run(out: Path, data: Path, name: str, *overrides: str) -> tuple[dict[str, float], float]:
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "train", overrides=[f"paths.data_dir={data}", f"paths.log_dir={out / 'logs'}", *RECIPE, *overrides]
-        )
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out / name)
-    start = time.perf_counter()
-    metrics, _ = train(cfg)
-    return metrics, time.perf_counter() - start
+    metrics, _, seconds = train_run(out, data, name, RECIPE, *overrides)
+    return metrics, seconds
 
 
 def main() -> None:
