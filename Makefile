@@ -51,7 +51,7 @@ search: $(STAMP) ## search an index; ARGS="index=<dir> query=<image|folder> k=10
 serve: $(STAMP) ## the search web page for an index: make serve INDEX=indexes/photos [ARGS="port=0 k=20"]
 	$(VENV)/bin/oxford-ir-serve index=$(INDEX) $(ARGS)
 
-bench: $(STAMP) ## benchmarks: training, extraction, evaluation, search vs the compute ceiling and the original method (CPU, ~2 min); writes bench.json; ARGS="--quick|--only training,search"
+bench: $(STAMP) ## benchmarks: training, extraction, evaluation, search vs the compute ceiling and the original method (CPU, 3 min 15 s on 2 cores); writes bench.json; ARGS="--quick|--only training,search"
 	$(PY) experiments/bench/run.py --profile cpu --out bench.json $(ARGS)
 
 reproduce: $(STAMP) ## the published setting: download Paris6k + Oxford5k, train gem_resnet50, evaluate ROxf/RPar (GPU, ~2.3 h); DRY=1: the same on the synthetic benchmark (CPU, 2-4 min); ARGS="--out DIR ..."
