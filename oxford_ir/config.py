@@ -46,7 +46,6 @@ def instantiate(node: Any, key: str, **kwargs: Any) -> Any:
     """
     import hydra
     from hydra.errors import InstantiationException
-
     from omegaconf.errors import MissingMandatoryValue
 
     check_node(node, key)
