@@ -31,7 +31,7 @@ from oxford_ir.benchmarks.registry import BENCHMARKS, is_collection, load_benchm
 from oxford_ir.benchmarks.splits import _restrict_to_landmarks, landmark_of_queries
 from oxford_ir.callbacks.per_query_table import per_query_rows
 from oxford_ir.cli.hydra_typos import refuse_typos
-from oxford_ir.config import CONFIG_DIR, instantiate
+from oxford_ir.config import CONFIG_DIR, instantiate, to_plain
 from oxford_ir.errors import ConfigError, exit_on_user_error
 from oxford_ir.extraction.benchmark import benchmark_cache, extract_benchmark, plan_benchmark, plans_summary
 from oxford_ir.extraction.distributed import barrier, init_from_environment, rank_and_world
@@ -41,6 +41,7 @@ from oxford_ir.extraction.planning import ExtractionPlan
 from oxford_ir.extraction.whitening_source import WhiteningSettings
 from oxford_ir.fs import replace_file
 from oxford_ir.retrieval.model_whitening import evaluation_whitening, source_split
+from oxford_ir.retrieval.overlap_check import check_overlap
 from oxford_ir.retrieval.report import format_table
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if landmarks is not None:
         benchmarks = [restrict_to_landmarks(benchmark, landmarks) for benchmark in benchmarks]
     extract_kwargs = {"batch_size": batch_size, "num_workers": num_workers, "device": device, **options}
+    overlap, overlap_report = (
+        check_overlap(to_plain(cfg.get("overlap")), benchmarks, data_dir) if rank == 0 else ({}, None)
+    )
     model, whitening = evaluation_whitening(
         cfg,
         model,
@@ -254,11 +258,14 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if whitening:
         table = f"{whitening['kind']} whitening ({whitening['status']}): {whitening['file']}\n{table}"
     flat = {f"{name}/{key}": value for name, metrics in results.items() for key, value in metrics.items()}
+    flat.update(overlap)
     if rank != 0:  # every process holds the same results; the first one reports them
         return flat, {"model": model, "results": results, "table": table}
     print(table)
     summary = extraction_report(extraction, options, scales, device)
     results_json = {"metrics": flat, "notes": notes, "extraction": summary, "whitening": whitening or None}
+    if overlap_report is not None:
+        results_json["overlap"] = overlap_report
     output_dir = Path(cfg.paths.output_dir)
     csvs = {name: per_query_csv(benchmark, aps) for name, (benchmark, aps) in per_query.items()}
     write_results(output_dir, results_json, table, csvs)

@@ -155,12 +155,15 @@ class OverlapGuard:
         return split
 
     def metrics(self) -> dict[str, float]:
-        """What was found as flat numbers for ``metrics.json``: ``overlap/exact``, ``overlap/near``,
-        ``overlap/dropped``, ``overlap/threshold`` and ``overlap/<landmark>/exact|near``; empty when off."""
-        if self.summary is None:
-            return {}
-        found = {f"overlap/{k}": float(self.summary[k]) for k in ("exact", "near", "dropped")}
-        found["overlap/threshold"] = float(self.settings.threshold)
-        for landmark, counts in self.summary["per_landmark"].items():
-            found.update({f"overlap/{landmark}/{kind}": float(n) for kind, n in counts.items()})
-        return found
+        """What was found as flat numbers for ``metrics.json`` (:func:`overlap_metrics`); empty when off."""
+        return {} if self.summary is None else overlap_metrics(self.summary, self.settings.threshold)
+
+
+def overlap_metrics(summary: Mapping[str, Any], threshold: float) -> dict[str, float]:
+    """A guard's summary as flat numbers: ``overlap/exact``, ``overlap/near``, ``overlap/dropped`` (when it dropped
+    any), ``overlap/threshold`` and ``overlap/<landmark>/exact|near``."""
+    found = {f"overlap/{k}": float(summary[k]) for k in ("exact", "near", "dropped") if k in summary}
+    found["overlap/threshold"] = float(threshold)
+    for landmark, counts in summary["per_landmark"].items():
+        found.update({f"overlap/{landmark}/{kind}": float(n) for kind, n in counts.items()})
+    return found
