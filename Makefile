@@ -17,11 +17,11 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(if $(filter 1 yes true,$(CPU)),$(PY) -m pip install --index-url $(TORCH_INDEX) 'torch<=2.14.1' 'torchvision<=0.29.1')
-	$(PY) -m pip install -e '.[dev,optuna,slurm,joblib,faiss]'
+	$(PY) -m pip install -e '.[dev,optuna,slurm,joblib,faiss,onnx]'
 	./.ci/install-chromium
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv, install the package with its dev/optuna/slurm/joblib/faiss extras, and Debian's chromium if missing; CPU=1: CPU-only torch
+install: $(STAMP) ## create .venv, install the package with its dev/optuna/slurm/joblib/faiss/onnx extras, and Debian's chromium if missing; CPU=1: CPU-only torch
 
 test: $(STAMP) ## run the fast test suite (CPU, a few minutes)
 	$(PY) -m pytest
