@@ -96,9 +96,14 @@ class Benchmark:
         return self.evaluate_detailed(ranks, kappas)[0]
 
     def evaluate_detailed(
-        self, ranks: np.ndarray, kappas: Sequence[int] = DEFAULT_KAPPAS
+        self,
+        ranks: np.ndarray,
+        kappas: Sequence[int] = DEFAULT_KAPPAS,
+        distractors_above: np.ndarray | None = None,
     ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        """Metrics (and :attr:`extra_metrics`) and per-query AP arrays (``AP`` or ``E/AP``, ``M/AP``, ``H/AP``)."""
+        """Metrics (and :attr:`extra_metrics`) and per-query AP arrays (``AP`` or ``E/AP``, ``M/AP``, ``H/AP``);
+        ``distractors_above`` (n_db x n_queries): distractors ranked before each database image
+        (:mod:`~oxford_ir.benchmarks.metrics`)."""
         ranks = np.asarray(ranks)
         if ranks.ndim != 2 or ranks.shape[1] != self.n_queries:
             raise ValueError(
@@ -107,7 +112,12 @@ class Benchmark:
             )
         if ranks.size and (ranks.min() < 0 or ranks.max() >= self.n_db):
             raise ValueError(f"{self.name}: ranks hold indices outside the database of {self.n_db} images")
-        return evaluate_ranks(ranks, self.gnd, self.protocol, kappas, self.extra_metrics)
+        if distractors_above is not None and np.shape(distractors_above) != (self.n_db, self.n_queries):
+            raise ValueError(
+                f"{self.name}: distractors_above must have shape ({self.n_db}, {self.n_queries}), "
+                f"got {np.shape(distractors_above)}"
+            )
+        return evaluate_ranks(ranks, self.gnd, self.protocol, kappas, self.extra_metrics, distractors_above)
 
     # -- consistency -------------------------------------------------------------------------
     def validate(self) -> Benchmark:

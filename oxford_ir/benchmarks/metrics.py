@@ -17,6 +17,11 @@ among the first k after junk is removed) is not part of that code; benchmarks bu
 
 The loops of the reference are vectorised per query; ``tests/retrieval`` checks
 the result against a literal copy of the published code.
+
+Distractors (Revisited Oxford/Paris + R1M): images that are never positive nor junk only move the database images
+down. ``distractors_above`` (n_db x n_queries: how many distractors the full ranking puts before each database
+image) gives each database image its position in the ranking of database + distractors (database rows first on
+equal scores), so the metrics equal those of that full ranking without an (n_db + 1M) x n_queries array.
 """
 
 from __future__ import annotations
@@ -63,12 +68,14 @@ def compute_map(
     ranks: np.ndarray,
     gnd: Sequence[Mapping[str, Sequence[int]]],
     kappas: Sequence[int] = DEFAULT_KAPPAS,
+    distractors_above: np.ndarray | None = None,
 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """Mean average precision and mean precision at k, as the published ``compute_map``.
 
     Returns ``(mAP, aps, mpr, prs)``: the mean AP over queries that have positives,
     per-query AP (NaN where a query has none), mean P@k for each k in ``kappas``
     and per-query P@k (n_queries x len(kappas)). All values lie in [0, 1].
+    ``distractors_above``: see the module docstring (None: no distractors).
     """
     ranks = np.asarray(ranks)
     if ranks.ndim != 2:
@@ -88,8 +95,8 @@ def compute_map(
             continue
         junk = np.unique(np.asarray(entry.get("junk", ()), dtype=np.int64))
         column = ranks[:, q]
-        pos = _positions(column, positives)
-        junk_pos = _positions(column, junk)
+        pos = _shifted(column, _positions(column, positives), distractors_above, q)
+        junk_pos = _shifted(column, _positions(column, junk), distractors_above, q)
         # shift each positive up by the number of junk images ranked before it
         pos = pos - np.searchsorted(junk_pos, pos)
         aps[q] = compute_ap(pos, positives.size)
@@ -103,10 +110,17 @@ def compute_map(
     return float(aps[valid].mean()), aps, prs[valid].mean(axis=0), prs
 
 
+def _shifted(column: np.ndarray, positions: np.ndarray, above: np.ndarray | None, q: int) -> np.ndarray:
+    """Positions among the database images -> positions in the ranking with the distractors (still sorted: a
+    better database image has no more distractors above it)."""
+    return positions if above is None else positions + np.asarray(above[column[positions], q], dtype=np.int64)
+
+
 def compute_recall(
     ranks: np.ndarray,
     gnd: Sequence[Mapping[str, Sequence[int]]],
     kappas: Sequence[int] = DEFAULT_KAPPAS,
+    distractors_above: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Recall@k (CMC): per query, 1 when one of its positives (``ok``) is among its first k database images
     once its ``junk`` is removed from the ranking, else 0.
@@ -124,11 +138,12 @@ def compute_recall(
         if positives.size == 0:
             continue
         column = ranks[:, q]
-        pos = _positions(column, positives)
+        pos = _shifted(column, _positions(column, positives), distractors_above, q)
         if pos.size == 0:  # no positive ranked at all
             recalls[q] = 0.0
             continue
-        junk_pos = _positions(column, np.unique(np.asarray(entry.get("junk", ()), dtype=np.int64)))
+        junk = np.unique(np.asarray(entry.get("junk", ()), dtype=np.int64))
+        junk_pos = _shifted(column, _positions(column, junk), distractors_above, q)
         first = pos[0] - np.searchsorted(junk_pos, pos[0])  # 0-based rank of the best positive without junk
         recalls[q] = [float(first < k) for k in kappas]
     valid = ~np.isnan(recalls[:, 0]) if kappas else np.zeros(len(gnd), bool)
@@ -155,8 +170,10 @@ def evaluate_ranks(
     protocol: str,
     kappas: Sequence[int] = DEFAULT_KAPPAS,
     extra_metrics: Sequence[str] = (),
+    distractors_above: np.ndarray | None = None,
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Evaluate a ranking under the ``original`` or ``revisited`` protocol.
+    """Evaluate a ranking under the ``original`` or ``revisited`` protocol (with distractors: see the module
+    docstring).
 
     Returns a flat dict of metrics (``mAP``, ``mP@k`` for the original protocol;
     ``E/mAP``, ``M/mAP``, ``H/mAP``, ``E/mP@k``, ... for the revisited one) and
@@ -176,12 +193,12 @@ def evaluate_ranks(
     metrics: dict[str, float] = {}
     per_query: dict[str, np.ndarray] = {}
     for prefix, setting in settings.items():
-        m_ap, aps, mpr, _ = compute_map(ranks, setting, kappas)
+        m_ap, aps, mpr, _ = compute_map(ranks, setting, kappas, distractors_above)
         metrics[f"{prefix}mAP"] = m_ap
         for k, value in zip(kappas, mpr, strict=True):
             metrics[f"{prefix}mP@{k}"] = float(value)
         per_query[f"{prefix}AP"] = aps
         if "recall" in extra_metrics:
-            recall, _ = compute_recall(ranks, setting, kappas)
+            recall, _ = compute_recall(ranks, setting, kappas, distractors_above)
             metrics.update({f"{prefix}R@{k}": float(value) for k, value in zip(kappas, recall, strict=True)})
     return metrics, per_query

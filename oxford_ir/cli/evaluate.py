@@ -5,6 +5,9 @@ with one line naming it. The run folder gets ``table.txt``, ``per_query_ap/<benc
 to see which ones fail) and then ``metrics.json``, each written whole or not at all; ``metrics.json`` marks a
 finished evaluation (see :func:`write_results`). The folder is printed last, so that a newcomer finds them.
 
+``<benchmark>+r1m`` or ``<benchmark>+folder:<path>`` adds distractors to the database
+(:mod:`~oxford_ir.retrieval.distractors`: embedded once per model and settings into an index, reused later).
+
 ``landmarks=`` evaluates the queries of some landmarks only (the database stays whole), e.g. the landmarks a
 whitening's training split held out: a whitening learned on a dataset may then be evaluated on that dataset.
 """
@@ -40,6 +43,7 @@ from oxford_ir.extraction.options import extraction_options, resolve_device
 from oxford_ir.extraction.planning import ExtractionPlan
 from oxford_ir.extraction.whitening_source import WhiteningSettings
 from oxford_ir.fs import replace_file
+from oxford_ir.retrieval.distractors import DistractorSet, distractor_sets, split_name
 from oxford_ir.retrieval.model_whitening import evaluation_whitening, source_split
 from oxford_ir.retrieval.overlap_check import check_overlap
 from oxford_ir.retrieval.report import format_table
@@ -72,6 +76,7 @@ def evaluate_model(
     max_shapes: int = 16,
     aspect_tolerance: float = 0.1,
     per_query: dict[str, tuple[Benchmark, dict[str, Any]]] | None = None,
+    distractors: Sequence[DistractorSet | None] | None = None,
     **extract_kwargs: Any,
 ) -> tuple[dict[str, dict[str, float]], dict[str, str], dict[str, tuple[ExtractionPlan, ExtractionPlan]]]:
     """Evaluate ``model`` on each benchmark (a name, loaded from ``data_dir``, or a loaded one); returns
@@ -80,12 +85,15 @@ def evaluate_model(
 
     ``cache_dir``: read the images from the evaluation image cache there (built on first use), which gives
     the same tensors as decoding them. ``per_query``: a dict that gets ``{name: (benchmark, per-query AP arrays)}``.
+    ``distractors``: for each benchmark, the distractors added to its database (None: none), named
+    ``<benchmark>+<label>`` in the results.
     """
     results, notes, extraction = {}, {}, {}
-    for benchmark in benchmarks:
+    for position, benchmark in enumerate(benchmarks):
         if not isinstance(benchmark, Benchmark):
             benchmark = load_benchmark(benchmark, data_dir, allow_missing_images=allow_missing_images)
-        name = benchmark.name
+        extra = distractors[position] if distractors else None
+        name = benchmark.name if extra is None else f"{benchmark.name}+{extra.label}"
         cache = None
         if cache_dir is not None:
             cache = benchmark_cache(
@@ -110,10 +118,13 @@ def evaluate_model(
             batch_size=batch_size,
             **extract_kwargs,
         )
-        results[name], aps = benchmark.evaluate_detailed(rank_database(db, queries), kappas=kappas)
+        above = extra.above(db, queries) if extra is not None else None
+        results[name], aps = benchmark.evaluate_detailed(rank_database(db, queries), kappas, above)
         if per_query is not None:
             per_query[name] = (benchmark, aps)
-        notes[name] = benchmark.subset_note
+        notes[name] = "; ".join(
+            n for n in (benchmark.subset_note, extra and f"+ {extra.note}, {extra.search} search") if n
+        )
         extraction[name] = plans
         log.info(
             "%s: %d database images, %d queries, %d input shapes",
@@ -155,14 +166,18 @@ def extraction_report(
 def _benchmark_names(value: Any) -> list[str]:
     """``benchmarks=``: a list of names, or one name (``benchmarks=roxford5k``)."""
     names = [value] if isinstance(value, str) else list(value) if OmegaConf.is_list(value) else None
-    unknown = [n for n in names if n not in BENCHMARKS and not is_collection(n)] if names is not None else [value]
+    unknown = [n for n in names if not _known(split_name(str(n))[0])] if names is not None else [value]
     if not names or unknown:
         raise ConfigError(
             f"benchmarks={OmegaConf.to_container(value) if OmegaConf.is_config(value) else value!r}: unknown "
-            f"{unknown}; give one or a list of {sorted(BENCHMARKS)} or collection:<folder or manifest>, e.g. "
-            "benchmarks=[roxford5k,rparis6k]"
+            f"{unknown}; give one or a list of {sorted(BENCHMARKS)} or collection:<folder or manifest>, each with "
+            "+r1m or +folder:<path> for distractors, e.g. benchmarks=[roxford5k,rparis6k+r1m]"
         )
     return [str(n) for n in names]
+
+
+def _known(name: str) -> bool:
+    return name in BENCHMARKS or is_collection(name)
 
 
 def _whole_numbers(value: Any, key: str, *, least: int, single: bool = False) -> list[int]:
@@ -219,11 +234,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     rank, _ = rank_and_world()
     if rank == 0:
         synthetic = OmegaConf.to_container(cfg.get("synthetic") or {})
-        for name in names:
+        for name in dict.fromkeys(split_name(n)[0] for n in names):
             prepare_benchmark(name, data_dir, download=bool(cfg.download), synthetic=synthetic)
     barrier()
     allow_missing = bool(cfg.allow_missing_images)
-    benchmarks = [load_benchmark(name, data_dir, allow_missing_images=allow_missing) for name in names]
+    benchmarks = [load_benchmark(split_name(n)[0], data_dir, allow_missing_images=allow_missing) for n in names]
     landmarks = evaluated_landmarks(cfg, data_dir)
     if landmarks is not None:
         benchmarks = [restrict_to_landmarks(benchmark, landmarks) for benchmark in benchmarks]
@@ -240,6 +255,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         progress=True,
         **extract_kwargs,
     )
+    extras = distractor_sets(cfg, names, model, image_size=image_size, scales=scales, progress=True, **extract_kwargs)
     per_query: dict[str, tuple[Benchmark, dict[str, Any]]] = {}
     results, notes, extraction = evaluate_model(
         model,
@@ -251,6 +267,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         kappas=kappas,
         cache_dir=cache_dir,
         per_query=per_query,
+        distractors=extras,
         progress=True,
         **extract_kwargs,
     )
@@ -266,6 +283,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     results_json = {"metrics": flat, "notes": notes, "extraction": summary, "whitening": whitening or None}
     if overlap_report is not None:
         results_json["overlap"] = overlap_report
+    if any(extras):
+        named = zip(benchmarks, extras, strict=True)
+        results_json["distractors"] = {f"{b.name}+{d.label}": d.summary() for b, d in named if d is not None}
     output_dir = Path(cfg.paths.output_dir)
     csvs = {name: per_query_csv(benchmark, aps) for name, (benchmark, aps) in per_query.items()}
     write_results(output_dir, results_json, table, csvs)

@@ -1,0 +1,117 @@
+"""Distractors (benchmark+r1m, benchmark+folder:<path>): the protocol equals the published code on the full ranking of
+database + distractors, and the distractors are embedded once per model and settings."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from oxford_ir.benchmarks.metrics import evaluate_ranks
+from oxford_ir.benchmarks.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
+from oxford_ir.cli.evaluate import evaluate
+from oxford_ir.errors import ConfigError
+from oxford_ir.retrieval.distractors import distractors_above, split_name
+from oxford_ir.retrieval.index_format import RetrievalIndex
+from tests.benchmarks import revisitop_reference as published
+from tests.test_evaluate import compose_eval, raw_pixels_by_hand
+
+
+def published_revisited(ranks: np.ndarray, gnd: list[dict]) -> dict[str, float]:
+    """mAP of Easy / Medium / Hard as revisitop's example_evaluate.py sets them up, with its compute_map."""
+    setups = {
+        "E": lambda g: (g["easy"], np.concatenate([g["junk"], g["hard"]])),
+        "M": lambda g: (np.concatenate([g["easy"], g["hard"]]), g["junk"]),
+        "H": lambda g: (g["hard"], np.concatenate([g["junk"], g["easy"]])),
+    }
+    out = {}
+    for protocol, setup in setups.items():
+        gnd_t = [
+            dict(zip(("ok", "junk"), setup({k: np.asarray(g[k], dtype=int) for k in g}), strict=True)) for g in gnd
+        ]
+        out[f"{protocol}/mAP"], _, mpr, _ = published.compute_map(ranks, gnd_t, [1, 5, 10])
+        out[f"{protocol}/mP@5"] = mpr[1]
+    return out
+
+
+def full_ranking(db: np.ndarray, distractors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Database then distractors, ranked by one product and a stable sort: the brute-force reference."""
+    everything = np.concatenate([db, distractors]).astype(np.float32)
+    return np.argsort(-(everything @ queries.T.astype(np.float32)), axis=0, kind="stable")
+
+
+def test_counting_distractors_above_equals_ranking_them_all() -> None:
+    rng = np.random.default_rng(0)
+    n_db, n_d, n_q, dim = 40, 300, 6, 8
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    db, queries = unit(rng.normal(size=(n_db, dim))), unit(rng.normal(size=(n_q, dim)))
+    distractors = unit(rng.normal(size=(n_d, dim))).astype(np.float16)  # as a float16 index stores them
+    distractors[7] = db[3]  # an equal score: the database image comes first
+    gnd = []
+    for _ in range(n_q):
+        picked = rng.permutation(n_db)
+        gnd.append({"easy": picked[:5], "hard": picked[5:9], "junk": picked[9:12]})
+    above = distractors_above(db, queries, distractors, block=64)  # several blocks
+    ours, _ = evaluate_ranks(
+        np.argsort(-(db @ queries.T), axis=0, kind="stable"), gnd, "revisited", (1, 5, 10), (), above
+    )
+    reference = published_revisited(full_ranking(db, distractors.astype(np.float32), queries), gnd)
+    for key, value in reference.items():
+        assert ours[key] == pytest.approx(value, abs=1e-12)
+    without, _ = evaluate_ranks(np.argsort(-(db @ queries.T), axis=0, kind="stable"), gnd, "revisited")
+    assert ours["M/mAP"] < without["M/mAP"]  # the distractors matter in this test
+
+
+def test_names_with_distractors() -> None:
+    assert split_name("roxford5k+r1m") == ("roxford5k", "r1m")
+    assert split_name("collection:/a+b/c+folder:/d+e") == ("collection:/a+b/c", "folder:/d+e")
+    assert split_name("rparis6k") == ("rparis6k", None)
+    with pytest.raises(ConfigError, match="give the folder of distractor images after folder:"):
+        split_name("rparis6k+folder:")
+
+
+def test_evaluation_with_a_distractor_folder_equals_brute_force_and_embeds_once(tmp_path, capsys) -> None:
+    other = write_synthetic_benchmark(tmp_path / "other", **{**SYNTHETIC_PRESETS["tiny"], "seed": 5})
+    folder = other / "jpg"
+    names = [f"rsynthetic+folder:{folder}", "rsynthetic"]
+    overrides = ["backbone=raw_pixels", "pooling=flatten", f"benchmarks=[{','.join(names)}]"]
+    flat, _ = evaluate(compose_eval(tmp_path, *overrides))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    record = saved["distractors"]["rsynthetic+jpg"]
+    n_distractors = len(list(folder.glob("*.jpg")))
+    assert record["images"] == n_distractors and record["embedded"] == n_distractors and record["search"] == "exact"
+    assert f"* rsynthetic+jpg: + {n_distractors} distractors from {folder}, exact search" in capsys.readouterr().out
+
+    # the brute-force reference: the embeddings by hand, database + the index's distractor rows, ranked by numpy
+    root = tmp_path / "data" / "synthetic"
+    with open(root / "gnd_rsynthetic.pkl", "rb") as handle:
+        gt = pickle.load(handle)
+    db = np.stack([raw_pixels_by_hand(root / "jpg" / f"{n}.jpg") for n in gt["imlist"]])
+    queries = np.stack(
+        [raw_pixels_by_hand(root / "jpg" / f"{n}.jpg", g["bbx"]) for n, g in zip(gt["qimlist"], gt["gnd"], strict=True)]
+    )
+    index = RetrievalIndex.load(record["index"])
+    by_hand = np.stack([raw_pixels_by_hand(index.image_path(i)) for i in range(len(index))])
+    np.testing.assert_allclose(index.vectors(), by_hand, atol=2e-3)  # float16 rows of the same embeddings
+    reference = published_revisited(full_ranking(db, index.vectors(), queries), gt["gnd"])
+    for key, value in reference.items():
+        assert flat[f"rsynthetic+jpg/{key}"] == pytest.approx(value, abs=1e-6)
+    assert flat["rsynthetic+jpg/M/mAP"] < flat["rsynthetic/M/mAP"]
+
+    # a second evaluation with the same model and settings embeds no distractor again
+    evaluate(compose_eval(tmp_path, *overrides))
+    again = json.loads((tmp_path / "run" / "metrics.json").read_text())["distractors"]["rsynthetic+jpg"]
+    assert again["embedded"] == 0 and again["kept"] == n_distractors and again["index"] == record["index"]
+    # other settings: another index
+    evaluate(compose_eval(tmp_path, *overrides, "extraction.image_size=40"))
+    third = json.loads((tmp_path / "run" / "metrics.json").read_text())["distractors"]["rsynthetic+jpg"]
+    assert third["embedded"] == n_distractors and third["index"] != record["index"]
+
+
+def test_missing_r1m_says_how_to_fetch_it(tmp_path) -> None:
+    from oxford_ir.errors import DataError
+
+    with pytest.raises(DataError, match="no R1M distractors in .*oxford-ir-data download r1m --root"):
+        evaluate(compose_eval(tmp_path, "backbone=raw_pixels", "pooling=flatten", "benchmarks=[rsynthetic+r1m]"))
