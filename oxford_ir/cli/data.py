@@ -2,6 +2,7 @@
 
 oxford-ir-data download oxford5k --root data          # -> data/oxford5k/{jpg,gt_files_170407,gnd_*.pkl}
 oxford-ir-data download gldv2 --root data --parts 0-3,7  # -> data/gldv2/{train_clean.csv,train.csv,train/}
+oxford-ir-data download r1m --root data --parts 1-10     # -> data/revisitop1m/{revisitop1m.txt,jpg/}: R1M distractors
 oxford-ir-data verify roxford5k --root data           # exit 0 when every listed image decodes
 oxford-ir-data synthetic --root data/synthetic --seed 0
 oxford-ir-data cache roxford5k --root data --eval-size 1024 --train-long-side 724 --workers 8
@@ -96,10 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Fetch a dataset's official images and ground truth into ROOT/<dataset>/ (jpg/, the gt text files and "
             "the gnd_*.pkl of both protocols). Interrupted runs resume; a complete dataset is left alone. "
             "The Revisited names fetch the same folder. gldv2 (Google Landmarks v2) fetches its CSVs and the "
-            "training TARs named by --parts, each checked against its md5 file."
+            "training TARs named by --parts, each checked against its md5 file. r1m fetches revisitop's 1M distractors "
+            "(100 archives, --parts 1-10 for some; all by default), recording each archive's sha256."
         ),
     )
-    download.add_argument("dataset", choices=sorted([*DATASET_FOLDERS, "gldv2"]), help="dataset to fetch")
+    download.add_argument("dataset", choices=sorted([*DATASET_FOLDERS, "gldv2", "r1m"]), help="dataset to fetch")
     download.add_argument(
         "--root", type=Path, default=data_dir, help="data folder (default: $OXFORD_IR_DATA or ./data)"
     )
@@ -113,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--no-progress", action="store_true", help="no progress bars")
     download.add_argument(
         "--parts",
-        help="gldv2 only: which of its 500 training TARs (about 1 GB each), e.g. 0-3,7 or all (about 500 GB)",
+        help="gldv2: which of its 500 training TARs (about 1 GB each), e.g. 0-3,7 or all (about 500 GB); "
+        "r1m: which of its 100 archives (1-100, default all), e.g. 1-10",
     )
 
     verify = commands.add_parser(
@@ -257,8 +260,10 @@ def _download(args: argparse.Namespace) -> int:
 
     if args.dataset == "gldv2":
         return _download_gldv2(args)
+    if args.dataset == "r1m":
+        return _download_r1m(args)
     if args.parts is not None:
-        raise ConfigError(f"--parts is for gldv2 only; {args.dataset} is fetched whole")
+        raise ConfigError(f"--parts is for gldv2 and r1m only; {args.dataset} is fetched whole")
     folder = download_dataset(
         args.dataset,
         args.root,
@@ -296,6 +301,28 @@ def _download_gldv2(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     print(f"gldv2: parts {format_parts(parts)} complete in {folder}")
+    return 0
+
+
+def _download_r1m(args: argparse.Namespace) -> int:
+    from oxford_ir.benchmarks.gldv2_download import format_parts
+    from oxford_ir.benchmarks.r1m import NUM_PARTS, download_r1m, parse_r1m_parts, r1m_status
+    from oxford_ir.errors import ConfigError
+
+    if args.sources is not None:
+        raise ConfigError("--sources does not apply to r1m (its URLs follow a pattern); use --base-url for a mirror")
+    parts = parse_r1m_parts(args.parts)
+    folder = download_r1m(
+        args.root,
+        parts,
+        base_url=args.base_url,
+        progress=not args.no_progress,
+        keep_archives=args.keep_archives,
+        retries=args.retries,
+        timeout=args.timeout,
+    )
+    done = r1m_status(folder)[2]
+    print(f"r1m: parts {format_parts(parts)} extracted in {folder} ({len(done)} of {NUM_PARTS} parts there)")
     return 0
 
 

@@ -312,7 +312,7 @@ def test_cli_requires_parts_and_says_how_big(tmp_path: Path, capsys: pytest.Capt
     assert err.count("\n") == 1 and not (tmp_path / "gldv2").exists()
     with pytest.raises(SystemExit):
         data_main(["download", "oxford5k", "--root", str(tmp_path), "--parts", "1"])
-    assert "--parts is for gldv2 only" in capsys.readouterr().err
+    assert "--parts is for gldv2 and r1m only" in capsys.readouterr().err
 
 
 def test_cli_downloads_the_parts_named(
