@@ -2,13 +2,15 @@
 
 The logic is :func:`index` (a composed config in, an :class:`~oxford_ir.retrieval.index_report.IndexReport` out);
 the format is documented in :mod:`oxford_ir.retrieval.index_format`, the incremental / atomic update rules in
-:mod:`oxford_ir.retrieval.index_build`.
+:mod:`oxford_ir.retrieval.index_build`. ``onnx=<file>`` indexes with a file written by ``oxford-ir-export``
+(onnxruntime on the CPU). PyTorch is imported once there is something to embed, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -16,18 +18,21 @@ from omegaconf import DictConfig, OmegaConf
 from oxford_ir.cli.hydra_typos import refuse_typos
 from oxford_ir.config import CONFIG_DIR
 from oxford_ir.errors import ConfigError, exit_on_user_error
-from oxford_ir.extraction.distributed import init_from_environment, rank_and_world
-from oxford_ir.extraction.options import extraction_options, resolve_device
-from oxford_ir.retrieval.image_sources import resolve_images
-from oxford_ir.retrieval.index_build import build_index
-from oxford_ir.retrieval.index_report import IndexReport
-from oxford_ir.retrieval.model_spec import ModelSpec
+
+if TYPE_CHECKING:
+    from oxford_ir.retrieval.index_report import IndexReport
 
 log = logging.getLogger(__name__)
 
 
 def index(cfg: DictConfig) -> IndexReport:
     """Build or update the index ``cfg.out`` of ``cfg.images`` with the configured model; prints a summary."""
+    from oxford_ir.extraction.distributed import init_from_environment, rank_and_world
+    from oxford_ir.extraction.options import extraction_options, resolve_device
+    from oxford_ir.retrieval.image_sources import resolve_images
+    from oxford_ir.retrieval.index_build import build_index
+    from oxford_ir.retrieval.model_spec import ModelSpec
+
     for key in ("images", "out"):
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
             raise ConfigError(

@@ -1,11 +1,14 @@
 """``oxford-ir-search``: search an index with images (table or JSON lines, and a PNG grid), or evaluate it.
 
 The logic is :func:`search` (a composed config in, the results out); see conf/search.yaml for the options.
-Query images are embedded by the index's own model with its extraction settings, all in one batched pass.
+Query images are embedded by the index's own model (or ``onnx=`` / ``ckpt_path=``: the same model from another
+file) with its extraction settings, all in one batched pass. PyTorch and the rest of the search stack are imported
+inside the functions that use them, so ``--help`` and refused inputs answer without them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -13,7 +16,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -21,13 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 from oxford_ir.benchmarks.boxes import BBox, parse_bbox
 from oxford_ir.cli.hydra_typos import refuse_typos
 from oxford_ir.config import CONFIG_DIR
-from oxford_ir.errors import ConfigError, DataError, exit_on_user_error
-from oxford_ir.extraction.options import resolve_device
+from oxford_ir.errors import ConfigError, DataError, IndexFormatError, exit_on_user_error
 from oxford_ir.fs import replace_file
 from oxford_ir.images import IMAGE_EXTENSIONS
-from oxford_ir.retrieval.model_whitening import check_requested_whitening, check_whitening_disjoint
-from oxford_ir.retrieval.report import format_table
-from oxford_ir.retrieval.search import Searcher, _check_k, render_result_grid
+
+if TYPE_CHECKING:
+    from oxford_ir.retrieval.index_format import RetrievalIndex
+    from oxford_ir.retrieval.search import Searcher
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,9 @@ def _read_list(path: Path) -> list[tuple[Path, BBox | None]] | None:
 
 def make_searcher(index: Any, cfg: DictConfig) -> Searcher:
     """A :class:`Searcher` over ``index`` with the backend, re-ranking and extraction settings of ``cfg``."""
+    from oxford_ir.extraction.options import resolve_device
+    from oxford_ir.retrieval.search import Searcher
+
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     ex = container.get("extraction") or {}
@@ -118,6 +124,8 @@ def search(cfg: DictConfig) -> tuple[list[dict[str, Any]] | dict[str, float], di
     objects used (``index``, ``searcher``, ``grids`` or ``table``).
     """
     from oxford_ir.retrieval.index_format import RetrievalIndex
+    from oxford_ir.retrieval.model_whitening import check_requested_whitening
+    from oxford_ir.retrieval.search import _check_k
 
     if cfg.get("index") in (None, ""):
         raise ConfigError(
@@ -132,7 +140,7 @@ def search(cfg: DictConfig) -> tuple[list[dict[str, Any]] | dict[str, float], di
     if not benchmark_name:
         k = _check_k(cfg.k)
         queries = resolve_queries(cfg.get("query"), cfg.get("bbox"))
-    index = RetrievalIndex.load(Path(str(cfg.index)))
+    index = with_model(RetrievalIndex.load(Path(str(cfg.index))), cfg)
     check_requested_whitening(cfg.get("whitening"), index.model, str(index.path))
     searcher = make_searcher(index, cfg)
     output_dir = Path(cfg.paths.output_dir)
@@ -171,6 +179,38 @@ def search(cfg: DictConfig) -> tuple[list[dict[str, Any]] | dict[str, float], di
     return records, {"index": index, "searcher": searcher, "result": result, "grids": grids}
 
 
+def with_model(index: RetrievalIndex, cfg: DictConfig) -> RetrievalIndex:
+    """``index`` searched with ``cfg.onnx`` or ``cfg.ckpt_path`` instead of its own model file: accepted when it is
+    the model the index was built with (the same fingerprint; a checkpoint takes the index's whitening), else an
+    IndexFormatError naming both."""
+    from oxford_ir.retrieval.model_spec import ModelSpec
+
+    onnx, ckpt = cfg.get("onnx"), cfg.get("ckpt_path")
+    if not onnx and not ckpt:
+        return index
+    spec = ModelSpec.from_config({"onnx": onnx, "ckpt_path": ckpt}, whitening=False)
+    if spec.checkpoint is not None:
+        spec = dataclasses.replace(spec, whitening=_whitening_of(index.model))
+    if spec.fingerprint() != index.model_fingerprint:
+        key = f"onnx={onnx}" if onnx else f"ckpt_path={ckpt}"
+        raise IndexFormatError(
+            f"{key} is another model ({spec.describe()}) than the one index {index.path} was built with "
+            f"({index.model.describe()}): its query embeddings would not match the index's. Search with that model "
+            "(or leave the key unset), or rebuild the index with this one"
+        )
+    return dataclasses.replace(index, model=spec)
+
+
+def _whitening_of(model: Any) -> str | None:
+    """The whitening file of an index's model; for an ONNX file, the one it was exported with (if still there)."""
+    if model.onnx is None:
+        return model.whitening
+    from oxford_ir.models.onnx_embedder import open_onnx
+
+    recorded = open_onnx(model.onnx)[1].model_spec.get("whitening")
+    return str(recorded) if recorded and Path(str(recorded)).is_file() else None
+
+
 def format_results(records: list[dict[str, Any]]) -> str:
     """A plain-text table per query: rank, score, path relative to the index root."""
     blocks = []
@@ -184,6 +224,8 @@ def format_results(records: list[dict[str, Any]]) -> str:
 
 def _write_grids(cfg: DictConfig, records: list[dict[str, Any]], output_dir: Path) -> list[Path]:
     """``results.png`` (then ``results_002.png``, ...): each query and its results, written atomically."""
+    from oxford_ir.retrieval.search import render_result_grid
+
     per_image = max(1, int(cfg.grid.rows_per_image))
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -205,6 +247,8 @@ def _write_grids(cfg: DictConfig, records: list[dict[str, Any]], output_dir: Pat
 
 def _evaluate(cfg: DictConfig, name: str, index: Any, searcher: Searcher, output_dir: Path):
     from oxford_ir.benchmarks.registry import load_benchmark
+    from oxford_ir.retrieval.model_whitening import check_whitening_disjoint
+    from oxford_ir.retrieval.report import format_table
     from oxford_ir.retrieval.search import evaluate_benchmark
 
     benchmark = load_benchmark(name, Path(cfg.paths.data_dir), allow_missing_images=bool(cfg.allow_missing_images))

@@ -43,17 +43,30 @@ def file_sha256(path: str | Path) -> str:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Exactly one of ``checkpoint`` (absolute path of a training ``.ckpt``) or ``embedder`` (a resolved
-    embedder config with ``_target_``, local weight paths absolute); and ``whitening``, the absolute path of a
-    post-hoc whitening file (:mod:`oxford_ir.extraction.whitening`) applied after the network, or None."""
+    """Exactly one of ``checkpoint`` (absolute path of a training ``.ckpt``), ``embedder`` (a resolved
+    embedder config with ``_target_``, local weight paths absolute) or ``onnx`` (absolute path of a file written by
+    ``oxford-ir-export``, whitening included, run by onnxruntime); and ``whitening``, the absolute path of a
+    post-hoc whitening file (:mod:`oxford_ir.extraction.whitening`) applied after the network, or None.
+
+    An ONNX file has the fingerprint of the model it was exported from, so an index built with either can be
+    searched with the other."""
 
     checkpoint: str | None = None
     embedder: dict | None = None
     whitening: str | None = None
+    onnx: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.checkpoint is None) == (self.embedder is None):
-            raise ConfigError("a model is either a checkpoint (ckpt_path=...) or an embedder config, exactly one")
+        if sum(x is not None for x in (self.checkpoint, self.embedder, self.onnx)) != 1:
+            raise ConfigError(
+                "a model is either a checkpoint (ckpt_path=...), an ONNX file (onnx=...) or an embedder config, "
+                "exactly one"
+            )
+        if self.onnx is not None and self.whitening is not None:
+            raise ConfigError(
+                f"onnx={self.onnx} carries its own whitening (or none): export it with the whitening instead "
+                "(oxford-ir-export ckpt_path=... whitening=learned)"
+            )
         if self.embedder is not None and "_target_" not in self.embedder:
             raise ConfigError(f"embedder config {self.embedder} has no _target_; compose it from conf/embedder")
 
@@ -68,6 +81,11 @@ class ModelSpec:
         settings = WhiteningSettings.from_config(node)  # checked: kind and values
         if settings is None:
             return network
+        if network.onnx is not None:
+            raise ConfigError(
+                f"onnx={network.onnx} with whitening={settings.kind}: an ONNX file carries its own whitening; export "
+                "it with that whitening (oxford-ir-export ckpt_path=... whitening=...) and leave whitening unset here"
+            )
         path = whitening_file(settings.kind, node.get("file"), network.checkpoint, None)
         # refused now, not at the first query
         Whitening.load(path, model_fingerprint=network.fingerprint(), kind=settings.kind)
@@ -75,7 +93,16 @@ class ModelSpec:
 
     @classmethod
     def _network_from_config(cls, cfg: Mapping | DictConfig) -> ModelSpec:
-        ckpt = cfg.get("ckpt_path")
+        ckpt, onnx = cfg.get("ckpt_path"), cfg.get("onnx")
+        if ckpt and onnx:
+            raise ConfigError(f"ckpt_path={ckpt} and onnx={onnx}: give one model, not both")
+        if onnx:
+            path = Path(str(onnx)).expanduser()
+            if not path.is_file():
+                raise CheckpointError(
+                    f"onnx={onnx}: no such file; write one with oxford-ir-export ckpt_path=<checkpoint> format=onnx"
+                )
+            return cls(onnx=str(path.resolve()))
         if ckpt:
             path = Path(str(ckpt)).expanduser()
             if not path.is_file():
@@ -98,16 +125,23 @@ class ModelSpec:
         if not isinstance(data, Mapping):
             raise ConfigError(f"a model spec is a mapping with checkpoint or embedder, got {type(data).__name__}")
         check_trusted(data.get("embedder"), source, "model.embedder")
-        return cls(checkpoint=data.get("checkpoint"), embedder=data.get("embedder"), whitening=data.get("whitening"))
+        return cls(
+            checkpoint=data.get("checkpoint"),
+            embedder=data.get("embedder"),
+            whitening=data.get("whitening"),
+            onnx=data.get("onnx"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        spec = {"checkpoint": self.checkpoint, "embedder": self.embedder}
+        spec: dict[str, Any] = {"checkpoint": self.checkpoint, "embedder": self.embedder}
+        if self.onnx is not None:
+            spec["onnx"] = self.onnx
         return spec if self.whitening is None else {**spec, "whitening": self.whitening}
 
     @property
     def network(self) -> ModelSpec:
-        """The same model without its whitening."""
-        return ModelSpec(checkpoint=self.checkpoint, embedder=self.embedder)
+        """The same model without its whitening (an ONNX file: itself, whitening included)."""
+        return ModelSpec(checkpoint=self.checkpoint, embedder=self.embedder, onnx=self.onnx)
 
     def load_whitening(self) -> Whitening | None:
         """The whitening file's content, checked to belong to this network; None without one."""
@@ -118,6 +152,10 @@ class ModelSpec:
     # -- use -----------------------------------------------------------------------------------
     def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The embedder in eval mode on ``device`` (images in, L2-normalised N x D out); deterministic."""
+        if self.onnx is not None:
+            from oxford_ir.models.onnx_embedder import load_onnx_embedder
+
+            return load_onnx_embedder(self.onnx)  # onnxruntime runs on the CPU; outputs follow the inputs' device
         if self.checkpoint is not None:
             from oxford_ir.models.checkpoint import load_retrieval_checkpoint
 
@@ -137,6 +175,10 @@ class ModelSpec:
 
     def describe(self) -> str:
         """One line for people: ``checkpoint /runs/x/last.ckpt`` or ``MobileNetV2(weights=...) + GeM(p=3.0)``."""
+        if self.onnx is not None:
+            from oxford_ir.models.onnx_embedder import open_onnx
+
+            return f"ONNX {self.onnx} (exported from {open_onnx(self.onnx)[1].model_description})"
         if self.checkpoint is not None:
             return f"checkpoint {self.checkpoint}{self._whitening_note()}"
         cfg = self.embedder or {}
@@ -154,8 +196,13 @@ class ModelSpec:
         Checkpoint: over the sha256 of the file. Embedder: over its canonical JSON, each local file it names
         replaced by that file's sha256. A named file that has gone raises :class:`ConfigError`. With a whitening,
         over the network's fingerprint and the whitening file's sha256 (without, exactly the network's, so that
-        indexes written before whitening existed keep theirs).
+        indexes written before whitening existed keep theirs). ONNX file: the fingerprint of the model it was
+        exported from, read from its metadata.
         """
+        if self.onnx is not None:
+            from oxford_ir.models.onnx_embedder import open_onnx
+
+            return open_onnx(self.onnx)[1].model_fingerprint
         if self.whitening is not None:
             path = Path(self.whitening)
             if not path.is_file():

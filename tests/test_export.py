@@ -1,0 +1,189 @@
+"""oxford-ir-export and the ONNX embedder: the file embeds as PyTorch does (two image sizes, several scales, with a
+whitening), indexes and searches interchangeably with its checkpoint, refuses another model and tampered metadata,
+and the search command's start-up imports no deep-learning stack."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from oxford_ir.cli.export import export
+from oxford_ir.cli.index import index
+from oxford_ir.cli.search import search
+from oxford_ir.errors import CheckpointError, ConfigError, IndexFormatError, UntrustedConfigError
+from oxford_ir.extraction.embedding import extract_embeddings
+from oxford_ir.extraction.whitening import Whitened, fit_pca
+from oxford_ir.models.onnx_embedder import OnnxNetwork, load_onnx_embedder, open_onnx, read_onnx_info
+from oxford_ir.retrieval.index_format import RetrievalIndex
+from oxford_ir.retrieval.model_spec import ModelSpec
+from oxford_ir.retrieval.onnx_export import export_onnx
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "_target_": "oxford_ir.models.embedder.Embedder",
+    "backbone": {"_target_": "oxford_ir.models.backbones.ScratchCNN", "channels": [8, 16]},
+    "pooling": {"_target_": "oxford_ir.models.pooling.GeM", "p": 3.0},
+}
+
+
+def write_checkpoint(path: Path, seed: int) -> torch.nn.Module:
+    """A RetrievalModule checkpoint of the tiny scratch CNN + GeM, random weights of ``seed``; returns its embedder."""
+    from oxford_ir.models.module import RetrievalModule
+
+    torch.manual_seed(seed)
+    module = RetrievalModule(
+        embedder=TINY,
+        loss={"_target_": "pytorch_metric_learning.losses.TripletMarginLoss", "margin": 0.1},
+        distance={"_target_": "pytorch_metric_learning.distances.CosineSimilarity"},
+        optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-2},
+    )
+    with torch.no_grad():
+        module.embedder.pooling.p.fill_(2.5 + seed / 10)  # not the default p: the metadata must carry it
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return module.embedder.eval()
+
+
+def compose_cfg(name: str, tmp: Path, *overrides: str):
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        device = [] if name == "export" else ["extraction.device=cpu"]
+        return compose(name, overrides=[f"paths.output_dir={tmp / 'run'}", *device, *overrides])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict:
+    """Two checkpoints of different weights, the first exported by the command, and photos of two sizes."""
+    root = tmp_path_factory.mktemp("export")
+    ckpt, other = root / "model.ckpt", root / "other.ckpt"
+    network = write_checkpoint(ckpt, seed=0)
+    write_checkpoint(other, seed=1)
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("export", overrides=[f"ckpt_path={ckpt}", f"paths.output_dir={root / 'run'}"])
+    report = export(cfg)
+    photos = root / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        height, width = (30, 40) if i % 2 else (44, 28)  # landscape and portrait: two network input sizes
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
+    return {"root": root, "ckpt": ckpt, "other": other, "onnx": report.path, "network": network, "photos": photos}
+
+
+def test_the_onnx_file_embeds_as_pytorch_at_two_sizes_and_two_scales(exported):
+    assert exported["onnx"] == exported["ckpt"].with_suffix(".onnx")  # the default: beside the checkpoint
+    onnx_model = load_onnx_embedder(exported["onnx"])
+    assert isinstance(onnx_model, OnnxNetwork) and onnx_model.power == pytest.approx(2.5)  # GeM's p, from metadata
+    photos = sorted(exported["photos"].iterdir())
+    for scales in ([1.0], [1.0, 0.7]):
+        expected = extract_embeddings(exported["network"], photos, None, scales=scales, batching="shape")
+        found = extract_embeddings(onnx_model, photos, None, scales=scales, batching="bucket")  # falls back
+        assert float((found - expected).abs().max()) < 1e-4
+        np.testing.assert_allclose(found.norm(dim=1).numpy(), 1.0, atol=1e-5)
+
+
+def test_an_exported_whitening_is_applied_after_the_scales_are_combined(exported, tmp_path):
+    spec = ModelSpec(checkpoint=str(exported["ckpt"]))
+    sample = torch.nn.functional.normalize(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    whitening = fit_pca(sample, shrinkage=0.1, dim=12).with_info(model_fingerprint=spec.fingerprint())
+    whitening.save(tmp_path / "whitening-pca.pt")
+    whitened_spec = ModelSpec(checkpoint=spec.checkpoint, whitening=str(tmp_path / "whitening-pca.pt"))
+    report = export_onnx(whitened_spec, tmp_path / "whitened.onnx")
+    assert report.whitened and report.embedding_dim == 12
+    onnx_model = load_onnx_embedder(report.path)
+    assert isinstance(onnx_model, Whitened)
+    assert open_onnx(report.path)[1].model_fingerprint == whitened_spec.fingerprint() != spec.fingerprint()
+    photos = sorted(exported["photos"].iterdir())
+    expected = extract_embeddings(whitened_spec.build(), photos, None, scales=[1.0, 0.7], batching="shape")
+    found = extract_embeddings(onnx_model, photos, None, scales=[1.0, 0.7])
+    assert expected.shape == (6, 12) and float((found - expected).abs().max()) < 1e-4
+
+
+def test_index_with_onnx_then_search_with_onnx_or_the_checkpoint_but_not_another_model(exported, tmp_path, capsys):
+    photos, onnx_file = exported["photos"], exported["onnx"]
+    common = [f"images={photos}", "extraction.image_size=40", "index.dtype=float32", "progress=false"]
+    index(compose_cfg("index", tmp_path, *common, f"out={tmp_path / 'by_onnx'}", f"onnx={onnx_file}"))
+    index(compose_cfg("index", tmp_path, *common, f"out={tmp_path / 'by_ckpt'}", f"ckpt_path={exported['ckpt']}"))
+    by_onnx, by_ckpt = RetrievalIndex.load(tmp_path / "by_onnx"), RetrievalIndex.load(tmp_path / "by_ckpt")
+    assert by_onnx.model.onnx == str(onnx_file) and by_onnx.fingerprint == by_ckpt.fingerprint
+    assert float(np.abs(by_onnx.vectors() - by_ckpt.vectors()).max()) < 1e-4
+
+    def top(index_dir: Path, *overrides: str) -> list[list[str]]:
+        cfg = compose_cfg(
+            "search", tmp_path, f"index={index_dir}", f"query={photos}", "k=4", "grid.enabled=false", *overrides
+        )
+        records, _ = search(cfg)
+        return [[hit["path"] for hit in record["results"]] for record in records]
+
+    own = top(tmp_path / "by_onnx")  # the index's own model: the ONNX file
+    assert own == top(tmp_path / "by_onnx", f"ckpt_path={exported['ckpt']}")
+    assert own == top(tmp_path / "by_ckpt", f"onnx={onnx_file}") == top(tmp_path / "by_ckpt")
+    assert [ranking[0] for ranking in own] == [f"p{i}.png" for i in range(6)]
+    capsys.readouterr()
+    with pytest.raises(IndexFormatError, match="is another model"):
+        top(tmp_path / "by_onnx", f"ckpt_path={exported['other']}")
+    with pytest.raises(ConfigError, match="give one model"):
+        top(tmp_path / "by_onnx", f"ckpt_path={exported['ckpt']}", f"onnx={onnx_file}")
+
+
+def test_metadata_is_read_as_checked_plain_data(exported):
+    session, info = open_onnx(exported["onnx"])
+    props = dict(session.get_modelmeta().custom_metadata_map)
+    assert read_onnx_info("x.onnx", props) == info.__class__(**{**info.__dict__, "path": "x.onnx"})
+    assert info.model_fingerprint == ModelSpec(checkpoint=str(exported["ckpt"])).fingerprint()
+    untrusted = {**props, "model_spec": '{"embedder": {"_target_": "os.system", "command": "touch /tmp/x"}}'}
+    with pytest.raises(UntrustedConfigError, match="os.system"):
+        read_onnx_info("x.onnx", untrusted)
+    with pytest.raises(CheckpointError, match="normalised with mean"):
+        read_onnx_info("x.onnx", {**props, "mean": "[0.5, 0.5, 0.5]"})
+    with pytest.raises(CheckpointError, match="lacks 'pooling_power'"):
+        read_onnx_info("x.onnx", {k: v for k, v in props.items() if k != "pooling_power"})
+    with pytest.raises(CheckpointError, match="without oxford-ir metadata"):
+        read_onnx_info("x.onnx", {})
+
+
+def test_export_refuses_bad_settings(exported, tmp_path):
+    base = [f"ckpt_path={exported['ckpt']}"]
+    with pytest.raises(ConfigError, match="format=tflite"):
+        export(compose_cfg("export", tmp_path, *base, "format=tflite"))
+    with pytest.raises(ConfigError, match="ending in .onnx"):
+        export(compose_cfg("export", tmp_path, *base, f"out={tmp_path / 'model.bin'}"))
+    with pytest.raises(CheckpointError, match="onnx=.*no such file"):
+        ModelSpec.from_config({"onnx": str(tmp_path / "missing.onnx")})
+    with pytest.raises(ConfigError, match="carries its own whitening"):
+        ModelSpec.from_config({"onnx": str(exported["onnx"]), "whitening": {"kind": "pca"}})
+
+
+def test_search_cli_help_imports_no_deep_learning_stack(tmp_path):
+    code = (
+        "import sys\n"
+        "import oxford_ir.cli.search as s\n"
+        "sys.argv = ['oxford-ir-search', '--help']\n"
+        "try:\n    s.main()\nexcept SystemExit:\n    pass\n"
+        "heavy = ('torch', 'lightning', 'torchvision', 'wandb', 'pytorch_metric_learning', 'fastapi', 'onnxruntime')\n"
+        "print('LOADED', [m for m in heavy if m in sys.modules])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "oxford-ir-search: search an index" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "LOADED []"
+
+
+@pytest.mark.shared_data
+def test_real_photos_embed_as_pytorch_with_the_pretrained_mobilenet(oxford_root, mobilenet_weights, tmp_path):
+    embedder = {
+        "_target_": "oxford_ir.models.embedder.Embedder",
+        "backbone": {"_target_": "oxford_ir.models.backbones.MobileNetV2", "weights": str(mobilenet_weights)},
+        "pooling": {"_target_": "oxford_ir.models.pooling.GeM", "p": 3.0},
+    }
+    spec = ModelSpec(embedder=embedder)
+    report = export_onnx(spec, tmp_path / "mobilenet.onnx")
+    photos = sorted((oxford_root / "jpg").glob("*.jpg"))[:4]
+    expected = extract_embeddings(spec.build(), photos, 160, batching="shape")
+    found = extract_embeddings(load_onnx_embedder(report.path), photos, 160)
+    assert float((found - expected).abs().max()) < 1e-4
