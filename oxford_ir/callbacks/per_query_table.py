@@ -11,11 +11,11 @@ import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.loggers import WandbLogger
 
-from oxford_ir.callbacks import artifact_stem
+from oxford_ir.callbacks import artifact_stem, evaluations
 from oxford_ir.fs import replace_file
 
 if TYPE_CHECKING:
-    from oxford_ir.models.module import Evaluation
+    from oxford_ir.models.validation import Evaluation
 
 
 def per_query_rows(evaluation: Evaluation) -> tuple[list[str], list[list]]:
@@ -36,17 +36,19 @@ class PerQueryTableCallback(pl.Callback):
     """Per-query AP as a W&B table (``val/per_query_ap``) and a CSV under ``<run>/per_query_ap/``."""
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        evaluation: Evaluation | None = getattr(pl_module, "last_evaluation", None)
-        if trainer.sanity_checking or evaluation is None or not trainer.is_global_zero:
+        if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        columns, rows = per_query_rows(evaluation)
-        folder = Path(trainer.default_root_dir) / "per_query_ap"
-        folder.mkdir(parents=True, exist_ok=True)
-        text = io.StringIO(newline="")
-        writer = csv.writer(text)
-        writer.writerow(columns)
-        writer.writerows(rows)
-        replace_file(folder / f"{artifact_stem(trainer)}.csv", text.getvalue().encode())
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_table(key="val/per_query_ap", columns=columns, data=rows, step=trainer.global_step)
+        for name, evaluation in evaluations(pl_module):
+            columns, rows = per_query_rows(evaluation)
+            folder = Path(trainer.default_root_dir) / "per_query_ap"
+            folder = folder / name if name else folder  # an extra evaluated benchmark's: in its own folder
+            folder.mkdir(parents=True, exist_ok=True)
+            text = io.StringIO(newline="")
+            writer = csv.writer(text)
+            writer.writerow(columns)
+            writer.writerows(rows)
+            replace_file(folder / f"{artifact_stem(trainer)}.csv", text.getvalue().encode())
+            key = f"val/{name}/per_query_ap" if name else "val/per_query_ap"
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_table(key=key, columns=columns, data=rows, step=trainer.global_step)

@@ -48,7 +48,7 @@ from oxford_ir.errors import exit_on_user_error
 from oxford_ir.extraction.overlap import find_overlap
 from oxford_ir.fs import replace_file
 from oxford_ir.models.checkpoint import load_retrieval_checkpoint
-from oxford_ir.models.module import Evaluation
+from oxford_ir.models.validation import Evaluation
 from oxford_ir.retrieval.model_whitening import save_run_whitening
 from oxford_ir.retrieval.report import format_table
 
@@ -68,17 +68,30 @@ def table_titles(run: RunInfo, trained: bool) -> dict[str, str]:
     return {"untrained": title, "final": title}
 
 
+def _module_evaluations(module: Any) -> list[Evaluation]:
+    """The module's last full evaluation of each evaluated benchmark, the monitored one first (empty when it skipped
+    evaluating)."""
+    found = list(getattr(module, "last_evaluations", None) or [])
+    if not found and getattr(module, "last_evaluation", None) is not None:
+        found = [module.last_evaluation]
+    return [evaluation for evaluation in found if evaluation is not None]
+
+
 def _evaluation_table(module: Any) -> str | None:
-    """The table of the module's last full evaluation, or None when it skipped evaluating."""
-    evaluation: Evaluation | None = getattr(module, "last_evaluation", None)
-    if evaluation is None:
+    """The table of the module's last full evaluation (a row per evaluated benchmark), or None when it skipped."""
+    found = _module_evaluations(module)
+    if not found:
         return None
-    benchmark = evaluation.benchmark
-    rows, notes = {benchmark.name: evaluation.metrics}, {benchmark.name: benchmark.subset_note}
-    if evaluation.unwhitened is not None:  # the configured whitening's row first, then the network alone
-        kind = module.hparams.whitening["kind"]
-        rows = {f"{benchmark.name} + {kind} whitening": evaluation.metrics, benchmark.name: evaluation.unwhitened}
-        notes = {benchmark.name: benchmark.subset_note}
+    rows: dict[str, dict[str, float]] = {}
+    notes: dict[str, str] = {}
+    for evaluation in found:
+        benchmark = evaluation.benchmark
+        if evaluation.unwhitened is not None:  # the configured whitening's row first, then the network alone
+            rows[f"{benchmark.name} + {module.hparams.whitening['kind']} whitening"] = evaluation.metrics
+            rows[benchmark.name] = evaluation.unwhitened
+        else:
+            rows[benchmark.name] = evaluation.metrics
+        notes[benchmark.name] = benchmark.subset_note
     return format_table(rows, notes)
 
 
@@ -200,10 +213,7 @@ def _fit_metrics(trainer: pl.Trainer) -> dict[str, float]:
 
 def _evaluation_metrics(module: Any) -> dict[str, dict[str, float]]:
     """``{benchmark: metrics}`` of the module's last full evaluation, at full precision (not the logged float32)."""
-    evaluation: Evaluation | None = getattr(module, "last_evaluation", None)
-    if evaluation is None:
-        return {}
-    return {evaluation.benchmark.name: {k: float(v) for k, v in evaluation.metrics.items()}}
+    return {e.benchmark.name: {k: float(v) for k, v in e.metrics.items()} for e in _module_evaluations(module)}
 
 
 #: the untrained network's evaluation, kept in the run folder so that a resumed run reports it too

@@ -41,7 +41,6 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.benchmarks.collection_split import check_split_settings, collection_split
@@ -53,7 +52,8 @@ from oxford_ir.data.batch_augment import BatchAugmentation, CropBatch, CropColla
 from oxford_ir.data.cache import CacheConfig, build_image_cache, cache_folder, default_train_long_side
 from oxford_ir.data.cache_format import ImageCache
 from oxford_ir.data.config_values import non_negative_int, positive_int
-from oxford_ir.data.datasets import ImageListDataset, TrainImageDataset
+from oxford_ir.data.datasets import TrainImageDataset
+from oxford_ir.data.eval_data import EvaluationData
 from oxford_ir.data.gpu_decode import (
     EncodedBatch,
     EncodedTrainDataset,
@@ -75,7 +75,7 @@ _SHOWN = 5
 EVAL_BATCHINGS = ("bucket", "shape", "aspect")
 
 
-class RetrievalDataModule(pl.LightningDataModule):
+class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
     """Training and evaluation data of one benchmark and split (see the module doc and ``conf/data``).
 
     Args:
@@ -84,7 +84,10 @@ class RetrievalDataModule(pl.LightningDataModule):
         benchmark: the training benchmark (oxford5k, roxford5k, paris6k, rparis6k, synthetic, rsynthetic), or
             ``collection:<folder or manifest>`` (``split=collection``: :mod:`oxford_ir.benchmarks.collection_split`).
         split: ``seed``, ``landmarks`` or ``cross`` (:mod:`oxford_ir.benchmarks.splits`), or ``collection``.
-        eval_benchmark: the benchmark evaluated; default ``benchmark``; required (and different) for ``cross``.
+        eval_benchmark: the benchmark evaluated and monitored (``val/mAP``); default ``benchmark``; required (and
+            different) for ``cross``.
+        extra_eval_benchmarks: more benchmarks evaluated at each validation, logged as ``val/<name>/<metric>``
+            (:mod:`oxford_ir.data.eval_data`).
         held_out_landmarks / n_held_out: the held-out landmarks of the ``landmarks`` split.
         image_size: side of the square training crops.
         eval_image_size: long side of evaluation images (only downscaled; None keeps the original size).
@@ -119,6 +122,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         benchmark: str = "synthetic",
         split: str = "seed",
         eval_benchmark: str | None = None,
+        extra_eval_benchmarks: Sequence[str] | None = None,
         held_out_landmarks: Sequence[str] | None = None,
         n_held_out: int | None = None,
         image_size: int = 224,
@@ -205,6 +209,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self._train_decoder = GpuTrainDecoder(image_size, self.augmentation) if self._gpu_decode else None
         self.data_dir = Path(data_dir).expanduser()
         self.eval_benchmark_name = eval_benchmark or benchmark
+        self._init_evaluation_data(_plain(extra_eval_benchmarks))
         self._split: TrainSplit | None = None
         self._train_split: TrainSplit | None = None
         self._whitening_split: TrainSplit | None = None
@@ -212,7 +217,6 @@ class RetrievalDataModule(pl.LightningDataModule):
         self._val_loss: tuple[TrainSplit, ClassBalancedSampler] | str | None = None
         self._train_classes: np.ndarray | None = None
         self._train_cache: ImageCache | None = None
-        self._eval_cache: ImageCache | None = None
         self.overlap_guard = OverlapGuard(exclude_overlap, _plain(overlap))  # its finder: attached by oxford-ir-train
 
     # -- preparing and loading ------------------------------------------------------------------
@@ -225,7 +229,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         one unless the attached Trainer only validates or tests. Lightning runs this on local rank 0 only, and
         nothing here is kept on ``self``: ``setup`` opens what was built.
         """
-        for name in dict.fromkeys([self.hparams.benchmark, self.eval_benchmark_name]):
+        for name in dict.fromkeys([self.hparams.benchmark, *self.eval_benchmark_names]):
             prepare_benchmark(
                 name,
                 self.data_dir,
@@ -235,7 +239,9 @@ class RetrievalDataModule(pl.LightningDataModule):
             )
         if self.cache_config.enabled:
             split = self._split if self._split is not None else self._make_split()
-            self._open_eval_cache(split.eval_benchmark)
+            self._open_eval_cache(self.eval_benchmark_name, split.eval_benchmark)
+            for name in self.extra_eval_names:
+                self._open_eval_cache(name, self._load(name))
             if self._fitting():
                 self._open_train_cache(self._available(split))
 
@@ -247,7 +253,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         if self._split is None:
             self._split = self._make_split()
         if stage in (None, "fit") and self._train_split is None:
-            self._train_split = self.overlap_guard.apply(self._available(self._split))
+            self._train_split = self.overlap_guard.apply(self._available(self._split), self.eval_benchmarks[1:])
             self._train_classes = self._train_split.classes_for_batches(
                 self.hparams.classes_per_batch, self.hparams.images_per_class
             )
@@ -258,8 +264,7 @@ class RetrievalDataModule(pl.LightningDataModule):
                     "lower distractors_per_batch (0 disables them)"
                 )
         if self.cache_config.enabled:
-            if self._eval_cache is None:
-                self._eval_cache = self._open_eval_cache(self._split.eval_benchmark)
+            self._open_eval_caches()
             if stage in (None, "fit") and self._train_cache is None:
                 self._train_cache = self._open_train_cache(self._train_split)
 
@@ -319,19 +324,6 @@ class RetrievalDataModule(pl.LightningDataModule):
         configured = self.cache_config.num_workers
         return self.hparams.num_workers if configured is None else configured
 
-    def _open_eval_cache(self, benchmark: Benchmark) -> ImageCache:
-        paths = [*benchmark.db_paths, *benchmark.query_paths]
-        boxes = [None] * benchmark.n_db + list(benchmark.query_bboxes)
-        return build_image_cache(
-            self.cache_folder("eval", self.eval_benchmark_name),
-            paths,
-            boxes=boxes,
-            kind="eval",
-            long_side=self.hparams.eval_image_size,
-            num_workers=self._cache_workers(),
-            progress=self.cache_config.progress,
-        )
-
     def _open_train_cache(self, split: TrainSplit) -> ImageCache:
         return build_image_cache(
             self.cache_folder("train", split.train_benchmark),
@@ -378,11 +370,6 @@ class RetrievalDataModule(pl.LightningDataModule):
         if self._whitening_split is None:
             self._whitening_split = self._available(self.split)
         return self._whitening_split
-
-    @property
-    def eval_benchmark(self) -> Benchmark:
-        """The benchmark evaluated during validation and test."""
-        return self.split.eval_benchmark
 
     @property
     def train_labels(self) -> np.ndarray:
@@ -520,52 +507,6 @@ class RetrievalDataModule(pl.LightningDataModule):
         strategy = getattr(getattr(self, "trainer", None), "strategy", None)
         root = getattr(strategy, "root_device", None)
         return torch.device(root) if root is not None else torch.device("cpu")
-
-    # -- evaluation: the module plans the loaders (RetrievalModule.evaluation_loaders) ---------------------
-    def val_dataloader(self) -> list[DataLoader]:
-        """``[database, queries]`` of the evaluation benchmark: planned batches in benchmark order, made by the
-        trainer's LightningModule (``evaluation_loaders(self)``), which knows the network they are planned for
-        (the datamodule only holds the images and the settings)."""
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        make = getattr(module, "evaluation_loaders", None)
-        if make is None:
-            raise ConfigError(
-                "validation loaders are planned by the LightningModule (evaluation_loaders(datamodule), as "
-                f"RetrievalModule); got {type(module).__name__ if module is not None else 'no module'}"
-            )
-        return make(self)
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return self.val_dataloader()
-
-    def eval_images(self) -> tuple[Dataset, Dataset] | None:
-        """``(database, queries)`` test-time datasets of the evaluation benchmark (queries cropped to their
-        boxes), reading the image cache when it is enabled; None with ``decode=gpu`` (the loaders then read the
-        files' bytes and the device decodes them)."""
-        if self._gpu_decode:
-            return None
-        benchmark = self.eval_benchmark
-        size = self.hparams.eval_image_size
-        database = ImageListDataset(benchmark.db_paths, size, cache=self._eval_cache)
-        queries = ImageListDataset(benchmark.query_paths, size, bboxes=benchmark.query_bboxes, cache=self._eval_cache)
-        return database, queries
-
-    @property
-    def eval_settings(self) -> dict[str, Any]:
-        """How evaluation images are batched and loaded: ``image_size``, ``batch_size``, ``batching``,
-        ``max_shapes``, ``num_workers``, ``pin_memory``, ``persistent_workers``, ``worker_timeout``, ``gpu_decode``."""
-        hp = self.hparams
-        return {
-            "image_size": hp.eval_image_size,
-            "batch_size": hp.eval_batch_size,
-            "batching": hp.get("eval_batching", "bucket"),
-            "max_shapes": hp.get("eval_max_shapes", 16),
-            "num_workers": hp.num_workers,
-            "pin_memory": hp.pin_memory and torch.cuda.is_available(),  # pinning needs an accelerator
-            "persistent_workers": hp.persistent_workers and hp.num_workers > 0,
-            "worker_timeout": hp.get("worker_timeout", WORKER_TIMEOUT),
-            "gpu_decode": self._gpu_decode,
-        }
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Training batches are finished on their device and reach the module as ``(images, labels)``: a

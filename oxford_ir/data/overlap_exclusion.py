@@ -98,10 +98,15 @@ OverlapFinder = Callable[[Sequence[Any], Sequence[Any], OverlapSettings], Any]
 
 
 def exclude_overlap(
-    split: TrainSplit, mode: bool | str, finder: OverlapFinder | None, settings: Mapping[str, Any] | None
+    split: TrainSplit,
+    mode: bool | str,
+    finder: OverlapFinder | None,
+    settings: Mapping[str, Any] | None,
+    extra: Sequence[Any] = (),
 ) -> tuple[TrainSplit, dict[str, Any] | None]:
-    """``(split without its overlap, the guard's summary)`` for ``data.exclude_overlap=mode`` (module docstring);
-    ``(split, None)`` when ``mode`` is false."""
+    """``(split without its overlap, the guard's summary)`` for ``data.exclude_overlap=mode`` (module docstring):
+    overlap with the split's evaluated benchmark and with the ``extra`` benchmarks evaluated beside it
+    (``data.extra_eval_benchmarks``); ``(split, None)`` when ``mode`` is false."""
     if check_exclude_overlap(mode) is False:
         return split, None
     if split.kind in _SAME_DATABASE:
@@ -115,7 +120,8 @@ def exclude_overlap(
             f"data.exclude_overlap={mode} needs the overlap guard: set the data module's overlap_finder to "
             "oxford_ir.extraction.overlap.find_overlap (oxford-ir-train does), or data.exclude_overlap=false"
         )
-    report = finder(split.paths, [split.eval_benchmark], OverlapSettings.from_config(settings))
+    evaluated = [split.eval_benchmark, *extra]
+    report = finder(split.paths, evaluated, OverlapSettings.from_config(settings))
     overlapping = np.asarray(report.overlapping, dtype=bool)
     if mode == "landmarks":
         drop = np.isin(split.labels, np.unique(split.labels[overlapping]))
@@ -129,7 +135,7 @@ def exclude_overlap(
         "overlap guard: %d of %d training images are copies of evaluated images of %s (%s)%s",
         int(overlapping.sum()),
         len(split),
-        split.eval_benchmark.name,
+        " and ".join(benchmark.name for benchmark in evaluated),
         per_landmark or "none",
         f"; {int(drop.sum())} left out of training (data.exclude_overlap={mode})" if drop.any() else "",
     )
@@ -149,9 +155,10 @@ class OverlapGuard:
         self.finder: OverlapFinder | None = None
         self.summary: dict[str, Any] | None = None
 
-    def apply(self, split: TrainSplit) -> TrainSplit:
-        """:func:`exclude_overlap` of ``split`` (the split itself when the guard is off)."""
-        split, self.summary = exclude_overlap(split, self.mode, self.finder, asdict(self.settings))
+    def apply(self, split: TrainSplit, extra: Sequence[Any] = ()) -> TrainSplit:
+        """:func:`exclude_overlap` of ``split`` against its evaluated benchmark and ``extra`` ones (the split itself
+        when the guard is off)."""
+        split, self.summary = exclude_overlap(split, self.mode, self.finder, asdict(self.settings), extra)
         return split
 
     def metrics(self) -> dict[str, float]:

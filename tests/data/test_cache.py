@@ -445,7 +445,7 @@ def test_datamodule_training_cache_at_a_smaller_long_side(data_dir: Path, tmp_pa
     # validate only: the training cache is neither needed nor opened
     only_eval = make(data_dir, tmp_path / "cache2")
     only_eval.setup("validate")
-    assert only_eval._train_cache is None and only_eval._eval_cache is not None
+    assert only_eval._train_cache is None and only_eval._eval_caches
     assert [p.name for p in (tmp_path / "cache2").iterdir()] == ["eval-synthetic-48"]
 
 
@@ -525,7 +525,7 @@ def test_cli_builds_what_the_datamodule_reads(data_dir: Path, tmp_path: Path, ca
     before = {p.name: p.stat().st_mtime_ns for p in cache_dir.rglob("manifest.json")}
     dm.setup("fit")  # finds both caches fresh: nothing rewritten
     assert {p.name: p.stat().st_mtime_ns for p in cache_dir.rglob("manifest.json")} == before
-    assert dm._train_cache.folder == cache_dir / "train-synthetic-64" and dm._eval_cache is not None
+    assert dm._train_cache.folder == cache_dir / "train-synthetic-64" and dm._eval_caches
     with pytest.raises(SystemExit) as error:
         main(
             ["cache", "synthetic", "--root", str(data_dir), "--dir", str(data_dir / "synthetic" / "gnd_synthetic.pkl")]

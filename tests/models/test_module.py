@@ -29,7 +29,8 @@ from oxford_ir.data.datasets import ImageListDataset
 from oxford_ir.errors import CheckpointError, ConfigError, DataError
 from oxford_ir.extraction.benchmark import extract_benchmark
 from oxford_ir.models.checkpoint import load_retrieval_checkpoint
-from oxford_ir.models.module import RetrievalModule, assemble_by_index
+from oxford_ir.models.module import RetrievalModule
+from oxford_ir.models.validation import assemble_by_index
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 BENCH = "tinybench"

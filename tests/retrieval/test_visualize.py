@@ -10,7 +10,7 @@ from PIL import Image
 
 from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.callbacks.per_query_table import per_query_rows
-from oxford_ir.models.module import Evaluation
+from oxford_ir.models.validation import Evaluation
 from oxford_ir.retrieval.visualize import COLOURS, fixed_query_indices, render_retrieval_grid, result_labels
 
 
