@@ -33,6 +33,9 @@ def index(cfg: DictConfig) -> IndexReport:
     from oxford_ir.retrieval.index_build import build_index
     from oxford_ir.retrieval.model_spec import ModelSpec
 
+    if cfg.index.get("merge", False):  # index.merge=true: join the shards built with index.shard=i/N
+        return _merge(cfg)
+    shard = _shard(cfg)
     for key in ("images", "out"):
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
             raise ConfigError(
@@ -45,16 +48,20 @@ def index(cfg: DictConfig) -> IndexReport:
     num_workers = _number(cfg, "extraction.num_workers", int)
     checkpoint_every = _number(cfg, "index.checkpoint_every", float, optional=True)
     options = extraction_options(ex)
-    device = init_from_environment() or resolve_device(str(ex.device))  # torchrun: one process per device
+    # torchrun: one process per device (sharing one index, or each its own shard)
+    device = (shard.device(str(ex.device)) if shard else init_from_environment()) or resolve_device(str(ex.device))
     model = ModelSpec.from_config(cfg)
     source = resolve_images(
         str(cfg.images), Path(cfg.paths.data_dir), allow_missing_images=bool(cfg.get("allow_missing_images", False))
     )
+    listing, out = source, Path(str(cfg.out))
+    if shard:
+        source, out = shard.select(listing, out)
     log.info("indexing %d images of %s with %s", len(source.paths), source.root, model.describe())
     report = build_index(
         model,
         source,
-        Path(str(cfg.out)),
+        out,
         image_size=image_size,
         scales=scales,
         dtype=str(cfg.index.dtype),
@@ -66,8 +73,32 @@ def index(cfg: DictConfig) -> IndexReport:
         checkpoint_every=checkpoint_every,
         **options,
     )
+    if shard:
+        shard.record(listing, out)
     if rank_and_world()[0] == 0:
         print(report.summary())
+    return report
+
+
+def _shard(cfg: DictConfig):
+    """``index.shard``: None (the whole listing), or the :class:`~oxford_ir.retrieval.index_shards.Shard`."""
+    value = cfg.index.get("shard")
+    if value is None:
+        return None
+    from oxford_ir.retrieval.index_shards import parse_shard
+
+    return parse_shard(value)
+
+
+def _merge(cfg: DictConfig) -> IndexReport:
+    from oxford_ir.retrieval.index_shards import merge_shards
+
+    if OmegaConf.is_missing(cfg, "out") or cfg.get("out") in (None, ""):
+        raise ConfigError("index.merge=true needs out=: the index whose shards (<out>.shards/<i>-of-<N>) to join")
+    if cfg.index.get("shard") is not None:
+        raise ConfigError("index.merge=true joins every shard: leave index.shard unset")
+    report = merge_shards(Path(str(cfg.out)))
+    print(report.summary())
     return report
 
 
