@@ -27,9 +27,12 @@ def photo_folder(root: Path) -> Path:
 
 
 def test_training_on_a_folder_logs_map_and_recall_and_never_trains_on_an_evaluated_image(tmp_path):
+    """Validated on the folder's held-out classes (monitored) and on a second benchmark at the same passes
+    (``data.extra_eval_benchmarks``), each with its own metrics, grid and per-query table."""
     photos = photo_folder(tmp_path / "photos")
     cfg = compose_train(
         tmp_path, "data=collection", f"data.benchmark=collection:{photos}", "data.n_held_out=2", "data.image_size=32",
+        "data.extra_eval_benchmarks=[rsynthetic]", "+data.synthetic.preset=tiny",
         "data.eval_image_size=48", "data.classes_per_batch=3", "data.images_per_class=2", "data.batches_per_epoch=2",
         "data.num_workers=0", "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv", *TINY_SCRATCH,
@@ -44,7 +47,37 @@ def test_training_on_a_folder_logs_map_and_recall_and_never_trains_on_an_evaluat
         assert key in logged
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
     assert 0.0 <= saved["final/val/photos/R@1"] <= 1.0 and saved["final/val/photos/mAP"] == metrics["final/val/mAP"]
-    assert " R@1 " in (tmp_path / "run" / "table.txt").read_text()
+    table = (tmp_path / "run" / "table.txt").read_text()
+    assert " R@1 " in table
+    # the extra benchmark: evaluated at each validation with its own protocol, not monitored
+    extra = objects["model"].last_evaluations[1]
+    assert extra.benchmark.name == "rsynthetic" and extra.benchmark.protocol == "revisited"
+    assert saved["final/val/rsynthetic/M/mAP"] == pytest.approx(extra.metrics["M/mAP"], abs=1e-6)
+    assert saved["final/val/mAP"] == saved["final/val/photos/mAP"]
+    assert "val/rsynthetic/H/mAP" in logged and "rsynthetic" in table
+    ranks = np.argsort(-(extra.db.numpy() @ extra.queries.numpy().T), axis=0, kind="stable")
+    assert np.array_equal(ranks, extra.ranks)  # ranked on its own embeddings, not the monitored benchmark's
+    assert list((tmp_path / "run" / "retrieval_grids" / "rsynthetic").glob("*.png"))
+    assert list((tmp_path / "run" / "per_query_ap" / "rsynthetic").glob("*.csv"))
+    assert list((tmp_path / "run" / "per_query_ap").glob("*.csv"))  # the monitored benchmark's, where it was
+
+
+def test_an_extra_benchmark_that_shares_training_images_is_refused(tmp_path):
+    from oxford_ir.data.datamodule import RetrievalDataModule
+    from oxford_ir.errors import ConfigError, DataError
+
+    data = tmp_path / "data"
+    with pytest.raises(ConfigError, match=r"extra_eval_benchmarks lists rsynthetic twice or with"):
+        RetrievalDataModule(data, "rsynthetic", split="landmarks", extra_eval_benchmarks=["rsynthetic"])
+    with pytest.raises(ConfigError, match=r"extra_eval_benchmarks=.rsynthetic.: a list"):
+        RetrievalDataModule(data, "synthetic", split="landmarks", extra_eval_benchmarks="rsynthetic")
+    dm = RetrievalDataModule(
+        data, "synthetic", split="landmarks", n_held_out=2, extra_eval_benchmarks=["rsynthetic"],
+        synthetic={"preset": "tiny"},
+    )  # fmt: skip
+    dm.prepare_data()
+    with pytest.raises(DataError, match=r"rsynthetic shares \d+ images with the training split of synthetic"):
+        dm.setup("fit")
 
 
 def brute_force(embeddings: np.ndarray, labels: list[str]) -> tuple[float, float]:
