@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from oxford_ir.benchmarks.download import STATE_FILE, download_dataset
+from oxford_ir.benchmarks.gldv2 import is_gldv2_name
+from oxford_ir.benchmarks.gldv2_download import download_gldv2, parse_parts
 from oxford_ir.benchmarks.registry import (
     benchmark_spec,
     collection_location,
@@ -37,6 +39,7 @@ def prepare_benchmark(
     download: bool = False,
     synthetic: Mapping[str, Any] | None = None,
     key: str = "synthetic",
+    download_parts: str | None = None,
 ) -> Path:
     """Make sure benchmark ``name`` is under ``data_dir``; returns its dataset folder.
 
@@ -48,11 +51,14 @@ def prepare_benchmark(
     ``download``, a missing folder or ground truth raises :class:`~oxford_ir.errors.DataError` /
     :class:`~oxford_ir.errors.GroundTruthError` naming how to get it (an unfinished download is left to the loader,
     which names how to resume it). A ``collection:<path>`` is left as it is (its path is returned). ``key`` names the
-    ``synthetic`` settings in errors (``data.synthetic``).
+    ``synthetic`` settings in errors (``data.synthetic``). ``download_parts``: the GLDv2 TARs a download of
+    ``gldv2[:options]`` fetches (``"0-19,25"``; None or ``"all"``: the 500), as ``oxford-ir-data download gldv2``.
     """
     if is_collection(name):  # a collection is read where it lies: nothing to write (SfM-120k may be downloaded)
         if download and name == "sfm120k":
             return download_dataset("sfm120k", Path(data_dir).expanduser())  # returns at once when complete
+        if download and is_gldv2_name(name):  # resumable: the parts already there are skipped
+            return download_gldv2(Path(data_dir).expanduser(), parse_parts(download_parts or "all"))
         return collection_location(name)
     spec = benchmark_spec(name)
     root = Path(data_dir).expanduser()

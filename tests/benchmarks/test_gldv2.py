@@ -369,16 +369,26 @@ def compose_gldv2_training(data: Path, tmp_path: Path, *overrides: str):
     return cfg
 
 
-def test_data_gldv2_splits_the_downloaded_miniature_by_its_name(miniature: MiniatureGldv2, tmp_path: Path) -> None:
-    """data=gldv2 builds the datamodule on the real reader: the landmarks of split train train, the val landmarks
-    are the benchmark (each image a query against the others); load_benchmark reads the same name."""
+def test_data_gldv2_splits_the_downloaded_miniature_by_its_name(
+    miniature: MiniatureGldv2, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data=gldv2 data.download=true fetches the TARs of data.download_parts with the real downloader (from the
+    miniature's file:// mirror) and builds the datamodule on the real reader: the landmarks of split train train,
+    the val landmarks are the benchmark (each image a query against the others); load_benchmark reads the same
+    name."""
     from hydra.utils import instantiate
 
+    from oxford_ir.benchmarks import gldv2_download
     from oxford_ir.benchmarks.registry import load_benchmark
 
     data = tmp_path / "data"
+    monkeypatch.setattr(gldv2_download, "BASE_URL", miniature.folder.as_uri())
+    cfg = compose_gldv2_training(data, tmp_path, "data.download=true", "data.download_parts=0-1")
+    module = instantiate(cfg.data)
+    module.prepare_data()  # parts 0-1; then part 2 as a user adds it, the parts there kept
+    assert json.loads((data / "gldv2" / COMPLETE_MARKER).read_text())["parts"] == [0, 1]
     download_gldv2(data, [0, 1, 2], base_url=miniature.folder.as_uri(), **FAST)
-    module = instantiate(compose_gldv2_training(data, tmp_path).data)
+    module = instantiate(cfg.data)
     module.setup("fit")
     split = module._split
     collection = load_gldv2(data, min_images=3, val_landmarks=3, seed=1)
