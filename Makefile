@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(if $(filter 1 yes true,$(CPU)),$(PY) -m pip install --index-url $(TORCH_INDEX) 'torch<=2.14.1' 'torchvision<=0.29.1')
-	$(PY) -m pip install -e '.[dev,optuna,slurm,joblib,faiss,onnx,timm]'
+	$(PY) -m pip install -e '.[dev,optuna,slurm,joblib,faiss,onnx,timm,parquet]'
 	./.ci/install-chromium
 	touch $(STAMP)
 

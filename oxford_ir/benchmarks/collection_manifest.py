@@ -11,9 +11,11 @@ Columns (header row required, names case-insensitive, in any order; unknown colu
     ignore      optional  images this row's query is not scored on (junk): paths of the same manifest, separated
                           by ``;`` (not spaces: file names may hold spaces)
 
-Only CSV is read: Parquet would need pyarrow, which the project does not install (a ``.parquet`` manifest is refused
-with one line saying so). An Open Metric Learning dataset CSV (``label, path, split, is_query, is_gallery``,
-optional ``x_1, x_2, y_1, y_2`` and ``category``) is read unchanged. A UTF-8 byte order mark is accepted; quoted
+A Parquet file (``.parquet``/``.pq``) with the same columns is read the same way when pyarrow is installed (the
+``parquet`` extra; without it, one line says so); its "line" in messages is the 1-based row number + 1 (the header
+being line 1), cells are read as text (booleans as true/false, missing values as empty). An Open Metric Learning
+dataset CSV (``label, path, split, is_query, is_gallery``, optional ``x_1, x_2, y_1, y_2`` and ``category``) is read
+unchanged. A UTF-8 byte order mark is accepted; quoted
 fields (commas, line breaks) follow Python's csv module. Paths: a backslash is read as a folder separator
 (``a\\b.jpg`` = ``a/b.jpg``: manifests written on Windows work everywhere; a posix file name holding a backslash
 cannot be listed), ``./`` and doubled slashes are dropped; an absolute path is accepted only inside the root (then
@@ -47,7 +49,7 @@ import posixpath
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -76,7 +78,7 @@ BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "n
 SPLIT_VALUES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 #: separator of the paths of an ``ignore`` cell
 IGNORE_SEPARATOR = ";"
-#: suffixes of Parquet files, refused with a clear line: only CSV is read (the environment has no pyarrow)
+#: suffixes of Parquet files (read with pyarrow, the ``parquet`` extra)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 #: bytes hashed at each end of the manifest for the cache key
 KEY_BYTES = 1 << 20
@@ -171,8 +173,52 @@ def _needs_care(path: str) -> bool:
     )
 
 
+class _ParquetRows:
+    """The rows of a Parquet table as the csv reader gives them (lists of text, header first, ``line_num``)."""
+
+    def __init__(self, manifest: Path) -> None:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(
+                f"{manifest}: reading a Parquet manifest needs pyarrow (pip install 'oxford-ir[parquet]'), or write "
+                "the table as CSV"
+            ) from None
+        try:
+            table = pq.read_table(manifest)
+        except Exception as error:  # pyarrow's errors name no common base class
+            raise DataError(f"{manifest}: not a readable Parquet file ({error}); write it again or as CSV") from None
+        self.columns = [[_cell(v) for v in column.to_pylist()] for column in table.columns]
+        self.names = [str(name) for name in table.column_names]
+        self.num_rows = table.num_rows
+        self.line_num = 0
+
+    def __iter__(self) -> Iterator[list[str]]:
+        return self
+
+    def __next__(self) -> list[str]:
+        if self.line_num > self.num_rows:
+            raise StopIteration
+        self.line_num += 1
+        if self.line_num == 1:
+            return self.names
+        return [column[self.line_num - 2] for column in self.columns]
+
+
+def _cell(value: Any) -> str:
+    """A Parquet value as the text a CSV would hold."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def _parse(manifest: Path, root: Path, strict: bool) -> tuple[_Rows, dict[int, np.ndarray]]:
     """Every row of ``manifest`` into columns, and the ignored rows of each query row."""
+    if manifest.suffix.lower() in PARQUET_SUFFIXES:
+        table = _ParquetRows(manifest)
+        return _parse_rows(manifest, table, root, strict)
     try:
         with open(manifest, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
@@ -427,8 +473,6 @@ def load_manifest(
     manifest = Path(manifest)
     if not manifest.is_file():
         raise DataError(f"{manifest}: no such manifest file; give a CSV with a path and a label column")
-    if manifest.suffix.lower() in PARQUET_SUFFIXES:
-        raise DataError(f"{manifest}: Parquet manifests are not read (no pyarrow here); write the table as CSV")
     root = manifest.parent if root is None else Path(root)
     name = name or manifest.stem
     targets = cache_paths(manifest, None if cache_dir is None else Path(cache_dir))

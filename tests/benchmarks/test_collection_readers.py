@@ -266,9 +266,38 @@ def test_manifest_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     assert str(caught.value) == f"{manifest}: not UTF-8 text; save the manifest as UTF-8"
 
 
-def test_parquet_manifest_is_refused_in_one_line(tmp_path: Path) -> None:
-    manifest = tmp_path / "df.parquet"
-    manifest.write_bytes(b"PAR1....PAR1")
-    with pytest.raises(DataError) as caught:
-        read_manifest(manifest)
-    assert str(caught.value) == f"{manifest}: Parquet manifests are not read (no pyarrow here); write the table as CSV"
+def test_parquet_manifest_reads_as_its_csv(tmp_path: Path) -> None:
+    """OML's table as Parquet with its native types (integer labels, booleans, float boxes, nulls) gives the same
+    collection as the CSV; a bad row names its line (row + 1); the parse is cached like a CSV's."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from oxford_ir.benchmarks.collection_manifest import load_manifest
+
+    table = {
+        "label": [0, 0, 1, 1],
+        "path": ["images/a.jpg", "images/b.jpg", "images/c.jpg", "images/d.jpg"],
+        "split": ["train", "train", "validation", "validation"],
+        "is_query": [None, None, True, False],
+        "is_gallery": [None, None, False, True],
+        "x_1": [None, None, 10.0, None], "x_2": [None, None, 20.0, None],
+        "y_1": [None, None, 30.0, None], "y_2": [None, None, 40.0, None],
+    }  # fmt: skip
+    pq.write_table(pa.table(table), tmp_path / "df.parquet")
+    csv_text = "label,path,split,is_query,is_gallery,x_1,x_2,y_1,y_2\n" + "".join(
+        ",".join("" if table[k][i] is None else str(table[k][i]) for k in table) + "\n" for i in range(4)
+    )
+    expected = read_manifest(write(tmp_path / "df.csv", csv_text), cache=False)
+    parsed = load_manifest(tmp_path / "df.parquet")
+    got = parsed.collection
+    for key in ("paths", "labels", "label_names", "split", "is_query", "is_gallery"):
+        assert getattr(got, key).tolist() == getattr(expected, key).tolist(), key
+    np.testing.assert_array_equal(got.boxes, expected.boxes)
+    assert parsed.lines.tolist() == [2, 3, 4, 5] and (tmp_path / ".df.parquet.parsed.npz").is_file()
+    assert load_manifest(tmp_path / "df.parquet").collection.paths.tolist() == got.paths.tolist()  # from the cache
+    table["path"][2] = "../outside.jpg"
+    pq.write_table(pa.table(table), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet line 4: path '../outside.jpg'"):
+        read_manifest(tmp_path / "bad.parquet")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1....PAR1")
+    with pytest.raises(DataError, match=r"broken.parquet: not a readable Parquet file"):
+        read_manifest(tmp_path / "broken.parquet")
