@@ -15,10 +15,11 @@ exit status 2 (argparse's usage block is left out: ``--help`` shows it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -370,13 +371,28 @@ def _synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _log_to_stderr(level: int) -> Iterator[None]:
+    """The package's messages to the current ``sys.stderr`` while a command runs, the handler removed after it: in
+    one process (tests, notebooks) a later call never finds a handler writing to a stream that is closed by now."""
+    logger = logging.getLogger("oxford_ir")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``oxford-ir-data``; returns the exit status (errors a user can fix exit 2)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     commands = {"download": _download, "verify": _verify, "synthetic": _synthetic, "cache": _cache, "check": _check}
-    return commands[args.command](args)
+    with _log_to_stderr(logging.WARNING if args.quiet else logging.INFO):
+        return commands[args.command](args)
 
 
 if __name__ == "__main__":
