@@ -7,14 +7,17 @@ import json
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from oxford_ir.cli.index import index
+from oxford_ir.cli.index import main as index_main
 from oxford_ir.errors import ConfigError, IndexFormatError
 from oxford_ir.retrieval.exact_search import ExactSearch
 from oxford_ir.retrieval.index_format import RetrievalIndex
 from oxford_ir.retrieval.index_shards import SHARD_FILE, parse_shard, shards_dir
-from tests.test_index_cli import compose_index
+from tests.test_index_cli import TINY_MODEL, compose_index
+from tests.test_train import run_main
 
 
 def write_varied_photos(folder, n: int) -> None:
@@ -28,23 +31,38 @@ def write_varied_photos(folder, n: int) -> None:
         Image.fromarray(small).resize(size, Image.BILINEAR).save(sub / f"p{i:02d}.png")
 
 
+def variant(cfg, **values):
+    """A copy of a composed config with some keys changed (``index__shard`` for ``index.shard``): one composition
+    per test instead of one per call."""
+    copy = cfg.copy()
+    for key, value in values.items():
+        OmegaConf.update(copy, key.replace("__", "."), value)
+    return copy
+
+
 def test_shards_merged_equal_one_index_and_restart_on_their_own(tmp_path, capsys) -> None:
     photos = tmp_path / "photos"
     write_varied_photos(photos, 11)
     common = [f"images={photos}", "extraction.batching=shape", "index.dtype=float32"]
-    whole = index(compose_index(tmp_path, *common, f"out={tmp_path / 'whole'}"))
+    cfg = compose_index(tmp_path, *common, f"out={tmp_path / 'whole'}")
+    whole = index(cfg)
     out = tmp_path / "sharded"
-    reports = [index(compose_index(tmp_path, *common, f"out={out}", f"index.shard={i}/3")) for i in range(3)]
-    assert [r.count for r in reports] == [3, 4, 4] and sum(r.attempted for r in reports) == whole.count == 11
-    assert json.loads((shards_dir(out) / "1-of-3" / SHARD_FILE).read_text())["listed"] == 11
-    again = index(compose_index(tmp_path, *common, f"out={out}", "index.shard=1/3"))  # restarted: nothing to do
+    # the README's multirun: one job per shard (here Hydra's basic launcher, one after another)
+    settings = ["extraction.image_size=32", "extraction.num_workers=0", "extraction.device=cpu", "progress=false"]
+    sweep = ["-m", *common, f"out={out}", "index.shard=0/2,1/2", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    result = run_main(*sweep, *settings, *TINY_MODEL, cwd=tmp_path, entry=index_main, prog="oxford-ir-index")
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = [len(RetrievalIndex.load(shards_dir(out) / f"{i}-of-2")) for i in range(2)]
+    assert counts == [5, 6] and whole.count == 11
+    assert json.loads((shards_dir(out) / "1-of-2" / SHARD_FILE).read_text())["listed"] == 11
+    again = index(variant(cfg, out=str(out), index__shard="1/2"))  # restarted: nothing to do
     assert again.attempted == 0 and not again.wrote
 
-    merged = index(compose_index(tmp_path, f"out={out}", "index.merge=true"))
+    merged = index(variant(cfg, out=str(out), index__merge=True))
     assert f"index: {out} (v000001: 11 images" in capsys.readouterr().out and merged.count == 11
     one, joined = RetrievalIndex.load(tmp_path / "whole"), RetrievalIndex.load(out)
     assert [e.path for e in joined.entries] == [e.path for e in one.entries]
-    assert joined.fingerprint == one.fingerprint and joined.manifest["shards"]["count"] == 3
+    assert joined.fingerprint == one.fingerprint and joined.manifest["shards"]["count"] == 2
     np.testing.assert_allclose(joined.vectors(), one.vectors(), atol=1e-6)
     k = 5
     expected = ExactSearch(one.vectors()).search(one.vectors(), k)[1]
@@ -52,7 +70,7 @@ def test_shards_merged_equal_one_index_and_restart_on_their_own(tmp_path, capsys
     # the merged index is an ordinary one: an update of it embeds only what is new
     write_varied_photos(tmp_path / "more", 1)
     (tmp_path / "more" / "d0" / "p00.png").rename(photos / "new.png")
-    update = index(compose_index(tmp_path, *common, f"out={out}"))
+    update = index(variant(cfg, out=str(out)))
     assert update.attempted == 1 and update.kept == 11
 
 
@@ -60,22 +78,23 @@ def test_shards_of_another_model_or_split_are_refused(tmp_path) -> None:
     photos = tmp_path / "photos"
     write_varied_photos(photos, 4)
     out = tmp_path / "index"
-    base = [f"images={photos}", f"out={out}"]
+    cfg = compose_index(tmp_path, f"images={photos}", f"out={out}")
+    merge = variant(cfg, index__merge=True)
     with pytest.raises(ConfigError, match=r"no shards in .*index.shards; build them first"):
-        index(compose_index(tmp_path, f"out={out}", "index.merge=true"))
-    index(compose_index(tmp_path, *base, "index.shard=0/2"))
+        index(merge)
+    index(variant(cfg, index__shard="0/2"))
     with pytest.raises(ConfigError, match=r"shard\(s\) 1/2 of 2 missing .*index.shard=1/2"):
-        index(compose_index(tmp_path, f"out={out}", "index.merge=true"))
-    index(compose_index(tmp_path, *base, "index.shard=1/2", "backbone.channels=[8,8]"))
+        index(merge)
+    index(variant(cfg, index__shard="1/2", backbone__channels=[8, 8]))
     with pytest.raises(IndexFormatError) as error:
-        index(compose_index(tmp_path, f"out={out}", "index.merge=true"))
+        index(merge)
     message = str(error.value)
     assert f"shard {shards_dir(out) / '0-of-2'} and shard {shards_dir(out) / '1-of-2'}" in message
     assert "different model and extraction settings" in message and "channels=[8, 16]" in message
     assert "channels=[8, 8]" in message and "\n" not in message
-    index(compose_index(tmp_path, *base, "index.shard=0/3"))
+    index(variant(cfg, index__shard="0/3"))
     with pytest.raises(ConfigError, match=r"shards of 2 different splits \(2 of 2 shards, 1 of 3 shards\); delete"):
-        index(compose_index(tmp_path, f"out={out}", "index.merge=true"))
+        index(merge)
     assert not (out / "CURRENT").exists()
 
 
@@ -88,3 +107,17 @@ def test_shard_values() -> None:
     for bad, match in (("4/4", "shard 4 of 4 does not exist"), ("a", "give <i>/<N>"), ("auto", "neither a SLURM")):
         with pytest.raises(ConfigError, match=match):
             parse_shard(bad, {})
+
+
+def test_the_slurm_launcher_submits_one_single_gpu_job_per_shard(tmp_path) -> None:
+    """``oxford-ir-index -m hydra/launcher=slurm ... index.shard=0/4,...``: the launcher resolves without a trainer."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.test_index_cli import REPO
+
+    overrides = ["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}", "images=x", "out=y", "index.shard=1/4"]
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("index", overrides=overrides, return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (1, 1, 1)
+    assert parse_shard(cfg.index.shard) == parse_shard("1/4")
