@@ -158,7 +158,9 @@ def plan_for_model(
     if batching == "bucket" and not supports_padding(model):
         kwargs.pop("buckets", None)
         plan = plan_extraction(sources, image_size, batch_size, batching="shape", **kwargs)
-        note = f"{type(model).__name__} cannot pool over padded images: exact shape batches instead of buckets"
+        note = getattr(model, "padding_note", None) or (
+            f"{type(model).__name__} cannot pool over padded images: exact shape batches instead of buckets"
+        )
         return ExtractionPlan(plan.batches, plan.sizes, plan.shapes, plan.mode, note=note)
     return plan_extraction(sources, image_size, batch_size, batching=batching, **kwargs)
 

@@ -237,6 +237,10 @@ class Whitened(nn.Module):
         return bool(getattr(self.network, "supports_padding", False))
 
     @property
+    def padding_note(self) -> str | None:
+        return getattr(self.network, "padding_note", None)
+
+    @property
     def power(self) -> float:
         """The network's power, with which its scales are combined before whitening."""
         return float(getattr(self.network, "power", 1.0))

@@ -87,6 +87,28 @@ def _without_pretrained_weights(embedder: Any) -> Any:
     return {**embedder, "backbone": {**backbone, "weights": "none"}}
 
 
+def backbone_identity(embedder: Any) -> str:
+    """``timm:resnet101``, ``resnet50``, ``scratchcnn``: which network an embedder config's backbone is."""
+    backbone = embedder.get("backbone") if isinstance(embedder, Mapping) else None
+    if not isinstance(backbone, Mapping):
+        return "?"
+    target = str(backbone.get("_target_", "?"))
+    if target.endswith(".TimmBackbone"):
+        return f"timm:{backbone.get('name')}"
+    return target.rsplit(".", 1)[-1].lower()
+
+
+def _check_same_backbone(path: Path, trained: Any, configured: Any) -> None:
+    """Refuse a checkpoint of another timm model (or a timm checkpoint for another backbone), naming both: two timm
+    models can share every key and shape (DeiT and ViT) and still differ, e.g. in their input normalisation."""
+    old, new = backbone_identity(trained), backbone_identity(configured)
+    if old != new and "timm:" in old + new:
+        raise CheckpointError(
+            f"{path} was trained with backbone {old}, but the config builds {new}: compose the same backbone as the "
+            f"run that wrote it (e.g. backbone=timm backbone.name=...), or give a checkpoint of {new}"
+        )
+
+
 def load_retrieval_checkpoint(
     path: str | Path, map_location: Any = "cpu", *, expected: RetrievalModule | None = None
 ) -> RetrievalModule:
@@ -109,6 +131,7 @@ def load_retrieval_checkpoint(
     state = checkpoint["state_dict"]
     trained_with = describe_config(hparams.get("embedder"))
     if expected is not None:
+        _check_same_backbone(path, hparams.get("embedder"), expected.hparams.get("embedder"))
         problems = _state_mismatch(expected.state_dict(), state)
         if problems:
             raise CheckpointError(

@@ -35,6 +35,9 @@ class Embedder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
+        check_pooling = getattr(backbone, "check_pooling", None)
+        if check_pooling is not None:  # e.g. a ViT's CLS token refuses GeM (timm_vit)
+            check_pooling(pooling)
         channels = getattr(backbone, "out_channels", None)
         if channels is None:
             raise ConfigError(f"backbone {type(backbone).__name__} has no out_channels attribute")
@@ -59,6 +62,11 @@ class Embedder(nn.Module):
     def supports_padding(self) -> bool:
         """Whether ``forward`` can take padded images with their ``sizes`` (the extraction path asks)."""
         return bool(getattr(self.backbone, "supports_padding", False))
+
+    @property
+    def padding_note(self) -> str | None:
+        """The backbone's reason for exact shape batches instead of buckets, for the extraction report."""
+        return getattr(self.backbone, "padding_note", None)
 
     def forward(self, images: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings of ``images``; ``sizes`` (B x 2): each image's own height and width when padded."""
