@@ -65,6 +65,8 @@ from oxford_ir.data.held_out import validation_batches
 from oxford_ir.data.overlap_exclusion import OverlapGuard
 from oxford_ir.data.prefetch import DevicePrefetchLoader, ReadyBatch
 from oxford_ir.data.sampler import ClassBalancedSampler
+from oxford_ir.data.tuple_batches import TupleSampler, pool_sampler
+from oxford_ir.data.tuple_mining import PoolSettings
 from oxford_ir.errors import ConfigError, DataError
 from oxford_ir.fs import WORKER_TIMEOUT, share_tensors_by_name
 
@@ -150,6 +152,8 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
         decode: str = "cpu",
         exclude_overlap: bool | str = False,
         overlap: Mapping[str, Any] | None = None,
+        mining: str = "batch",
+        pool: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         data_dir = str(data_dir)
@@ -196,6 +200,10 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
         for name, value in (("pin_memory", pin_memory), ("persistent_workers", persistent_workers)):
             if not isinstance(value, bool):
                 raise ConfigError(f"data.{name} must be true or false, got {value!r}")
+        if mining not in ("batch", "pool"):
+            raise ConfigError(f"data.mining={mining!r}: choose batch (P x K batches, mined within) or pool (tuples)")
+        #: data.mining=pool: cnnimageretrieval-pytorch's tuples (oxford_ir/data/tuple_batches.py); None: P x K batches
+        self.pool_settings = PoolSettings.from_config(_plain(pool)) if mining == "pool" else None
         self.augmentation = Augmentation.from_config(augmentation)
         self.cache_config = cache_config
         self._gpu_decode = check_decode(decode)
@@ -399,11 +407,19 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}: call {call} first (the Trainer does it before using the data)")
         return value
 
+    @property
+    def tuple_layout(self) -> PoolSettings | None:
+        """With ``mining=pool``: the tuples of a batch (``tuples_per_batch``, ``nnum``) the module's loss reads."""
+        return self.pool_settings
+
     # -- loaders ----------------------------------------------------------------------------------
-    def train_sampler(self) -> ClassBalancedSampler:
+    def train_sampler(self) -> TupleSampler | ClassBalancedSampler:
         hp = self.hparams
         split = self.train_split
         classes = self.train_classes
+        if self.pool_settings is not None:  # data.mining=pool
+            embed = self._embed_for_mining
+            return pool_sampler(split, hp.benchmark, self.data_dir, self.pool_settings, hp.seed, embed)
         if hp.batches_per_epoch is not None:
             num_batches = hp.batches_per_epoch
         else:
@@ -487,6 +503,16 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
             device=device,
             **loader,
         )
+
+    def _embed_for_mining(self, paths: Sequence[Path]) -> torch.Tensor:
+        """Whole training images embedded by the trainer's module as it is now (its ``embed_images``), for mining."""
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        if not hasattr(module, "embed_images"):
+            raise ConfigError("data.mining=pool embeds images with the trainer's module (RetrievalModule.embed_images)")
+        keys = ("batch_size", "batching", "max_shapes", "num_workers", "worker_timeout")
+        settings = {key: self.eval_settings[key] for key in keys}
+        decode = "gpu" if self._gpu_decode else "cpu"
+        return module.embed_images(paths, image_size=self.hparams.image_size, decode=decode, **settings)
 
     def _resumed_epoch(self) -> int:
         """The epoch the attached trainer's fit loop is about to run (0 without a trainer).

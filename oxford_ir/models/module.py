@@ -43,6 +43,7 @@ from oxford_ir.models.cross_batch import (
     memory_statistics,
     split_loss_config,
 )
+from oxford_ir.models.pool_mining import mining_embeddings, tuple_layout_of
 from oxford_ir.models.settings import (
     check_loss_margins,
     check_parts,
@@ -194,6 +195,13 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             check_training_length(self.trainer)
+            #: data.mining=pool: the loss takes each mined tuple's pairs or triplets (oxford_ir.models.tuple_layout)
+            self.tuple_layout = tuple_layout_of(self, self.trainer.datamodule)
+
+    def embed_images(self, paths: Sequence[Any], **settings: Any) -> torch.Tensor:
+        """Embeddings of whole images by the network as it is now, for the datamodule's pool mining
+        (:func:`~oxford_ir.models.pool_mining.mining_embeddings`)."""
+        return mining_embeddings(self, paths, **settings)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedder(images)
@@ -216,7 +224,11 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
         if memory is not None:  # enqueue the batch, mine it against the queue with self.miner
             loss = memory(embeddings, labels)
             return loss, memory_statistics(memory, embeddings.detach().float(), labels)
-        indices = None if self.miner is None else self.miner(embeddings, labels)
+        layout = getattr(self, "tuple_layout", None)
+        if layout is not None:  # data.mining=pool: each tuple's pairs or triplets, no miner
+            indices = layout.indices_tuple(self.loss_fn, len(labels), labels.device)
+        else:
+            indices = None if self.miner is None else self.miner(embeddings, labels)
         loss = self.loss_fn(embeddings, labels, indices)
         stats = tuple_statistics(embeddings.detach().float(), labels, indices, self.loss_fn)
         return loss, stats
