@@ -121,3 +121,33 @@ def test_the_slurm_launcher_submits_one_single_gpu_job_per_shard(tmp_path) -> No
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (1, 1, 1)
     assert parse_shard(cfg.index.shard) == parse_shard("1/4")
+
+
+@pytest.mark.slow  # two fresh Python processes importing torch: ~20 s on 2 shared cores
+def test_torchrun_processes_each_build_their_own_shard(tmp_path) -> None:
+    """``torchrun --nproc-per-node 2 -m oxford_ir.cli.index ... index.shard=auto``: no process group, each process
+    its own shard folder (RANK of WORLD_SIZE); merged, the index equals one built at once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    photos = tmp_path / "photos"
+    write_varied_photos(photos, 7)
+    common = [f"images={photos}", "extraction.batching=shape", "index.dtype=float32"]
+    cfg = compose_index(tmp_path, *common, f"out={tmp_path / 'whole'}")
+    index(cfg)
+    settings = ["extraction.image_size=32", "extraction.num_workers=0", "extraction.device=cpu", "progress=false"]
+    out = tmp_path / "sharded"
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m",
+         "oxford_ir.cli.index", *common, *settings, *TINY_MODEL, f"out={out}", "index.shard=auto",
+         f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'runs'}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in shards_dir(out).iterdir()) == ["0-of-2", "1-of-2"]
+    index(variant(cfg, out=str(out), index__merge=True))
+    one, joined = RetrievalIndex.load(tmp_path / "whole"), RetrievalIndex.load(out)
+    assert [e.path for e in joined.entries] == [e.path for e in one.entries]
+    np.testing.assert_allclose(joined.vectors(), one.vectors(), atol=1e-6)
