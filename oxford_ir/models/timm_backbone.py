@@ -21,7 +21,8 @@ assumed; a model that fails gets exact shape batches and the reason in the extra
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,17 @@ def _group_name(names: list[str], repeated: set[str]) -> str:
         if head not in heads:
             heads.append(head)
     return "+".join(heads)
+
+
+@contextlib.contextmanager
+def _full_float32() -> Iterator[None]:
+    """TF32 off for the probe: on an Ampere GPU its 1e-3 rounding would hide, or fake, a difference."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 class TimmBackbone(Backbone):
@@ -194,7 +206,7 @@ class TimmBackbone(Backbone):
         training = self.training
         self.eval()
         try:
-            with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            with torch.no_grad(), torch.autocast(device.type, enabled=False), _full_float32():
                 features, mask = self.valid_features(padded.to(device), sizes)
                 for i, (h, w) in enumerate(sizes.tolist()):
                     alone = self(images[i : i + 1, :, :h, :w].to(device))[0]

@@ -9,9 +9,12 @@ import math
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import open_dict
 from PIL import Image
 from torch.nn import functional as F
 
+from oxford_ir.cli.train import train
 from oxford_ir.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from oxford_ir.errors import CheckpointError, ConfigError
 from oxford_ir.extraction.embedding import plan_for_model
@@ -20,6 +23,7 @@ from oxford_ir.models.checkpoint import load_retrieval_checkpoint
 from oxford_ir.models.embedder import Embedder
 from oxford_ir.models.pooling import AvgPooling, GeM
 from oxford_ir.models.timm_backbone import TimmBackbone
+from tests.test_train import TINY, compose_train
 
 pytest.importorskip("timm")
 
@@ -59,9 +63,9 @@ def test_timm_resnet50_from_a_torchvision_file_embeds_as_torchvision_resnet50(tm
     reference = Embedder(torchvision_backbone, GeM()).eval()(images)
     torch.testing.assert_close(Embedder(timm_backbone, GeM()).eval()(images), reference, atol=1e-5, rtol=0)
 
-    problem = r"these are not weights of timm resnet18: \d+ with another shape \(layer1\.0\.conv1\.weight"
+    problem = r"these are not weights of timm test_resnet: \d+ with another shape \(bn1\.weight"
     with pytest.raises(CheckpointError, match=r"resnet50\.pth: " + problem):
-        TimmBackbone(name="resnet18", weights=str(path))
+        TimmBackbone(name="test_resnet", weights=str(path))
     with pytest.raises(ConfigError, match="no such file"):
         TimmBackbone(name="resnet18", weights=str(tmp_path / "absent.pth"))
 
@@ -172,9 +176,6 @@ def test_vit_options_stages_and_bucket_fallback(vit):
 
 # -- training end to end, and checkpoints of another backbone ----------------------------------------
 def test_train_with_a_timm_backbone_and_refuse_its_checkpoint_for_another(tmp_path):
-    from oxford_ir.cli.train import train
-    from tests.test_train import TINY, TINY_SCRATCH, compose_train
-
     cfg = compose_train(
         tmp_path, *TINY, "backbone=timm", "backbone.name=test_resnet", "backbone.weights=none",
         "debug=fast_dev_run", "logger=none", "callbacks=none",
@@ -186,10 +187,12 @@ def test_train_with_a_timm_backbone_and_refuse_its_checkpoint_for_another(tmp_pa
 
     path = tmp_path / "timm.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    assert isinstance(load_retrieval_checkpoint(path).embedder.backbone, TimmBackbone)
-    other = compose_train(tmp_path, *TINY, *TINY_SCRATCH, "logger=none", run="other")
-    from hydra.utils import instantiate
-
+    loaded = load_retrieval_checkpoint(path).embedder
+    assert isinstance(loaded.backbone, TimmBackbone) and loaded.backbone.renormalises  # test_resnet: mean 0.5
+    image = _images((40, 50))[0]
+    torch.testing.assert_close(loaded(image), module.embedder.eval()(image))
+    with open_dict(cfg):  # the same run with a scratch CNN
+        cfg.model.embedder.backbone = {"_target_": "oxford_ir.models.backbones.ScratchCNN", "channels": [8, 16]}
     refusal = "trained with backbone timm:test_resnet, but the config builds scratchcnn"
     with pytest.raises(CheckpointError, match=refusal):
-        load_retrieval_checkpoint(path, expected=instantiate(other.model, _recursive_=False))
+        load_retrieval_checkpoint(path, expected=instantiate(cfg.model, _recursive_=False))
