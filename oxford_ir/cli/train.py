@@ -25,7 +25,7 @@ import hydra
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from oxford_ir.cli.hydra_typos import refuse_typos
 from oxford_ir.cli.run_folder import (
@@ -48,6 +48,7 @@ from oxford_ir.errors import exit_on_user_error
 from oxford_ir.extraction.overlap import find_overlap
 from oxford_ir.fs import replace_file
 from oxford_ir.models.checkpoint import load_retrieval_checkpoint
+from oxford_ir.models.class_losses import fill_num_classes, random_batches_warning, takes_classes
 from oxford_ir.models.validation import Evaluation
 from oxford_ir.retrieval.model_whitening import save_run_whitening
 from oxford_ir.retrieval.report import format_table
@@ -117,8 +118,12 @@ def _train(cfg: DictConfig, run: RunInfo) -> tuple[dict[str, float], dict[str, A
     guard = getattr(datamodule, "overlap_guard", None)  # data.exclude_overlap: the data layer cannot embed images
     if guard is not None:
         guard.finder = find_overlap
+    _fill_class_count(cfg, datamodule)
     log.info("model <%s>", cfg.model._target_)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _recursive_=False)
+    warning = random_batches_warning(getattr(model, "loss_fn", None), OmegaConf.select(cfg, "data.sampler"))
+    if warning is not None and rank_zero_only.rank == 0:
+        log.warning(warning)
     if run.ckpt_path is not None:
         # fail here, with the file named, rather than deep inside Trainer.fit
         load_retrieval_checkpoint(run.ckpt_path, expected=model)
@@ -178,6 +183,19 @@ def _train(cfg: DictConfig, run: RunInfo) -> tuple[dict[str, float], dict[str, A
     if trainer.is_global_zero:
         _print_summary(tables, run, trainer, trained=bool(cfg.get("train", True)))
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer, "run": run, "tables": tables}
+
+
+def _fill_class_count(cfg: DictConfig, datamodule: Any) -> None:
+    """A loss with a weight per class (``loss=arcface``, ...) is built with one for each training label: its
+    ``num_classes`` is the datamodule's, read from the split (the benchmark prepared first: the synthetic one
+    written, a real one checked), so the checkpoint's hyperparameters hold the number."""
+    loss = OmegaConf.select(cfg, "model.loss")
+    if loss is None or not takes_classes(loss):
+        return
+    datamodule.prepare_data()
+    datamodule.setup("validate")  # the split's labels; the training images are checked when fitting starts
+    with open_dict(cfg):
+        fill_num_classes(cfg.model.loss, datamodule.split.num_classes)
 
 
 @contextlib.contextmanager

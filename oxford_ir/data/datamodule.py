@@ -2,7 +2,9 @@
 
 Training batches hold ``classes_per_batch`` (P) landmarks x ``images_per_class`` (K) augmented crops, plus
 ``distractors_per_batch`` distractor images with labels of their own (extra negatives), drawn by
-:class:`~oxford_ir.data.sampler.ClassBalancedSampler` from :class:`~oxford_ir.data.datasets.TrainImageDataset`.
+:class:`~oxford_ir.data.sampler.ClassBalancedSampler` from :class:`~oxford_ir.data.datasets.TrainImageDataset`
+(``sampler=random``: P x K images shuffled without regard to class,
+:class:`~oxford_ir.data.random_sampler.RandomBatchSampler`, for losses with a weight per class).
 Validation (and test) is the whole evaluation benchmark, embedded through the one test-time path of
 :mod:`oxford_ir.extraction` like ``oxford-ir-eval``: this module holds the benchmark, its images
 (:meth:`RetrievalDataModule.eval_images`, reading the image cache when enabled) and their settings
@@ -64,6 +66,7 @@ from oxford_ir.data.gpu_decode import (
 from oxford_ir.data.held_out import validation_batches
 from oxford_ir.data.overlap_exclusion import OverlapGuard
 from oxford_ir.data.prefetch import DevicePrefetchLoader, ReadyBatch
+from oxford_ir.data.random_sampler import RandomBatchSampler
 from oxford_ir.data.sampler import ClassBalancedSampler
 from oxford_ir.data.tuple_batches import TupleSampler, pool_sampler
 from oxford_ir.data.tuple_mining import PoolSettings
@@ -73,6 +76,8 @@ from oxford_ir.fs import WORKER_TIMEOUT, share_tensors_by_name
 log = logging.getLogger(__name__)
 
 _SHOWN = 5
+#: ``data.sampler`` values: P x K class-balanced batches, or plain shuffled ones
+SAMPLERS = ("balanced", "random")
 #: ``data.eval_batching`` values (:mod:`oxford_ir.extraction.planning` implements them)
 EVAL_BATCHINGS = ("bucket", "shape", "aspect")
 
@@ -100,6 +105,9 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
             landmark image about once.
         val_loss_batches: P x K batches of the evaluated landmarks' images for ``val/loss`` (0: none; held_out).
         use_distractors / distractors_per_batch: add distractor images, each its own label, to every batch.
+        sampler: ``balanced`` (P classes x K images + distractors a batch) or ``random``: P x K images drawn
+            uniformly, without replacement within an epoch (:mod:`oxford_ir.data.random_sampler`; distractors are
+            drawn with the rest when ``distractors_per_batch`` > 0), for losses with a weight per class.
         eval_batch_size: images per evaluation batch.
         eval_batching / eval_max_shapes: how evaluation images are batched (``bucket``: padded to at most
             ``eval_max_shapes`` input shapes; ``shape``: exact; ``aspect``), as ``extraction.batching`` of
@@ -154,6 +162,7 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
         overlap: Mapping[str, Any] | None = None,
         mining: str = "batch",
         pool: Mapping[str, Any] | None = None,
+        sampler: str = "balanced",
     ) -> None:
         super().__init__()
         data_dir = str(data_dir)
@@ -188,6 +197,8 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
         non_negative_int(distractors_per_batch, "distractors_per_batch")
         non_negative_int(val_loss_batches, "val_loss_batches")
         non_negative_int(seed, "seed")
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"data.sampler={sampler!r}: choose {' or '.join(SAMPLERS)}")
         if eval_image_size is not None:
             positive_int(eval_image_size, "eval_image_size")
         if batches_per_epoch is not None:
@@ -397,9 +408,10 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
 
     @property
     def batch_size(self) -> int:
-        """Images per training batch: P x K + distractors."""
+        """Images per training batch: P x K + distractors (``sampler=random``: P x K)."""
         hp = self.hparams
-        return hp.classes_per_batch * hp.images_per_class + hp.distractors_per_batch
+        distractors = 0 if hp.get("sampler") == "random" else hp.distractors_per_batch
+        return hp.classes_per_batch * hp.images_per_class + distractors
 
     def _require(self, value, stage: str | None = None):
         if value is None:
@@ -420,6 +432,11 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
         if self.pool_settings is not None:  # data.mining=pool
             embed = self._embed_for_mining
             return pool_sampler(split, hp.benchmark, self.data_dir, self.pool_settings, hp.seed, embed)
+        if hp.get("sampler") == "random":  # every landmark image, and the distractors when batches take them
+            pool = np.flatnonzero(~split.is_distractor | (split.is_distractor & bool(hp.distractors_per_batch)))
+            size = self.batch_size
+            num_batches = hp.batches_per_epoch or max(1, len(pool) // size)
+            return RandomBatchSampler(pool, size, num_batches, seed=hp.seed)
         if hp.batches_per_epoch is not None:
             num_batches = hp.batches_per_epoch
         else:

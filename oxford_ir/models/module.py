@@ -36,6 +36,7 @@ from oxford_ir.benchmarks.metrics import DEFAULT_KAPPAS
 from oxford_ir.config import call, instantiate, to_plain
 from oxford_ir.errors import ConfigError
 from oxford_ir.extraction.whitening_source import WhiteningSettings
+from oxford_ir.models.class_losses import CLASS_KEYS, ClassStatistics, build_loss, class_statistics, is_class_loss
 from oxford_ir.models.cross_batch import (
     CHECKPOINT_KEY,
     CrossBatchMining,
@@ -76,7 +77,11 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
         scheduler: None, a scheduler config with ``_partial_: true``, or ``{scheduler: <that>, interval:
             epoch|step, frequency: 1, monitor: val/mAP}`` (Lightning's settings; ``epoch`` by default).
         backbone_lr: learning rate of the backbone's parameters; None = the optimizer's ``lr``. The head
-            (pooling, e.g. GeM's p, projection, and any loss parameters) always uses the optimizer's ``lr``.
+            (the projection, anything else) always uses the optimizer's ``lr``.
+        loss_lr: learning rate of the loss's parameters (the class weights of ``loss=arcface``,
+            :mod:`oxford_ir.models.class_losses`), without weight decay; None = the optimizer's ``lr``.
+        pooling_lr: learning rate of the pooling's parameters (GeM's p), without weight decay, as
+            cnnimageretrieval-pytorch trains p (at 10x the lr); None = the optimizer's ``lr``.
         freeze_backbone_epochs: freeze the backbone for the first N epochs (0 = never), then unfreeze it
             (a backbone configured as permanently frozen keeps those stages frozen).
         frozen_stages: how many leading backbone stages those epochs freeze; None = the whole backbone.
@@ -108,6 +113,8 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
         compile: bool = False,
         channels_last: bool = False,
         whitening: Mapping | None = None,
+        loss_lr: float | None = None,
+        pooling_lr: float | None = None,
     ) -> None:
         super().__init__()
         # plain containers, so that the checkpoint's hyper_parameters load with nothing but this class
@@ -120,6 +127,8 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
         eval_scales = [float(s) for s in to_plain(eval_scales)]
         kappas = [int(k) for k in to_plain(kappas)]
         backbone_lr = None if backbone_lr is None else float(backbone_lr)
+        loss_lr = None if loss_lr is None else float(loss_lr)
+        pooling_lr = None if pooling_lr is None else float(pooling_lr)
         freeze_backbone_epochs = int(freeze_backbone_epochs)
         frozen_stages = None if frozen_stages is None else int(frozen_stages)
         compile = bool(compile)
@@ -134,7 +143,7 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
             )
 
         check_parts(embedder, loss, distance, optimizer, miner)
-        check_values(eval_scales, kappas, backbone_lr, freeze_backbone_epochs)
+        check_values(eval_scales, kappas, backbone_lr, freeze_backbone_epochs, loss_lr=loss_lr, pooling_lr=pooling_lr)
         scheduler_cfg, self._scheduler_settings = scheduler_parts(scheduler)
 
         # each part built by config.instantiate: values checked against the target's signature, construction
@@ -142,7 +151,11 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
         self.embedder: torch.nn.Module = instantiate(embedder, "embedder")
         self.distance = instantiate(distance, "distance")
         loss, memory_settings = split_loss_config(loss)
-        self.loss_fn = instantiate(loss, "loss", distance=self.distance)
+        # a loss with a weight per class gets the embedder's dimension; the hyperparameters keep both numbers
+        embedding_dim = int(getattr(self.embedder, "embedding_dim", 0) or 0)
+        self.loss_fn, built = build_loss(loss, self.distance, embedding_dim, miner)
+        self.hparams["loss"].update({key: built[key] for key in CLASS_KEYS if key in built})
+        self._class_loss = is_class_loss(self.loss_fn)
         self.miner = None if miner is None else instantiate(miner, "miner", distance=self.distance)
         # the memory is kept out of the registered modules (DDP would broadcast rank 0's queue as a buffer):
         # checkpointed by on_save_checkpoint / on_load_checkpoint
@@ -162,7 +175,7 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
         if self._scheduler_factory is not None:
             call(self._scheduler_factory, self._scheduler_key, probe)
         check_loss_margins(self.loss_fn, self.distance)
-        if not isinstance(self.loss_fn, SUPPORTED_LOSSES):
+        if not isinstance(self.loss_fn, SUPPORTED_LOSSES) and not self._class_loss:
             rank_zero_warn(
                 f"train/active_fraction is not defined for {type(self.loss_fn).__name__} and is not logged "
                 f"(defined for {', '.join(c.__name__ for c in SUPPORTED_LOSSES)})"
@@ -212,14 +225,20 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.embedder(images)
 
-    def compute_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, TupleStatistics]:
-        """Embed the batch with the one network, mine, and apply the loss; returns ``(loss, TupleStatistics)``.
+    def compute_loss(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, TupleStatistics | ClassStatistics]:
+        """Embed the batch with the one network, mine, and apply the loss; returns ``(loss, TupleStatistics)``, or
+        ``(loss, ClassStatistics)`` for a loss with a weight per class (nothing to mine or count).
 
         A batch without tuples gives pytorch-metric-learning's zero loss, which keeps a gradient graph (its
         gradient is zero), so the optimisation step runs and the zero count is logged.
         """
         embeddings = self.embed_batch(images)
         labels = labels.to(embeddings.device)
+        if self._class_loss:  # float32: pml casts its weights to the embeddings' dtype (bf16 under autocast)
+            loss = self.loss_fn(embeddings.float(), labels)
+            return loss, class_statistics(self.loss_fn, embeddings.detach(), labels)
         memory: CrossBatchMining | None = self.cross_batch_memory
         if memory is not None:  # enqueue the batch, mine it against the queue with self.miner
             loss = memory(embeddings, labels)
@@ -240,6 +259,10 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
         # per step (every log_every_n_steps) and per process: an empty batch must show up, not be averaged away
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        if isinstance(stats, ClassStatistics):
+            if stats.class_cosine is not None:
+                self.log("train/class_cosine", stats.class_cosine, batch_size=size)
+            return loss
         self.log("train/num_triplets", float(stats.num_triplets), batch_size=size)
         if stats.active_fraction is not None:
             self.log("train/active_fraction", stats.active_fraction, batch_size=size)
@@ -290,23 +313,30 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
 
     # -- optimisation ------------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """``backbone`` (at ``backbone_lr``) and ``head`` (everything else, at the optimizer's lr).
+        """``backbone`` (at ``backbone_lr``), ``pooling`` (GeM's p, at ``pooling_lr``, no weight decay), ``head``
+        (everything else, at the optimizer's lr) and ``loss`` (its class weights, at ``loss_lr``, no weight decay);
+        groups without parameters are left out.
 
         Frozen parameters stay in their group: they receive no gradient, so the optimizer skips them until
         they are unfrozen, and the groups keep the same shape for checkpoint resumption.
         """
-        backbone = getattr(self.embedder, "backbone", None)
-        backbone_params = list(backbone.parameters()) if isinstance(backbone, torch.nn.Module) else []
-        in_backbone = {id(p) for p in backbone_params}
-        head_params = [p for p in self.parameters() if id(p) not in in_backbone]
+        hp = self.hparams
+        parts = {name: getattr(self.embedder, name, None) for name in ("backbone", "pooling")}
+        parts["loss"] = self.loss_fn
+        owned = {k: list(v.parameters()) if isinstance(v, torch.nn.Module) else [] for k, v in parts.items()}
+        taken = {id(p) for params in owned.values() for p in params}
+        owned["head"] = [p for p in self.parameters() if id(p) not in taken]
+        settings = {
+            "backbone": {"lr": hp.backbone_lr},
+            "pooling": {"lr": hp.get("pooling_lr"), "weight_decay": 0.0},
+            "head": {},
+            "loss": {"lr": hp.get("loss_lr"), "weight_decay": 0.0},
+        }
         groups: list[dict[str, Any]] = []
-        if backbone_params:
-            group: dict[str, Any] = {"name": "backbone", "params": backbone_params}
-            if self.hparams.backbone_lr is not None:
-                group["lr"] = self.hparams.backbone_lr
-            groups.append(group)
-        if head_params:
-            groups.append({"name": "head", "params": head_params})
+        for name, extra in settings.items():
+            if owned[name]:
+                extra = {key: value for key, value in extra.items() if value is not None}
+                groups.append({"name": name, "params": owned[name], **extra})
         if not groups:
             raise ConfigError(
                 f"the model ({describe_config(self.hparams.embedder)}) has no parameters to train; raw pixels with "

@@ -71,18 +71,24 @@ def check_parts(embedder: Mapping, loss: Mapping, distance: Mapping, optimizer: 
 
 
 def check_values(
-    eval_scales: Sequence[float], kappas: Sequence[int], backbone_lr: float | None, freeze_backbone_epochs: int
+    eval_scales: Sequence[float],
+    kappas: Sequence[int],
+    backbone_lr: float | None,
+    freeze_backbone_epochs: int,
+    **learning_rates: float | None,
 ) -> None:
-    """Scales and k of P@k are positive, the backbone's learning rate too, the warm-up freeze is not negative."""
+    """Scales and k of P@k are positive, the learning rates of parameter groups (``backbone_lr`` and the
+    ``learning_rates`` given by name, e.g. ``loss_lr``) too, the warm-up freeze is not negative."""
     if not eval_scales or min(eval_scales) <= 0:
         raise ConfigError(f"model.eval_scales={eval_scales}: give one or more positive scale factors, e.g. [1.0]")
     if not kappas or min(kappas) < 1:
         raise ConfigError(f"model.kappas={kappas}: give positive k for P@k, e.g. [1, 5, 10]")
-    if backbone_lr is not None and not 0 < backbone_lr <= MAX_LEARNING_RATE:  # NaN fails both
-        raise ConfigError(
-            f"model.backbone_lr={backbone_lr}: must be a positive learning rate of at most {MAX_LEARNING_RATE:g} "
-            "(typical: 1e-5 to 1e-2), or null for the optimizer's lr"
-        )
+    for name, lr in {"backbone_lr": backbone_lr, **learning_rates}.items():
+        if lr is not None and not 0 < lr <= MAX_LEARNING_RATE:  # NaN fails both
+            raise ConfigError(
+                f"model.{name}={lr}: must be a positive learning rate of at most {MAX_LEARNING_RATE:g} "
+                "(typical: 1e-5 to 1e-2), or null for the optimizer's lr"
+            )
     if freeze_backbone_epochs < 0:
         raise ConfigError(f"model.freeze_backbone_epochs={freeze_backbone_epochs}: must be >= 0 (0 = never)")
 

@@ -6,14 +6,25 @@ training batches, the same ones at every validation. Each batch is embedded by t
 mined by the training miner and scored by the training loss (within the batch: a cross-batch memory is neither
 read nor filled), without gradient; ``val/loss`` is the mean over the batches. So it is on the scale of
 ``train/loss`` and falls as the embedding generalises to new landmarks, and rises when it overfits.
+
+A loss with a weight per class (``loss=arcface``, :mod:`oxford_ir.models.class_losses`) has no weights for landmarks
+it never trained on: there is no ``val/loss`` then, and the log says why once.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+
+from oxford_ir.models.class_losses import is_class_loss
+
+log = logging.getLogger(__name__)
+#: modules whose skipped val/loss was explained already
+_EXPLAINED: weakref.WeakSet = weakref.WeakSet()
 
 
 def batch_loss(
@@ -46,7 +57,17 @@ def validation_loss(
 def held_out_loss(module: Any, datamodule: Any) -> torch.Tensor | None:
     """:func:`validation_loss` of ``module`` (a ``RetrievalModule``: ``embed_batch``, ``loss_fn``, ``miner``) on
     ``datamodule.val_loss_dataloader`` batches, moved and finished as Lightning finishes training batches, under the
-    trainer's precision; None without such batches (a datamodule without them, or a split that holds none)."""
+    trainer's precision; None without such batches (a datamodule without them, or a split that holds none) and for
+    a loss with a weight per class."""
+    if is_class_loss(module.loss_fn):
+        if module not in _EXPLAINED:
+            _EXPLAINED.add(module)
+            log.info(
+                "val/loss is not logged: %s has weights only for the training classes, and the held-out landmarks "
+                "are other classes",
+                type(module.loss_fn).__name__,
+            )
+        return None
     make = getattr(datamodule, "val_loss_dataloader", None)
     loader = make(module.device) if make is not None else None
     if loader is None:

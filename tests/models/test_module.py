@@ -458,18 +458,23 @@ def test_restrict_benchmark_renumbers_the_ground_truth(tmp_path):
 
 
 # -- optimisation --------------------------------------------------------------------------------
-def test_backbone_and_head_have_separate_learning_rates():
-    module = make_module(backbone_lr=1e-4, embedder=embedder_cfg(projection_dim=6))
+def test_backbone_pooling_and_head_have_separate_learning_rates():
+    adamw = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2, "weight_decay": 1e-4}
+    module = make_module(backbone_lr=1e-4, pooling_lr=1e-1, embedder=embedder_cfg(projection_dim=6), optimizer=adamw)
     optimizer = module.configure_optimizers()
     groups = {g["name"]: g for g in optimizer.param_groups}
-    assert set(groups) == {"backbone", "head"}
-    assert groups["backbone"]["lr"] == 1e-4 and groups["head"]["lr"] == 1e-2
+    assert set(groups) == {"backbone", "pooling", "head"}
+    assert groups["backbone"]["lr"] == 1e-4 and groups["pooling"]["lr"] == 1e-1 and groups["head"]["lr"] == 1e-2
+    # GeM's p without weight decay (as cnnimageretrieval-pytorch trains it), the others with the optimizer's
+    assert groups["pooling"]["weight_decay"] == 0.0
+    assert groups["backbone"]["weight_decay"] == groups["head"]["weight_decay"] == 1e-4
     backbone = {id(p) for p in module.embedder.backbone.parameters()}
     assert {id(p) for p in groups["backbone"]["params"]} == backbone
+    assert [id(p) for p in groups["pooling"]["params"]] == [id(module.embedder.pooling.p)]
     head = {id(p) for p in groups["head"]["params"]}
-    assert id(module.embedder.pooling.p) in head and id(module.embedder.projection.weight) in head
-    assert not head & backbone and len(head) + len(backbone) == len(list(module.parameters()))
-    # without backbone_lr both groups use the optimizer's lr
+    assert id(module.embedder.projection.weight) in head and not head & backbone
+    assert len(head) + len(backbone) + 1 == len(list(module.parameters()))
+    # without backbone_lr and pooling_lr every group uses the optimizer's lr
     assert {g["lr"] for g in make_module().configure_optimizers().param_groups} == {1e-2}
 
 
