@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from oxford_ir.cli.hydra_typos import refuse_typos
+from oxford_ir.cli.quick_help import quick_help
 from oxford_ir.config import CONFIG_DIR
 from oxford_ir.errors import ConfigError, exit_on_user_error
 
@@ -73,6 +74,7 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console script: a mistyped key or option is answered with its close match (:mod:`.hydra_typos`)."""
     refuse_typos("export")
+    quick_help()
     _main()
 
 

@@ -21,14 +21,15 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from oxford_ir.benchmarks.boxes import BBox, parse_bbox
 from oxford_ir.cli.hydra_typos import refuse_typos
+from oxford_ir.cli.quick_help import quick_help
 from oxford_ir.config import CONFIG_DIR
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError, exit_on_user_error
 from oxford_ir.fs import replace_file
 from oxford_ir.images import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:
+    from oxford_ir.benchmarks.boxes import BBox
     from oxford_ir.retrieval.index_format import RetrievalIndex
     from oxford_ir.retrieval.search import Searcher
 
@@ -42,6 +43,8 @@ _LIST_LINE = re.compile(r"^(?P<path>.*?)(?:\s+(?P<bbox>[-+0-9.eE]+,[-+0-9.eE]+,[
 def resolve_queries(query: Any, bbox: Any = None) -> list[tuple[Path, BBox | None]]:
     """``query=`` as ``(image path, box or None)`` pairs: one image, a folder (recursive, sorted), or a text
     file listing images (one per line, relative to the file, ``#`` comments, an optional box after the path)."""
+    from oxford_ir.benchmarks.boxes import parse_bbox
+
     if query is None or str(query).strip() == "":
         raise ConfigError("query= is required: an image, a folder of images or a text file listing image paths")
     box = parse_bbox(bbox)
@@ -75,6 +78,8 @@ def resolve_queries(query: Any, bbox: Any = None) -> list[tuple[Path, BBox | Non
 
 def _read_list(path: Path) -> list[tuple[Path, BBox | None]] | None:
     """The queries of a list file; None when the file is not text (then it may be an image)."""
+    from oxford_ir.benchmarks.boxes import parse_bbox
+
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -279,6 +284,7 @@ def main() -> None:
     """
     sys.argv = [sys.argv[0], *(_quote_bbox(arg) for arg in sys.argv[1:])]
     refuse_typos("search")  # a mistyped key or option is answered with its close match
+    quick_help()
     _main()
 
 

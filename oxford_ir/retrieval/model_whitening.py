@@ -26,7 +26,6 @@ from torch import nn
 from oxford_ir.benchmarks.benchmark import Benchmark
 from oxford_ir.benchmarks.splits import TrainSplit
 from oxford_ir.config import instantiate, to_plain
-from oxford_ir.data.datamodule import RetrievalDataModule
 from oxford_ir.errors import ConfigError
 from oxford_ir.extraction.distributed import barrier, rank_and_world
 from oxford_ir.extraction.whitening import Whitened, Whitening, whitening_file
@@ -36,7 +35,6 @@ from oxford_ir.extraction.whitening_source import (
     learn_whitening,
     split_sample,
 )
-from oxford_ir.models.checkpoint import checkpoint_data_settings
 from oxford_ir.retrieval.model_spec import ModelSpec, file_sha256
 
 log = logging.getLogger(__name__)
@@ -46,6 +44,9 @@ def source_split(checkpoint: str | None, source: Any, data_dir: Path) -> TrainSp
     """The training split a whitening is learned from: the checkpoint's run's datamodule settings (its data
     folder too), with ``source`` (datamodule arguments) on top; without a checkpoint, ``source`` in ``data_dir``
     unless it names its own."""
+    from oxford_ir.data.datamodule import RetrievalDataModule  # Lightning: imported only to learn a whitening
+    from oxford_ir.models.checkpoint import checkpoint_data_settings
+
     source = to_plain(source)
     if source is not None and not isinstance(source, Mapping):
         raise ConfigError(

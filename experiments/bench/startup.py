@@ -1,0 +1,145 @@
+"""Start-up of the search command: wall seconds (median of 3) of ``oxford-ir-search --help`` and of a one-image
+search against a small index, with the index's checkpoint and with its ONNX export, and the heavy libraries each
+imports (read from ``python -X importtime``).
+
+The baseline is the same commands run from a ``git worktree`` of ``--baseline`` (a commit before the lazy
+imports; default 393f64e, the last one before them), measured in the same run on the same machine: its rows
+show what a command cost before. The baseline cannot search with an ONNX file (n/a).
+
+    .venv/bin/python experiments/bench/startup.py [--baseline <commit>] [--repeats 3]
+
+The fixture (built in a temporary folder): a random scratch CNN + GeM checkpoint, its ONNX export, 8 random
+64 x 48 photos in an index built with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "torchvision", "lightning", "pytorch_metric_learning", "wandb", "fastapi", "onnxruntime", "onnx")
+TINY = {
+    "_target_": "oxford_ir.models.embedder.Embedder",
+    "backbone": {"_target_": "oxford_ir.models.backbones.ScratchCNN", "channels": [8, 16]},
+    "pooling": {"_target_": "oxford_ir.models.pooling.GeM", "p": 3.0},
+}
+
+
+def make_fixture(root: Path) -> dict[str, Path]:
+    """The checkpoint, its ONNX file, the photos and an index of them built with the checkpoint."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from oxford_ir.models.module import RetrievalModule
+    from oxford_ir.retrieval.index_build import build_index
+    from oxford_ir.retrieval.model_spec import ModelSpec
+    from oxford_ir.retrieval.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    module = RetrievalModule(
+        embedder=TINY,
+        loss={"_target_": "pytorch_metric_learning.losses.TripletMarginLoss", "margin": 0.1},
+        distance={"_target_": "pytorch_metric_learning.distances.CosineSimilarity"},
+        optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-2},
+    )
+    ckpt = root / "model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
+    onnx_file = export_onnx(ModelSpec(checkpoint=str(ckpt)), root / "model.onnx").path
+    photos = root / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
+    spec = ModelSpec(checkpoint=str(ckpt))
+    build_index(spec, photos, root / "index", image_size=64, num_workers=0, progress=False)
+    return {"ckpt": ckpt, "onnx": onnx_file, "photos": photos, "index": root / "index"}
+
+
+def commands(fixture: dict[str, Path], run_dir: Path) -> dict[str, list[str]]:
+    search = [
+        f"index={fixture['index']}",
+        f"query={fixture['photos'] / 'p1.png'}",
+        "k=3",
+        "grid.enabled=false",
+        "extraction.device=cpu",
+        f"hydra.run.dir={run_dir}",
+    ]
+    return {
+        "oxford-ir-search --help": ["--help"],
+        "one-image search, checkpoint": search,
+        "one-image search, ONNX": [*search, f"onnx={fixture['onnx']}"],
+    }
+
+
+def run(code_root: Path, args: list[str], importtime: bool = False) -> tuple[float, str, str]:
+    """Wall seconds, stdout and stderr of the search command of the package in ``code_root``."""
+    env = {**os.environ, "PYTHONPATH": str(code_root), "WANDB_MODE": "disabled"}
+    flags = ["-X", "importtime"] if importtime else []
+    entry = "import sys; from oxford_ir.cli.search import main; sys.argv[0] = 'oxford-ir-search'; main()"
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, *flags, "-c", entry, *args], cwd=code_root, env=env, capture_output=True, text=True
+    )
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{code_root}: {' '.join(args)} failed:\n{result.stderr[-2000:]}")
+    return elapsed, result.stdout, result.stderr
+
+
+def heavy_imports(stderr: str) -> list[str]:
+    """The heavy top-level packages ``-X importtime`` reports as imported."""
+    found = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:"):
+            name = line.rsplit("|", 1)[-1].strip()
+            if name in HEAVY:
+                found.add(name)
+    return [name for name in HEAVY if name in found]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", default="393f64e", help="commit to compare with (a git worktree of it)")
+    parser.add_argument("--repeats", type=int, default=3)
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="startup-bench-") as tmp:
+        tmp = Path(tmp)
+        sys.path.insert(0, str(REPO))
+        fixture = make_fixture(tmp)
+        baseline = tmp / "baseline"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(baseline), options.baseline],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        try:
+            rows = []
+            for label, root in ((f"before ({options.baseline})", baseline), ("now", REPO)):
+                for name, args in commands(fixture, tmp / "run").items():
+                    if root == baseline and "onnx=" in " ".join(args):
+                        rows.append((name, label, None, "n/a: no ONNX support before"))
+                        continue
+                    run(root, args)  # warm the file cache
+                    times = [run(root, args)[0] for _ in range(options.repeats)]
+                    heavy = heavy_imports(run(root, args, importtime=True)[2])
+                    rows.append((name, label, statistics.median(times), ", ".join(heavy) or "none"))
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO, capture_output=True)
+    print(f"{'command':<32} {'code':<18} {'wall s (median of ' + str(options.repeats) + ')':>22}  heavy imports")
+    for name, label, seconds, heavy in rows:
+        shown = "n/a" if seconds is None else f"{seconds:.2f}"
+        print(f"{name:<32} {label:<18} {shown:>22}  {heavy}")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
+
+
+if __name__ == "__main__":
+    main()
