@@ -22,6 +22,14 @@ from torch import nn
 from oxford_ir.errors import CheckpointError, ConfigError
 from oxford_ir.models import timm_vit
 
+#: ``timm.create_model`` arguments that ``backbone.model_args`` may not set
+_RESERVED_ARGS = frozenset(
+    {
+        "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir", "num_classes",
+        "features_only", "img_size", "dynamic_img_size", "dynamic_img_pad",
+    }
+)  # fmt: skip
+
 
 def import_timm() -> Any:
     """timm, imported on first use (it costs seconds, which a command that does not use it should not pay)."""
@@ -161,12 +169,14 @@ def _load_problems(text: str) -> str:
 
 
 def check_model_args(model_args: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``backbone.model_args`` as keyword arguments, leaving the ones this class sets to it."""
-    args = dict(model_args or {})
-    taken = sorted(set(args) & {"pretrained", "num_classes", "pretrained_cfg_overlay", "img_size", "dynamic_img_size"})
+    """``backbone.model_args`` as keyword arguments, without those that say where weights come from or what the
+    model outputs: ``backbone.weights`` is the one way to name weights, also in a config read back from an index
+    manifest (which may only build what :mod:`oxford_ir.trusted_targets` allows, from files it names itself)."""
+    args = {str(k): v for k, v in (model_args or {}).items()}
+    taken = sorted(set(args) & _RESERVED_ARGS)
     if taken:
         raise ConfigError(
-            f"backbone.model_args sets {', '.join(taken)}, which backbone=timm sets itself: use backbone.weights= and "
-            "backbone.img_size= instead"
+            f"backbone.model_args sets {', '.join(taken)}, which backbone=timm decides itself: name weights with "
+            "backbone.weights= and a ViT's size with backbone.img_size="
         )
     return args

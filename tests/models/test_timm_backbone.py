@@ -114,6 +114,8 @@ def test_unknown_names_bad_options_and_partial_weights_are_one_clear_error(tmp_p
         TimmBackbone(name="resnet10t", weights="none", frozen_stages=9)
     with pytest.raises(ConfigError, match="model_args: timm's resnet10t refuses them"):
         TimmBackbone(name="resnet10t", weights="none", model_args={"no_such_argument": 1})
+    with pytest.raises(ConfigError, match="model_args sets checkpoint_path, pretrained_cfg, which backbone=timm"):
+        TimmBackbone(name="resnet10t", weights="none", model_args={"pretrained_cfg": {}, "checkpoint_path": "x.pth"})
 
 
 # -- ViTs ------------------------------------------------------------------------------------------
