@@ -198,3 +198,22 @@ def test_train_with_a_timm_backbone_and_refuse_its_checkpoint_for_another(tmp_pa
     refusal = "trained with backbone timm:test_resnet, but the config builds scratchcnn"
     with pytest.raises(CheckpointError, match=refusal):
         load_retrieval_checkpoint(path, expected=instantiate(cfg.model, _recursive_=False))
+
+
+def test_an_index_manifest_rebuilds_a_timm_vit_with_its_normalisation():
+    """What oxford-ir-search does with an index's model spec: the trusted-target check passes, and every build
+    embeds alike (the same seed, the same re-normalisation from the model's pretrained config)."""
+    from oxford_ir.retrieval.model_spec import ModelSpec
+
+    embedder = {
+        "_target_": "oxford_ir.models.embedder.Embedder",
+        "backbone": {"_target_": "oxford_ir.models.timm_backbone.TimmBackbone", "name": "test_vit", "weights": "none",
+                     "pool_tokens": "cls"},
+        "pooling": {"_target_": "oxford_ir.models.pooling.AvgPooling"},
+    }  # fmt: skip
+    spec = ModelSpec.from_dict({"checkpoint": None, "embedder": embedder}, source="manifest.json")
+    first, second = spec.build(), spec.build()
+    assert first.backbone.renormalises and first.backbone.mean == (0.5, 0.5, 0.5)
+    images = torch.cat(_images((48, 48), (48, 48)))
+    torch.testing.assert_close(first(images), second(images), atol=0, rtol=0)
+    assert "TimmBackbone(name=test_vit" in spec.describe()
