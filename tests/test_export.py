@@ -121,8 +121,11 @@ def test_index_with_onnx_then_search_with_onnx_or_the_checkpoint_but_not_another
         return [[hit["path"] for hit in record["results"]] for record in records]
 
     own = top(tmp_path / "by_onnx")  # the index's own model: the ONNX file
-    assert own == top(tmp_path / "by_onnx", f"ckpt_path={exported['ckpt']}")
-    assert own == top(tmp_path / "by_ckpt", f"onnx={onnx_file}") == top(tmp_path / "by_ckpt")
+    assert (
+        own
+        == top(tmp_path / "by_onnx", f"ckpt_path={exported['ckpt']}")
+        == top(tmp_path / "by_ckpt", f"onnx={onnx_file}")
+    )
     assert [ranking[0] for ranking in own] == [f"p{i}.png" for i in range(6)]
     capsys.readouterr()
     with pytest.raises(IndexFormatError, match="is another model"):
@@ -174,6 +177,7 @@ def test_search_cli_help_imports_no_deep_learning_stack(tmp_path):
     assert result.stdout.strip().splitlines()[-1] == "LOADED []"
 
 
+@pytest.mark.slow  # a MobileNetV2 export (~10 s); the tiny model's test above checks the same in the fast suite
 @pytest.mark.shared_data
 def test_real_photos_embed_as_pytorch_with_the_pretrained_mobilenet(oxford_root, mobilenet_weights, tmp_path):
     embedder = {
