@@ -8,11 +8,13 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
 from oxford_ir.benchmarks.metrics import evaluate_ranks
 from oxford_ir.benchmarks.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
 from oxford_ir.cli.evaluate import evaluate
 from oxford_ir.errors import ConfigError, DataError
+from oxford_ir.extraction.whitening import whiten
 from oxford_ir.retrieval.distractors import distractor_images, distractors_above, split_name
 from oxford_ir.retrieval.index_format import RetrievalIndex
 from tests.benchmarks import revisitop_reference as published
@@ -62,6 +64,13 @@ def test_counting_distractors_above_equals_ranking_them_all() -> None:
         assert ours[key] == pytest.approx(value, abs=1e-12)
     without, _ = evaluate_ranks(np.argsort(-(db @ queries.T), axis=0, kind="stable"), gnd, "revisited")
     assert ours["M/mAP"] < without["M/mAP"]  # the distractors matter in this test
+    # a whitening of the evaluated model is applied to the stored rows (as to the database and queries)
+    mean, projection = torch.from_numpy(rng.normal(size=dim).astype(np.float32)), torch.eye(dim)[torch.randperm(dim)]
+    whitened = whiten(torch.from_numpy(distractors.astype(np.float32)), mean, projection).numpy()
+    scores, db_scores = (whitened @ queries.T).T, (db @ queries.T).T  # (n_q, n_d), (n_q, n_db)
+    expected = (scores[:, None, :] > db_scores[:, :, None]).sum(axis=2).T  # (n_db, n_q), by brute force
+    got = distractors_above(db, queries, distractors, transform=lambda r: whiten(r, mean, projection), block=64)
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_names_with_distractors() -> None:
