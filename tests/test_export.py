@@ -191,3 +191,19 @@ def test_real_photos_embed_as_pytorch_with_the_pretrained_mobilenet(oxford_root,
     expected = extract_embeddings(spec.build(), photos, 160, batching="shape")
     found = extract_embeddings(load_onnx_embedder(report.path), photos, 160)
     assert float((found - expected).abs().max()) < 1e-4
+
+
+def test_a_checkpoint_s_embedder_loads_without_the_training_module(exported, tmp_path):
+    from oxford_ir.models.checkpoint import load_checkpoint_embedder, load_retrieval_checkpoint
+
+    alone = load_checkpoint_embedder(exported["ckpt"])
+    full = load_retrieval_checkpoint(exported["ckpt"]).embedder
+    assert not alone.training and alone.state_dict().keys() == full.state_dict().keys()
+    assert all(torch.equal(v, full.state_dict()[k]) for k, v in alone.state_dict().items())
+    data = torch.load(exported["ckpt"], weights_only=True)
+    data["state_dict"]["embedder.pooling.p"] = torch.ones(2)
+    torch.save(data, tmp_path / "edited.ckpt")
+    with pytest.raises(
+        CheckpointError, match=r"edited\.ckpt: its weights do not fit .*pooling\.p \(2,\) in the checkpoint"
+    ):
+        load_checkpoint_embedder(tmp_path / "edited.ckpt")

@@ -7,8 +7,9 @@ two rounds is reported, to even out a shared machine): the PyTorch row is the ba
 - ``load s``: from the file to a model ready to embed: ``ModelSpec(checkpoint=...).build()`` (read the checkpoint,
   rebuild the network, load the weights) vs ``ModelSpec(onnx=...).build()`` (onnxruntime session, metadata
   checked); a fresh process would add the imports (see experiments/bench/startup.py).
-- ``images/s``: ``--images`` random photos of 4:3 and 3:4 at ``--image-size`` (long side), ``batching=shape``,
-  ``--batch-size`` images a batch, no worker processes, all cores for the network.
+- ``images/s``: ``--images`` photos at ``--image-size`` (long side), ``batching=shape``, ``--batch-size`` images a
+  batch, no worker processes, all cores for the network: the real photos of ../shared/paris6k/jpg (and
+  ../shared/oxford5k/jpg) when present, else random photos of 4:3 and 3:4.
 - ``max |diff|``: the largest absolute difference between the two paths' L2-normalised embeddings.
 
     .venv/bin/python experiments/bench/onnx_speed.py [--backbone mobilenetv2] [--image-size 224] [--images 32]
@@ -36,6 +37,7 @@ from oxford_ir.retrieval.onnx_export import export_onnx
 
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet_features.pth"
+REAL_PHOTOS = (REPO.parent / "shared" / "paris6k" / "jpg", REPO.parent / "shared" / "oxford5k" / "jpg")
 
 
 def make_checkpoint(path: Path) -> str:
@@ -56,7 +58,11 @@ def make_checkpoint(path: Path) -> str:
     return "MobileNetV2 (ImageNet) + GeM" if weights != "none" else "MobileNetV2 (random) + GeM"
 
 
-def make_photos(folder: Path, n: int, size: int) -> list[Path]:
+def make_photos(folder: Path, n: int, size: int) -> tuple[list[Path], str]:
+    """``n`` real photos when ../shared has them, else random ones; and which."""
+    real = sorted(p for root in REAL_PHOTOS if root.is_dir() for p in root.glob("*.jpg"))[:n]
+    if len(real) == n:
+        return real, "real photos (../shared)"
     folder.mkdir()
     rng = np.random.default_rng(0)
     paths = []
@@ -65,7 +71,7 @@ def make_photos(folder: Path, n: int, size: int) -> list[Path]:
         path = folder / f"p{i:03d}.jpg"
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=90)
         paths.append(path)
-    return paths
+    return paths, "random photos"
 
 
 def measure(spec: ModelSpec, photos: list[Path], image_size: int, batch_size: int) -> tuple[float, float, torch.Tensor]:
@@ -90,7 +96,7 @@ def main() -> None:
         started = time.perf_counter()
         report = export_onnx(ModelSpec(checkpoint=str(tmp / "model.ckpt")), tmp / "model.onnx")
         export_seconds = time.perf_counter() - started
-        photos = make_photos(tmp / "photos", options.images, options.image_size)
+        photos, kind = make_photos(tmp / "photos", options.images, options.image_size)
         specs = {
             "PyTorch (checkpoint)": ModelSpec(checkpoint=str(tmp / "model.ckpt")),
             "ONNX (onnxruntime)": ModelSpec(onnx=str(report.path)),
@@ -104,7 +110,7 @@ def main() -> None:
                 best[name] = (min(old[0], loaded), max(old[1], rate))
     reference = vectors["PyTorch (checkpoint)"]
     print(
-        f"{model_name}, {options.images} photos at long side {options.image_size}, batch {options.batch_size}, "
+        f"{model_name}, {options.images} {kind} at long side {options.image_size}, batch {options.batch_size}, "
         f"torch threads {torch.get_num_threads()}; export took {export_seconds:.1f} s "
         f"(check: {report.max_difference:.1e})"
     )

@@ -5,6 +5,10 @@ refused, not unpickled), checks that it was written by the module, rebuilds the 
 without fetching pretrained backbone weights (the state dict replaces them), and compares the weights key for key
 and shape for shape with that model, or with a model built from the current config (``expected``). Every refusal
 is one :class:`~oxford_ir.errors.CheckpointError` naming the file and what to use instead.
+
+:func:`load_checkpoint_embedder` rebuilds only the embedder, with the same checks, for indexing and search: it
+needs neither the training module nor Lightning and pytorch-metric-learning, which a search would otherwise spend
+a second importing.
 """
 
 from __future__ import annotations
@@ -13,17 +17,22 @@ import inspect
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from oxford_ir.errors import CheckpointError, OxfordIRError
-from oxford_ir.models.module import RetrievalModule
-from oxford_ir.models.settings import describe_config
 from oxford_ir.trusted_targets import check_trusted
+
+if TYPE_CHECKING:
+    from oxford_ir.models.module import RetrievalModule
 
 #: hyperparameters a checkpoint of the module always has
 REQUIRED_HPARAMS = ("embedder", "loss", "distance", "optimizer")
+#: where Lightning keeps them (``LightningModule.CHECKPOINT_HYPER_PARAMS_KEY``)
+HPARAMS_KEY = "hyper_parameters"
+#: the prefix of the embedder's weights in the module's state dict
+EMBEDDER_PREFIX = "embedder."
 
 
 def _state_mismatch(
@@ -118,16 +127,11 @@ def load_retrieval_checkpoint(
     weights must fit that model, key for key and shape for shape; the error then names the first
     mismatched keys and the embedder the checkpoint was trained with, i.e. the config to use instead.
     """
+    from oxford_ir.models.module import RetrievalModule
+    from oxford_ir.models.settings import describe_config
+
     path = Path(path)
-    checkpoint = _read_checkpoint(path, map_location)
-    hparams = checkpoint.get(RetrievalModule.CHECKPOINT_HYPER_PARAMS_KEY) or {}
-    missing = [k for k in REQUIRED_HPARAMS if k not in hparams]
-    if missing:
-        raise CheckpointError(
-            f"{path} was not written by RetrievalModule: its hyper_parameters ({sorted(hparams) or 'none'}) have no "
-            f"{', '.join(missing)}; load it with the model class that trained it"
-        )
-    check_trusted(hparams, str(path), "hyper_parameters")
+    checkpoint, hparams = _read_module_checkpoint(path, map_location)
     state = checkpoint["state_dict"]
     trained_with = describe_config(hparams.get("embedder"))
     if expected is not None:
@@ -154,6 +158,46 @@ def load_retrieval_checkpoint(
         )
     module.load_state_dict(state, strict=True)
     return module.eval()
+
+
+def _read_module_checkpoint(path: Path, map_location: Any) -> tuple[dict, dict]:
+    """The checkpoint and its hyperparameters, checked to be the module's and to name only trusted targets."""
+    checkpoint = _read_checkpoint(path, map_location)
+    hparams = checkpoint.get(HPARAMS_KEY) or {}
+    missing = [k for k in REQUIRED_HPARAMS if k not in hparams]
+    if missing:
+        raise CheckpointError(
+            f"{path} was not written by RetrievalModule: its hyper_parameters ({sorted(hparams) or 'none'}) have no "
+            f"{', '.join(missing)}; load it with the model class that trained it"
+        )
+    check_trusted(hparams, str(path), "hyper_parameters")
+    return checkpoint, hparams
+
+
+def load_checkpoint_embedder(path: str | Path, map_location: Any = "cpu") -> torch.nn.Module:
+    """The embedder saved in ``path`` (the module's ``embedder`` and its weights), in eval mode: what
+    :func:`load_retrieval_checkpoint` gives as ``.embedder``, with the same checks, without building the module."""
+    from oxford_ir.config import instantiate
+
+    path = Path(path)
+    checkpoint, hparams = _read_module_checkpoint(path, map_location)
+    config = _without_pretrained_weights(hparams["embedder"])
+    try:
+        embedder = instantiate(config, "embedder")
+    except OxfordIRError as error:
+        raise CheckpointError(f"{path}: cannot rebuild the model from its hyper_parameters: {error}") from None
+    state = {k[len(EMBEDDER_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(EMBEDDER_PREFIX)}
+    problems = _state_mismatch(embedder.state_dict(), state)
+    if problems:
+        from oxford_ir.models.settings import describe_config
+
+        raise CheckpointError(
+            f"{path}: its weights do not fit the model its own hyper_parameters describe "
+            f"({describe_config(hparams['embedder'])}): {'; '.join(problems)}. The file was edited or written by "
+            "another version of the code"
+        )
+    embedder.load_state_dict(state, strict=True)
+    return embedder.eval()
 
 
 def checkpoint_data_settings(path: str | Path) -> dict[str, Any]:

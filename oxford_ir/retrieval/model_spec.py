@@ -157,9 +157,9 @@ class ModelSpec:
 
             return load_onnx_embedder(self.onnx)  # onnxruntime runs on the CPU; outputs follow the inputs' device
         if self.checkpoint is not None:
-            from oxford_ir.models.checkpoint import load_retrieval_checkpoint
+            from oxford_ir.models.checkpoint import load_checkpoint_embedder
 
-            model = load_retrieval_checkpoint(self.checkpoint).embedder
+            model = load_checkpoint_embedder(self.checkpoint)  # the embedder alone: no Lightning to import
         else:
             import hydra
 
