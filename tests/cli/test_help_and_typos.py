@@ -10,6 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import oxford_ir.cli.evaluate
+import oxford_ir.cli.export
 import oxford_ir.cli.index
 import oxford_ir.cli.search
 import oxford_ir.cli.serve
@@ -24,6 +25,7 @@ ENTRIES = {
     "index": oxford_ir.cli.index.main,
     "search": oxford_ir.cli.search.main,
     "serve": oxford_ir.cli.serve.main,
+    "export": oxford_ir.cli.export.main,
 }
 #: every config group of conf/ (download/ holds oxford-ir-data's file lists, not a Hydra group)
 ALL_GROUPS = {p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "download")}
