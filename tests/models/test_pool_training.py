@@ -134,3 +134,19 @@ def test_pool_mining_resumes_exactly(tmp_path, monkeypatch):
     assert resumed["global_step"] == 6
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+def test_the_cirtorch_recipe_carries_the_published_settings(tmp_path):
+    """experiment=cirtorch_resnet101_gem against the README command of cnnimageretrieval-pytorch (--arch resnet101
+    --pool gem --loss contrastive --loss-margin 0.85 --optimizer adam --lr 5e-7 --neg-num 5 --query-size 2000
+    --pool-size 22000 --batch-size 5 --image-size 362; weight decay 1e-6, p at 10x, decay exp(-0.01))."""
+    cfg = compose_train(tmp_path, "experiment=cirtorch_resnet101_gem")
+    assert (cfg.backbone.name, cfg.pooling._target_) == ("resnet101", "oxford_ir.models.pooling.GeM")
+    assert cfg.data.mining == "pool" and cfg.miner is None
+    assert dict(cfg.data.pool) == {"qsize": 2000, "poolsize": 22000, "nnum": 5, "tuples_per_batch": 5}
+    assert cfg.data.image_size == 362 and cfg.trainer.accumulate_grad_batches == 1
+    assert cfg.loss._target_.endswith("SquaredContrastiveLoss") and cfg.loss.neg_margin == 0.85
+    assert cfg.loss.reducer._target_.endswith("SumReducer") and cfg.distance.p == 2
+    assert (cfg.optimizer._target_, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("torch.optim.Adam", 5e-7, 1e-6)
+    assert cfg.model.pooling_lr == pytest.approx(10 * cfg.optimizer.lr)
+    assert cfg.scheduler.scheduler.gamma == pytest.approx(np.exp(-0.01), rel=1e-12)
