@@ -22,6 +22,8 @@ tuples in all, as in cirtorch: ``qsize // (T * world)`` batches per process.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -35,6 +37,8 @@ from oxford_ir.data.config_values import non_negative_int, positive_int
 from oxford_ir.data.tuple_mining import PoolSettings, epoch_tuples
 from oxford_ir.data.tuple_pairs import training_pairs
 from oxford_ir.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: stream tag of the augmentation seeds of a tuple epoch
 _SEED_TAG = 0x5EED7
@@ -103,7 +107,9 @@ class TupleSampler(DistributedSampler):
     def epoch_tuples(self, epoch: int) -> np.ndarray:
         """The tuples of ``epoch``, mined on the first call for it."""
         if self.tuples is None or self.tuples[0] != epoch:
+            start = time.perf_counter()
             tuples = np.asarray(self.make_tuples(epoch), dtype=np.int64)
+            log.info("pool mining: %d tuples of epoch %d in %.1f s", len(tuples), epoch, time.perf_counter() - start)
             if tuples.ndim != 2 or tuples.shape[1] != self.tuple_size or len(tuples) < self.n_tuples:
                 raise ValueError(
                     f"epoch {epoch}: expected {self.n_tuples} x {self.tuple_size} tuples, got {tuples.shape}"
