@@ -42,7 +42,7 @@ def test_mined_negatives_equal_cirtorchs_loop(monkeypatch):
     """Random embeddings and clusters (few clusters, so that one cluster often holds several of a query's nearest
     pool images); also with blocks of a few queries (the block size is a memory bound, not a result)."""
     generator = torch.Generator().manual_seed(0)
-    for n_queries, n_pool, n_clusters, nnum in ((30, 200, 12, 5), (7, 50, 6, 5), (20, 300, 40, 1)):
+    for n_queries, n_pool, n_clusters, nnum in ((12, 120, 12, 5), (7, 50, 6, 5), (10, 150, 40, 1)):
         queries, pool = unit(n_queries, 8, generator), unit(n_pool, 8, generator)
         qclusters = torch.randint(0, n_clusters, (n_queries,), generator=generator).numpy()
         pclusters = torch.randint(0, n_clusters, (n_pool,), generator=generator).numpy()
