@@ -131,9 +131,9 @@ def distractors_above(
 
     Scores are float32 products on the CPU, the database's exactly those of
     :func:`~oxford_ir.benchmarks.ranking.rank_database`. ``distractors`` may be float16 and memory-mapped: it is
-    read by blocks of ``block`` rows (``transform`` applied to each, e.g. a whitening). About 37 s per million
-    distractors of 2048 dimensions and 70 queries on this project's busy 2-core machine, 5% over the products
-    alone (``experiments/bench/distractors.py``).
+    read by blocks of ``block`` rows (``transform`` applied to each, e.g. a whitening). About 40 s per million
+    distractors of 2048 dimensions and 70 queries on this project's 2-core machine under a load of 12, 0.44 of the
+    float32 products alone (``experiments/bench/distractors.py``).
     """
     q = torch.as_tensor(queries, dtype=torch.float32).cpu()
     db_scores = (torch.as_tensor(db, dtype=torch.float32).cpu() @ q.T).T.contiguous()  # (n_q, n_db)
