@@ -1,6 +1,7 @@
 """Start-up of the search command: wall seconds (median of 3) of ``oxford-ir-search --help`` and of a one-image
-search against a small index, with the index's checkpoint and with its ONNX export, and the heavy libraries each
-imports (read from ``python -X importtime``).
+search against a small index, with the index's checkpoint and with its ONNX export, the CPU seconds (user + system,
+median of the same runs: what the command costs on an idle machine, less sensitive to a busy one than wall time)
+and the heavy libraries each imports (read from ``python -X importtime``).
 
 The baseline is the same commands run from a ``git worktree`` of ``--baseline`` (a commit before the lazy
 imports; default 393f64e, the last one before them), measured in the same run on the same machine: its rows
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -79,19 +81,22 @@ def commands(fixture: dict[str, Path], run_dir: Path) -> dict[str, list[str]]:
     }
 
 
-def run(code_root: Path, args: list[str], importtime: bool = False) -> tuple[float, str, str]:
-    """Wall seconds, stdout and stderr of the search command of the package in ``code_root``."""
+def run(code_root: Path, args: list[str], importtime: bool = False) -> tuple[float, float, str, str]:
+    """Wall seconds, CPU seconds, stdout and stderr of the search command of the package in ``code_root``."""
     env = {**os.environ, "PYTHONPATH": str(code_root), "WANDB_MODE": "disabled"}
     flags = ["-X", "importtime"] if importtime else []
     entry = "import sys; from oxford_ir.cli.search import main; sys.argv[0] = 'oxford-ir-search'; main()"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, *flags, "-c", entry, *args], cwd=code_root, env=env, capture_output=True, text=True
     )
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if result.returncode != 0:
         raise RuntimeError(f"{code_root}: {' '.join(args)} failed:\n{result.stderr[-2000:]}")
-    return elapsed, result.stdout, result.stderr
+    return elapsed, cpu, result.stdout, result.stderr
 
 
 def heavy_imports(stderr: str) -> list[str]:
@@ -126,18 +131,20 @@ def main() -> None:
             for label, root in ((f"before ({options.baseline})", baseline), ("now", REPO)):
                 for name, args in commands(fixture, tmp / "run").items():
                     if root == baseline and "onnx=" in " ".join(args):
-                        rows.append((name, label, None, "n/a: no ONNX support before"))
+                        rows.append((name, label, None, None, "n/a: no ONNX support before"))
                         continue
                     run(root, args)  # warm the file cache
-                    times = [run(root, args)[0] for _ in range(options.repeats)]
-                    heavy = heavy_imports(run(root, args, importtime=True)[2])
-                    rows.append((name, label, statistics.median(times), ", ".join(heavy) or "none"))
+                    measured = [run(root, args)[:2] for _ in range(options.repeats)]
+                    heavy = heavy_imports(run(root, args, importtime=True)[3])
+                    wall = statistics.median(m[0] for m in measured)
+                    cpu = statistics.median(m[1] for m in measured)
+                    rows.append((name, label, wall, cpu, ", ".join(heavy) or "none"))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO, capture_output=True)
-    print(f"{'command':<32} {'code':<18} {'wall s (median of ' + str(options.repeats) + ')':>22}  heavy imports")
-    for name, label, seconds, heavy in rows:
-        shown = "n/a" if seconds is None else f"{seconds:.2f}"
-        print(f"{name:<32} {label:<18} {shown:>22}  {heavy}")
+    print(f"{'command':<30} {'code':<17} {'wall s':>7} {'CPU s':>6}  heavy imports (median of {options.repeats} runs)")
+    for name, label, wall, cpu, heavy in rows:
+        shown = ("n/a", "n/a") if wall is None else (f"{wall:.2f}", f"{cpu:.2f}")
+        print(f"{name:<30} {label:<17} {shown[0]:>7} {shown[1]:>6}  {heavy}")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
 
 
