@@ -30,6 +30,7 @@ def index(cfg: DictConfig) -> IndexReport:
     """Build or update the index ``cfg.out`` of ``cfg.images`` with the configured model; prints a summary."""
     from oxford_ir.extraction.distributed import init_from_environment, rank_and_world
     from oxford_ir.extraction.options import extraction_options, resolve_device
+    from oxford_ir.retrieval.budgeted_index import BudgetOptions
     from oxford_ir.retrieval.image_sources import resolve_images
     from oxford_ir.retrieval.index_build import build_index
     from oxford_ir.retrieval.model_spec import ModelSpec
@@ -72,6 +73,7 @@ def index(cfg: DictConfig) -> IndexReport:
         progress=bool(cfg.get("progress", True)),
         incremental=str(cfg.index.get("incremental", "auto")),
         checkpoint_every=checkpoint_every,
+        budget=BudgetOptions.from_config(OmegaConf.to_container(cfg.index, resolve=True)),
         **options,
     )
     if shard:

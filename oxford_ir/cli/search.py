@@ -136,6 +136,11 @@ def search(cfg: DictConfig) -> tuple[list[dict[str, Any]] | dict[str, float], di
         raise ConfigError(
             "index= is required: the folder written by oxford-ir-index (oxford-ir-search index=<dir> ...)"
         )
+    if cfg.get("info"):
+        index = RetrievalIndex.load(Path(str(cfg.index)), mmap=True)
+        info = index_info(index)
+        print(format_info(info))
+        return info, {"index": index}
     output = str(cfg.output)
     if output not in OUTPUTS:
         raise ConfigError(f"output={output}: choose table or json")
@@ -145,7 +150,8 @@ def search(cfg: DictConfig) -> tuple[list[dict[str, Any]] | dict[str, float], di
     if not benchmark_name:
         k = _check_k(cfg.k)
         queries = resolve_queries(cfg.get("query"), cfg.get("bbox"))
-    index = with_model(RetrievalIndex.load(Path(str(cfg.index))), cfg)
+    mmap = str(cfg.get("backend", "exact")) != "exact"  # a stored index re-ranks from a memory map of the rows
+    index = with_model(RetrievalIndex.load(Path(str(cfg.index)), mmap=mmap), cfg)
     check_requested_whitening(cfg.get("whitening"), index.model, str(index.path))
     searcher = make_searcher(index, cfg)
     output_dir = Path(cfg.paths.output_dir)
@@ -216,6 +222,47 @@ def _whitening_of(model: Any) -> str | None:
     return str(recorded) if recorded and Path(str(recorded)).is_file() else None
 
 
+def index_info(index: Any) -> dict[str, Any]:
+    """What ``--info`` prints: the index's size, model and settings, and its stored search index (the recall@10
+    and queries/s measured when it was built) or None."""
+    from oxford_ir.retrieval.budgeted_index import describe_stored_index
+
+    return {
+        "index": str(index.path),
+        "version": index.version,
+        "built": index.manifest.get("created"),
+        "images": len(index),
+        "embedding_dim": int(index.embedding_dim),
+        "dtype": str(index.dtype),
+        "model": index.model.describe(),
+        "image_size": index.image_size,
+        "scales": list(index.scales),
+        "complete": bool(index.complete),
+        "search_index": describe_stored_index(index.manifest),
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """``--info`` for people: one line per fact."""
+    from oxford_ir.retrieval.budgeted_index import format_bytes
+
+    lines = [f"{key}: {value}" for key, value in info.items() if key != "search_index"]
+    stored = info["search_index"]
+    if stored is None:
+        lines.append("search index: none (exact search; oxford-ir-index ... index.memory=<bytes> builds one)")
+        return "\n".join(lines)
+    parameter = ", ".join(f"{k}={v}" for k, v in stored["search_parameter"].items()) or "exhaustive"
+    lines += [
+        f"search index: {stored['index']} ({stored['kind']}; {parameter}; {stored['candidates']} candidates "
+        "re-ranked exactly)",
+        f"  memory: {format_bytes(stored['bytes'])} of index.memory={format_bytes(stored['memory_budget'])}",
+        f"  recall@10: {stored['recall_at_10']:.4f} (target {stored['recall_target']:g}; measured at build on "
+        f"{stored['tune_queries']} held-out rows against exact search)",
+        f"  queries/s: {stored['queries_per_s']:.1f} (exact search: {stored['exact_queries_per_s']:.1f})",
+    ]
+    return "\n".join(lines)
+
+
 def format_results(records: list[dict[str, Any]]) -> str:
     """A plain-text table per query: rank, score, path relative to the index root."""
     blocks = []
@@ -282,10 +329,16 @@ def main() -> None:
     Hydra reads an unquoted ``a,b,c,d`` as a sweep over four values (an error without --multirun); the box
     is quoted here so that ``bbox=10,20,200,180`` works as the usage says.
     """
-    sys.argv = [sys.argv[0], *(_quote_bbox(arg) for arg in sys.argv[1:])]
+    sys.argv = [sys.argv[0], *(_argument(arg) for arg in sys.argv[1:])]
     refuse_typos("search")  # a mistyped key or option is answered with its close match
     quick_help()
     _main()
+
+
+def _argument(arg: str) -> str:
+    """``--info`` as ``info=true`` (Hydra's own --info describes its config search path, not the index), and the
+    box quoted (:func:`_quote_bbox`)."""
+    return "info=true" if arg == "--info" else _quote_bbox(arg)
 
 
 def _quote_bbox(arg: str) -> str:

@@ -44,6 +44,7 @@ from oxford_ir.extraction.embedding import embed_shard, gathered, plan_for_model
 from oxford_ir.extraction.planning import shard
 from oxford_ir.fs import WORKER_TIMEOUT, escapes, exclusive_lock
 from oxford_ir.images import upright_size
+from oxford_ir.retrieval.budgeted_index import SEARCH_INDEX_FILE, BudgetOptions, build_budgeted_index
 from oxford_ir.retrieval.image_sources import ImageSource, resolve_images
 from oxford_ir.retrieval.index_format import (
     CURRENT_FILE,
@@ -104,6 +105,7 @@ def build_index(
     channels_last: bool = False,
     decode: str = "cpu",
     worker_timeout: float | None = WORKER_TIMEOUT,
+    budget: BudgetOptions | None = None,
 ) -> IndexReport:
     """Build or update the index of ``images`` in folder ``out`` with ``model``; returns what was done.
 
@@ -123,6 +125,9 @@ def build_index(
     ``worker_timeout``: seconds a DataLoader worker may take to deliver a batch (None: no limit); a worker that
     dies, hangs or fails raises :class:`~oxford_ir.errors.ResourceError`. A full disk or file-size limit raises
     the OSError (naming the file) after removing what was half-written. ``out/report.json`` records the run.
+    ``budget`` (``index.memory``, ``index.recall``): a complete version also stores a search index chosen and tuned
+    within it (:mod:`~oxford_ir.retrieval.budgeted_index`); when that fails, the rows are committed without it
+    before the error is raised.
     """
     started = time.perf_counter()
     if dtype not in DTYPES:
@@ -203,6 +208,7 @@ def build_index(
             batching=batching,
             precision=precision,
             buckets=old.buckets if old is not None else (),
+            budget=budget,
         )
         nothing_to_do = (
             not todo
@@ -210,6 +216,7 @@ def build_index(
             and old is not None
             and old.complete
             and {s.path for s in old.skipped} == {p for p, s in skipped.items() if s.size is not None}
+            and (old.manifest.get("search_index") or {}).get("settings") == (budget and budget.settings())
         )
         embed_seconds = 0.0
         attempted = 0
@@ -408,6 +415,8 @@ class _BuildState:
     precision: str = "32"
     #: bucket batching: the input shapes of every row (the old index's, plus any a larger new image needed)
     buckets: tuple[tuple[int, int], ...] = ()
+    #: index.memory / index.recall: a complete version stores a budgeted search index
+    budget: BudgetOptions | None = None
     new: dict[str, tuple[np.ndarray, IndexEntry]] = field(default_factory=dict)
     uncommitted: int = 0
     version: str = ""
@@ -489,7 +498,17 @@ class _BuildState:
             "skipped": [asdict(s) for p, s in sorted(self.skipped.items()) if s.size is not None],
             "tool": _tool_versions(),
         }
-        self.version = write_version(self.out, entries, embeddings, manifest)
+        extra: dict[str, bytes] = {}
+        if complete and self.budget is not None:
+            try:
+                built = build_budgeted_index(embeddings, self.budget)
+            except ConfigError:  # the budget or the recall cannot be met: keep the rows, then say so
+                self.version = write_version(self.out, entries, embeddings, manifest)
+                self.uncommitted = 0
+                raise
+            manifest["search_index"] = built.info
+            extra[SEARCH_INDEX_FILE] = built.serialize()
+        self.version = write_version(self.out, entries, embeddings, manifest, extra)
         self.uncommitted = 0
 
 

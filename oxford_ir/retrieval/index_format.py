@@ -394,11 +394,15 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
     _write_file(folder / MANIFEST_FILE, lambda f: f.write(text.encode()))
 
 
-def write_version(out: Path, entries: list[IndexEntry], embeddings: np.ndarray, manifest: dict) -> str:
+def write_version(
+    out: Path, entries: list[IndexEntry], embeddings: np.ndarray, manifest: dict, extra: Mapping[str, bytes] = {}
+) -> str:
     """Write a complete new version folder, then point ``CURRENT`` at it, then delete the others.
 
-    A failure before ``CURRENT`` names the new folder (disk full, file-size limit, Ctrl-C) removes the folder:
-    nothing half-written stays behind, and ``CURRENT`` still names the previous version.
+    ``extra``: more files of the version (name -> bytes, e.g. the budgeted search index), checksummed in the
+    manifest's ``files`` like the others. A failure before ``CURRENT`` names the new folder (disk full, file-size
+    limit, Ctrl-C) removes the folder: nothing half-written stays behind, and ``CURRENT`` still names the previous
+    version.
     """
     numbers = [int(m.group(1)) for p in out.iterdir() if (m := _VERSION_RE.match(p.name))]
     version = f"v{max(numbers, default=0) + 1:06d}"
@@ -406,6 +410,8 @@ def write_version(out: Path, entries: list[IndexEntry], embeddings: np.ndarray, 
     folder.mkdir()
     try:
         files = {EMBEDDINGS_FILE: _write_embeddings(folder, embeddings), ENTRIES_FILE: _write_entries(folder, entries)}
+        for name, data in extra.items():
+            files[name] = _write_file(folder / name, lambda f, data=data: f.write(data))
         _write_manifest(folder, {**manifest, "files": files})
         fsync_dir(folder)
         replace_file(out / CURRENT_FILE, (version + "\n").encode())

@@ -8,6 +8,9 @@
   (on a GPU the database stays resident and is multiplied in half precision with float32 accumulation); top-k
   best first, ties broken by the lower database row.
   ``backend="faiss"``: see :mod:`oxford_ir.retrieval.faiss_backend` (flat or IVF-PQ).
+  ``backend="index"``: the search index stored with the index (``oxford-ir-index index.memory=...``,
+  :mod:`oxford_ir.retrieval.budgeted_index`), its candidates re-ranked exactly from the stored rows;
+  ``backend="auto"``: that one when the index has one, else exact.
 - Optional re-ranking (:mod:`oxford_ir.retrieval.reranking`): database-side augmentation (computed once,
   when the searcher first needs the database) and alpha query expansion (per query: search, expand, search).
 - :func:`evaluate_benchmark` ranks a benchmark's queries against an index built with
@@ -31,6 +34,8 @@ from oxford_ir.benchmarks.boxes import check_bbox_inside, parse_bbox
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError
 from oxford_ir.extraction.embedding import extract_embeddings
 from oxford_ir.images import load_image, to_rgb, upright_size
+from oxford_ir.retrieval.budgeted_index import load_stored_index
+from oxford_ir.retrieval.candidate_rerank import StoredIndexSearch
 from oxford_ir.retrieval.exact_search import ExactSearch
 from oxford_ir.retrieval.faiss_backend import FaissOptions, FaissSearch, import_faiss
 from oxford_ir.retrieval.reranking import ReRanking, augment, drop_self
@@ -39,7 +44,7 @@ from oxford_ir.retrieval.visualize import COLOURS, _thumbnail
 if TYPE_CHECKING:
     from oxford_ir.retrieval.index_format import RetrievalIndex
 
-BACKENDS = ("exact", "faiss")
+BACKENDS = ("exact", "faiss", "index", "auto")
 QueryImage = str | Path | Image.Image
 
 
@@ -99,13 +104,25 @@ class Searcher:
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+        if backend == "auto":
+            backend = "index" if index.manifest.get("search_index") else "exact"
+        if backend == "index" and not index.manifest.get("search_index"):
+            raise ConfigError(
+                f"backend=index: the index {index.path} stores no search index; build one with "
+                f"`oxford-ir-index ... out={index.path} index.memory=<bytes, e.g. 4G>`, or use backend=exact"
+            )
         self.index = index
         self.backend = backend
         self.faiss_options = FaissOptions.from_config(faiss)
-        if backend == "faiss":
+        if backend in ("faiss", "index"):
             import_faiss()  # fail now, not at the first query
         self.query_expansion = ReRanking.from_config(query_expansion, "query_expansion")
         self.database_augmentation = ReRanking.from_config(database_augmentation, "database_augmentation")
+        if backend == "index" and self.database_augmentation.enabled:
+            raise ConfigError(
+                "database_augmentation changes the rows the stored search index (backend=index) was built from; "
+                "use backend=exact or faiss with database_augmentation"
+            )
         self.device = torch.device(device)
         try:
             self.batch_size, self.num_workers = int(batch_size), int(num_workers)
@@ -118,7 +135,7 @@ class Searcher:
             )
         self._lock = threading.RLock()
         self._model: torch.nn.Module | None = None
-        self._engine: ExactSearch | FaissSearch | None = None
+        self._engine: ExactSearch | FaissSearch | StoredIndexSearch | None = None
         self._database: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -131,9 +148,13 @@ class Searcher:
         )
 
     # -- database side --------------------------------------------------------------------------------------
-    def _new_engine(self, database: np.ndarray) -> ExactSearch | FaissSearch:
+    def _new_engine(self, database: np.ndarray) -> ExactSearch | FaissSearch | StoredIndexSearch:
         """The search backend over ``database``; exact search runs on the searcher's device (on CUDA the
         database is uploaded once, here, and stays there)."""
+        if self.backend == "index":
+            engine = load_stored_index(self.index)
+            assert engine is not None  # checked in __init__
+            return engine
         if self.backend == "faiss":
             return FaissSearch(database, self.faiss_options)
         return ExactSearch(database, device=self.device)
@@ -145,7 +166,7 @@ class Searcher:
         assert self._database is not None
         return self._database
 
-    def _ensure_engine(self) -> ExactSearch | FaissSearch:
+    def _ensure_engine(self) -> ExactSearch | FaissSearch | StoredIndexSearch:
         with self._lock:
             if self._engine is None:
                 stored = self.index.embeddings

@@ -79,6 +79,12 @@
       built.textContent = formatBuilt(info.built);
       built.dateTime = info.built || "";
       built.title = `from the ${info.built_source}`;
+      const stored = $("search-index");
+      if (stored && info.search_index) {
+        const s = info.search_index;
+        stored.textContent = `${s.index}: recall@10 ${s.recall_at_10.toFixed(3)}, ` +
+          `${Math.round(s.queries_per_s)} queries/s vs ${Math.round(s.exact_queries_per_s)} exact`;
+      }
       shownVersion = info.version;
     } catch (_) {
       // the header stays as it was; the answers themselves are right
