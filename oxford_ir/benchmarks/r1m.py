@@ -7,7 +7,8 @@ relative to ``jpg/``) and ``<base>/revisitop1m.txt``, the 1,001,001 image names.
     revisitop1m/
       revisitop1m.txt           the image list (names relative to jpg/)
       jpg/...                   the images of the parts downloaded
-      parts.json                a record per part: url, size, sha256, files extracted, state (fetched | extracted)
+      parts.json                a record per part: url, size, sha256, files extracted (and how many of them the list
+                                does not name: a warning), state (fetched | extracted)
 
 No checksums are published for R1M, so the sha256 of each archive and of the list are recorded when first
 downloaded; a kept or half-extracted archive found by a later run is checked against that record (a mismatch
@@ -109,12 +110,16 @@ def download_r1m(
             _, digest, size = fetch_with_digest(url, list_path, None, hint=hint, **options)
             record["list"] = {"url": url, "sha256": digest, "size": size}
             _write_json_atomic(target / PARTS_FILE, record)
+        listed: set[str] | None = None
         for part in parts:
             entry = record["parts"].get(str(part), {})
             if entry.get("state") == "extracted":
                 log.info("r1m: %s is extracted already", part_name(part))
                 continue
-            record["parts"][str(part)] = _fetch_part(target, base, part, entry, hint, keep_archives, record, options)
+            if listed is None:
+                listed = set(_read_list(list_path))
+            entry = _fetch_part(target, base, part, entry, hint, keep_archives, record, options)
+            record["parts"][str(part)] = _check_listed(entry, part, listed, target)
             _write_json_atomic(target / PARTS_FILE, record)
     done = sorted(int(k) for k, v in record["parts"].items() if v.get("state") == "extracted")
     log.info("r1m: %d of %d parts extracted in %s", len(done), NUM_PARTS, target)
@@ -144,15 +149,36 @@ def _fetch_part(
         raise DownloadError(f"r1m part {part}: {error}; deleted it, re-run to download it again") from None
     if not keep_archives:
         path.unlink(missing_ok=True)
-    return {**entry, "state": "extracted", "extracted_files": len(placed)}
+    names = [p.relative_to(target / IMAGE_FOLDER).as_posix() for p in placed]
+    return {**entry, "state": "extracted", "extracted_files": len(placed), "names": names}
+
+
+def _check_listed(entry: dict, part: int, listed: set[str], target: Path) -> dict:
+    """The part's record, with how many of its files the list does not name (a warning when any: another archive)."""
+    names = entry.pop("names")
+    unlisted = [n for n in names if n not in listed]
+    if unlisted:
+        log.warning(
+            "r1m part %d: %d of its %d files are not named in %s (first: %s): is the mirror serving revisitop's "
+            "archives?",
+            part,
+            len(unlisted),
+            len(names),
+            target / LIST_FILE,
+            unlisted[0],
+        )
+    return {**entry, "unlisted_files": len(unlisted)}
+
+
+def _read_list(path: Path) -> list[str]:
+    """The names of revisitop1m.txt (paths relative to jpg/)."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return [line.strip() for line in handle if line.strip()]
 
 
 def r1m_status(root: str | os.PathLike) -> tuple[Path, int | None, list[int]]:
     """The image folder, the number of names in the list (None without it), the parts extracted."""
     target = r1m_dir(root)
-    listed = None
-    if (target / LIST_FILE).is_file():
-        with open(target / LIST_FILE, "rb") as handle:
-            listed = sum(1 for line in handle if line.strip())
+    listed = len(_read_list(target / LIST_FILE)) if (target / LIST_FILE).is_file() else None
     parts = _read_json(target / PARTS_FILE).get("parts", {})
     return target / IMAGE_FOLDER, listed, sorted(int(k) for k, v in parts.items() if v.get("state") == "extracted")

@@ -67,7 +67,7 @@ def test_download_parts_then_more_records_and_checks_sha256(server: FileServer, 
         served = server.files[f"jpg/{part_name(part)}"]
         entry = record["parts"][str(part)]
         assert entry["sha256"] == hashlib.sha256(served).hexdigest() and entry["state"] == "extracted"
-        assert entry["size"] == len(served) and entry["extracted_files"] == 3
+        assert entry["size"] == len(served) and entry["extracted_files"] == 3 and entry["unlisted_files"] == 0
     assert record["list"]["sha256"] == hashlib.sha256(server.files["revisitop1m.txt"]).hexdigest()
     assert not list(folder.glob("*.tar.gz"))  # archives deleted once extracted
 
@@ -77,6 +77,16 @@ def test_download_parts_then_more_records_and_checks_sha256(server: FileServer, 
     download_r1m(tmp_path, [2], base_url=server.url, **FAST)
     assert on_disk(folder) == sorted(n for names in NAMES.values() for n in names)
     assert server.count("jpg/revisitop1m.1.tar.gz") == 1 and server.count("jpg/revisitop1m.2.tar.gz") == 1
+
+
+def test_files_the_list_does_not_name_are_counted_and_said(server: FileServer, tmp_path: Path, caplog) -> None:
+    server.files.update(miniature())
+    server.files["revisitop1m.txt"] = "".join(f"{n}\n" for n in NAMES[1][:2]).encode()  # a list without 1/02/...
+    download_r1m(tmp_path, [1], base_url=server.url, **FAST)
+    assert json.loads((tmp_path / "revisitop1m" / PARTS_FILE).read_text())["parts"]["1"]["unlisted_files"] == 1
+    assert (
+        f"r1m part 1: 1 of its 3 files are not named in {tmp_path / 'revisitop1m' / 'revisitop1m.txt'}" in caplog.text
+    )
 
 
 def test_a_kept_archive_is_checked_against_its_recorded_sha256(server: FileServer, tmp_path: Path) -> None:
