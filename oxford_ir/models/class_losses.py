@@ -10,7 +10,8 @@ every class: a classification loss, not a loss over tuples of the batch. So:
   embedder's ``embedding_dim`` (:func:`build_loss`), so the checkpoint's hyperparameters hold both numbers and
   ``load_from_checkpoint`` rebuilds ``W`` with nothing else; ``W`` is in the state dict and the optimizer (group
   ``loss``, at ``model.loss_lr``);
-- they take no miner (there is nothing to mine: a :class:`~oxford_ir.errors.ConfigError` says ``miner=none``);
+- they take no miner: there is nothing to mine, and a configured one (the quickstart's) is left out, said once
+  (:func:`without_miner`; FastAP's too), so that ``experiment=quickstart loss=arcface`` and sweeps over losses work;
 - ``train/num_triplets`` means nothing for them: ``train/class_cosine`` is logged instead, the mean cosine of each
   image to its class's weight vector (the nearest of its sub-centres) without the margin: it rises towards 1 as
   images gather around their class;
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pytorch_metric_learning.losses import LargeMarginSoftmaxLoss
+from lightning.pytorch.utilities import rank_zero_info
+from pytorch_metric_learning.losses import FastAPLoss, LargeMarginSoftmaxLoss
 
 from oxford_ir.config import instantiate
 from oxford_ir.errors import ConfigError
@@ -88,20 +90,35 @@ def fill_num_classes(loss: Any, num_classes: int) -> None:
     loss["num_classes"] = int(num_classes)
 
 
-def build_loss(loss: dict, distance: Any, embedding_dim: int, miner: Mapping | None) -> tuple[Any, dict]:
+def without_miner(loss: Mapping, miner: Mapping | None) -> Mapping | None:
+    """``miner``, or None for a loss with a weight per class and for FastAP (a smooth AP of each image's ranking of
+    the whole batch, as published), saying once that the configured miner is not used."""
+    if miner is None:
+        return None
+    if takes_classes(loss):
+        why = "scores each image against every class's weights"
+    elif issubclass(_target_class(loss) or object, FastAPLoss):
+        why = "ranks the whole batch"
+    else:
+        return miner
+    name = str(miner.get("_target_", "the miner")).rsplit(".", 1)[-1]
+    rank_zero_info(f"loss={_short(loss)} {why}: {name} is not used")
+    return None
+
+
+def _short(loss: Mapping) -> str:
+    return str(loss.get("_target_", "?")).rsplit(".", 1)[-1]
+
+
+def build_loss(loss: dict, distance: Any, embedding_dim: int) -> tuple[Any, dict]:
     """The loss built from its config with the shared ``distance``, and the config as built (a classification
     loss's ``embedding_size`` filled from ``embedding_dim``): what the module keeps as its hyperparameter.
 
-    Refused, each with its fix: a classification loss without ``num_classes`` or with a miner, an
+    Refused, each with its fix: a classification loss without ``num_classes``, an
     ``embedding_size`` other than the embedder's, and a distance the loss does not work with.
     """
     if takes_classes(loss):
-        name = str(loss["_target_"]).rsplit(".", 1)[-1]
-        if miner is not None:
-            raise ConfigError(
-                f"loss={name} scores each image against the weights of every class and takes no miner "
-                f"(miner={str(miner.get('_target_', '?')).rsplit('.', 1)[-1]}): add miner=none"
-            )
+        name = _short(loss)
         if loss.get("num_classes") is None:
             raise ConfigError(
                 f"loss.num_classes is not set for {name}: oxford-ir-train sets it to the training split's number of "

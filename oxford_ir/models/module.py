@@ -36,7 +36,14 @@ from oxford_ir.benchmarks.metrics import DEFAULT_KAPPAS
 from oxford_ir.config import call, instantiate, to_plain
 from oxford_ir.errors import ConfigError
 from oxford_ir.extraction.whitening_source import WhiteningSettings
-from oxford_ir.models.class_losses import CLASS_KEYS, ClassStatistics, build_loss, class_statistics, is_class_loss
+from oxford_ir.models.class_losses import (
+    CLASS_KEYS,
+    ClassStatistics,
+    build_loss,
+    class_statistics,
+    is_class_loss,
+    without_miner,
+)
 from oxford_ir.models.cross_batch import (
     CHECKPOINT_KEY,
     CrossBatchMining,
@@ -142,6 +149,7 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
                 "(whitening.source=null); a source applies to oxford-ir-eval"
             )
 
+        miner = self.hparams["miner"] = without_miner(loss, miner)  # a loss with a weight per class mines nothing
         check_parts(embedder, loss, distance, optimizer, miner)
         check_values(eval_scales, kappas, backbone_lr, freeze_backbone_epochs, loss_lr=loss_lr, pooling_lr=pooling_lr)
         scheduler_cfg, self._scheduler_settings = scheduler_parts(scheduler)
@@ -153,7 +161,7 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
         loss, memory_settings = split_loss_config(loss)
         # a loss with a weight per class gets the embedder's dimension; the hyperparameters keep both numbers
         embedding_dim = int(getattr(self.embedder, "embedding_dim", 0) or 0)
-        self.loss_fn, built = build_loss(loss, self.distance, embedding_dim, miner)
+        self.loss_fn, built = build_loss(loss, self.distance, embedding_dim)
         self.hparams["loss"].update({key: built[key] for key in CLASS_KEYS if key in built})
         self._class_loss = is_class_loss(self.loss_fn)
         self.miner = None if miner is None else instantiate(miner, "miner", distance=self.distance)

@@ -1,6 +1,6 @@
 """Losses with a weight per class (loss=arcface|subcenter_arcface|cosface) and FastAP: built from their configs with
-the numbers filled in, refused with a miner or the wrong distance, ``train/class_cosine`` against the loss's own
-cosines, their weights in the state dict, the optimizer (group ``loss``) and a resumed run."""
+the numbers filled in, without the configured miner, refused with the wrong distance, ``train/class_cosine`` against
+the loss's own cosines, their weights in the state dict, the optimizer (group ``loss``) and a resumed run."""
 
 from __future__ import annotations
 
@@ -46,13 +46,13 @@ ARCFACE = {"_target_": LOSSES + "ArcFaceLoss", "num_classes": 5, "embedding_size
 SUBCENTER = {**ARCFACE, "_target_": LOSSES + "SubCenterArcFaceLoss", "sub_centers": 3}
 COSFACE = {**ARCFACE, "_target_": LOSSES + "CosFaceLoss", "margin": 0.35}
 FASTAP = {"_target_": LOSSES + "FastAPLoss", "num_bins": 10}
-ARCFACE_RANDOM = ["loss=arcface", "miner=none", "data.sampler=random"]
+ARCFACE_RANDOM = ["loss=arcface", "data.sampler=random"]  # with the default miner (batch_hard): left out
 
 
 @pytest.mark.parametrize("config", [ARCFACE, SUBCENTER, COSFACE], ids=["arcface", "subcenter", "cosface"])
 def test_class_losses_get_the_embedding_size_and_the_cosine_to_their_class(config):
     torch.manual_seed(0)
-    loss_fn, built = build_loss(dict(config), CosineSimilarity(), 6, miner=None)
+    loss_fn, built = build_loss(dict(config), CosineSimilarity(), 6)
     assert takes_classes(config) and is_class_loss(loss_fn) and built["embedding_size"] == 6
     assert built["num_classes"] == 5 and config["embedding_size"] is None  # the given config is not changed
     assert tuple(loss_fn.W.shape) == (6, 5 * config.get("sub_centers", 1))
@@ -66,19 +66,16 @@ def test_class_losses_get_the_embedding_size_and_the_cosine_to_their_class(confi
 
 
 def test_what_is_refused_names_the_fix():
-    miner = {"_target_": "pytorch_metric_learning.miners.TripletMarginMiner"}
-    with pytest.raises(ConfigError, match="takes no miner .*TripletMarginMiner.*: add miner=none"):
-        build_loss(dict(ARCFACE), CosineSimilarity(), 6, miner=miner)
     with pytest.raises(ConfigError, match="loss.num_classes is not set for ArcFaceLoss"):
-        build_loss({**ARCFACE, "num_classes": None}, CosineSimilarity(), 6, miner=None)
+        build_loss({**ARCFACE, "num_classes": None}, CosineSimilarity(), 6)
     with pytest.raises(ConfigError, match="loss.embedding_size=8 but the embedder's embeddings have 6"):
-        build_loss({**ARCFACE, "embedding_size": 8}, CosineSimilarity(), 6, miner=None)
+        build_loss({**ARCFACE, "embedding_size": 8}, CosineSimilarity(), 6)
     with pytest.raises(ConfigError, match="ArcFaceLoss requires .*CosineSimilarity.*choose distance=cosine"):
-        build_loss(dict(ARCFACE), LpDistance(normalize_embeddings=True, p=2), 6, miner=None)
+        build_loss(dict(ARCFACE), LpDistance(normalize_embeddings=True, p=2), 6)
     with pytest.raises(ConfigError, match="FastAPLoss requires .*LpDistance.*choose distance=euclidean"):
-        build_loss(dict(FASTAP), CosineSimilarity(), 6, miner=None)
-    # FastAP is a loss over the batch: no class weights, a miner allowed, the distance it needs works
-    fastap, built = build_loss(dict(FASTAP), LpDistance(normalize_embeddings=True, p=2), 6, miner=miner)
+        build_loss(dict(FASTAP), CosineSimilarity(), 6)
+    # FastAP is a loss over the batch: no class weights; the distance it needs works
+    fastap, built = build_loss(dict(FASTAP), LpDistance(normalize_embeddings=True, p=2), 6)
     assert not takes_classes(FASTAP) and not is_class_loss(fastap) and built == FASTAP
     assert class_cosine(fastap, torch.randn(2, 6), torch.tensor([0, 1])) is None
 
@@ -93,7 +90,7 @@ def test_num_classes_is_filled_once_and_a_different_one_refused():
 
 
 def test_shuffled_batches_are_warned_about_for_losses_over_tuples_only():
-    arcface, _ = build_loss(dict(ARCFACE), CosineSimilarity(), 6, miner=None)
+    arcface, _ = build_loss(dict(ARCFACE), CosineSimilarity(), 6)
     triplet = TripletMarginLoss(distance=CosineSimilarity())
     assert "may hold no positives" in random_batches_warning(triplet, "random")
     assert random_batches_warning(arcface, "random") is None
@@ -201,8 +198,11 @@ def test_oxford_ir_train_fills_num_classes_and_random_batches_come_from_every_tr
     train_cli._fill_class_count(cfg, datamodule)
     split = datamodule.split
     assert cfg.loss.num_classes == split.num_classes == 4 + 8  # 4 landmarks, 8 distractors: a class each
-    model = hydra.utils.instantiate(cfg.model, _recursive_=False)
+    with caplog.at_level(logging.INFO):
+        model = hydra.utils.instantiate(cfg.model, _recursive_=False)
     assert tuple(model.loss_fn.W.shape) == (16, 12) and model.hparams["loss"]["num_classes"] == 12
+    assert model.miner is None and model.hparams["miner"] is None  # the checkpoint says no miner was used
+    assert "loss=ArcFaceLoss scores each image against every class's weights: BatchHardMiner is not used" in caplog.text
     datamodule.setup("fit")
     sampler = datamodule.train_sampler()
     assert isinstance(sampler, RandomBatchSampler) and sampler.batch_size == datamodule.batch_size == 3 * 2
