@@ -54,8 +54,8 @@ serve: $(STAMP) ## the search web page for an index: make serve INDEX=indexes/ph
 bench: $(STAMP) ## benchmarks: training, extraction, evaluation, search vs the compute ceiling and the original method (CPU, 3 min 15 s on 2 cores); writes bench.json; ARGS="--quick|--only training,search"
 	$(PY) experiments/bench/run.py --profile cpu --out bench.json $(ARGS)
 
-reproduce: $(STAMP) ## the published setting: download Paris6k + Oxford5k, train gem_resnet50, evaluate ROxf/RPar (GPU, ~2.3 h); DRY=1: the same on the synthetic benchmark (CPU, 2-4 min); ARGS="--out DIR ..."
-	$(PY) experiments/reproduce.py $(if $(filter 1 yes true,$(DRY)),--dry) $(ARGS)
+reproduce: $(STAMP) ## the published setting: download Paris6k + Oxford5k, train gem_resnet50, evaluate ROxf/RPar (GPU, ~2.3 h); RECIPE=cirtorch_sfm120k_r101|cirtorch_sfm120k_r50|gldv2_r50_arcface|dinov2_vitl14: that recipe (experiments/recipes.py); DRY=1: the same on the CPU on synthetic data or miniatures (minutes); ARGS="--out DIR ..."
+	$(if $(RECIPE),$(PY) experiments/recipes.py --recipe $(RECIPE),$(PY) experiments/reproduce.py) $(if $(filter 1 yes true,$(DRY)),--dry) $(ARGS)
 
 compare: $(STAMP) ## compare runs without a dashboard (table + a metric's plot): make compare RUNS=logs/train/multiruns/<time> [ARGS="--sort M --metric train/loss_epoch"]
 	$(VENV)/bin/oxford-ir-compare $(RUNS) $(ARGS)

@@ -410,6 +410,9 @@ def test_multirun_over_every_experiment(tmp_path):
     """A real Hydra multirun: one job per experiment, each in its own folder, with fast_dev_run."""
     result = run_main(
         "-m", f"experiment={','.join(EXPERIMENTS)}", "debug=fast_dev_run", "data=synthetic", "backbone.weights=none",
+        # the recipes' own evaluated benchmarks (roxford5k, ...) are real data: the synthetic one stands for them
+        "data.benchmark=synthetic", "data.eval_benchmark=null", "data.extra_eval_benchmarks=[]", "data.pool.qsize=8",
+        "data.pool.poolsize=32",
         "logger=csv", *TINY, "data.eval_image_size=64", "embedder.projection_dim=16",
         f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
     )  # fmt: skip

@@ -137,10 +137,10 @@ def test_pool_mining_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_the_cirtorch_recipe_carries_the_published_settings(tmp_path):
-    """experiment=cirtorch_resnet101_gem against the README command of cnnimageretrieval-pytorch (--arch resnet101
+    """experiment=cirtorch_sfm120k_r101 against the README command of cnnimageretrieval-pytorch (--arch resnet101
     --pool gem --loss contrastive --loss-margin 0.85 --optimizer adam --lr 5e-7 --neg-num 5 --query-size 2000
     --pool-size 22000 --batch-size 5 --image-size 362; weight decay 1e-6, p at 10x, decay exp(-0.01))."""
-    cfg = compose_train(tmp_path, "experiment=cirtorch_resnet101_gem")
+    cfg = compose_train(tmp_path, "experiment=cirtorch_sfm120k_r101")
     assert (cfg.backbone.name, cfg.pooling._target_) == ("resnet101", "oxford_ir.models.pooling.GeM")
     assert cfg.data.mining == "pool" and cfg.miner is None
     assert dict(cfg.data.pool) == {"qsize": 2000, "poolsize": 22000, "nnum": 5, "tuples_per_batch": 5}
