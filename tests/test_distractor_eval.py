@@ -9,13 +9,14 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from oxford_ir.benchmarks.metrics import evaluate_ranks
 from oxford_ir.benchmarks.synthetic import SYNTHETIC_PRESETS, write_synthetic_benchmark
 from oxford_ir.cli.evaluate import evaluate
 from oxford_ir.errors import ConfigError, DataError
 from oxford_ir.extraction.whitening import whiten
-from oxford_ir.retrieval.distractors import distractor_images, distractors_above, split_name
+from oxford_ir.retrieval.distractors import check_distractors, distractors_above, split_name
 from oxford_ir.retrieval.index_format import RetrievalIndex
 from tests.benchmarks import revisitop_reference as published
 from tests.test_evaluate import compose_eval, raw_pixels_by_hand
@@ -120,6 +121,13 @@ def test_evaluation_with_a_distractor_folder_equals_brute_force_and_embeds_once(
     assert third["embedded"] == n_distractors and third["index"] != record["index"]
 
 
-def test_missing_r1m_says_how_to_fetch_it(tmp_path) -> None:
+def test_missing_distractors_are_one_line_before_anything_is_embedded(tmp_path) -> None:
+    cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}, "distractors": {"dtype": "float16"}})
     with pytest.raises(DataError, match="no R1M distractors in .*oxford-ir-data download r1m --root"):
-        distractor_images("r1m", tmp_path)
+        check_distractors(cfg, ["rsynthetic", "roxford5k+r1m"])
+    with pytest.raises(DataError, match=r"benchmarks: \+folder:/nowhere: no such folder; give a folder of distractor"):
+        check_distractors(cfg, ["rsynthetic+folder:/nowhere"])
+    cfg.distractors.dtype = "int8"
+    with pytest.raises(ConfigError, match="distractors.dtype='int8': float16"):
+        check_distractors(cfg, ["rsynthetic+folder:/nowhere"])
+    check_distractors(cfg, ["rsynthetic"])  # none asked for: nothing checked

@@ -43,7 +43,7 @@ from oxford_ir.extraction.options import extraction_options, resolve_device
 from oxford_ir.extraction.planning import ExtractionPlan
 from oxford_ir.extraction.whitening_source import WhiteningSettings
 from oxford_ir.fs import replace_file
-from oxford_ir.retrieval.distractors import DistractorSet, distractor_sets, split_name
+from oxford_ir.retrieval.distractors import DistractorSet, check_distractors, distractor_sets, split_name
 from oxford_ir.retrieval.model_whitening import evaluation_whitening, source_split
 from oxford_ir.retrieval.overlap_check import check_overlap
 from oxford_ir.retrieval.report import format_table
@@ -219,6 +219,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     finished results.
     """
     names = _benchmark_names(cfg.benchmarks)
+    check_distractors(cfg, names)
     data_dir = Path(cfg.paths.data_dir)
     ex = cfg.extraction
     options = extraction_options(ex)

@@ -36,7 +36,7 @@ from oxford_ir.errors import ConfigError, DataError
 from oxford_ir.extraction.distributed import barrier
 from oxford_ir.retrieval.image_sources import ImageSource, resolve_images
 from oxford_ir.retrieval.index_build import build_index
-from oxford_ir.retrieval.index_format import RetrievalIndex, index_fingerprint
+from oxford_ir.retrieval.index_format import DTYPES, RetrievalIndex, index_fingerprint
 from oxford_ir.retrieval.model_spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,24 @@ def prepare_distractors(
     if report.skipped:
         note += f", {len(report.skipped)} unreadable left out (listed in {out / 'report.json'})"
     return DistractorSet(name, label(distractors), index, note, built, transform)
+
+
+def check_distractors(cfg: Any, names: list[str]) -> None:
+    """Before anything is read or embedded: ``distractors.dtype`` and that each named distractor folder exists."""
+    wanted = {extra for _, extra in map(split_name, names) if extra is not None}
+    if not wanted:
+        return
+    node = cfg.get("distractors") or {}
+    dtype = str(node.get("dtype", "float16"))
+    if dtype not in DTYPES:
+        raise ConfigError(f"distractors.dtype={dtype!r}: float16 (half the disk and memory) or float32")
+    data_dir = Path(str(cfg.paths.data_dir))
+    for extra in sorted(wanted):
+        if extra == R1M and not r1m_status(data_dir)[0].is_dir():
+            distractor_images(extra, data_dir)  # raises the error that says how to fetch them
+        folder = Path(extra[len(FOLDER_PREFIX) :]).expanduser()
+        if extra != R1M and not folder.is_dir():
+            raise DataError(f"benchmarks: +{extra}: no such folder; give a folder of distractor images")
 
 
 def distractor_sets(
