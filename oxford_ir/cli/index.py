@@ -100,7 +100,10 @@ def _merge(cfg: DictConfig) -> IndexReport:
         raise ConfigError("index.merge=true needs out=: the index whose shards (<out>.shards/<i>-of-<N>) to join")
     if cfg.index.get("shard") is not None:
         raise ConfigError("index.merge=true joins every shard: leave index.shard unset")
-    report = merge_shards(Path(str(cfg.out)))
+    from oxford_ir.retrieval.budgeted_index import BudgetOptions
+
+    budget = BudgetOptions.from_config(OmegaConf.to_container(cfg.index, resolve=True))
+    report = merge_shards(Path(str(cfg.out)), budget=budget)
     print(report.summary())
     return report
 

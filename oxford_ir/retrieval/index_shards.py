@@ -33,6 +33,7 @@ import torch
 from oxford_ir.errors import ConfigError, IndexFormatError
 from oxford_ir.extraction.planning import union_buckets
 from oxford_ir.fs import exclusive_lock, replace_file
+from oxford_ir.retrieval.budgeted_index import SEARCH_INDEX_FILE, BudgetOptions, build_budgeted_index
 from oxford_ir.retrieval.image_sources import ImageSource
 from oxford_ir.retrieval.index_build import _busy, _prepare_out
 from oxford_ir.retrieval.index_format import (
@@ -166,10 +167,11 @@ def _settings(index: RetrievalIndex) -> dict[str, Any]:
     }
 
 
-def merge_shards(out: str | os.PathLike, *, progress: bool = True) -> IndexReport:
+def merge_shards(out: str | os.PathLike, *, progress: bool = True, budget: BudgetOptions | None = None) -> IndexReport:
     """Join the shards of ``out`` into the index ``out`` (module docstring); returns what was done.
 
-    Needs the memory of the merged embeddings (the shards are memory-mapped).
+    Needs the memory of the merged embeddings (the shards are memory-mapped). ``budget`` (``index.memory``): the
+    merged index stores a search index chosen and tuned for all its rows (a shard's own is not carried over).
     """
     started = _dt.datetime.now(_dt.timezone.utc)
     folders = find_shards(out)
@@ -209,7 +211,7 @@ def merge_shards(out: str | os.PathLike, *, progress: bool = True) -> IndexRepor
     if len(set(paths)) != len(paths):
         raise IndexFormatError(f"index.merge: the shards of {out} hold some images twice; run every shard again")
     embeddings = np.concatenate([np.asarray(index.embeddings) for index in shards])
-    manifest = {k: v for k, v in first.manifest.items() if k != "files"}
+    manifest = {k: v for k, v in first.manifest.items() if k not in ("files", "search_index")}  # a shard's own
     manifest.update(
         complete=True,
         created=started.isoformat(timespec="seconds"),
@@ -226,7 +228,11 @@ def merge_shards(out: str | os.PathLike, *, progress: bool = True) -> IndexRepor
     with exclusive_lock(target / LOCK_FILE, wait=False, busy=lambda pid: _busy(target, pid)):
         remove_unreferenced(target)
         before = _previous_paths(target)
-        version = write_version(target, entries, embeddings, manifest)
+        extra = {}
+        if budget is not None:
+            built = build_budgeted_index(embeddings, budget)
+            manifest["search_index"], extra = built.info, {SEARCH_INDEX_FILE: built.serialize()}
+        version = write_version(target, entries, embeddings, manifest, extra)
         report = IndexReport(
             out=target,
             version=version,
