@@ -24,23 +24,29 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 from oxford_ir.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from oxford_ir.errors import ConfigError
 
-INTERPOLATIONS = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "lanczos": InterpolationMode.LANCZOS,
-}
+if TYPE_CHECKING:
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+
+#: ``augmentation.interpolation`` values -> the names of torchvision's ``InterpolationMode`` (torchvision, a second
+#: of imports, is imported where an image is transformed, not by the test-time path that only validates names)
+INTERPOLATIONS = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC", "lanczos": "LANCZOS"}
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
+    """torchvision's ``InterpolationMode`` of an ``augmentation.interpolation`` value."""
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode[INTERPOLATIONS[name]]
 
 
 #: ColorJitter's numbering of the colour operations (its ``fn_idx``)
@@ -181,13 +187,15 @@ class Augmentation:
         """PIL RGB image -> normalised ``3 x image_size x image_size`` float tensor, randomly cropped and changed.
 
         The per-image reference of training augmentation (global generator; see the module doc)."""
+        from torchvision import transforms as T
+
         _check_size(image_size)
         steps = [
             T.RandomResizedCrop(
                 image_size,
                 scale=self.scale,
                 ratio=self.ratio,
-                interpolation=INTERPOLATIONS[self.interpolation],
+                interpolation=interpolation_mode(self.interpolation),
                 antialias=True,
             )
         ]
@@ -219,7 +227,9 @@ class SeededCrop:
     def __call__(self, image: Image.Image, seed: int) -> tuple[torch.Tensor, AugmentationDraw]:
         d = self.augmentation.draw(seed, image.height, image.width)
         size = [self.image_size, self.image_size]
-        interpolation = INTERPOLATIONS[self.augmentation.interpolation]
+        from torchvision.transforms import functional as TF
+
+        interpolation = interpolation_mode(self.augmentation.interpolation)
         crop = TF.resized_crop(image, d.top, d.left, d.height, d.width, size, interpolation, antialias=True)
         if d.flip:
             crop = TF.hflip(crop)

@@ -53,11 +53,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as TF
 
 from oxford_ir.benchmarks.path_array import PathArray
-from oxford_ir.data.augmentation import INTERPOLATIONS, Augmentation
+from oxford_ir.data.augmentation import Augmentation, interpolation_mode
 from oxford_ir.data.batch_augment import BatchAugmentation, check_resampling
 from oxford_ir.data.datasets import rounded_box
 from oxford_ir.data.transforms import IMAGENET_MEAN, IMAGENET_STD, thumbnail_size
@@ -313,6 +311,8 @@ def decode_images(batch: EncodedBatch) -> list[torch.Tensor]:
 
 
 def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg  # imported where used (a second)
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_DEPRECATION)
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
@@ -442,7 +442,7 @@ class GpuEvalDecoder:
         if interpolation not in ("bilinear", "bicubic"):
             raise ConfigError(f"GPU evaluation resizing is bilinear or bicubic (antialiased), got {interpolation!r}")
         self.image_size = image_size
-        self.interpolation = INTERPOLATIONS[interpolation]
+        self.interpolation = interpolation_mode(interpolation)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
 
@@ -465,6 +465,8 @@ class GpuEvalDecoder:
         if size is not None:
             width, height = thumbnail_size(image.shape[-1], image.shape[-2], max(size, 1.0))
             if (height, width) != tuple(image.shape[-2:]):
+                from torchvision.transforms.v2 import functional as TF  # imported where used (a second)
+
                 image = TF.resize(image, [height, width], interpolation=self.interpolation, antialias=True)
         return _normalise(image, self.mean, self.std)
 

@@ -11,7 +11,6 @@ import math
 
 import torch
 from PIL import Image
-from torchvision.transforms import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,6 +59,8 @@ def thumbnail_size(width: int, height: int, size: float) -> tuple[int, int]:
 
 def to_tensor_normalised(image: Image.Image) -> torch.Tensor:
     """3 x H x W float tensor of an RGB image, ImageNet-normalised."""
+    from torchvision.transforms import functional as TF  # a second of imports: only where it is used
+
     return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
 
 

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torchvision
 from torch import nn
 from torch.nn import functional as F
 
 from oxford_ir.errors import CheckpointError, ConfigError
 from oxford_ir.models.valid_region import region_mask, to_device, valid_regions
+
+if TYPE_CHECKING:
+    import torchvision
 
 #: how many offending keys an error message lists
 _SHOWN_KEYS = 5
@@ -297,6 +299,8 @@ class ResNet50(Backbone):
         frozen_stages: int = 0,
     ) -> None:
         super().__init__()
+        import torchvision  # a second of imports: only for the backbones built from it
+
         net = torchvision.models.resnet50(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -344,6 +348,8 @@ class MobileNetV2(Backbone):
         frozen_stages: int = 0,
     ) -> None:
         super().__init__()
+        import torchvision  # a second of imports: only for the backbones built from it
+
         self.features = torchvision.models.mobilenet_v2(weights=None).features
         self._load_weights(weights, _download_imagenet(torchvision.models.MobileNet_V2_Weights, "mobilenet_v2"))
         self._apply_freeze_options(freeze, frozen_stages)
