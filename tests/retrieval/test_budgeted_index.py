@@ -180,3 +180,13 @@ def test_index_stores_it_and_search_info_shows_it(tmp_path, capsys):
     json.dumps(info)  # plain data, as /api/info serves it
 
     assert _argument("--info") == "info=true"  # oxford-ir-search index=... --info
+
+    from fastapi.testclient import TestClient
+
+    from oxford_ir.web.app import create_app
+
+    with TestClient(create_app(searcher, index)) as client:
+        shown = client.get("/api/info").json()
+        page = client.get("/").text
+    assert shown["backend"] == "index" and shown["search_index"]["queries_per_s"] == stored["queries_per_s"]
+    assert "Flat: recall@10 1.000" in page
