@@ -16,7 +16,7 @@ from oxford_ir.benchmarks.synthetic import SYNTHETIC_PRESETS, write_synthetic_be
 from oxford_ir.cli.evaluate import evaluate
 from oxford_ir.errors import ConfigError, DataError
 from oxford_ir.extraction.whitening import whiten
-from oxford_ir.retrieval.distractors import check_distractors, distractors_above, split_name
+from oxford_ir.retrieval.distractors import check_distractors, distractors_above, distractors_above_top, split_name
 from oxford_ir.retrieval.index_format import RetrievalIndex
 from tests.benchmarks import revisitop_reference as published
 from tests.test_evaluate import compose_eval, raw_pixels_by_hand
@@ -72,6 +72,11 @@ def test_counting_distractors_above_equals_ranking_them_all() -> None:
     expected = (scores[:, None, :] > db_scores[:, :, None]).sum(axis=2).T  # (n_db, n_q), by brute force
     got = distractors_above(db, queries, distractors, transform=lambda r: whiten(r, mean, projection), block=64)
     np.testing.assert_array_equal(got, expected)
+    # from each query's best k distractor scores only (what a budgeted search returns): exact down to the k-th
+    scores = (distractors.astype(np.float32) @ queries.T).T
+    for k in (n_d, 25):
+        best = -np.sort(-scores, axis=1)[:, :k]
+        np.testing.assert_array_equal(distractors_above_top(db, queries, best), np.minimum(above, k))
 
 
 def test_names_with_distractors() -> None:
@@ -119,6 +124,14 @@ def test_evaluation_with_a_distractor_folder_equals_brute_force_and_embeds_once(
     evaluate(other_size)
     third = json.loads((tmp_path / "run" / "metrics.json").read_text())["distractors"]["rsynthetic+jpg"]
     assert third["embedded"] == n_distractors and third["index"] != record["index"]
+    # through a budgeted index (here faiss Flat: under 1,000 rows), all distractors returned: the same numbers
+    budgeted = cfg.copy()
+    budgeted.distractors.memory = "1M"
+    assert evaluate(budgeted)[0] == flat
+    fourth = json.loads((tmp_path / "run" / "metrics.json").read_text())["distractors"]["rsynthetic+jpg"]
+    assert fourth["embedded"] == 0 and fourth["index"] == record["index"] and fourth["search"] == "budgeted"
+    assert fourth["recall"] == 1.0 and fourth["search_index"]["key"] == "Flat" and fourth["top"] == 1000
+    assert "budgeted search (Flat, recall@10 1.000; top 1000 distractors per query)" in capsys.readouterr().out
 
 
 def test_missing_distractors_are_one_line_before_anything_is_embedded(tmp_path) -> None:

@@ -123,7 +123,7 @@ def evaluate_model(
         if per_query is not None:
             per_query[name] = (benchmark, aps)
         notes[name] = "; ".join(
-            n for n in (benchmark.subset_note, extra and f"+ {extra.note}, {extra.search} search") if n
+            n for n in (benchmark.subset_note, extra and f"+ {extra.note}, {extra.search_note}") if n
         )
         extraction[name] = plans
         log.info(

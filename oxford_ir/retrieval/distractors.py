@@ -15,6 +15,13 @@ distractors; what the distractors change is how many of them each database image
 exactly (every distractor score, by blocks: a binary search among the database's sorted scores) and handed to the
 protocol (:mod:`~oxford_ir.benchmarks.metrics`), which then equals the published evaluation of the full ranking of
 database + distractors (database first on equal scores).
+
+Budgeted search (``distractors.memory``, as ``oxford-ir-index index.memory``): the distractor index also stores a
+faiss index chosen within that memory and tuned to ``distractors.recall`` (recall@10 against exact search,
+:mod:`~oxford_ir.retrieval.budgeted_index`); each query then scores only its ``distractors.top`` best distractors
+by that index, re-scored exactly (:func:`distractors_above_top`). A database image below all of them counts
+``top`` distractors above it, a lower bound: the ranking is exact down to the top-th distractor (up to the index's
+recall), and positives further down rank higher than in the full ranking (mAP an upper bound there).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import json
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,7 @@ import torch
 from oxford_ir.benchmarks.r1m import NUM_IMAGES, r1m_status
 from oxford_ir.errors import ConfigError, DataError
 from oxford_ir.extraction.distributed import barrier
+from oxford_ir.retrieval.budgeted_index import BudgetOptions, load_stored_index, parse_memory
 from oxford_ir.retrieval.image_sources import ImageSource, resolve_images
 from oxford_ir.retrieval.index_build import build_index
 from oxford_ir.retrieval.index_format import DTYPES, RetrievalIndex, index_fingerprint
@@ -97,23 +105,49 @@ class DistractorSet:
     note: str
     report: dict[str, Any]
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-    search: str = "exact"
-    recall: float = 1.0
+    #: the budgeted index's search (None: exact) and how many distractors it returns per query
+    searcher: Any = None
+    top: int = 1000
     block_rows: int = BLOCK_ROWS
-    counted: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def search(self) -> str:
+        return "exact" if self.searcher is None else "budgeted"
+
+    @property
+    def recall(self) -> float:
+        """1 for exact search; the budgeted index's recall@10 measured when it was built."""
+        return 1.0 if self.searcher is None else float(self.index.manifest["search_index"].get("recall_at_10", 0.0))
+
+    @property
+    def search_note(self) -> str:
+        """The table's words for how the distractors were searched."""
+        if self.searcher is None:
+            return "exact search"
+        info = self.index.manifest["search_index"]
+        return f"budgeted search ({info.get('key')}, recall@10 {self.recall:.3f}; top {self.top} distractors per query)"
 
     def above(self, db: torch.Tensor | np.ndarray, queries: torch.Tensor | np.ndarray) -> np.ndarray:
-        """For each database image and query, how many distractors rank before it (:func:`distractors_above`)."""
-        return distractors_above(db, queries, self.index.embeddings, transform=self.transform, block=self.block_rows)
+        """For each database image and query, how many distractors rank before it (:func:`distractors_above`, or
+        :func:`distractors_above_top` through the budgeted index)."""
+        if self.searcher is None:
+            rows = self.index.embeddings
+            return distractors_above(db, queries, rows, transform=self.transform, block=self.block_rows)
+        scores, _ = self.searcher.search(torch.as_tensor(queries, dtype=torch.float32).cpu().numpy(), self.top)
+        return distractors_above_top(db, queries, scores)
 
     def summary(self) -> dict[str, Any]:
         """What ``metrics.json`` says of them."""
+        budgeted = (
+            {} if self.searcher is None else {"top": self.top, "search_index": self.index.manifest["search_index"]}
+        )
         return {
             "distractors": self.name,
             "images": len(self.index),
             "index": str(self.index.path),
             "search": self.search,
             "recall": self.recall,
+            **budgeted,
             **self.report,
         }
 
@@ -156,6 +190,19 @@ def distractors_above(
     return torch.empty_like(above_sorted).scatter_(1, order, above_sorted).T.numpy()
 
 
+def distractors_above_top(
+    db: torch.Tensor | np.ndarray, queries: torch.Tensor | np.ndarray, top_scores: np.ndarray
+) -> np.ndarray:
+    """:func:`distractors_above` from each query's best distractor scores only (``top_scores``: n_queries x top,
+    -inf for none): exact where a database image scores above the lowest of them, ``top`` (a lower bound) below."""
+    q = torch.as_tensor(queries, dtype=torch.float32).cpu()
+    db_scores = (torch.as_tensor(db, dtype=torch.float32).cpu() @ q.T).T.contiguous()  # (n_q, n_db)
+    ascending = torch.sort(
+        torch.as_tensor(np.ascontiguousarray(top_scores, dtype=np.float32)), dim=1
+    ).values.contiguous()
+    return (ascending.shape[1] - torch.searchsorted(ascending, db_scores, right=True)).T.numpy()
+
+
 def index_key(fingerprint: str, dtype: str, root: Path, decode: bool) -> str:
     """The folder key of a distractor index: what its rows depend on."""
     text = json.dumps({"fingerprint": fingerprint, "dtype": dtype, "root": str(root), "gpu_decode": decode})
@@ -174,13 +221,17 @@ def prepare_distractors(
     dtype: str,
     gpu_decode: bool,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    budget: BudgetOptions | None = None,
+    top: int = 1000,
     **build_kwargs: Any,
 ) -> DistractorSet:
     """Embed (or reuse) the distractors ``distractors`` with ``spec`` into ``index_dir`` and load them.
 
     ``build_kwargs``: :func:`~oxford_ir.retrieval.index_build.build_index`'s extraction options (batching,
     precision, decode, batch_size, num_workers, device, ...); a second call with the same model and settings finds
-    every image embedded and embeds none (``summary()["embedded"] == 0``).
+    every image embedded and embeds none (``summary()["embedded"] == 0``). ``budget``: rank through a budgeted
+    index stored with the rows (built, or rebuilt when its settings changed, without embedding again), each query's
+    ``top`` best distractors.
     """
     source, note = distractor_images(distractors, data_dir)
     fingerprint = index_fingerprint(
@@ -195,14 +246,23 @@ def prepare_distractors(
     )
     log.info("%s: %d distractors of %s, index %s", name, len(source), source.root, out)
     report = build_index(
-        spec, source, out, image_size=image_size, scales=scales, dtype=dtype, incremental="auto", **build_kwargs
+        spec,
+        source,
+        out,
+        image_size=image_size,
+        scales=scales,
+        dtype=dtype,
+        incremental="auto",
+        budget=budget,
+        **build_kwargs,
     )
     barrier()  # under torchrun the first process writes the index: the others read it once written
     index = RetrievalIndex.load(out, expected_fingerprint=fingerprint, mmap=True)
     built = {"embedded": report.attempted, "kept": report.kept, "skipped": len(report.skipped)}
     if report.skipped:
         note += f", {len(report.skipped)} unreadable left out (listed in {out / 'report.json'})"
-    return DistractorSet(name, label(distractors), index, note, built, transform)
+    searcher = load_stored_index(index) if budget is not None else None
+    return DistractorSet(name, label(distractors), index, note, built, transform, searcher, top)
 
 
 def check_distractors(cfg: Any, names: list[str]) -> None:
@@ -214,6 +274,7 @@ def check_distractors(cfg: Any, names: list[str]) -> None:
     dtype = str(node.get("dtype", "float16"))
     if dtype not in DTYPES:
         raise ConfigError(f"distractors.dtype={dtype!r}: float16 (half the disk and memory) or float32")
+    budget_options(node)
     data_dir = Path(str(cfg.paths.data_dir))
     for extra in sorted(wanted):
         if extra == R1M and not r1m_status(data_dir)[0].is_dir():
@@ -251,6 +312,12 @@ def distractor_sets(
     node = cfg.get("distractors") or {}
     index_dir = Path(str(node.get("index_dir") or Path(str(cfg.paths.data_dir)) / "indexes" / "distractors"))
     dtype = str(node.get("dtype", "float16"))
+    budget, top = budget_options(node)
+    if budget is not None and transform is not None:
+        raise ConfigError(
+            "distractors.memory with a whitening: the budgeted index holds the network's embeddings, not the whitened "
+            "ones; search the distractors exactly (distractors.memory=null)"
+        )
     device = extract_kwargs.get("device", "cpu")
     gpu_decode = bool(resolve_decode(str(extract_kwargs.get("decode", "cpu")), torch.device(device)))
     kwargs = {k: v for k, v in extract_kwargs.items() if k != "progress"}
@@ -269,11 +336,27 @@ def distractor_sets(
                 dtype=dtype,
                 gpu_decode=gpu_decode,
                 transform=transform,
+                budget=budget,
+                top=top,
                 progress=bool(extract_kwargs.get("progress", True)),
                 **kwargs,
             )
         sets.append(None if extra is None else made[extra])
     return sets
+
+
+def budget_options(node: Any) -> tuple[BudgetOptions | None, int]:
+    """``distractors.memory`` / ``recall`` / ``top``, checked: the budgeted index's options (None: exact search)."""
+    top = node.get("top", 1000)
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ConfigError(f"distractors.top={top!r}: how many distractors a query's budgeted search returns, >= 1")
+    if node.get("memory") in (None, ""):
+        return None, top
+    memory = parse_memory(node.get("memory"), "distractors.memory")
+    recall = node.get("recall", 0.95)
+    if isinstance(recall, bool) or not isinstance(recall, int | float) or not 0 < recall <= 1:
+        raise ConfigError(f"distractors.recall={recall!r}: a recall@10 target in (0, 1], e.g. 0.95")
+    return BudgetOptions(memory=memory, recall=float(recall)), top
 
 
 def _check_same_network(spec: ModelSpec, network: torch.nn.Module) -> None:
