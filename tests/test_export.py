@@ -162,19 +162,34 @@ def test_export_refuses_bad_settings(exported, tmp_path):
         ModelSpec.from_config({"onnx": str(exported["onnx"]), "whitening": {"kind": "pca"}})
 
 
-def test_search_cli_help_imports_no_deep_learning_stack(tmp_path):
+def test_the_search_command_imports_only_what_it_uses(exported, tmp_path):
+    """--help: no deep-learning library at all; a one-image search with an ONNX index: torch and onnxruntime only."""
+    from oxford_ir.retrieval.index_build import build_index
+
+    index_dir = tmp_path / "index"
+    spec = ModelSpec(onnx=str(exported["onnx"]))
+    build_index(spec, exported["photos"], index_dir, image_size=40, num_workers=0, progress=False)
+    search_args = [f"index={index_dir}", f"query={exported['photos'] / 'p1.png'}", "k=2", "grid.enabled=false"]
+    search_args += ["extraction.device=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
     code = (
         "import sys\n"
-        "import oxford_ir.cli.search as s\n"
+        "from hydra.core.global_hydra import GlobalHydra\n"
+        "from oxford_ir.cli.search import main\n"
+        "heavy = ('torch', 'torchvision', 'lightning', 'pytorch_metric_learning', 'wandb', 'fastapi', 'onnxruntime')\n"
         "sys.argv = ['oxford-ir-search', '--help']\n"
-        "try:\n    s.main()\nexcept SystemExit:\n    pass\n"
-        "heavy = ('torch', 'lightning', 'torchvision', 'wandb', 'pytorch_metric_learning', 'fastapi', 'onnxruntime')\n"
-        "print('LOADED', [m for m in heavy if m in sys.modules])\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('HELP', [m for m in heavy if m in sys.modules])\n"
+        "GlobalHydra.instance().clear()\n"
+        f"sys.argv = ['oxford-ir-search', *{search_args!r}]\n"
+        "main()\n"
+        "print('SEARCH', [m for m in heavy if m in sys.modules])\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "oxford-ir-search: search an index" in result.stdout
-    assert result.stdout.strip().splitlines()[-1] == "LOADED []"
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "SEARCH ['torch', 'onnxruntime']" and "HELP []" in lines
+    assert any(line.split()[::2] == ["1", "p1.png"] for line in lines)  # rank 1: the query itself
 
 
 @pytest.mark.slow  # a MobileNetV2 export (~10 s); the tiny model's test above checks the same in the fast suite
