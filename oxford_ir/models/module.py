@@ -54,6 +54,7 @@ from oxford_ir.models.cross_batch import (
 from oxford_ir.models.pool_mining import mining_embeddings, tuple_layout_of
 from oxford_ir.models.settings import (
     check_loss_margins,
+    check_optimizer_groups,
     check_parts,
     check_training_length,
     check_values,
@@ -294,6 +295,8 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
             checkpoint[CHECKPOINT_KEY] = self.cross_batch_memory.state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit":  # resuming: the optimizer state must fit
+            check_optimizer_groups(checkpoint, self.parameter_groups())
         if self.cross_batch_memory is not None and CHECKPOINT_KEY in checkpoint:
             self.cross_batch_memory.load_state(checkpoint[CHECKPOINT_KEY])
 

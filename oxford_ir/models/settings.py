@@ -4,7 +4,8 @@ Each part of the model arrives as a config with ``_target_``; :func:`part_config
 that the checkpoint stores, :func:`require_target` and :func:`check_parts` refuse configs the module cannot build,
 :func:`check_values` the numbers it cannot use, :func:`scheduler_parts` splits a scheduler config into the
 scheduler and Lightning's settings (refusing unknown ones), :func:`check_loss_margins` a contrastive loss whose
-margins point the wrong way for the distance, and :func:`check_training_length` a trainer that never ends. Every
+margins point the wrong way for the distance, :func:`check_training_length` a trainer that never ends, and
+:func:`check_optimizer_groups` an optimizer state of other parameter groups than the module trains. Every
 refusal is one :class:`~oxford_ir.errors.ConfigError` naming the key (``model.<name>``) and the fix.
 :func:`describe_config` summarises an embedder config for messages (also those about checkpoints).
 """
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_metric_learning.losses import ContrastiveLoss
 
 from oxford_ir.config import MAX_LEARNING_RATE, to_plain
-from oxford_ir.errors import ConfigError
+from oxford_ir.errors import CheckpointError, ConfigError
 
 #: Lightning's keys of an ``lr_scheduler`` dict that a scheduler config may set next to ``scheduler``
 SCHEDULER_SETTINGS = ("interval", "frequency", "monitor", "strict", "name")
@@ -173,3 +174,20 @@ def describe_config(cfg: Any) -> str:
             continue
         args.append(f"{key}={describe_config(value)}" if isinstance(value, Mapping) else f"{key}={value!r}")
     return f"{target}({', '.join(args)})"
+
+
+def check_optimizer_groups(checkpoint: Mapping[str, Any], groups: Sequence[Mapping[str, Any]]) -> None:
+    """The checkpoint's optimizer state has the parameter groups ``groups`` (names and sizes) that resuming loads it
+    into: one written before GeM's p and the loss's weights had groups of their own (``pooling``, ``loss``) has
+    not, and torch would stop deep inside the resume."""
+    states = checkpoint.get("optimizer_states") or []
+    if not states or not isinstance(states[0], Mapping):
+        return
+    saved = [(g.get("name", "?"), len(g.get("params", []))) for g in states[0].get("param_groups", [])]
+    wanted = [(g["name"], len(g["params"])) for g in groups]
+    if [size for _, size in saved] != [size for _, size in wanted]:
+        raise CheckpointError(
+            f"the checkpoint's optimizer state has the parameter groups {saved} and this version trains {wanted} "
+            "(GeM's p in group pooling, a loss's weights in group loss): it cannot resume that training; resume with "
+            "the version that wrote it (its weights still load in oxford-ir-eval and oxford-ir-index)"
+        )

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from oxford_ir.cli import train as train_cli
 from oxford_ir.config import instantiate
 from oxford_ir.data.random_sampler import RandomBatchSampler
-from oxford_ir.errors import ConfigError
+from oxford_ir.errors import CheckpointError, ConfigError
 from oxford_ir.models.class_losses import (
     build_loss,
     class_cosine,
@@ -171,6 +171,12 @@ def test_class_weights_are_trained_saved_and_resumed_exactly(tmp_path):
     # the checkpoint alone rebuilds the loss: the numbers are in its hyperparameters, W in its state dict
     loaded = RetrievalModule.load_from_checkpoint(tmp_path / "epoch0.ckpt")
     assert loaded.hparams["loss"]["num_classes"] == 6 and torch.equal(loaded.loss_fn.W, first.loss_fn.W)
+    # an optimizer state of other groups (as written before p and W had their own) is one clear error, not torch's
+    groups = saved["optimizer_states"][0]["param_groups"]
+    groups[names.index("pooling")]["params"] += groups.pop(names.index("loss"))["params"]
+    torch.save(saved, tmp_path / "other_groups.ckpt")
+    with pytest.raises(CheckpointError, match=r"\('pooling', 2\)\] and this version trains .*\('loss', 1\)\]"):
+        fit(class_module(loss), 2, tmp_path / "other_groups.ckpt")
 
 
 def test_class_weights_stay_float32_under_bf16_autocast_and_val_loss_is_skipped_once(caplog):
