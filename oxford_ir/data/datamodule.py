@@ -213,6 +213,8 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
                 raise ConfigError(f"data.{name} must be true or false, got {value!r}")
         if mining not in ("batch", "pool"):
             raise ConfigError(f"data.mining={mining!r}: choose batch (P x K batches, mined within) or pool (tuples)")
+        if mining == "pool" and sampler == "random":
+            raise ConfigError("data.sampler=random and data.mining=pool exclude each other (pool mining draws batches)")
         #: data.mining=pool: cnnimageretrieval-pytorch's tuples (oxford_ir/data/tuple_batches.py); None: P x K batches
         self.pool_settings = PoolSettings.from_config(_plain(pool)) if mining == "pool" else None
         self.augmentation = Augmentation.from_config(augmentation)

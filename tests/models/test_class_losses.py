@@ -215,6 +215,8 @@ def test_oxford_ir_train_fills_num_classes_and_random_batches_come_from_every_tr
     assert np.array_equal(sampler.indices, np.arange(len(datamodule.train_split)))  # distractors_per_batch > 0
     with pytest.raises(ConfigError, match="data.sampler='pk': choose balanced or random"):
         instantiate(compose_train(tmp_path, *TINY, "data.sampler=pk").data, "data")
+    with pytest.raises(ConfigError, match="data.sampler=random and data.mining=pool exclude each other"):
+        instantiate(compose_train(tmp_path, *TINY, "data.sampler=random", "data.mining=pool").data, "data")
     # a triplet loss on shuffled batches is warned about by oxford-ir-train, once, before anything trains
     monkeypatch.setattr(train_cli, "instantiate_loggers", stop)
     cfg = compose_train(tmp_path, *TINY, *TINY_SCRATCH, "logger=none", "data.sampler=random", run="triplet")
