@@ -58,7 +58,8 @@ def compose_cfg(name: str, tmp: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict:
-    """Two checkpoints of different weights, the first exported by the command, and photos of two sizes."""
+    """Two checkpoints of different weights, the first exported by the command, photos of two sizes and their
+    index built by the index command with the ONNX file."""
     root = tmp_path_factory.mktemp("export")
     ckpt, other = root / "model.ckpt", root / "other.ckpt"
     network = write_checkpoint(ckpt, seed=0)
@@ -72,7 +73,18 @@ def exported(tmp_path_factory) -> dict:
     for i in range(6):
         height, width = (30, 40) if i % 2 else (44, 28)  # landscape and portrait: two network input sizes
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
-    return {"root": root, "ckpt": ckpt, "other": other, "onnx": report.path, "network": network, "photos": photos}
+    settings = [f"images={photos}", "extraction.image_size=40", "index.dtype=float32", "progress=false"]
+    index(compose_cfg("index", root, *settings, f"out={root / 'by_onnx'}", f"onnx={report.path}"))
+    return {
+        "root": root,
+        "ckpt": ckpt,
+        "other": other,
+        "onnx": report.path,
+        "network": network,
+        "photos": photos,
+        "onnx_index": root / "by_onnx",
+        "index_settings": settings,
+    }
 
 
 def test_the_onnx_file_embeds_as_pytorch_at_two_sizes_and_two_scales(exported):
@@ -105,11 +117,10 @@ def test_an_exported_whitening_is_applied_after_the_scales_are_combined(exported
 
 
 def test_index_with_onnx_then_search_with_onnx_or_the_checkpoint_but_not_another_model(exported, tmp_path, capsys):
-    photos, onnx_file = exported["photos"], exported["onnx"]
-    common = [f"images={photos}", "extraction.image_size=40", "index.dtype=float32", "progress=false"]
-    index(compose_cfg("index", tmp_path, *common, f"out={tmp_path / 'by_onnx'}", f"onnx={onnx_file}"))
-    index(compose_cfg("index", tmp_path, *common, f"out={tmp_path / 'by_ckpt'}", f"ckpt_path={exported['ckpt']}"))
-    by_onnx, by_ckpt = RetrievalIndex.load(tmp_path / "by_onnx"), RetrievalIndex.load(tmp_path / "by_ckpt")
+    photos, onnx_file, onnx_index = exported["photos"], exported["onnx"], exported["onnx_index"]
+    settings = [*exported["index_settings"], f"out={tmp_path / 'by_ckpt'}", f"ckpt_path={exported['ckpt']}"]
+    index(compose_cfg("index", tmp_path, *settings))
+    by_onnx, by_ckpt = RetrievalIndex.load(onnx_index), RetrievalIndex.load(tmp_path / "by_ckpt")
     assert by_onnx.model.onnx == str(onnx_file) and by_onnx.fingerprint == by_ckpt.fingerprint
     assert float(np.abs(by_onnx.vectors() - by_ckpt.vectors()).max()) < 1e-4
 
@@ -120,18 +131,12 @@ def test_index_with_onnx_then_search_with_onnx_or_the_checkpoint_but_not_another
         records, _ = search(cfg)
         return [[hit["path"] for hit in record["results"]] for record in records]
 
-    own = top(tmp_path / "by_onnx")  # the index's own model: the ONNX file
-    assert (
-        own
-        == top(tmp_path / "by_onnx", f"ckpt_path={exported['ckpt']}")
-        == top(tmp_path / "by_ckpt", f"onnx={onnx_file}")
-    )
+    own = top(onnx_index)  # the index's own model: the ONNX file
+    assert own == top(onnx_index, f"ckpt_path={exported['ckpt']}") == top(tmp_path / "by_ckpt", f"onnx={onnx_file}")
     assert [ranking[0] for ranking in own] == [f"p{i}.png" for i in range(6)]
     capsys.readouterr()
     with pytest.raises(IndexFormatError, match="is another model"):
-        top(tmp_path / "by_onnx", f"ckpt_path={exported['other']}")
-    with pytest.raises(ConfigError, match="give one model"):
-        top(tmp_path / "by_onnx", f"ckpt_path={exported['ckpt']}", f"onnx={onnx_file}")
+        top(onnx_index, f"ckpt_path={exported['other']}")
 
 
 def test_metadata_is_read_as_checked_plain_data(exported):
@@ -158,18 +163,20 @@ def test_export_refuses_bad_settings(exported, tmp_path):
         export(compose_cfg("export", tmp_path, *base, f"out={tmp_path / 'model.bin'}"))
     with pytest.raises(CheckpointError, match="onnx=.*no such file"):
         ModelSpec.from_config({"onnx": str(tmp_path / "missing.onnx")})
+    with pytest.raises(ConfigError, match="give one model"):
+        ModelSpec.from_config({"onnx": str(exported["onnx"]), "ckpt_path": str(exported["ckpt"])})
     with pytest.raises(ConfigError, match="carries its own whitening"):
         ModelSpec.from_config({"onnx": str(exported["onnx"]), "whitening": {"kind": "pca"}})
 
 
 def test_the_search_command_imports_only_what_it_uses(exported, tmp_path):
     """--help: no deep-learning library at all; a one-image search with an ONNX index: torch and onnxruntime only."""
-    from oxford_ir.retrieval.index_build import build_index
-
-    index_dir = tmp_path / "index"
-    spec = ModelSpec(onnx=str(exported["onnx"]))
-    build_index(spec, exported["photos"], index_dir, image_size=40, num_workers=0, progress=False)
-    search_args = [f"index={index_dir}", f"query={exported['photos'] / 'p1.png'}", "k=2", "grid.enabled=false"]
+    search_args = [
+        f"index={exported['onnx_index']}",
+        f"query={exported['photos'] / 'p1.png'}",
+        "k=2",
+        "grid.enabled=false",
+    ]
     search_args += ["extraction.device=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
     code = (
         "import sys\n"
