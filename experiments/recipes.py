@@ -90,7 +90,6 @@ RECIPES = {
         dry_train=(
             *DRY_CNN,
             "data.eval_benchmark=null",
-            "data.classes_per_batch=4",
             "data.pool.qsize=12",
             "data.pool.poolsize=60",
             "data.pool.tuples_per_batch=2",
@@ -110,7 +109,6 @@ RECIPES = {
         dry_train=(
             *DRY_CNN,
             "data.eval_benchmark=null",
-            "data.classes_per_batch=4",
             "data.pool.qsize=12",
             "data.pool.poolsize=60",
             "data.pool.tuples_per_batch=2",

@@ -119,6 +119,7 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
         cache: ``data.cache`` (:class:`~oxford_ir.data.cache.CacheConfig`): the preprocessed image cache.
         allow_missing_images: train and evaluate on the images present (a subset) instead of failing.
         download: fetch a missing real dataset in ``prepare_data`` (needs internet).
+        download_parts: the GLDv2 TARs that ``download`` fetches for ``gldv2[:options]`` (``"0-19"``; None: all).
         seed: of the held-out draw and of the batches.
         augmentation: overrides of :class:`~oxford_ir.data.augmentation.Augmentation`.
         synthetic: the synthetic benchmark: a ``preset`` (default ``default``) and parameters of
@@ -153,6 +154,7 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
         worker_timeout: float | None = WORKER_TIMEOUT,
         allow_missing_images: bool = False,
         download: bool = False,
+        download_parts: str | None = None,
         seed: int = 0,
         augmentation: Mapping[str, Any] | None = None,
         synthetic: Mapping[str, Any] | None = None,
@@ -255,6 +257,7 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
                 name,
                 self.data_dir,
                 download=self.hparams.download,
+                download_parts=self.hparams.get("download_parts"),
                 synthetic=self.hparams.synthetic,
                 key="data.synthetic",
             )
@@ -275,9 +278,13 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
             self._split = self._make_split()
         if stage in (None, "fit") and self._train_split is None:
             self._train_split = self.overlap_guard.apply(self._available(self._split), self.eval_benchmarks[1:])
-            self._train_classes = self._train_split.classes_for_batches(
-                self.hparams.classes_per_batch, self.hparams.images_per_class
-            )
+            if self.pool_settings is None:  # P x K batches need P classes of K images
+                self._train_classes = self._train_split.classes_for_batches(
+                    self.hparams.classes_per_batch, self.hparams.images_per_class
+                )
+            else:  # pool mining draws its own tuples (any class with a positive pair)
+                labels = self._train_split.labels[~self._train_split.is_distractor]
+                self._train_classes = np.unique(labels)
             if self.hparams.distractors_per_batch > self._train_split.num_distractors:
                 raise ConfigError(
                     f"data.distractors_per_batch={self.hparams.distractors_per_batch} but the {self._split.kind} "

@@ -93,9 +93,9 @@ POOL = [*TINY, *TINY_SCRATCH, "data.mining=pool", "data.pool.qsize=6", "data.poo
         "logger=csv", "trainer.deterministic=true", "test=false"]  # fmt: skip
 
 
-def pool_run(tmp_path: Path, name: str, epochs: int, ckpt: Path | None = None) -> tuple[dict, dict]:
+def pool_run(tmp_path: Path, name: str, epochs: int, ckpt: Path | None = None, *more: str) -> tuple[dict, dict]:
     """``train(cfg)`` of ``POOL`` for ``epochs``: (its last.ckpt, the objects train returns)."""
-    extra = [] if ckpt is None else [f"ckpt_path={ckpt}"]
+    extra = [*more] if ckpt is None else [f"ckpt_path={ckpt}", *more]
     with restored_process_state():
         _, objects = train(compose_train(tmp_path, *POOL, f"trainer.max_epochs={epochs}", *extra, run=name))
     saved = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -104,9 +104,10 @@ def pool_run(tmp_path: Path, name: str, epochs: int, ckpt: Path | None = None) -
 
 def test_pool_mining_trains_on_each_tuples_pairs(tmp_path, monkeypatch):
     """One epoch: 3 batches of 2 tuples, each q and p of one class and 2 negatives of two other classes; the loss
-    sees exactly each tuple's pairs: 1 positive and 2 negative pairs a tuple (2 x 2 triplets), every step."""
+    sees exactly each tuple's pairs: 1 positive and 2 negative pairs a tuple (2 x 2 triplets), every step. The P x K
+    settings mean nothing to pool batches: more classes per batch than the split has is no error."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    saved, objects = pool_run(tmp_path, "run", 1)
+    saved, objects = pool_run(tmp_path, "run", 1, None, "data.classes_per_batch=50")
     epoch, tuples = objects["trainer"].train_dataloader.sampler.tuples
     labels = objects["datamodule"].train_labels
     assert epoch == 0 and tuples.shape == (6, 4) and saved["global_step"] == 3
