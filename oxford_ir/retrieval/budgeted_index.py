@@ -272,7 +272,7 @@ def build_budgeted_index(database: np.ndarray, options: BudgetOptions, choice: I
         "bytes": size,
         "estimated_bytes": choice.estimated_bytes,
         "settings": options.settings(),
-        "train_vectors": int(len(train_rows)) if choice.kind != "flat" else 0,
+        "train_vectors": int(len(train_rows)) if choice.kind not in ("flat", "hnsw") else 0,
         "build_seconds": round(build_seconds, 3),
         "tune_seconds": round(time.perf_counter() - started - build_seconds, 3),
         **tuning,
