@@ -15,13 +15,15 @@ measured (its faiss serialisation) against the budget. The cells: the power of t
 (autofaiss below 1M vectors; it takes 16,384 and more above, which costs 4 to 16 times the training here), at
 most one per 39 training vectors (faiss' minimum). Where this differs from autofaiss, and why:
 
-- no OPQ rotation in front of the PQ (autofaiss: ``OPQ<m>_<d'>,IVF...``): on this project's 2-core machine OPQ's
-  training did not finish within 15 minutes for 100k x 2048 (faiss' 50 iterations, each a 2048-d rotation of the
-  training set and a PQ training), and took 84 s for 20k x 64 with 10 iterations; the exact re-ranking of the
-  candidates (below) wins back what the rotation would add to the code's precision;
+- no OPQ rotation in front of the PQ (autofaiss: ``OPQ<m>_<d'>,IVF...``): on this project's 2-core machine
+  (shared, load 7-12) training ``OPQ512_2048,IVF256,PQ512x4fs`` on 16,384 vectors of 2048 dimensions did not
+  finish in 12 minutes (faiss' 50 OPQ iterations, each a 2048-d rotation of the training set and a PQ
+  training), and an OPQ of 10 iterations on 10,000 x 64 took 84 s where the index without it trains in 0.5 s;
+  the exact re-ranking of the candidates (below) wins back what the rotation would add to the codes' precision;
 - the PQ codes are 4-bit "fast-scan" ones (``2m`` sub-quantisers of 16 centroids, the same ``m`` bytes a vector)
-  instead of ``m`` 8-bit ones: 16-centroid k-means train in a fraction of the time of 256-centroid ones, and
-  fast-scan searches with SIMD lookups; the codes are stored in blocks of 32 vectors per cell (counted);
+  instead of ``m`` 8-bit ones: a 16-centroid k-means computes 1/16 of the distances of a 256-centroid one (and
+  at 4 to 8 dimensions a sub-space, k-means is not BLAS-bound), and fast-scan searches with SIMD lookups; the
+  codes are stored in blocks of 32 vectors per cell (counted);
 - HNSW's graph links are counted as faiss stores them (``2M`` per vector at level 0, plus levels above);
 - where no graph fits below 10,000 vectors, ``Flat`` rather than nothing.
 
