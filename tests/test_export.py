@@ -229,3 +229,8 @@ def test_a_checkpoint_s_embedder_loads_without_the_training_module(exported, tmp
         CheckpointError, match=r"edited\.ckpt: its weights do not fit .*pooling\.p \(2,\) in the checkpoint"
     ):
         load_checkpoint_embedder(tmp_path / "edited.ckpt")
+    data["hyper_parameters"]["embedder"]["pooling"] = {"_target_": "os.system", "command": "touch hacked"}
+    torch.save(data, tmp_path / "hostile.ckpt")
+    with pytest.raises(UntrustedConfigError, match=r"hostile\.ckpt: hyper_parameters\.embedder\.pooling\._target_"):
+        load_checkpoint_embedder(tmp_path / "hostile.ckpt")
+    assert not (tmp_path / "hacked").exists() and not Path("hacked").exists()

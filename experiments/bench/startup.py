@@ -1,7 +1,7 @@
 """Start-up of the search command: wall seconds (median of 3) of ``oxford-ir-search --help`` and of a one-image
 search against a small index, with the index's checkpoint and with its ONNX export, the CPU seconds (user + system,
 median of the same runs: what the command costs on an idle machine, less sensitive to a busy one than wall time)
-and the heavy libraries each imports (read from ``python -X importtime``).
+and the heavy libraries each has imported when it exits (``sys.modules``).
 
 The baseline is the same commands run from a ``git worktree`` of ``--baseline`` (a commit before the lazy
 imports; default 393f64e, the last one before them), measured in the same run on the same machine: its rows
@@ -81,15 +81,20 @@ def commands(fixture: dict[str, Path], run_dir: Path) -> dict[str, list[str]]:
     }
 
 
-def run(code_root: Path, args: list[str], importtime: bool = False) -> tuple[float, float, str, str]:
-    """Wall seconds, CPU seconds, stdout and stderr of the search command of the package in ``code_root``."""
+def run(code_root: Path, args: list[str], report_imports: bool = False) -> tuple[float, float, str, str]:
+    """Wall seconds, CPU seconds, stdout and stderr of the search command of the package in ``code_root``;
+    ``report_imports``: the last stderr line lists the heavy packages imported when it exits."""
     env = {**os.environ, "PYTHONPATH": str(code_root), "WANDB_MODE": "disabled"}
-    flags = ["-X", "importtime"] if importtime else []
     entry = "import sys; from oxford_ir.cli.search import main; sys.argv[0] = 'oxford-ir-search'; main()"
+    if report_imports:
+        entry = (
+            "import atexit, sys; atexit.register(lambda: print('HEAVY', *[m for m in "
+            f"{HEAVY!r} if m in sys.modules], file=sys.stderr)); {entry}"
+        )
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, *flags, "-c", entry, *args], cwd=code_root, env=env, capture_output=True, text=True
+        [sys.executable, "-c", entry, *args], cwd=code_root, env=env, capture_output=True, text=True
     )
     elapsed = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -100,14 +105,9 @@ def run(code_root: Path, args: list[str], importtime: bool = False) -> tuple[flo
 
 
 def heavy_imports(stderr: str) -> list[str]:
-    """The heavy top-level packages ``-X importtime`` reports as imported."""
-    found = set()
-    for line in stderr.splitlines():
-        if line.startswith("import time:"):
-            name = line.rsplit("|", 1)[-1].strip()
-            if name in HEAVY:
-                found.add(name)
-    return [name for name in HEAVY if name in found]
+    """The heavy packages a ``report_imports`` run listed."""
+    lines = [line for line in stderr.splitlines() if line.startswith("HEAVY")]
+    return lines[-1].split()[1:] if lines else ["?"]
 
 
 def main() -> None:
@@ -135,7 +135,7 @@ def main() -> None:
                         continue
                     run(root, args)  # warm the file cache
                     measured = [run(root, args)[:2] for _ in range(options.repeats)]
-                    heavy = heavy_imports(run(root, args, importtime=True)[3])
+                    heavy = heavy_imports(run(root, args, report_imports=True)[3])
                     wall = statistics.median(m[0] for m in measured)
                     cpu = statistics.median(m[1] for m in measured)
                     rows.append((name, label, wall, cpu, ", ".join(heavy) or "none"))

@@ -160,8 +160,10 @@ def load_retrieval_checkpoint(
     return module.eval()
 
 
-def _read_module_checkpoint(path: Path, map_location: Any) -> tuple[dict, dict]:
-    """The checkpoint and its hyperparameters, checked to be the module's and to name only trusted targets."""
+def _read_module_checkpoint(path: Path, map_location: Any, *, only_embedder: bool = False) -> tuple[dict, dict]:
+    """The checkpoint and its hyperparameters, checked to be the module's and to name only trusted targets (with
+    ``only_embedder``, those of the embedder, the one part then built: checking the loss, miner and distance would
+    import pytorch-metric-learning, a second, to vet parts that are never built)."""
     checkpoint = _read_checkpoint(path, map_location)
     hparams = checkpoint.get(HPARAMS_KEY) or {}
     missing = [k for k in REQUIRED_HPARAMS if k not in hparams]
@@ -170,17 +172,21 @@ def _read_module_checkpoint(path: Path, map_location: Any) -> tuple[dict, dict]:
             f"{path} was not written by RetrievalModule: its hyper_parameters ({sorted(hparams) or 'none'}) have no "
             f"{', '.join(missing)}; load it with the model class that trained it"
         )
-    check_trusted(hparams, str(path), "hyper_parameters")
+    if only_embedder:
+        check_trusted(hparams["embedder"], str(path), "hyper_parameters.embedder")
+    else:
+        check_trusted(hparams, str(path), "hyper_parameters")
     return checkpoint, hparams
 
 
 def load_checkpoint_embedder(path: str | Path, map_location: Any = "cpu") -> torch.nn.Module:
     """The embedder saved in ``path`` (the module's ``embedder`` and its weights), in eval mode: what
-    :func:`load_retrieval_checkpoint` gives as ``.embedder``, with the same checks, without building the module."""
+    :func:`load_retrieval_checkpoint` gives as ``.embedder``, with the same checks, without building the module
+    (the targets of the parts it does not build, loss, miner, distance, optimizer, are not vetted: none is built)."""
     from oxford_ir.config import instantiate
 
     path = Path(path)
-    checkpoint, hparams = _read_module_checkpoint(path, map_location)
+    checkpoint, hparams = _read_module_checkpoint(path, map_location, only_embedder=True)
     config = _without_pretrained_weights(hparams["embedder"])
     try:
         embedder = instantiate(config, "embedder")
