@@ -254,6 +254,7 @@ def build_budgeted_index(database: np.ndarray, options: BudgetOptions, choice: I
     index = faiss.index_factory(d, choice.key, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         index.train(_float32(database[train_rows]))
+    train_seconds = time.perf_counter() - started
     buffer = np.empty((min(n, _ADD_BLOCK), d), dtype=np.float32)
     for start in range(0, n, _ADD_BLOCK):
         index.add(_float32(database[start : start + _ADD_BLOCK], buffer))
@@ -276,6 +277,7 @@ def build_budgeted_index(database: np.ndarray, options: BudgetOptions, choice: I
         "settings": options.settings(),
         "train_vectors": int(len(train_rows)) if choice.kind not in ("flat", "hnsw") else 0,
         "build_seconds": round(build_seconds, 3),
+        "train_seconds": round(train_seconds, 3),
         "tune_seconds": round(time.perf_counter() - started - build_seconds, 3),
         **tuning,
     }
