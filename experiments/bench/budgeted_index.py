@@ -136,6 +136,7 @@ def main() -> None:
                 "queries_per_s": len(queries) / seconds,
                 "speedup": exact_seconds / seconds,
                 "build_seconds": info["build_seconds"],
+                "train_seconds": info.get("train_seconds"),
                 "tune_seconds": info["tune_seconds"],
                 "total_seconds": total,
                 "index_bytes": info["bytes"],
