@@ -234,3 +234,11 @@ def test_a_checkpoint_s_embedder_loads_without_the_training_module(exported, tmp
     with pytest.raises(UntrustedConfigError, match=r"hostile\.ckpt: hyper_parameters\.embedder\.pooling\._target_"):
         load_checkpoint_embedder(tmp_path / "hostile.ckpt")
     assert not (tmp_path / "hacked").exists() and not Path("hacked").exists()
+
+
+def test_asking_for_a_whitening_the_onnx_index_lacks_is_refused(exported, tmp_path):
+    cfg = compose_cfg(
+        "search", tmp_path, f"index={exported['onnx_index']}", f"query={exported['photos']}", "whitening=pca"
+    )
+    with pytest.raises(ConfigError, match="which carries no whitening"):
+        search(cfg)

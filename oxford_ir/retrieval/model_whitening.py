@@ -187,6 +187,17 @@ def check_requested_whitening(node: Any, model: ModelSpec, where: str) -> None:
         return
     settings = WhiteningSettings.from_config(node)
     rebuild = f"rebuild it with oxford-ir-index ... whitening={settings.kind if settings else 'none'}"
+    if model.onnx is not None:  # the whitening is inside the file
+        from oxford_ir.models.onnx_embedder import open_onnx
+
+        inside = open_onnx(model.onnx)[1].whitening
+        if (settings.kind if settings else None) != (inside.kind if inside else None):
+            raise ConfigError(
+                f"whitening={settings.kind if settings else 'none'}, but index {where} was built with the ONNX file "
+                f"{model.onnx}, which carries {f'a {inside.kind}' if inside else 'no'} whitening: search without "
+                f"whitening=, or export and index with the whitening you want"
+            )
+        return
     if settings is None and model.whitening is not None:
         raise ConfigError(
             f"whitening=none, but index {where} was built with the whitening {model.whitening}: search without "
