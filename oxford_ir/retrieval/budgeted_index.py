@@ -229,13 +229,16 @@ class BudgetOptions:
 # -- building and tuning ----------------------------------------------------------------------------------------
 @dataclass
 class BuiltIndex:
-    """A built and tuned faiss index and what the manifest records about it."""
+    """A built and tuned faiss index, its serialisation (made once: it is as large as the index) and what the
+    manifest records about it."""
 
     index: Any
     info: dict[str, Any]
+    data: np.ndarray
 
-    def serialize(self) -> bytes:
-        return import_faiss().serialize_index(self.index).tobytes()
+    def serialize(self) -> np.ndarray:
+        """The faiss file's bytes (a uint8 array, not a copy)."""
+        return self.data
 
 
 def build_budgeted_index(database: np.ndarray, options: BudgetOptions, choice: IndexChoice | None = None) -> BuiltIndex:
@@ -260,7 +263,8 @@ def build_budgeted_index(database: np.ndarray, options: BudgetOptions, choice: I
         index.add(_float32(database[start : start + _ADD_BLOCK], buffer))
     del buffer
     build_seconds = time.perf_counter() - started
-    size = len(faiss.serialize_index(index))
+    data = faiss.serialize_index(index)
+    size = int(data.size)
     if size > options.memory:
         raise ConfigError(
             f"index.memory={format_bytes(options.memory)}: the {choice.key} index built holds {format_bytes(size)} "
@@ -281,7 +285,7 @@ def build_budgeted_index(database: np.ndarray, options: BudgetOptions, choice: I
         "tune_seconds": round(time.perf_counter() - started - build_seconds, 3),
         **tuning,
     }
-    return BuiltIndex(index, info)
+    return BuiltIndex(index, info, data)
 
 
 def set_search_parameter(index: Any, name: str, value: int) -> None:

@@ -389,20 +389,26 @@ def _write_entries(folder: Path, entries: list[IndexEntry]) -> dict[str, Any]:
     return _write_file(folder / ENTRIES_FILE, lambda f: f.write(text.encode()))
 
 
+def _write_chunks(handle: Any, data: Any, chunk: int = 64 << 20) -> None:
+    view = memoryview(data).cast("B")
+    for start in range(0, len(view), chunk):
+        handle.write(view[start : start + chunk])
+
+
 def _write_manifest(folder: Path, manifest: dict) -> None:
     text = json.dumps(manifest, indent=2, allow_nan=False)
     _write_file(folder / MANIFEST_FILE, lambda f: f.write(text.encode()))
 
 
 def write_version(
-    out: Path, entries: list[IndexEntry], embeddings: np.ndarray, manifest: dict, extra: Mapping[str, bytes] = {}
+    out: Path, entries: list[IndexEntry], embeddings: np.ndarray, manifest: dict, extra: Mapping[str, Any] = {}
 ) -> str:
     """Write a complete new version folder, then point ``CURRENT`` at it, then delete the others.
 
-    ``extra``: more files of the version (name -> bytes, e.g. the budgeted search index), checksummed in the
-    manifest's ``files`` like the others. A failure before ``CURRENT`` names the new folder (disk full, file-size
-    limit, Ctrl-C) removes the folder: nothing half-written stays behind, and ``CURRENT`` still names the previous
-    version.
+    ``extra``: more files of the version (name -> bytes-like, e.g. the budgeted search index, written in chunks
+    without a copy of the whole), checksummed in the manifest's ``files`` like the others. A failure before
+    ``CURRENT`` names the new folder (disk full, file-size limit, Ctrl-C) removes the folder: nothing half-written
+    stays behind, and ``CURRENT`` still names the previous version.
     """
     numbers = [int(m.group(1)) for p in out.iterdir() if (m := _VERSION_RE.match(p.name))]
     version = f"v{max(numbers, default=0) + 1:06d}"
@@ -411,7 +417,7 @@ def write_version(
     try:
         files = {EMBEDDINGS_FILE: _write_embeddings(folder, embeddings), ENTRIES_FILE: _write_entries(folder, entries)}
         for name, data in extra.items():
-            files[name] = _write_file(folder / name, lambda f, data=data: f.write(data))
+            files[name] = _write_file(folder / name, lambda f, data=data: _write_chunks(f, data))
         _write_manifest(folder, {**manifest, "files": files})
         fsync_dir(folder)
         replace_file(out / CURRENT_FILE, (version + "\n").encode())
