@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,27 @@ def _wandb_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test talks to W&B unless it opts in (the offline W&B test sets WANDB_MODE itself)."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored():
+    """Each test leaves logging as it found it: a command run in-process (Hydra's job logging, a console script's
+    handler) binds stream handlers to the stream pytest captured for that test; left behind, they write to a closed
+    stream in a later test ("--- Logging error ---"), which depends on the order tests run in (pytest-xdist)."""
+    loggers = [
+        logging.getLogger(),
+        *(logging.getLogger(name) for name in ("oxford_ir", "lightning.pytorch", "lightning.fabric", "hydra")),
+    ]
+    saved = [(logger, list(logger.handlers), logger.level, logger.propagate) for logger in loggers]
+    yield
+    for logger, handlers, level, propagate in saved:
+        for handler in [h for h in logger.handlers if h not in handlers]:
+            logger.removeHandler(handler)
+        for handler in handlers:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _shared(sub: str) -> Path:

@@ -56,7 +56,9 @@ def composed(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
         recipe = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
         choice = _data_choice(recipe)
         if choice in (*OLD_VARIANTS, None):
-            by_data.setdefault(repr((choice, OmegaConf.to_container(recipe.get("data", {})))), experiment)
+            by_data.setdefault(
+                repr((choice, OmegaConf.to_container(recipe.get("data") or OmegaConf.create({})))), experiment
+            )
     experiments = sorted(by_data.values())
     return _data_nodes(new_conf, experiments, OLD_VARIANTS), _data_nodes(old_conf, experiments, OLD_VARIANTS)
 
@@ -64,7 +66,11 @@ def composed(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
 def _data_choice(recipe: Any) -> str | None:
     """The data variant an experiment chooses (``override /data: <v>``), or None."""
     entries = OmegaConf.to_container(recipe).get("defaults", [])
-    return next((e["override /data"] for e in entries if isinstance(e, dict) and "override /data" in e), None)
+    found = next((e["override /data"] for e in entries if isinstance(e, dict) and "override /data" in e), None)
+    for entry in entries:  # an experiment built on another (cirtorch_sfm120k_r50 on _r101) takes its data
+        if found is None and isinstance(entry, str) and entry != "_self_":
+            found = _data_choice(OmegaConf.load(CONF / "experiment" / f"{entry}.yaml"))
+    return found
 
 
 def test_every_variant_and_experiment_composes_the_data_node_of_before_the_base(composed) -> None:
