@@ -77,6 +77,10 @@ DRY_TRAINING = (
     "data.eval_batch_size=8", "data.extra_eval_benchmarks=[]",
 )  # fmt: skip
 
+#: the cirtorch recipes' dry training: the miniature's val part validates, a small pool
+CIRTORCH_DRY = (*DRY_CNN, "data.eval_benchmark=null", "data.pool.qsize=12", "data.pool.poolsize=60",
+                "data.pool.tuples_per_batch=2")  # fmt: skip
+
 RECIPES = {
     "cirtorch_sfm120k_r101": Recipe(
         "cirtorch_sfm120k_r101",
@@ -87,13 +91,7 @@ RECIPES = {
         ("sfm120k", "oxford5k", "paris6k"),
         ("experiment=cirtorch_sfm120k_r101",),
         whitening="learned",
-        dry_train=(
-            *DRY_CNN,
-            "data.eval_benchmark=null",
-            "data.pool.qsize=12",
-            "data.pool.poolsize=60",
-            "data.pool.tuples_per_batch=2",
-        ),
+        dry_train=CIRTORCH_DRY,
         miniature="sfm120k",
         estimate={"train_images": 2000 * 7, "epochs": 100, "mined": 2000 + 22000, "backbone": "resnet101"},
     ),
@@ -106,13 +104,7 @@ RECIPES = {
         ("sfm120k", "oxford5k", "paris6k"),
         ("experiment=cirtorch_sfm120k_r50",),
         whitening="learned",
-        dry_train=(
-            *DRY_CNN,
-            "data.eval_benchmark=null",
-            "data.pool.qsize=12",
-            "data.pool.poolsize=60",
-            "data.pool.tuples_per_batch=2",
-        ),
+        dry_train=CIRTORCH_DRY,
         miniature="sfm120k",
         estimate={"train_images": 2000 * 7, "epochs": 100, "mined": 2000 + 22000, "backbone": "resnet50"},
     ),

@@ -43,6 +43,8 @@ from oxford_ir.benchmarks.gldv2 import (
     write_part_ids,
 )
 from oxford_ir.benchmarks.http_fetch import fetch_with_digest
+from oxford_ir.benchmarks.part_lists import format_part_list as format_parts  # noqa: F401  (re-exported)
+from oxford_ir.benchmarks.part_lists import parse_part_list
 from oxford_ir.errors import ConfigError, DownloadError
 
 log = logging.getLogger(__name__)
@@ -55,20 +57,7 @@ _MD5 = re.compile(rb"^\s*([0-9a-fA-F]{32})\b")
 
 def parse_parts(text: str) -> list[int]:
     """``"0-3,7"`` -> ``[0, 1, 2, 3, 7]``; ``"all"`` -> every part. A ConfigError says what a part list looks like."""
-    text = str(text).strip()
-    if text == "all":
-        return list(range(NUM_PARTS))
-    parts: set[int] = set()
-    for piece in text.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", piece)
-        first, last = (int(match[1]), int(match[2] or match[1])) if match else (0, -1)
-        if not match or first > last or last >= NUM_PARTS:
-            raise ConfigError(
-                f"gldv2 parts {text!r}: expected numbers and ranges from 0 to {NUM_PARTS - 1} separated by commas "
-                "(e.g. 0-3,7), or 'all'"
-            )
-        parts.update(range(first, last + 1))
-    return sorted(parts)
+    return parse_part_list(text, 0, NUM_PARTS - 1, "gldv2", "0-3,7")
 
 
 def download_gldv2(
@@ -181,14 +170,3 @@ def _md5(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def format_parts(parts: list[int]) -> str:
-    """``[0, 1, 2, 3, 7]`` -> ``"0-3,7"``."""
-    out: list[str] = []
-    for p in parts:
-        if out and int(out[-1].split("-")[-1]) == p - 1:
-            out[-1] = f"{out[-1].split('-')[0]}-{p}"
-        else:
-            out.append(str(p))
-    return ",".join(out)

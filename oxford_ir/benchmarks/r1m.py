@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import urllib.parse
 from pathlib import Path
 
 from oxford_ir.benchmarks.archives import CorruptArchiveError, safe_extract
 from oxford_ir.benchmarks.download import _locked, _read_json, _write_json_atomic
 from oxford_ir.benchmarks.http_fetch import fetch_with_digest
+from oxford_ir.benchmarks.part_lists import parse_part_list
 from oxford_ir.errors import ConfigError, DownloadError
 from oxford_ir.hashing import file_sha256
 
@@ -55,20 +55,7 @@ def r1m_dir(root: str | os.PathLike) -> Path:
 
 def parse_r1m_parts(text: str | None) -> list[int]:
     """``"1-3,7"`` -> ``[1, 2, 3, 7]``; ``"all"`` or None -> 1..100."""
-    text = "all" if text is None else str(text).strip()
-    if text == "all":
-        return list(range(1, NUM_PARTS + 1))
-    parts: set[int] = set()
-    for piece in text.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", piece)
-        first, last = (int(match[1]), int(match[2] or match[1])) if match else (1, 0)
-        if not match or first > last or first < 1 or last > NUM_PARTS:
-            raise ConfigError(
-                f"r1m parts {text!r}: expected numbers and ranges from 1 to {NUM_PARTS} separated by commas "
-                "(e.g. 1-10,42), or 'all'"
-            )
-        parts.update(range(first, last + 1))
-    return sorted(parts)
+    return parse_part_list("all" if text is None else text, 1, NUM_PARTS, "r1m", "1-10,42")
 
 
 def download_r1m(

@@ -55,13 +55,7 @@ class RandomBatchSampler(ClassBalancedSampler):
                 f"data.sampler=random: batches of {self._batch_size} images (classes_per_batch x images_per_class) "
                 f"but only {len(self.indices)} training images; lower classes_per_batch or images_per_class"
             )
-        self._num_replicas = num_replicas
-        self._rank = rank
-        self.epoch = 0
-        # attributes DistributedSampler users may read
-        self.shuffle = True
-        self.drop_last = True
-        self.dataset = None
+        self._init_share(num_replicas, rank)
 
     @property
     def batch_size(self) -> int:

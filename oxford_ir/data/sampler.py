@@ -46,7 +46,38 @@ class _Cycle:
         return np.concatenate([head, fresh[:need]])
 
 
-class ClassBalancedSampler(DistributedSampler):
+class ShardedEpochSampler(DistributedSampler):
+    """What the project's training samplers share: an epoch set by ``set_epoch`` and this process's share of each
+    epoch (``num_replicas``, ``rank``: given, or the process group's, else one process). Subclassing
+    ``DistributedSampler`` makes Lightning call ``set_epoch`` and neither wrap nor replace the sampler. Subclasses
+    call :meth:`_init_share` instead of ``DistributedSampler.__init__`` (which needs a dataset)."""
+
+    def _init_share(self, num_replicas: int | None, rank: int | None) -> None:
+        self._num_replicas = num_replicas
+        self._rank = rank
+        self.epoch = 0
+        # attributes DistributedSampler users may read
+        self.shuffle = True
+        self.drop_last = True
+        self.dataset = None
+
+    @property
+    def num_replicas(self) -> int:
+        if self._num_replicas is not None:
+            return int(self._num_replicas)
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return int(self._rank)
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+
+class ClassBalancedSampler(ShardedEpochSampler):
     """Indices whose consecutive chunks of ``batch_size`` are class-balanced batches, P classes x K images + D.
 
     Each batch holds ``classes_per_batch`` distinct classes of ``classes`` with ``images_per_class`` distinct
@@ -116,32 +147,11 @@ class ClassBalancedSampler(DistributedSampler):
                 f"distractors_per_batch={self.distractors_per_batch} but only {len(self._distractor_pool)} "
                 "distractor images; lower distractors_per_batch (0 disables them) or use_distractors=true"
             )
-        self._num_replicas = num_replicas
-        self._rank = rank
-        self.epoch = 0
-        # attributes DistributedSampler users may read
-        self.shuffle = True
-        self.drop_last = True
-        self.dataset = None
+        self._init_share(num_replicas, rank)
 
     @property
     def batch_size(self) -> int:
         return self.classes_per_batch * self.images_per_class + self.distractors_per_batch
-
-    @property
-    def num_replicas(self) -> int:
-        if self._num_replicas is not None:
-            return int(self._num_replicas)
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-    @property
-    def rank(self) -> int:
-        if self._rank is not None:
-            return int(self._rank)
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def members(self, label: int) -> np.ndarray:
         """Indices of the images of class ``label`` (one of ``classes``), ascending."""

@@ -29,11 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.utils.data.distributed import DistributedSampler
 
 from oxford_ir.benchmarks.splits import TrainSplit
 from oxford_ir.data.config_values import non_negative_int, positive_int
+from oxford_ir.data.sampler import ShardedEpochSampler
 from oxford_ir.data.tuple_mining import PoolSettings, epoch_tuples
 from oxford_ir.data.tuple_pairs import training_pairs
 from oxford_ir.errors import ConfigError
@@ -44,13 +43,13 @@ log = logging.getLogger(__name__)
 _SEED_TAG = 0x5EED7
 
 
-class TupleSampler(DistributedSampler):
+class TupleSampler(ShardedEpochSampler):
     """``(image index, augmentation seed)`` pairs whose chunks of ``batch_size`` are batches of T whole tuples.
 
     ``make_tuples(epoch)`` returns the epoch's ``n_tuples x tuple_size`` image indices (called once per epoch, on
-    the epoch's first draw). Like :class:`~oxford_ir.data.sampler.ClassBalancedSampler` it subclasses
-    ``DistributedSampler`` so that Lightning neither wraps nor replaces it and calls ``set_epoch``; the augmentation
-    seeds are a function of ``(seed, epoch)``.
+    the epoch's first draw). Like :class:`~oxford_ir.data.sampler.ClassBalancedSampler` it is a
+    :class:`~oxford_ir.data.sampler.ShardedEpochSampler` (Lightning neither wraps nor replaces it and calls
+    ``set_epoch``); the augmentation seeds are a function of ``(seed, epoch)``.
     """
 
     def __init__(
@@ -69,8 +68,7 @@ class TupleSampler(DistributedSampler):
         self.tuple_size = positive_int(tuple_size, "tuple size")
         self.tuples_per_batch = positive_int(tuples_per_batch, "pool.tuples_per_batch")
         self.seed = non_negative_int(seed, "seed")
-        self._num_replicas, self._rank = num_replicas, rank
-        self.epoch = 0
+        self._init_share(num_replicas, rank)
         #: ``(epoch, tuples)`` of the last epoch mined
         self.tuples: tuple[int, np.ndarray] | None = None
         if self.num_batches < 1:
@@ -78,7 +76,6 @@ class TupleSampler(DistributedSampler):
                 f"data.pool.tuples_per_batch={tuples_per_batch} x {self.num_replicas} processes is more than the "
                 f"{n_tuples} tuples of an epoch (data.pool.qsize, or the pairs there are); lower it or raise qsize"
             )
-        self.shuffle, self.drop_last, self.dataset = True, True, None  # what DistributedSampler users read
 
     @property
     def batch_size(self) -> int:
@@ -88,21 +85,6 @@ class TupleSampler(DistributedSampler):
     def num_batches(self) -> int:
         """Batches per process and epoch: the epoch's whole batches, shared equally (the rest is dropped)."""
         return self.n_tuples // self.tuples_per_batch // self.num_replicas
-
-    @property
-    def num_replicas(self) -> int:
-        if self._num_replicas is not None:
-            return int(self._num_replicas)
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-    @property
-    def rank(self) -> int:
-        if self._rank is not None:
-            return int(self._rank)
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def epoch_tuples(self, epoch: int) -> np.ndarray:
         """The tuples of ``epoch``, mined on the first call for it."""
