@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from oxford_ir.retrieval.faiss_backend import ranks_with_the_rest
+
 #: queries re-scored at once: at most 64, and their candidates' rows at most this many floats (64 MiB)
 _QUERY_BLOCK, _BLOCK_FLOATS = 64, 2**24
 
@@ -82,13 +84,7 @@ class StoredIndexSearch:
         """Every database row per query (n_db x nq): the rows the index reaches, exactly ordered, then the
         others in index order."""
         _, indices = self.search(queries, self.n)
-        ranks = np.empty((indices.shape[0], self.n), dtype=np.int64)
-        for q, row in enumerate(indices):
-            found = row[row >= 0]
-            seen = np.zeros(self.n, dtype=bool)
-            seen[found] = True
-            ranks[q] = np.concatenate([found, np.flatnonzero(~seen)])
-        return ranks.T
+        return ranks_with_the_rest(indices, self.n)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.n} x {self.dim}, candidates={self.candidates})"

@@ -143,16 +143,22 @@ class FaissSearch:
     def rank_all(self, queries: np.ndarray) -> np.ndarray:
         """Every database row per query (n_db x nq): faiss' order, then rows it did not reach, in index order."""
         _, indices = self.search(queries, self.n)
-        ranks = np.empty((queries.shape[0], self.n), dtype=np.int64)
-        for q, row in enumerate(indices):
-            found = row[row >= 0]
-            seen = np.zeros(self.n, dtype=bool)
-            seen[found] = True
-            ranks[q] = np.concatenate([found, np.flatnonzero(~seen)])
-        return ranks.T
+        return ranks_with_the_rest(indices, self.n)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.n} x {self.dim}, {self.options})"
+
+
+def ranks_with_the_rest(indices: np.ndarray, n: int) -> np.ndarray:
+    """Every one of ``n`` rows per query (n x nq): the rows an index returned (``indices``, nq x k, -1 for none), in
+    its order, then the rows it did not reach, in index order."""
+    ranks = np.empty((indices.shape[0], n), dtype=np.int64)
+    for q, row in enumerate(indices):
+        found = row[row >= 0]
+        seen = np.zeros(n, dtype=bool)
+        seen[found] = True
+        ranks[q] = np.concatenate([found, np.flatnonzero(~seen)])
+    return ranks.T
 
 
 def _float32(vectors: np.ndarray, buffer: np.ndarray | None = None) -> np.ndarray:
