@@ -80,7 +80,8 @@ def test_help_lists_the_commands_own_groups_with_their_options(entry: str, tmp_p
         ("train", ["-m", "loss.margn=0.1,0.2"], "error: loss.margn: no such key; did you mean loss.margin?"),
         ("train", ["experimnt=quickstart"], "error: experimnt: no such key; did you mean experiment?"),
         ("train", ["backbone=resnet5"], "error: backbone=resnet5: no such backbone config; did you mean "
-                                         "backbone=resnet50? (options: mobilenetv2, raw_pixels, resnet50, scratch, timm)"),
+                                         "backbone=resnet50? (options: mobilenetv2, raw_pixels, resnet50, scratch, "
+                                         "timm)"),
         ("train", ["data.synthetic.n_landmark=3"], "did you mean data.synthetic.n_landmarks?"),
         ("eval", ["extraction.imagesize=64"], "error: extraction.imagesize: no such key; did you mean "
                                               "extraction.image_size?"),
