@@ -279,6 +279,19 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _archive_options(args: argparse.Namespace, dataset: str) -> dict:
+    """The download options of a dataset fetched as numbered archives (gldv2, r1m): their URLs follow a pattern, so
+    ``--sources`` does not apply."""
+    from oxford_ir.errors import ConfigError
+
+    if args.sources is not None:
+        raise ConfigError(
+            f"--sources does not apply to {dataset} (its URLs follow a pattern); use --base-url for a mirror"
+        )
+    keys = ("base_url", "keep_archives", "retries", "timeout")
+    return {"progress": not args.no_progress, **{key: getattr(args, key) for key in keys}}
+
+
 def _download_gldv2(args: argparse.Namespace) -> int:
     from oxford_ir.benchmarks.gldv2 import NUM_PARTS
     from oxford_ir.benchmarks.gldv2_download import PART_GB, download_gldv2, format_parts, parse_parts
@@ -289,39 +302,18 @@ def _download_gldv2(args: argparse.Namespace) -> int:
             f"gldv2 has {NUM_PARTS} training TARs of about {PART_GB:g} GB each (about {NUM_PARTS * PART_GB:.0f} GB in "
             "all): choose them with --parts, e.g. --parts 0-3,7 (or --parts all)"
         )
-    if args.sources is not None:
-        raise ConfigError("--sources does not apply to gldv2 (its URLs follow a pattern); use --base-url for a mirror")
     parts = parse_parts(args.parts)
-    folder = download_gldv2(
-        args.root,
-        parts,
-        base_url=args.base_url,
-        progress=not args.no_progress,
-        keep_archives=args.keep_archives,
-        retries=args.retries,
-        timeout=args.timeout,
-    )
+    folder = download_gldv2(args.root, parts, **_archive_options(args, "gldv2"))
     print(f"gldv2: parts {format_parts(parts)} complete in {folder}")
     return 0
 
 
 def _download_r1m(args: argparse.Namespace) -> int:
-    from oxford_ir.benchmarks.gldv2_download import format_parts
+    from oxford_ir.benchmarks.part_lists import format_part_list as format_parts
     from oxford_ir.benchmarks.r1m import NUM_PARTS, download_r1m, parse_r1m_parts, r1m_status
-    from oxford_ir.errors import ConfigError
 
-    if args.sources is not None:
-        raise ConfigError("--sources does not apply to r1m (its URLs follow a pattern); use --base-url for a mirror")
     parts = parse_r1m_parts(args.parts)
-    folder = download_r1m(
-        args.root,
-        parts,
-        base_url=args.base_url,
-        progress=not args.no_progress,
-        keep_archives=args.keep_archives,
-        retries=args.retries,
-        timeout=args.timeout,
-    )
+    folder = download_r1m(args.root, parts, **_archive_options(args, "r1m"))
     done = r1m_status(folder)[2]
     print(f"r1m: parts {format_parts(parts)} extracted in {folder} ({len(done)} of {NUM_PARTS} parts there)")
     return 0

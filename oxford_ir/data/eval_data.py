@@ -71,14 +71,14 @@ class EvaluationData:
     def eval_benchmarks(self) -> list[Benchmark]:
         """Every evaluated benchmark, the monitored one first."""
         if self._extra_benchmarks is None:
-            self._extra_benchmarks = [self._extra_benchmark(name) for name in self.extra_eval_names]
+            training = set(map(str, self.split.paths)) if self.extra_eval_names else set()  # once: a million paths
+            self._extra_benchmarks = [self._extra_benchmark(name, training) for name in self.extra_eval_names]
         return [self.eval_benchmark, *self._extra_benchmarks]
 
-    def _extra_benchmark(self, name: str) -> Benchmark:
-        """An extra benchmark, loaded; one that shares images with the training split is refused (its numbers would
-        measure memorisation)."""
+    def _extra_benchmark(self, name: str, training: set[str]) -> Benchmark:
+        """An extra benchmark, loaded; one that shares images with the training split (``training``: its paths) is
+        refused (its numbers would measure memorisation)."""
         benchmark = self._load(name)
-        training = set(map(str, self.split.paths))
         shared = [p for p in (*benchmark.db_paths, *benchmark.query_paths) if str(p) in training]
         if shared:
             shown = ", ".join(str(p) for p in shared[:_SHOWN])
