@@ -111,10 +111,30 @@ def test_no_close_match_or_a_valid_line_is_left_to_hydra(args: list[str]) -> Non
                                             "extraction.image_size?"),
         ("index", "pooling=ge", "error: pooling=ge: no such pooling config; did you mean pooling=gem?"),
         ("search", "kk=3", "error: kk: no such key; did you mean k?"),
+        ("train", "-m loss.margn=0.1,0.2", "error: loss.margn: no such key; did you mean loss.margin?"),
     ],
 )  # fmt: skip
 def test_console_scripts_print_one_line_and_exit_1(entry: str, argument: str, line: str, tmp_path: Path) -> None:
-    result = run_main(argument, cwd=tmp_path, entry=ENTRIES[entry], prog=f"oxford-ir-{entry}")
+    result = run_main(*argument.split(), cwd=tmp_path, entry=ENTRIES[entry], prog=f"oxford-ir-{entry}")
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(line), result.stderr[-2000:]
+
+
+def test_a_valid_command_line_is_composed_once_by_hydra_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The typo check costs nothing until Hydra refuses a line: a command that runs composes its config only in
+    Hydra's own two passes (its run mode, then the job), never in a check of its own beforehand."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    calls: list[list[str]] = []
+    original = ConfigLoaderImpl.load_configuration
+
+    def counted(self, config_name, overrides, *args, **kwargs):
+        calls.append(list(overrides))
+        return original(self, config_name, overrides, *args, **kwargs)
+
+    monkeypatch.setattr(ConfigLoaderImpl, "load_configuration", counted)
+    monkeypatch.setattr(oxford_ir.cli.search, "search", lambda cfg: None)  # the composition is what is counted
+    result = run_main("index=nowhere", "k=3", cwd=tmp_path, entry=ENTRIES["search"], prog="oxford-ir-search")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(calls) == 2 and all("k=3" in c for c in calls), calls
