@@ -20,7 +20,8 @@ from oxford_ir.cli.search import search
 from oxford_ir.errors import CheckpointError, ConfigError, IndexFormatError, UntrustedConfigError
 from oxford_ir.extraction.embedding import extract_embeddings
 from oxford_ir.extraction.whitening import Whitened, fit_pca
-from oxford_ir.models.onnx_embedder import OnnxNetwork, load_onnx_embedder, open_onnx, read_onnx_info
+from oxford_ir.models.onnx_embedder import OnnxNetwork, load_onnx_embedder
+from oxford_ir.models.onnx_file import open_onnx, read_onnx_info
 from oxford_ir.retrieval.index_format import RetrievalIndex
 from oxford_ir.retrieval.model_spec import ModelSpec
 from oxford_ir.retrieval.onnx_export import export_onnx
@@ -170,7 +171,8 @@ def test_export_refuses_bad_settings(exported, tmp_path):
 
 
 def test_the_search_command_imports_only_what_it_uses(exported, tmp_path):
-    """--help: no deep-learning library at all; a one-image search with an ONNX index: torch and onnxruntime only."""
+    """--help: no deep-learning library at all; a one-image search with an ONNX index: onnxruntime only, no PyTorch
+    (:mod:`oxford_ir.retrieval.onnx_queries`)."""
     search_args = [
         f"index={exported['onnx_index']}",
         f"query={exported['photos'] / 'p1.png'}",
@@ -195,7 +197,7 @@ def test_the_search_command_imports_only_what_it_uses(exported, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "oxford-ir-search: search an index" in result.stdout
     lines = result.stdout.strip().splitlines()
-    assert lines[-1] == "SEARCH ['torch', 'onnxruntime']" and "HELP []" in lines
+    assert lines[-1] == "SEARCH ['onnxruntime']" and "HELP []" in lines
     assert any(line.split()[::2] == ["1", "p1.png"] for line in lines)  # rank 1: the query itself
 
 

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from oxford_ir.extraction.embedding import extract_embeddings
-from oxford_ir.models import onnx_embedder
+from oxford_ir.models import onnx_file
 from oxford_ir.models.module import RetrievalModule
 from oxford_ir.retrieval.model_spec import ModelSpec
 from oxford_ir.retrieval.onnx_export import export_onnx
@@ -76,7 +76,7 @@ def make_photos(folder: Path, n: int, size: int) -> tuple[list[Path], str]:
 
 
 def measure(spec: ModelSpec, photos: list[Path], image_size: int, batch_size: int) -> tuple[float, float, torch.Tensor]:
-    onnx_embedder._sessions.clear()  # a fresh onnxruntime session each time, as a new process opens one
+    onnx_file._sessions.clear()  # a fresh onnxruntime session each time, as a new process opens one
     started = time.perf_counter()
     model = spec.build("cpu")
     loaded = time.perf_counter() - started

@@ -129,8 +129,8 @@ def search(cfg: DictConfig) -> tuple[list[dict[str, Any]] | dict[str, float], di
     objects used (``index``, ``searcher``, ``grids`` or ``table``).
     """
     from oxford_ir.retrieval.index_format import RetrievalIndex
-    from oxford_ir.retrieval.model_whitening import check_requested_whitening
-    from oxford_ir.retrieval.search import _check_k
+    from oxford_ir.retrieval.onnx_queries import search_onnx, torch_free_search_applies
+    from oxford_ir.retrieval.top_k import check_k
 
     if cfg.get("index") in (None, ""):
         raise ConfigError(
@@ -148,15 +148,17 @@ def search(cfg: DictConfig) -> tuple[list[dict[str, Any]] | dict[str, float], di
     if benchmark_name and cfg.get("query") is not None:
         raise ConfigError("give either query= (search) or benchmark= (evaluate the index), not both")
     if not benchmark_name:
-        k = _check_k(cfg.k)
+        k = check_k(cfg.k)
         queries = resolve_queries(cfg.get("query"), cfg.get("bbox"))
     mmap = str(cfg.get("backend", "exact")) != "exact"  # a stored index re-ranks from a memory map of the rows
     index = with_model(RetrievalIndex.load(Path(str(cfg.index)), mmap=mmap), cfg)
-    check_requested_whitening(cfg.get("whitening"), index.model, str(index.path))
-    searcher = make_searcher(index, cfg)
+    if cfg.get("whitening") is not None:
+        from oxford_ir.retrieval.model_whitening import check_requested_whitening
+
+        check_requested_whitening(cfg.get("whitening"), index.model, str(index.path))
     output_dir = Path(cfg.paths.output_dir)
     if benchmark_name:
-        return _evaluate(cfg, str(benchmark_name), index, searcher, output_dir)
+        return _evaluate(cfg, str(benchmark_name), index, make_searcher(index, cfg), output_dir)
 
     log.info(
         "searching %s (%d images) with %d quer%s",
@@ -165,7 +167,16 @@ def search(cfg: DictConfig) -> tuple[list[dict[str, Any]] | dict[str, float], di
         len(queries),
         "y" if len(queries) == 1 else "ies",
     )
-    result = searcher.search_images([q for q, _ in queries], [b for _, b in queries], k=k)
+    images, boxes = [q for q, _ in queries], [b for _, b in queries]
+    reranking = [OmegaConf.to_container(cfg.get(key) or {}) for key in ("query_expansion", "database_augmentation")]
+    searcher = None
+    if torch_free_search_applies(
+        index, backend=str(cfg.get("backend", "exact")), reranking=reranking, device=str(cfg.extraction.device)
+    ):
+        result = search_onnx(index, images, boxes, k=k)  # onnxruntime and NumPy: PyTorch is never imported
+    else:
+        searcher = make_searcher(index, cfg)
+        result = searcher.search_images(images, boxes, k=k)
     records = []
     for row, (query, box) in enumerate(queries):
         hits = [
@@ -216,7 +227,7 @@ def _whitening_of(model: Any) -> str | None:
     """The whitening file of an index's model; for an ONNX file, the one it was exported with (if still there)."""
     if model.onnx is None:
         return model.whitening
-    from oxford_ir.models.onnx_embedder import open_onnx
+    from oxford_ir.models.onnx_file import open_onnx
 
     recorded = open_onnx(model.onnx)[1].model_spec.get("whitening")
     return str(recorded) if recorded and Path(str(recorded)).is_file() else None
@@ -276,7 +287,7 @@ def format_results(records: list[dict[str, Any]]) -> str:
 
 def _write_grids(cfg: DictConfig, records: list[dict[str, Any]], output_dir: Path) -> list[Path]:
     """``results.png`` (then ``results_002.png``, ...): each query and its results, written atomically."""
-    from oxford_ir.retrieval.search import render_result_grid
+    from oxford_ir.retrieval.visualize import render_result_grid
 
     per_image = max(1, int(cfg.grid.rows_per_image))
     output_dir.mkdir(parents=True, exist_ok=True)

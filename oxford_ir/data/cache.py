@@ -58,7 +58,8 @@ from oxford_ir.data.cache_format import (
     source_stat,
 )
 from oxford_ir.data.config_values import non_negative_int, positive_int
-from oxford_ir.data.datasets import BBox, eval_image, train_image
+from oxford_ir.data.datasets import train_image
+from oxford_ir.data.eval_pixels import BBox, eval_image
 from oxford_ir.errors import NO_ROOM, ConfigError, DataError
 from oxford_ir.fs import WORKER_TIMEOUT, exclusive_lock, replace_file, worker_call, worker_items, write_new
 

@@ -57,7 +57,7 @@ from torch.utils.data import Dataset
 from oxford_ir.benchmarks.path_array import PathArray
 from oxford_ir.data.augmentation import Augmentation, interpolation_mode
 from oxford_ir.data.batch_augment import BatchAugmentation, check_resampling
-from oxford_ir.data.datasets import rounded_box
+from oxford_ir.data.eval_pixels import rounded_box
 from oxford_ir.data.transforms import IMAGENET_MEAN, IMAGENET_STD, thumbnail_size
 from oxford_ir.errors import ConfigError
 from oxford_ir.images import DECODE_ERRORS, MAX_DECODED_PIXELS, load_image, to_rgb

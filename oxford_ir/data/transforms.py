@@ -8,9 +8,12 @@ normalised with the ImageNet mean and std every pretrained backbone expects.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

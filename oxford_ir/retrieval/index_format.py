@@ -46,15 +46,17 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from oxford_ir.errors import IndexFormatError
 from oxford_ir.fs import fsync_dir, outside_root, replace_file, write_new
 from oxford_ir.hashing import file_sha256
 from oxford_ir.retrieval.model_spec import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 

@@ -13,16 +13,18 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from oxford_ir import hashing
 from oxford_ir.errors import CheckpointError, ConfigError
-from oxford_ir.extraction.whitening import Whitened, Whitening, whitening_file
-from oxford_ir.extraction.whitening_source import WhiteningSettings
 from oxford_ir.trusted_targets import check_trusted
+
+if TYPE_CHECKING:  # PyTorch is imported where a network is built: an ONNX search runs without it
+    import torch
+
+    from oxford_ir.extraction.whitening import Whitening
 
 #: string values of an embedder config treated as local files (when they exist): paths, not keywords such
 #: as ``weights: imagenet``
@@ -78,6 +80,11 @@ class ModelSpec:
         exist (beside the checkpoint, or ``whitening.file``)."""
         network = cls._network_from_config(cfg)
         node = cfg.get("whitening") if whitening else None
+        if node is None:
+            return network
+        from oxford_ir.extraction.whitening import Whitening, whitening_file
+        from oxford_ir.extraction.whitening_source import WhiteningSettings
+
         settings = WhiteningSettings.from_config(node)  # checked: kind and values
         if settings is None:
             return network
@@ -147,11 +154,17 @@ class ModelSpec:
         """The whitening file's content, checked to belong to this network; None without one."""
         if self.whitening is None:
             return None
+        from oxford_ir.extraction.whitening import Whitening
+
         return Whitening.load(self.whitening, model_fingerprint=self.network.fingerprint())
 
     # -- use -----------------------------------------------------------------------------------
     def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The embedder in eval mode on ``device`` (images in, L2-normalised N x D out); deterministic."""
+        import torch
+
+        from oxford_ir.extraction.whitening import Whitened
+
         if self.onnx is not None:
             from oxford_ir.models.onnx_embedder import load_onnx_embedder
 
@@ -176,7 +189,7 @@ class ModelSpec:
     def describe(self) -> str:
         """One line for people: ``checkpoint /runs/x/last.ckpt`` or ``MobileNetV2(weights=...) + GeM(p=3.0)``."""
         if self.onnx is not None:
-            from oxford_ir.models.onnx_embedder import open_onnx
+            from oxford_ir.models.onnx_file import open_onnx
 
             return f"ONNX {self.onnx} (exported from {open_onnx(self.onnx)[1].model_description})"
         if self.checkpoint is not None:
@@ -200,7 +213,7 @@ class ModelSpec:
         exported from, read from its metadata.
         """
         if self.onnx is not None:
-            from oxford_ir.models.onnx_embedder import open_onnx
+            from oxford_ir.models.onnx_file import open_onnx
 
             return open_onnx(self.onnx)[1].model_fingerprint
         if self.whitening is not None:

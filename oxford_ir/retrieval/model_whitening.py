@@ -188,7 +188,7 @@ def check_requested_whitening(node: Any, model: ModelSpec, where: str) -> None:
     settings = WhiteningSettings.from_config(node)
     rebuild = f"rebuild it with oxford-ir-index ... whitening={settings.kind if settings else 'none'}"
     if model.onnx is not None:  # the whitening is inside the file
-        from oxford_ir.models.onnx_embedder import open_onnx
+        from oxford_ir.models.onnx_file import open_onnx
 
         inside = open_onnx(model.onnx)[1].whitening
         if (settings.kind if settings else None) != (inside.kind if inside else None):

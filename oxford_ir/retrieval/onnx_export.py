@@ -1,7 +1,7 @@
 """Exporting the embedding model of a :class:`~oxford_ir.retrieval.model_spec.ModelSpec` to ONNX, checked.
 
 The graph is the network (backbone, pooling, projection, L2 normalisation) with the batch, height and width
-dynamic; the metadata (:mod:`oxford_ir.models.onnx_embedder`) carries the model's fingerprint and spec, the
+dynamic; the metadata (:mod:`oxford_ir.models.onnx_file`) carries the model's fingerprint and spec, the
 input normalisation, GeM's power and the post-hoc whitening. GeM is exported as a mean over the feature map
 (``avg_pool2d`` with the map's size as kernel would freeze the export's input size into the graph). Before the
 file is written, onnxruntime embeds random images of two sizes and the result must match PyTorch to
@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from oxford_ir.errors import ConfigError
 from oxford_ir.fs import replace_file
 from oxford_ir.models.embedder import Embedder
-from oxford_ir.models.onnx_embedder import INPUT, OUTPUT, metadata_props, onnx_session, read_onnx_info
+from oxford_ir.models.onnx_file import INPUT, OUTPUT, metadata_props, onnx_session, read_onnx_info
 from oxford_ir.models.pooling import GeM
 from oxford_ir.retrieval.model_spec import ModelSpec
 

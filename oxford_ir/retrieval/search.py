@@ -21,62 +21,28 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image
 
 from oxford_ir.benchmarks.benchmark import Benchmark
-from oxford_ir.benchmarks.boxes import check_bbox_inside, parse_bbox
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError
 from oxford_ir.extraction.embedding import extract_embeddings
-from oxford_ir.images import load_image, to_rgb, upright_size
 from oxford_ir.retrieval.budgeted_index import load_stored_index
 from oxford_ir.retrieval.candidate_rerank import StoredIndexSearch
 from oxford_ir.retrieval.exact_search import ExactSearch
 from oxford_ir.retrieval.faiss_backend import FaissOptions, FaissSearch, import_faiss
+from oxford_ir.retrieval.query_images import QueryImage, checked_queries
 from oxford_ir.retrieval.reranking import ReRanking, augment, drop_self
-from oxford_ir.retrieval.visualize import COLOURS, _thumbnail
+from oxford_ir.retrieval.top_k import SearchResult, check_k
 
 if TYPE_CHECKING:
     from oxford_ir.retrieval.index_format import RetrievalIndex
 
 BACKENDS = ("exact", "faiss", "index", "auto")
-QueryImage = str | Path | Image.Image
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """Top-k of each query: ``scores`` (nq x k float32) and database rows ``indices`` (nq x k int64), best
-    first. An approximate backend may find fewer than k: those slots hold index -1 and score -inf."""
-
-    scores: np.ndarray
-    indices: np.ndarray
-
-    def __len__(self) -> int:
-        return self.indices.shape[0]
-
-    def hits(self, query: int) -> list[tuple[int, float]]:
-        """``(database row, score)`` pairs of query ``query``, best first, missing slots left out."""
-        return [(int(i), float(s)) for i, s in zip(self.indices[query], self.scores[query], strict=True) if i >= 0]
-
-
-# -- queries -----------------------------------------------------------------------------------------------------
-def oriented_size(image: QueryImage) -> tuple[int, int]:
-    """``(width, height)`` of an image as ``load_image`` presents it (EXIF orientation applied), from the header;
-    a missing or unreadable file is a DataError naming it."""
-    size = upright_size(image)
-    if size is not None:
-        return size
-    path = Path(image)  # a PIL image always has a size: only files get here
-    if not path.exists():
-        raise DataError(f"query image not found: {path}")
-    if path.is_dir():
-        raise DataError(f"query {path} is a folder, not an image")
-    raise DataError(f"cannot decode query image {path}: unreadable header; the file is corrupt or not an image")
 
 
 # -- the searcher -------------------------------------------------------------------------------------------------
@@ -203,25 +169,14 @@ class Searcher:
         pixels of the image as displayed; one outside the image is a DataError (``check_boxes``; benchmark
         evaluation turns it off to crop exactly as the published code, which tolerates such boxes).
         """
-        images = list(images)
-        if bboxes is None:
-            bboxes = [None] * len(images)
-        bboxes = [None if b is None else parse_bbox(b) for b in bboxes]
-        if len(bboxes) != len(images):
-            raise ValueError(f"{len(bboxes)} boxes for {len(images)} images; give one per image (or None)")
-        labels = [_label(image, i) for i, image in enumerate(images)]
-        if check_boxes:
-            for image, bbox, label in zip(images, bboxes, labels, strict=True):
-                size = oriented_size(image)  # also turns a missing or undecodable file into a DataError here
-                if bbox is not None:
-                    check_bbox_inside(bbox, size, label)
+        images, bboxes, labels = checked_queries(images, bboxes, check_boxes=check_boxes)
         if not images:
             return np.empty((0, self.index.embedding_dim), dtype=np.float32)
         index = self.index
         with self._lock:
             vectors = extract_embeddings(
                 self.model,
-                [image if isinstance(image, Image.Image) else Path(image) for image in images],
+                images,
                 index.image_size,
                 bboxes=bboxes,
                 labels=labels,
@@ -252,7 +207,7 @@ class Searcher:
 
     def search_vectors(self, queries: np.ndarray, k: int) -> SearchResult:
         """Top-k database rows of L2-normalised query vectors (query expansion applied when enabled)."""
-        k = _check_k(k)
+        k = check_k(k)
         queries = self._expand(self._check_queries(queries))
         scores, indices = self._ensure_engine().search(queries, k)
         return SearchResult(scores=scores, indices=indices)
@@ -261,7 +216,7 @@ class Searcher:
         self, images: Sequence[QueryImage], bboxes: Sequence[Sequence[float] | None] | None = None, k: int = 10
     ) -> SearchResult:
         """Top-k of image files or PIL images, each cropped to its box; all queries in one batched pass."""
-        k = _check_k(k)
+        k = check_k(k)
         return self.search_vectors(self.embed_images(images, bboxes), k)
 
     def search_ids(self, ids: Sequence[int], k: int) -> SearchResult:
@@ -289,16 +244,6 @@ def database_side_augmentation(
         _, neighbours = engine.search(rows, options.n + 1)
         out[start : start + rows.shape[0]] = augment(rows, database, drop_self(neighbours, ids), options.alpha)
     return out
-
-
-def _check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ConfigError(f"k={k!r}: the number of results must be a whole number >= 1")
-    return int(k)
-
-
-def _label(image: QueryImage, position: int) -> str:
-    return f"query image {position + 1} (uploaded)" if isinstance(image, Image.Image) else str(image)
 
 
 # -- benchmarks -------------------------------------------------------------------------------------------------
@@ -355,55 +300,3 @@ def evaluate_benchmark(
         keep = mapped >= 0  # the same number of kept rows in every column
         mapped = mapped.T[keep.T].reshape(benchmark.n_queries, benchmark.n_db).T
     return benchmark.evaluate(mapped, kappas=kappas)
-
-
-# -- result grids -----------------------------------------------------------------------------------------------
-#: frame of a result in a grid without ground truth
-RESULT_COLOUR = (110, 110, 110)
-
-
-def render_result_grid(
-    queries: Sequence[QueryImage],
-    results: Sequence[Sequence[tuple[str | Path, float]]],
-    *,
-    bboxes: Sequence[Sequence[float] | None] | None = None,
-    thumbnail_size: int = 128,
-    border: int = 4,
-    caption_height: int = 14,
-) -> Image.Image:
-    """One row per query: the query (cropped to its box, blue frame), then its results captioned
-    ``rank score``. A result that can no longer be read is drawn as a grey tile marked "unreadable"."""
-    columns = 1 + max((len(r) for r in results), default=0)
-    cell_h = thumbnail_size + caption_height
-    grid = Image.new("RGB", (columns * thumbnail_size, max(1, len(queries)) * cell_h), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for row, query in enumerate(queries):
-        y = row * cell_h
-        image = _open_for_grid(query)
-        bbox = None if bboxes is None else bboxes[row]
-        if image is not None and bbox is not None:
-            image = image.crop(tuple(float(v) for v in bbox))
-        grid.paste(_tile(image, thumbnail_size, COLOURS["query"], border), (0, y))
-        draw.text((border, y + thumbnail_size + 1), "query", fill=COLOURS["query"])
-        for col, (path, score) in enumerate(results[row], start=1):
-            x = col * thumbnail_size
-            grid.paste(_tile(_open_for_grid(path), thumbnail_size, RESULT_COLOUR, border), (x, y))
-            draw.text((x + border, y + thumbnail_size + 1), f"{col}  {score:.3f}", fill=(0, 0, 0))
-    return grid
-
-
-def _open_for_grid(image: QueryImage) -> Image.Image | None:
-    if isinstance(image, Image.Image):
-        return to_rgb(ImageOps.exif_transpose(image))
-    try:
-        return load_image(image)
-    except DataError:
-        return None
-
-
-def _tile(image: Image.Image | None, size: int, colour: tuple[int, int, int], border: int) -> Image.Image:
-    if image is not None:
-        return _thumbnail(image, size, colour, border)
-    tile = _thumbnail(Image.new("RGB", (size, size), (200, 200, 200)), size, colour, border)
-    ImageDraw.Draw(tile).text((border + 3, size // 2 - 6), "unreadable", fill=(0, 0, 0))
-    return tile

@@ -1,14 +1,18 @@
-"""Retrieval-result grids: a query and its top-k results, framed by their ground-truth label."""
+"""Retrieval-result grids: a query and its top-k results, framed by their ground-truth label
+(:func:`render_retrieval_grid`) or captioned with their scores (:func:`render_result_grid`, a search's)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from oxford_ir.benchmarks.benchmark import Benchmark
-from oxford_ir.images import load_image
+from oxford_ir.data.eval_pixels import ImageSource
+from oxford_ir.errors import DataError
+from oxford_ir.images import load_image, to_rgb
 
 #: frame colours: positive, negative, junk (ignored by the protocol), and the query itself
 COLOURS = {"positive": (40, 170, 60), "negative": (210, 40, 40), "junk": (150, 150, 150), "query": (40, 90, 220)}
@@ -61,3 +65,55 @@ def fixed_query_indices(n_queries: int, count: int) -> list[int]:
     if n_queries == 0 or count <= 0:
         return []
     return sorted({int(i) for i in np.linspace(0, n_queries - 1, num=min(count, n_queries))})
+
+
+# -- result grids -----------------------------------------------------------------------------------------------
+#: frame of a result in a grid without ground truth
+RESULT_COLOUR = (110, 110, 110)
+
+
+def render_result_grid(
+    queries: Sequence[ImageSource],
+    results: Sequence[Sequence[tuple[str | Path, float]]],
+    *,
+    bboxes: Sequence[Sequence[float] | None] | None = None,
+    thumbnail_size: int = 128,
+    border: int = 4,
+    caption_height: int = 14,
+) -> Image.Image:
+    """One row per query: the query (cropped to its box, blue frame), then its results captioned
+    ``rank score``. A result that can no longer be read is drawn as a grey tile marked "unreadable"."""
+    columns = 1 + max((len(r) for r in results), default=0)
+    cell_h = thumbnail_size + caption_height
+    grid = Image.new("RGB", (columns * thumbnail_size, max(1, len(queries)) * cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for row, query in enumerate(queries):
+        y = row * cell_h
+        image = _open_for_grid(query)
+        bbox = None if bboxes is None else bboxes[row]
+        if image is not None and bbox is not None:
+            image = image.crop(tuple(float(v) for v in bbox))
+        grid.paste(_tile(image, thumbnail_size, COLOURS["query"], border), (0, y))
+        draw.text((border, y + thumbnail_size + 1), "query", fill=COLOURS["query"])
+        for col, (path, score) in enumerate(results[row], start=1):
+            x = col * thumbnail_size
+            grid.paste(_tile(_open_for_grid(path), thumbnail_size, RESULT_COLOUR, border), (x, y))
+            draw.text((x + border, y + thumbnail_size + 1), f"{col}  {score:.3f}", fill=(0, 0, 0))
+    return grid
+
+
+def _open_for_grid(image: ImageSource) -> Image.Image | None:
+    if isinstance(image, Image.Image):
+        return to_rgb(ImageOps.exif_transpose(image))
+    try:
+        return load_image(image)
+    except DataError:
+        return None
+
+
+def _tile(image: Image.Image | None, size: int, colour: tuple[int, int, int], border: int) -> Image.Image:
+    if image is not None:
+        return _thumbnail(image, size, colour, border)
+    tile = _thumbnail(Image.new("RGB", (size, size), (200, 200, 200)), size, colour, border)
+    ImageDraw.Draw(tile).text((border + 3, size // 2 - 6), "unreadable", fill=(0, 0, 0))
+    return tile

@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from oxford_ir.benchmarks import boxes
-from oxford_ir.data.datasets import eval_image
+from oxford_ir.data.eval_pixels import eval_image
 from oxford_ir.errors import ConfigError, DataError
 from oxford_ir.images import DECODE_ERRORS, upright_size
 

@@ -21,7 +21,8 @@ from oxford_ir.benchmarks.registry import load_benchmark
 from oxford_ir.data.cache import build_image_cache, default_train_long_side
 from oxford_ir.data.cache_format import ImageCacheError, cache_key, open_image_cache
 from oxford_ir.data.datamodule import RetrievalDataModule
-from oxford_ir.data.datasets import ImageListDataset, crop, eval_image, pixels_to_tensor, train_image
+from oxford_ir.data.datasets import ImageListDataset, pixels_to_tensor, train_image
+from oxford_ir.data.eval_pixels import crop, eval_image
 from oxford_ir.data.transforms import resize_long_side, to_tensor_normalised
 from oxford_ir.errors import ConfigError, DataError
 from oxford_ir.images import decode_image, load_image

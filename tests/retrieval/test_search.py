@@ -27,15 +27,9 @@ from oxford_ir.retrieval.image_sources import resolve_images
 from oxford_ir.retrieval.index_build import build_index
 from oxford_ir.retrieval.index_format import RetrievalIndex
 from oxford_ir.retrieval.model_spec import ModelSpec
-from oxford_ir.retrieval.search import (
-    RESULT_COLOUR,
-    Searcher,
-    embed_benchmark_queries,
-    evaluate_benchmark,
-    oriented_size,
-    render_result_grid,
-)
-from oxford_ir.retrieval.visualize import COLOURS
+from oxford_ir.retrieval.query_images import oriented_size
+from oxford_ir.retrieval.search import Searcher, embed_benchmark_queries, evaluate_benchmark
+from oxford_ir.retrieval.visualize import COLOURS, RESULT_COLOUR, render_result_grid
 
 
 def clustered_vectors(n: int, dim: int, clusters: int, n_queries: int, seed: int = 0, spread: float = 0.35):
