@@ -2,7 +2,9 @@
 
 Both run through the one extraction path (``extract_embeddings``: the same decoding, resizing, batching and
 scale combination), on the same images, in this process, one after the other and then again (the better of the
-two rounds is reported, to even out a shared machine): the PyTorch row is the baseline of the same run.
+two rounds is reported, to even out a shared machine): the PyTorch row is the baseline of the same run. A third row
+runs the ONNX file through the search's query path without PyTorch (``embed_onnx_queries``: one image at a time,
+NumPy around onnxruntime), the path of ``oxford-ir-search onnx=...``.
 
 - ``load s``: from the file to a model ready to embed: ``ModelSpec(checkpoint=...).build()`` (read the checkpoint,
   rebuild the network, load the weights) vs ``ModelSpec(onnx=...).build()`` (onnxruntime session, metadata
@@ -35,6 +37,7 @@ from oxford_ir.models import onnx_file
 from oxford_ir.models.module import RetrievalModule
 from oxford_ir.retrieval.model_spec import ModelSpec
 from oxford_ir.retrieval.onnx_export import export_onnx
+from oxford_ir.retrieval.onnx_queries import embed_onnx_queries
 
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet_features.pth"
@@ -86,6 +89,18 @@ def measure(spec: ModelSpec, photos: list[Path], image_size: int, batch_size: in
     return loaded, len(photos) / (time.perf_counter() - started), vectors
 
 
+def measure_torch_free(onnx_path: Path, photos: list[Path], image_size: int) -> tuple[float, float, torch.Tensor]:
+    """The same as :func:`measure` for the query path without PyTorch: load is opening the session."""
+    onnx_file._sessions.clear()
+    started = time.perf_counter()
+    onnx_file.open_onnx(onnx_path)
+    loaded = time.perf_counter() - started
+    embed_onnx_queries(str(onnx_path), photos[:4], None, image_size)  # warm-up
+    started = time.perf_counter()
+    vectors = embed_onnx_queries(str(onnx_path), photos, None, image_size)
+    return loaded, len(photos) / (time.perf_counter() - started), torch.from_numpy(vectors)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-size", type=int, default=224)
@@ -99,15 +114,19 @@ def main() -> None:
         report = export_onnx(ModelSpec(checkpoint=str(tmp / "model.ckpt")), tmp / "model.onnx")
         export_seconds = time.perf_counter() - started
         photos, kind = make_photos(tmp / "photos", options.images, options.image_size)
-        specs = {
+        specs: dict[str, ModelSpec | None] = {
             "PyTorch (checkpoint)": ModelSpec(checkpoint=str(tmp / "model.ckpt")),
             "ONNX (onnxruntime)": ModelSpec(onnx=str(report.path)),
+            "ONNX, no PyTorch": None,
         }
         best: dict[str, tuple[float, float]] = {}
         vectors: dict[str, torch.Tensor] = {}
         for _ in range(2):
             for name, spec in specs.items():
-                loaded, rate, vectors[name] = measure(spec, photos, options.image_size, options.batch_size)
+                if spec is None:
+                    loaded, rate, vectors[name] = measure_torch_free(report.path, photos, options.image_size)
+                else:
+                    loaded, rate, vectors[name] = measure(spec, photos, options.image_size, options.batch_size)
                 old = best.get(name, (float("inf"), 0.0))
                 best[name] = (min(old[0], loaded), max(old[1], rate))
     reference = vectors["PyTorch (checkpoint)"]
