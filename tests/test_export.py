@@ -238,6 +238,27 @@ def test_a_checkpoint_s_embedder_loads_without_the_training_module(exported, tmp
     assert not (tmp_path / "hacked").exists() and not Path("hacked").exists()
 
 
+def test_a_memory_mapped_checkpoint_s_weights_are_copied_out_and_the_legacy_format_still_loads(exported, tmp_path):
+    """Checkpoints are read memory-mapped (the tensors not used are never read): the loaded weights are copies, so
+    rewriting the file in place afterwards changes nothing; a file of torch's legacy format loads as before."""
+    from oxford_ir.models.checkpoint import load_checkpoint_embedder, load_retrieval_checkpoint
+
+    data = torch.load(exported["ckpt"], weights_only=True)
+    data["state_dict"]["loss.W"] = torch.randn(512, 16)  # what a many-class loss adds: never read for an embedder
+    torch.save(data, tmp_path / "with_classes.ckpt")
+    embedder = load_checkpoint_embedder(tmp_path / "with_classes.ckpt")
+    expected = {k: v.clone() for k, v in embedder.state_dict().items()}
+    size = (tmp_path / "with_classes.ckpt").stat().st_size
+    with open(tmp_path / "with_classes.ckpt", "r+b") as handle:  # in place: the same file a mapping would see
+        handle.write(bytes(size))
+    assert all(torch.equal(v, expected[k]) for k, v in embedder.state_dict().items())
+    torch.save(data, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    legacy = load_checkpoint_embedder(tmp_path / "legacy.ckpt")
+    assert all(torch.equal(v, expected[k]) for k, v in legacy.state_dict().items())
+    module = load_retrieval_checkpoint(exported["ckpt"])
+    assert all(torch.equal(v, expected[k]) for k, v in module.embedder.state_dict().items())
+
+
 def test_asking_for_a_whitening_the_onnx_index_lacks_is_refused(exported, tmp_path):
     cfg = compose_cfg(
         "search", tmp_path, f"index={exported['onnx_index']}", f"query={exported['photos']}", "whitening=pca"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,10 +58,15 @@ def _state_mismatch(
 
 
 def _read_checkpoint(path: Path, map_location: Any) -> dict:
+    """The checkpoint's content, tensors memory-mapped when they stay on the CPU: only the tensors used are read
+    from disk, so an embedder is loaded without the class weights of a many-class loss (81k x 2048: 666 MB) and
+    the optimizer's moments (twice as much) that the same file holds. A file of torch's legacy format (not a zip
+    archive) is read whole."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}; give the path of a .ckpt file written by training")
+    mmap = _on_cpu(map_location) and zipfile.is_zipfile(path)
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, IndexError, ... on bad files
         text = str(error)
         unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
@@ -83,6 +89,16 @@ def _read_checkpoint(path: Path, map_location: Any) -> dict:
             f"{path} is not a Lightning checkpoint (no state_dict); give a .ckpt written by oxford-ir-train"
         )
     return checkpoint
+
+
+def _on_cpu(map_location: Any) -> bool:
+    """Whether ``torch.load(map_location=...)`` leaves tensors on the CPU (None: where they were saved, unknown)."""
+    if isinstance(map_location, str | torch.device):
+        try:
+            return torch.device(map_location).type == "cpu"
+        except RuntimeError:
+            return False
+    return False
 
 
 def _without_pretrained_weights(embedder: Any) -> Any:
