@@ -101,7 +101,7 @@ def build_app(cfg: DictConfig) -> tuple[Any, Any, Any]:
         raise ConfigError("index= is required: the folder written by oxford-ir-index (oxford-ir-serve index=<dir>)")
     settings = settings_from_config(cfg)
     settings.validate()
-    index = RetrievalIndex.load(Path(str(cfg.index)))
+    index = RetrievalIndex.load(Path(str(cfg.index)), mmap=True)  # rows paged in from the file, not copied
     searcher = Searcher(
         index,
         backend=str(cfg.backend),

@@ -271,7 +271,7 @@ class ServedIndex:
     def _open(self, name: str) -> ServedVersion:
         """Load, verify and warm up the version ``CURRENT`` names now (the model and the backend are built here,
         not by the first request); raises whatever makes it unservable."""
-        index = RetrievalIndex.load(self.path)
+        index = RetrievalIndex.load(self.path, mmap=True)
         if len(index) == 0:
             raise ValueError(f"version {index.version} holds no images")
         _share_entries(index, self._version.entries)

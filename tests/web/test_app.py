@@ -528,6 +528,7 @@ def test_serve_config_builds_the_app(index_dir: Path) -> None:
         compose_serve(f"index={index_dir}", "k=4", "max_upload_mb=1", "extraction.device=cpu")
     )
     assert len(index) == N_IMAGES and searcher.backend == "exact"
+    assert isinstance(index.embeddings, np.memmap)  # the rows are paged in from the file, not copied into memory
     with TestClient(app, base_url="http://127.0.0.1") as test_client:
         info = test_client.get("/api/info").json()
         assert (info["k"], info["max_upload_mb"], info["max_k"]) == (4, 1.0, N_IMAGES)  # max_k=100 capped at N
