@@ -31,6 +31,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 
 from oxford_ir.benchmarks.metrics import DEFAULT_KAPPAS
 from oxford_ir.config import call, instantiate, to_plain
@@ -99,6 +100,10 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
         compile: ``torch.compile`` the embedder (in place: checkpoint keys do not change).
         channels_last: NHWC weights and inputs (faster convolutions with bf16 on tensor-core GPUs; the
             checkpoint is unchanged).
+        freeze_batchnorm: the embedder's BatchNorm layers normalise with their running statistics while the
+            network trains, and never update them (their scale and shift still train), as cnnimageretrieval-pytorch
+            fine-tunes (``set_batchnorm_eval``): the statistics of the pretrained network are kept, whatever the
+            batches hold.
         whitening: the ``whitening`` config (kind none, learned or pca; :mod:`oxford_ir.extraction.whitening`):
             every validation pass learns it from the training split's images embedded by the current network and
             evaluates with it (``val/...``; ``val/unwhitened/...`` without); the last one is
@@ -123,6 +128,7 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
         whitening: Mapping | None = None,
         loss_lr: float | None = None,
         pooling_lr: float | None = None,
+        freeze_batchnorm: bool = False,
     ) -> None:
         super().__init__()
         # plain containers, so that the checkpoint's hyper_parameters load with nothing but this class
@@ -141,6 +147,7 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
         frozen_stages = None if frozen_stages is None else int(frozen_stages)
         compile = bool(compile)
         channels_last = bool(channels_last)
+        freeze_batchnorm = bool(freeze_batchnorm)
         whitening = to_plain(whitening)
         self.save_hyperparameters()
         self._whitening_settings = WhiteningSettings.from_config(whitening)
@@ -299,6 +306,15 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
             check_optimizer_groups(checkpoint, self.parameter_groups())
         if self.cross_batch_memory is not None and CHECKPOINT_KEY in checkpoint:
             self.cross_batch_memory.load_state(checkpoint[CHECKPOINT_KEY])
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """With ``freeze_batchnorm``: the BatchNorm layers in eval mode for this step. Set before every step, since
+        anything that puts the embedder back in training mode (Lightning after validation, the extraction path
+        after embedding the pool of ``data.mining=pool``) would otherwise let the next batch update them."""
+        if self.hparams.get("freeze_batchnorm", False):
+            for layer in self.embedder.modules():
+                if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                    layer.eval()
 
     def on_train_epoch_start(self) -> None:
         """Freeze the backbone for the first ``freeze_backbone_epochs`` epochs, then unfreeze it once."""

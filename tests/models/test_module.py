@@ -230,6 +230,22 @@ def trained(tmp_path_factory):
 
 
 # -- training ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("frozen", [False, True])
+def test_freeze_batchnorm_keeps_the_running_statistics_while_scale_and_shift_train(tmp_path, frozen: bool):
+    """cnnimageretrieval-pytorch's fine-tuning: BatchNorm normalises with its running statistics and never updates
+    them, across epochs and the validation between them; its affine parameters still learn."""
+    datamodule = StandInDataModule(write_benchmark(tmp_path))
+    module = make_module(freeze_batchnorm=frozen)
+    norms = [m for m in module.embedder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [(m.running_mean.clone(), m.running_var.clone(), m.weight.detach().clone()) for m in norms]
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, num_sanity_val_steps=0, logger=False, **TRAINER_KWARGS)
+    trainer.fit(module, datamodule=datamodule)
+    assert norms and all(int(m.num_batches_tracked) == (0 if frozen else 4) for m in norms)
+    for m, (mean, var, weight) in zip(norms, before, strict=True):
+        assert torch.equal(m.running_mean, mean) == frozen and torch.equal(m.running_var, var) == frozen
+        assert not torch.equal(m.weight.detach(), weight)  # the scale trains either way
+
+
 def test_fast_dev_run_logs_training_statistics_and_the_evaluation(tmp_path):
     datamodule = StandInDataModule(write_benchmark(tmp_path))
     module = make_module()
