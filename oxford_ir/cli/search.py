@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from oxford_ir.cli.hydra_typos import refuse_typos
 from oxford_ir.cli.quick_help import quick_help
-from oxford_ir.config import CONFIG_DIR
+from oxford_ir.config import CONFIG_DIR, to_plain
 from oxford_ir.errors import ConfigError, DataError, IndexFormatError, exit_on_user_error
 from oxford_ir.fs import replace_file
 from oxford_ir.images import IMAGE_EXTENSIONS
@@ -168,10 +168,10 @@ def search(cfg: DictConfig) -> tuple[list[dict[str, Any]] | dict[str, float], di
         "y" if len(queries) == 1 else "ies",
     )
     images, boxes = [q for q, _ in queries], [b for _, b in queries]
-    reranking = [OmegaConf.to_container(cfg.get(key) or {}) for key in ("query_expansion", "database_augmentation")]
+    reranking = [to_plain(cfg.get(key)) or {} for key in ("query_expansion", "database_augmentation")]
     searcher = None
     if torch_free_search_applies(
-        index, backend=str(cfg.get("backend", "exact")), reranking=reranking, device=str(cfg.extraction.device)
+        index, backend=str(cfg.get("backend", "exact")), reranking=reranking, extraction=to_plain(cfg.extraction)
     ):
         result = search_onnx(index, images, boxes, k=k)  # onnxruntime and NumPy: PyTorch is never imported
     else:

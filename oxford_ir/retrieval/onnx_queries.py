@@ -25,7 +25,7 @@ runs alone (a batch of one), which gives the same vectors up to float rounding. 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,17 +39,25 @@ if TYPE_CHECKING:
     from oxford_ir.retrieval.index_format import RetrievalIndex
 
 
-def torch_free_search_applies(index: RetrievalIndex, *, backend: str, reranking: Sequence[Any], device: str) -> bool:
+def torch_free_search_applies(
+    index: RetrievalIndex, *, backend: str, reranking: Sequence[Any], extraction: Mapping[str, Any]
+) -> bool:
     """Whether a search of ``index`` (its model as searched) with these settings runs without PyTorch: an ONNX
     model, ``backend`` exact (or auto without a stored search index), every ``reranking`` option off (the
-    ``n`` of query expansion and database-side augmentation), ``device`` cpu or auto (onnxruntime runs on the
-    CPU; ``extraction.device=cuda`` sends exact search to the GPU through the PyTorch path) and a float32 index."""
-    if index.model.onnx is None or device not in ("cpu", "auto"):
+    ``n`` of query expansion and database-side augmentation), ``extraction.device`` cpu or auto (onnxruntime runs
+    on the CPU; cuda sends exact search to the GPU through the PyTorch path) and a float32 index. A malformed
+    setting also goes to :class:`~oxford_ir.retrieval.search.Searcher`, which says what is wrong with it."""
+    if index.model.onnx is None or extraction.get("device", "auto") not in ("cpu", "auto"):
         return False
     if backend not in ("exact", "auto") or (backend == "auto" and index.manifest.get("search_index")):
         return False
     if any(not isinstance(option, dict) or option.get("n", 0) not in (0, None) for option in reranking):
-        return False  # enabled, or a malformed value: the Searcher says what is wrong with it
+        return False
+    batch_size, workers = extraction.get("batch_size", 8), extraction.get("num_workers", 0)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (batch_size, workers)):
+        return False
+    if batch_size < 1 or workers < 0:
+        return False
     return str(getattr(index, "precision", "32")) == "32"
 
 

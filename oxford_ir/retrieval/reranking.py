@@ -51,6 +51,11 @@ class ReRanking:
             return cls()
         if isinstance(options, ReRanking):
             return options
+        if not isinstance(options, Mapping):
+            raise ConfigError(
+                f"{key}={options!r}: a group of settings, not a value; set {key}.n (neighbours, 0 = off) and "
+                f"{key}.alpha, e.g. {key}.n={options!r}"
+            )
         unknown = sorted(set(options) - {"n", "alpha"})
         if unknown:
             raise ConfigError(f"{key}: unknown option(s) {unknown}; {key} takes n (neighbours, 0 = off) and alpha")

@@ -143,15 +143,19 @@ def test_the_path_is_taken_only_where_it_gives_the_same_results(onnx_files: dict
     )  # fmt: skip
     by_onnx = RetrievalIndex.load(tmp_path / "by_onnx")
     off = [{"n": 0, "alpha": 3.0}, {"n": 0, "alpha": 3.0}]
-    assert torch_free_search_applies(by_onnx, backend="auto", reranking=off, device="auto")
-    assert torch_free_search_applies(by_onnx, backend="exact", reranking=off, device="cpu")
-    assert not torch_free_search_applies(by_onnx, backend="faiss", reranking=off, device="cpu")
-    assert not torch_free_search_applies(by_onnx, backend="exact", reranking=off, device="cuda")
-    assert not torch_free_search_applies(by_onnx, backend="exact", reranking=[{"n": 2}, off[1]], device="cpu")
-    assert not torch_free_search_applies(by_onnx, backend="exact", reranking=[{"n": "x"}, off[1]], device="cpu")
+    cpu, auto = {"device": "cpu", "batch_size": 8, "num_workers": 0}, {"device": "auto"}
+    assert torch_free_search_applies(by_onnx, backend="auto", reranking=off, extraction=auto)
+    assert torch_free_search_applies(by_onnx, backend="exact", reranking=off, extraction=cpu)
+    assert not torch_free_search_applies(by_onnx, backend="faiss", reranking=off, extraction=cpu)
+    assert not torch_free_search_applies(by_onnx, backend="exact", reranking=off, extraction={"device": "cuda"})
+    assert not torch_free_search_applies(by_onnx, backend="exact", reranking=[{"n": 2}, off[1]], extraction=cpu)
+    assert not torch_free_search_applies(by_onnx, backend="exact", reranking=[{"n": "x"}, off[1]], extraction=cpu)
+    assert not torch_free_search_applies(by_onnx, backend="exact", reranking=[3, off[1]], extraction=cpu)
+    for bad in ({"batch_size": 0}, {"num_workers": -1}, {"batch_size": "8"}):  # the Searcher says what is wrong
+        assert not torch_free_search_applies(by_onnx, backend="exact", reranking=off, extraction={**cpu, **bad})
     build_index(
         onnx_files["spec"], onnx_files["photos"][0].parent, tmp_path / "by_ckpt", image_size=36, num_workers=0,
         progress=False,
     )  # fmt: skip
     assert not torch_free_search_applies(RetrievalIndex.load(tmp_path / "by_ckpt"), backend="exact", reranking=off,
-                                         device="cpu")  # fmt: skip
+                                         extraction=cpu)  # fmt: skip

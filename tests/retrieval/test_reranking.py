@@ -133,6 +133,7 @@ def test_drop_self():
         ({"n": 2, "alpha": -1}, "query_expansion.alpha=-1"),
         ({"n": 2, "alpha": "big"}, "query_expansion.alpha='big'"),
         ({"k": 2}, "unknown option(s) ['k']"),
+        (3, "query_expansion=3: a group of settings, not a value; set query_expansion.n"),
     ],
 )
 def test_bad_parameters_are_config_errors(options, message):
