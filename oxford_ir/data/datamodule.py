@@ -49,6 +49,7 @@ from oxford_ir.benchmarks.collection_split import check_split_settings, collecti
 from oxford_ir.benchmarks.prepare import prepare_benchmark
 from oxford_ir.benchmarks.registry import dataset_folder, load_benchmark, read_collection
 from oxford_ir.benchmarks.splits import TrainSplit, build_split, full_ground_truth
+from oxford_ir.config import to_plain
 from oxford_ir.data.augmentation import Augmentation, SeededCrop
 from oxford_ir.data.batch_augment import BatchAugmentation, CropBatch, CropCollate
 from oxford_ir.data.cache import CacheConfig, build_image_cache, cache_folder, default_train_long_side
@@ -70,6 +71,7 @@ from oxford_ir.data.random_sampler import RandomBatchSampler
 from oxford_ir.data.sampler import ClassBalancedSampler
 from oxford_ir.data.tuple_batches import TupleSampler, pool_sampler
 from oxford_ir.data.tuple_mining import PoolSettings
+from oxford_ir.data.whole_images import TRAIN_IMAGES, WholeImageDataset, collate_whole_images
 from oxford_ir.errors import ConfigError, DataError
 from oxford_ir.fs import WORKER_TIMEOUT, share_tensors_by_name
 
@@ -96,7 +98,9 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
         extra_eval_benchmarks: more benchmarks evaluated at each validation, logged as ``val/<name>/<metric>``
             (:mod:`oxford_ir.data.eval_data`).
         held_out_landmarks / n_held_out: the held-out landmarks of the ``landmarks`` split.
-        image_size: side of the square training crops.
+        image_size: side of the square training crops; with ``train_images=whole``, the long side of the images.
+        train_images: ``crop`` (augmented square crops) or ``whole`` (each image whole at its own aspect ratio,
+            not augmented, as cnnimageretrieval-pytorch trains: :mod:`oxford_ir.data.whole_images`).
         eval_image_size: long side of evaluation images (only downscaled; None keeps the original size).
         eval_scales: deprecated and ignored (a warning is logged): the scales of multi-scale evaluation are the
             module's ``model.eval_scales``.
@@ -165,19 +169,20 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
         mining: str = "batch",
         pool: Mapping[str, Any] | None = None,
         sampler: str = "balanced",
+        train_images: str = "crop",
     ) -> None:
         super().__init__()
         data_dir = str(data_dir)
-        held_out_landmarks = None if held_out_landmarks is None else [str(n) for n in _plain(held_out_landmarks)]
-        augmentation = dict(_plain(augmentation) or {})
-        synthetic = dict(_plain(synthetic) or {})
-        cache_config = CacheConfig.from_config(_plain(cache))
+        held_out_landmarks = None if held_out_landmarks is None else [str(n) for n in to_plain(held_out_landmarks)]
+        augmentation = dict(to_plain(augmentation) or {})
+        synthetic = dict(to_plain(synthetic) or {})
+        cache_config = CacheConfig.from_config(to_plain(cache))
         cache = asdict(cache_config)
         if eval_scales is not None:
             log.warning(
                 "data.eval_scales=%s is deprecated and ignored: the scales of multi-scale evaluation are the model's; "
                 "set model.eval_scales instead (e.g. model.eval_scales=[1.0,0.7071]) and remove data.eval_scales",
-                _plain(eval_scales),
+                to_plain(eval_scales),
             )
         # not logged: the run's config is, and Lightning refuses to log a key (seed) that the module's
         # hyperparameters hold with another value
@@ -213,15 +218,20 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
         for name, value in (("pin_memory", pin_memory), ("persistent_workers", persistent_workers)):
             if not isinstance(value, bool):
                 raise ConfigError(f"data.{name} must be true or false, got {value!r}")
+        if train_images not in TRAIN_IMAGES:
+            raise ConfigError(f"data.train_images={train_images!r}: choose crop (augmented squares) or whole images")
         if mining not in ("batch", "pool"):
             raise ConfigError(f"data.mining={mining!r}: choose batch (P x K batches, mined within) or pool (tuples)")
         if mining == "pool" and sampler == "random":
             raise ConfigError("data.sampler=random and data.mining=pool exclude each other (pool mining draws batches)")
         #: data.mining=pool: cnnimageretrieval-pytorch's tuples (oxford_ir/data/tuple_batches.py); None: P x K batches
-        self.pool_settings = PoolSettings.from_config(_plain(pool)) if mining == "pool" else None
+        self.pool_settings = PoolSettings.from_config(to_plain(pool)) if mining == "pool" else None
         self.augmentation = Augmentation.from_config(augmentation)
         self.cache_config = cache_config
         self._gpu_decode = check_decode(decode)
+        if train_images == "whole" and (self._gpu_decode or cache_config.enabled):
+            raise ConfigError("data.train_images=whole decodes each image whole in the workers: set "
+                              "data.decode=cpu and data.cache.enabled=false (they serve square crops)")  # fmt: skip
         if self._gpu_decode and cache_config.enabled:
             raise ConfigError(
                 "data.decode=gpu and data.cache.enabled=true exclude each other: the cache already holds decoded, "
@@ -232,7 +242,7 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
         self._train_decoder = GpuTrainDecoder(image_size, self.augmentation) if self._gpu_decode else None
         self.data_dir = Path(data_dir).expanduser()
         self.eval_benchmark_name = eval_benchmark or benchmark
-        self._init_evaluation_data(_plain(extra_eval_benchmarks))
+        self._init_evaluation_data(to_plain(extra_eval_benchmarks))
         self._split: TrainSplit | None = None
         self._train_split: TrainSplit | None = None
         self._whitening_split: TrainSplit | None = None
@@ -240,7 +250,7 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
         self._val_loss: tuple[TrainSplit, ClassBalancedSampler] | str | None = None
         self._train_classes: np.ndarray | None = None
         self._train_cache: ImageCache | None = None
-        self.overlap_guard = OverlapGuard(exclude_overlap, _plain(overlap))  # its finder: attached by oxford-ir-train
+        self.overlap_guard = OverlapGuard(exclude_overlap, to_plain(overlap))  # its finder: attached by oxford-ir-train
 
     # -- preparing and loading ------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -500,7 +510,10 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
         """Batches of ``sampler`` over ``split``'s images, augmented as training batches, for ``device``."""
         hp = self.hparams
         device = self._training_device(device)
-        if self._gpu_decode:  # workers only read the files; the device decodes and augments
+        if hp.get("train_images", "crop") == "whole":  # decoded whole in the workers, batches of different shapes
+            dataset, collate = WholeImageDataset(split.paths, split.labels, hp.image_size), collate_whole_images
+            prepare = None
+        elif self._gpu_decode:  # workers only read the files; the device decodes and augments
             dataset, collate = EncodedTrainDataset(split.paths, split.labels), collate_encoded
             prepare = self._train_decoder.prepare
         else:  # workers crop, resize and flip; the device jitters and normalises the whole batch
@@ -581,12 +594,3 @@ class RetrievalDataModule(EvaluationData, pl.LightningDataModule):
     def __repr__(self) -> str:
         description = self._split.description if self._split is not None else "not set up"
         return f"{type(self).__name__}({description})"
-
-
-def _plain(value: Any) -> Any:
-    """A Hydra/OmegaConf container as plain Python (lists, dicts), anything else unchanged."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf  # a dependency (Hydra's)
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value

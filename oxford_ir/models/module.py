@@ -226,6 +226,17 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
             check_training_length(self.trainer)
             #: data.mining=pool: the loss takes each mined tuple's pairs or triplets (oxford_ir.models.tuple_layout)
             self.tuple_layout = tuple_layout_of(self, self.trainer.datamodule)
+            data = getattr(self.trainer.datamodule, "hparams", None) or {}
+            if (
+                data.get("train_images") == "whole"
+                and not self.hparams.get("freeze_batchnorm")
+                and self._has_batchnorm()
+            ):
+                rank_zero_warn(
+                    "data.train_images=whole with BatchNorm in training mode: equally shaped images are batched, so "
+                    "a layer's statistics come from a few images, often one; set model.freeze_batchnorm=true (as "
+                    "cnnimageretrieval-pytorch trains)"
+                )
 
     def embed_images(self, paths: Sequence[Any], **settings: Any) -> torch.Tensor:
         """Embeddings of whole images by the network as it is now, for the datamodule's pool mining
@@ -235,8 +246,19 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedder(images)
 
-    def embed_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """Embeddings of a batch of training images (in the memory format training uses)."""
+    def embed_batch(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """Embeddings of a batch of training images (in the memory format training uses). A list of images of
+        different shapes (``data.train_images=whole``) runs as one forward pass per group of equal shapes; the
+        rows keep the list's order."""
+        if not isinstance(images, torch.Tensor):
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, image in enumerate(images):
+                groups.setdefault(tuple(image.shape), []).append(i)
+            rows: list[torch.Tensor | None] = [None] * len(images)
+            for members in groups.values():
+                for i, row in zip(members, self.embed_batch(torch.stack([images[i] for i in members])), strict=True):
+                    rows[i] = row
+            return torch.stack(rows)  # type: ignore[arg-type]
         if self.hparams.get("channels_last", False):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.embedder(images)
@@ -306,6 +328,9 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
             check_optimizer_groups(checkpoint, self.parameter_groups())
         if self.cross_batch_memory is not None and CHECKPOINT_KEY in checkpoint:
             self.cross_batch_memory.load_state(checkpoint[CHECKPOINT_KEY])
+
+    def _has_batchnorm(self) -> bool:
+        return any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in self.embedder.modules())
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """With ``freeze_batchnorm``: the BatchNorm layers in eval mode for this step. Set before every step, since

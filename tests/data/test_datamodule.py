@@ -104,6 +104,29 @@ def test_setup_and_training_batches(data_dir: Path) -> None:
     assert images.min() < 0 < images.max()
 
 
+def test_whole_training_images_keep_their_aspect_ratio_and_are_the_test_time_pixels(data_dir: Path) -> None:
+    """``train_images=whole``: a batch is the list of its images, each whole at long side ``image_size`` and its
+    own aspect ratio, exactly the test-time tensor of the file (no augmentation), in the sampler's order."""
+    from oxford_ir.data.datasets import pixels_to_tensor
+    from oxford_ir.data.eval_pixels import eval_image
+
+    dm = make(data_dir, train_images="whole", image_size=24)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    images, labels = next(iter(loader))
+    first = loader.sampler.batches(0)[0]
+    assert isinstance(images, list) and len(images) == len(first) == 8
+    assert labels.tolist() == dm.train_split.labels[first].tolist()
+    for image, index in zip(images, first, strict=True):
+        path = dm.train_split.paths[index]
+        with Image.open(path) as opened:
+            width, height = opened.size
+        assert max(image.shape[1:]) == min(24, max(width, height))
+        assert abs(image.shape[2] / image.shape[1] - width / height) < 0.1  # the aspect ratio, not a square
+        assert torch.equal(image, pixels_to_tensor(eval_image(path, 24)))
+    assert any(image.shape[1] != image.shape[2] for image in images)  # the synthetic photos are 4:3 and 3:4
+
+
 def test_landmarks_split_through_the_module(data_dir: Path) -> None:
     dm = make(data_dir, split="landmarks", held_out_landmarks=["landmark_02"])
     dm.setup("fit")
@@ -210,6 +233,9 @@ def test_too_many_distractors(data_dir: Path) -> None:
         ({"augmentation": {"flip": 0.5}}, r"unknown augmentation parameter\(s\) \['flip'\]"),
         ({"augmentation": {"scale": [0.5, 0.2]}}, "augmentation.scale must be"),
         ({"image_size": 0}, "data.image_size must be a positive integer"),
+        ({"train_images": "full"}, "data.train_images='full': choose crop"),
+        ({"train_images": "whole", "decode": "gpu"}, "data.train_images=whole decodes each image whole in the workers"),
+        ({"train_images": "whole", "cache": {"enabled": True}}, "set data.decode=cpu and data.cache.enabled=false"),
     ],
 )
 def test_config_errors(data_dir: Path, overrides: dict, match: str) -> None:

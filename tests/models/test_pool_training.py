@@ -4,6 +4,7 @@ cnnimageretrieval-pytorch's ``--update-every`` loop on a tiny model, and a resum
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -88,6 +89,44 @@ def test_accumulated_batches_make_cirtorchs_update_every_step(tmp_path):
     assert not torch.allclose(module.embedder.projection.weight, summed["projection.weight"], rtol=0, atol=1e-3)
 
 
+def test_whole_images_with_frozen_batchnorm_train_as_cirtorchs_one_image_at_a_time(tmp_path):
+    """``data.train_images=whole`` + ``model.freeze_batchnorm``: batches are lists of images of several shapes (some
+    equal, run together); the weights after 2 steps are those of cirtorch's loop, which forwards each image alone
+    with BatchNorm in eval mode (``set_batchnorm_eval``). A scratch CNN with BatchNorm, GeM, SGD."""
+    cfg = compose_train(
+        tmp_path, *TINY, *TINY_SCRATCH, "loss=cirtorch_contrastive", "loss.neg_margin=1.2", "distance=euclidean",
+        "miner=none", "optimizer=sgd", "optimizer.momentum=0.0", "optimizer.weight_decay=0.0", "logger=none",
+        f"optimizer.lr={LR}", "model.freeze_batchnorm=true",
+    )  # fmt: skip
+    settings = OmegaConf.to_container(cfg.model, resolve=True)
+    module = RetrievalModule(**{k: v for k, v in settings.items() if not k.startswith("_")})
+    reference, initial_embedder = copy.deepcopy(module.embedder), copy.deepcopy(module.embedder)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(16, 12), (12, 16), (16, 12), (10, 10), (16, 12), (12, 16), (14, 9), (16, 12)]  # repeated shapes
+    batches = [
+        ([torch.randn(3, *shapes[(i + j) % len(shapes)], generator=generator) for j in range(T * (2 + NNUM))],
+         torch.arange(T * (2 + NNUM)))
+        for i in range(4)
+    ]  # fmt: skip
+    trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=UPDATE_EVERY, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, datamodule=TupleBatches(batches))
+    assert trainer.global_step == len(batches) // UPDATE_EVERY
+
+    reference.train()
+    for layer in reference.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.eval()  # cirtorch's set_batchnorm_eval
+    reference = cirtorch_train(reference, batches, lr=LR / UPDATE_EVERY)
+    initial = dict(initial_embedder.named_parameters())
+    for (name, ours), theirs in zip(module.embedder.named_parameters(), reference.parameters(), strict=True):
+        assert (ours - initial[name]).abs().max() > 1e-4, name  # the steps moved it
+        assert torch.allclose(ours, theirs, rtol=0, atol=1e-5), name
+    for ours, theirs in zip(module.embedder.buffers(), reference.buffers(), strict=True):
+        assert torch.equal(ours, theirs)  # running statistics untouched on both sides
+
+
 POOL = [*TINY, *TINY_SCRATCH, "data.mining=pool", "data.pool.qsize=6", "data.pool.poolsize=16", "data.pool.nnum=2",
         "data.pool.tuples_per_batch=2", "loss=cirtorch_contrastive", "distance=euclidean", "miner=none",
         "logger=csv", "trainer.deterministic=true", "test=false"]  # fmt: skip
@@ -121,6 +160,22 @@ def test_pool_mining_trains_on_each_tuples_pairs(tmp_path, monkeypatch):
         assert float(row["train/num_neg_pairs"]) == 4.0 and float(row["train/loss"]) > 0
 
 
+@pytest.mark.parametrize("frozen", [True, False])
+def test_pool_mining_trains_on_whole_images(tmp_path, monkeypatch, frozen: bool):
+    """The cirtorch setting end to end (``train(cfg)``): tuples mined, then trained on their whole images; with
+    BatchNorm in training mode it still trains, with a warning that names ``model.freeze_batchnorm``."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        saved, objects = pool_run(tmp_path, "run", 1, None, "data.train_images=whole",
+                                  f"model.freeze_batchnorm={str(frozen).lower()}")  # fmt: skip
+    assert saved["global_step"] == 3 and objects["datamodule"].hparams.train_images == "whole"
+    steps = [row for row in read_csv_metrics(tmp_path / "run") if row.get("train/num_triplets")]
+    assert len(steps) == 3 and all(float(row["train/loss"]) > 0 for row in steps)
+    warned = [w for w in caught if "data.train_images=whole with BatchNorm in training mode" in str(w.message)]
+    assert bool(warned) == (not frozen)
+
+
 @pytest.mark.slow
 def test_pool_mining_resumes_exactly(tmp_path, monkeypatch):
     """2 epochs straight == 1 epoch + resume from last.ckpt: the tuples of epoch 1, re-mined from the restored
@@ -146,6 +201,7 @@ def test_the_cirtorch_recipe_carries_the_published_settings(tmp_path):
     assert cfg.data.mining == "pool" and cfg.miner is None
     assert dict(cfg.data.pool) == {"qsize": 2000, "poolsize": 22000, "nnum": 5, "tuples_per_batch": 5}
     assert cfg.data.image_size == 362 and cfg.trainer.accumulate_grad_batches == 1
+    assert cfg.data.train_images == "whole" and cfg.model.freeze_batchnorm  # whole images, BatchNorm frozen
     assert cfg.loss._target_.endswith("SquaredContrastiveLoss") and cfg.loss.neg_margin == 0.85
     assert cfg.loss.reducer._target_.endswith("SumReducer") and cfg.distance.p == 2
     assert (cfg.optimizer._target_, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("torch.optim.Adam", 5e-7, 1e-6)
