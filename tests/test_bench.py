@@ -101,6 +101,7 @@ def test_quick_cpu_run_prints_the_table_and_writes_consistent_json(tmp_path):
     rows = {row["key"]: row for row in data["rows"]}
     assert {"training", "extraction", "extraction_exact", "evaluation", "search_exact_cpu", "search_ivfpq"} <= set(rows)
     assert {"loading", "loading_no_cache"} <= set(rows) and "loading_gpu_decode" not in rows  # no GPU row on cpu
+    assert rows["training_whole_images"]["ours"] > 0  # data.train_images=whole: a forward pass per shape
     for row in data["rows"]:
         assert row["label"] in done.stdout, f"{row['label']} missing from the printed table"
         # every ratio is exactly the quotient of the raw numbers beside it

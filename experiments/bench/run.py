@@ -52,6 +52,8 @@ KNOBS = {
 }
 #: the cache knob; the training rows "no cache" and "GPU decode" measure the pipeline without it
 CACHE_KNOB = "data.cache.enabled=true"
+#: whole training images, one forward pass per shape, BatchNorm frozen (data.train_images=whole); its own row
+WHOLE_IMAGES = ["data.train_images=whole", "model.freeze_batchnorm=true"]
 #: JPEG decode on the GPU (torchvision.io.decode_jpeg on CUDA); excludes the cache, so it is its own row
 GPU_DECODE_KNOB = "data.decode=gpu"
 #: with --compile: torch.compile costs about a minute per process before the first step, which the few
@@ -765,6 +767,9 @@ def _run(
         training_rows["training_no_cache"] = ("training, no cache (PIL in workers)", without_cache)
     if GPU_DECODE_KNOB in knob_report["rows"]:
         training_rows["training_gpu_decode"] = ("training, JPEG decode on GPU", without_cache + [GPU_DECODE_KNOB])
+    # cnnimageretrieval-pytorch's setting: whole images at their own aspect ratio, a forward pass per shape, frozen
+    # BatchNorm (no cache: whole images are decoded in the workers); what the cirtorch recipes train with
+    training_rows["training_whole_images"] = ("training, whole images (cirtorch)", without_cache + WHOLE_IMAGES)
     extraction_options = dict(EXTRACTION_OPTIONS[args.profile])
     if extraction_options.get("decode") == "auto" and device == "cpu":
         extraction_options["decode"] = "gpu"  # --profile gpu --device cpu: the GPU decode path, on the CPU
