@@ -65,9 +65,7 @@ class Recipe:
     dry_train: tuple[str, ...] = ()
     dry_model: tuple[str, ...] = ()
     miniature: str = "none"
-    #: the GPU estimate: training images an epoch, epochs, images embedded for mining an epoch, the backbone's cost;
-    #: ``whole_images``: trained as whole images (data.train_images=whole), for which the training hours, from the
-    #: batched throughput, are a lower bound (:data:`WHOLE_IMAGES_NOTE`)
+    #: the GPU estimate: training images an epoch, epochs, images embedded for mining an epoch, the backbone's cost
     estimate: dict[str, Any] = field(default_factory=dict)
 
 
@@ -95,13 +93,7 @@ RECIPES = {
         whitening="learned",
         dry_train=CIRTORCH_DRY,
         miniature="sfm120k",
-        estimate={
-            "train_images": 2000 * 7,
-            "epochs": 100,
-            "mined": 2000 + 22000,
-            "backbone": "resnet101",
-            "whole_images": True,
-        },
+        estimate={"train_images": 2000 * 7, "epochs": 100, "mined": 2000 + 22000, "backbone": "resnet101"},
     ),
     "cirtorch_sfm120k_r50": Recipe(
         "cirtorch_sfm120k_r50",
@@ -114,13 +106,7 @@ RECIPES = {
         whitening="learned",
         dry_train=CIRTORCH_DRY,
         miniature="sfm120k",
-        estimate={
-            "train_images": 2000 * 7,
-            "epochs": 100,
-            "mined": 2000 + 22000,
-            "backbone": "resnet50",
-            "whole_images": True,
-        },
+        estimate={"train_images": 2000 * 7, "epochs": 100, "mined": 2000 + 22000, "backbone": "resnet50"},
     ),
     "gldv2_r50_arcface": Recipe(
         "gldv2_r50_arcface",
@@ -164,14 +150,6 @@ RECIPES = {
         estimate={"train_images": 0, "epochs": 0, "mined": 0, "backbone": "vit_large_patch14_dinov2"},
     ),
 }
-
-
-#: what the estimate of a recipe trained on whole images leaves out
-WHOLE_IMAGES_NOTE = (
-    "training hours are a lower bound: whole images run one shape at a time (mostly one image), slower than the "
-    "batched 362 px crops the throughput was measured on; the bench row 'training, whole images (cirtorch)' "
-    "(experiments/bench/gpu.sh) measures it on a GPU"
-)
 
 
 def gpu_hours(recipe: Recipe) -> dict[str, float]:
@@ -282,9 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for recipe in RECIPES.values():
             h = gpu_hours(recipe)
-            marks = {"training": ">= ", "total": ">= "} if recipe.estimate.get("whole_images") else {}
-            print(f"| {recipe.name} | " + " | ".join(f"{marks.get(k, '')}{h[k]:.2f}" for k in list(h)) + " |")
-        print(f"\n>=: {WHOLE_IMAGES_NOTE}")
+            print(f"| {recipe.name} | " + " | ".join(f"{h[k]:.2f}" for k in list(h)) + " |")
         return 0
     if args.recipe is None:
         parser.error("--recipe is required (or --estimate)")
@@ -303,8 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     text, rows = table(recipe, out / "eval", args.dry)
     hours = gpu_hours(recipe)
     text += f"\n\nestimated on one H200 (scaled from the measured ResNet-50 throughputs): {hours['total']:.1f} h"
-    if recipe.estimate.get("whole_images"):
-        text += f" at least; {WHOLE_IMAGES_NOTE}"
     (out / "table.md").write_text(text + "\n")
     results = {"recipe": recipe.name, "dry": args.dry, "rows": rows, "wall_s": time.perf_counter() - started,
                "steps": {name: outcome.status for name, outcome in outcomes.items()}, "estimate_h": hours}  # fmt: skip

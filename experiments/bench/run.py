@@ -52,7 +52,7 @@ KNOBS = {
 }
 #: the cache knob; the training rows "no cache" and "GPU decode" measure the pipeline without it
 CACHE_KNOB = "data.cache.enabled=true"
-#: whole training images, one forward pass per shape, BatchNorm frozen (data.train_images=whole); its own row
+#: whole training images on one padded canvas a batch, BatchNorm frozen (data.train_images=whole); its own row
 WHOLE_IMAGES = ["data.train_images=whole", "model.freeze_batchnorm=true"]
 #: JPEG decode on the GPU (torchvision.io.decode_jpeg on CUDA); excludes the cache, so it is its own row
 GPU_DECODE_KNOB = "data.decode=gpu"
@@ -195,7 +195,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # gpu.sh in under 6 minutes: the groups of rows get these shares (320 s), the rest of the 340 s goes to
         # installing the wheels, starting Python, writing the JPEGs (about 8 s on 16 cores) and the forkserver's
         # imports (overlapping the JPEGs). training: 5 processes of Lightning start-up + 60 steps, and the whole
-        # images row (most images alone: not yet measured on a GPU, 40 s allowed for it); loading: 5
+        # images row (a padded canvas, padding masks: not yet measured on a GPU, 40 s allowed for it); loading: 5
         # processes, no network; extraction: 2 processes, each ~12-17 cuDNN plans to build (~1.5 s each) in the
         # warm-up pass, then 2 timed passes of 792 images; evaluation: ~16 plans for ours, ~5 for the pairwise
         # sample; search: 1M x 2048 drawn per process, IVF-PQ trained and filled over 1M on the CPU (last: it
@@ -431,8 +431,8 @@ def notes_for(
     if key == "training_whole_images":
         return [
             "training without data.cache, data.train_images=whole and model.freeze_batchnorm=true (cirtorch): each "
-            "image whole at long side image_size, one forward pass per shape of the batch; ceiling, original: the "
-            "training row's (the ceiling is one batch of square crops)"
+            "image whole at long side image_size, the batch padded onto one square canvas with padding masks; "
+            "ceiling, original: the training row's (the ceiling is one batch of square crops)"
         ]
     if key in EXTRACTION_ROWS and "images" in ours:
         return extraction_notes(key, profile, ours, ceiling)
@@ -774,7 +774,7 @@ def _run(
         training_rows["training_no_cache"] = ("training, no cache (PIL in workers)", without_cache)
     if GPU_DECODE_KNOB in knob_report["rows"]:
         training_rows["training_gpu_decode"] = ("training, JPEG decode on GPU", without_cache + [GPU_DECODE_KNOB])
-    # cnnimageretrieval-pytorch's setting: whole images at their own aspect ratio, a forward pass per shape, frozen
+    # cnnimageretrieval-pytorch's setting: whole images at their own aspect ratio, padded onto one canvas, frozen
     # BatchNorm (no cache: whole images are decoded in the workers); what the cirtorch recipes train with
     training_rows["training_whole_images"] = ("training, whole images (cirtorch)", without_cache + WHOLE_IMAGES)
     extraction_options = dict(EXTRACTION_OPTIONS[args.profile])

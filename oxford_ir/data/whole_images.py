@@ -6,9 +6,10 @@ cirtorch's ``TuplesDataset`` gives every image of a tuple whole, its long side d
 training loop runs the network on one image at a time. Here an item is that image, by the one test-time
 preprocessing (:func:`~oxford_ir.data.eval_pixels.eval_image`: decode, Lanczos downscale of the long side; then
 :func:`~oxford_ir.data.datasets.pixels_to_tensor`). A batch is the list of its images
-(:func:`collate_whole_images`), since their shapes differ; :meth:`~oxford_ir.models.module.RetrievalModule.
-embed_batch` runs the network on each group of equally shaped images of the list. With BatchNorm frozen
-(``model.freeze_batchnorm``, as cirtorch's ``set_batchnorm_eval``) every image gets the embedding it has alone.
+(:func:`collate_whole_images`), since their shapes differ; :mod:`oxford_ir.models.image_lists` pads it onto one
+canvas and pools each image over its own cells (or, where the network cannot, runs each shape separately). With
+BatchNorm frozen (``model.freeze_batchnorm``, as cirtorch's ``set_batchnorm_eval``) every image gets the embedding
+it has alone.
 
 What ``crop`` (the default) does instead: random resized square crops with the augmentation, one shape a batch.
 """

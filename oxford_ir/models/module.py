@@ -52,6 +52,7 @@ from oxford_ir.models.cross_batch import (
     memory_statistics,
     split_loss_config,
 )
+from oxford_ir.models.image_lists import can_pad, embed_image_list
 from oxford_ir.models.pool_mining import mining_embeddings, tuple_layout_of
 from oxford_ir.models.settings import (
     check_loss_margins,
@@ -233,7 +234,7 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
                 and self._has_batchnorm()
             ):
                 rank_zero_warn(
-                    "data.train_images=whole with BatchNorm in training mode: equally shaped images are batched, so "
+                    "data.train_images=whole with BatchNorm in training mode: each shape of a batch runs alone, so "
                     "a layer's statistics come from a few images, often one; set model.freeze_batchnorm=true (as "
                     "cnnimageretrieval-pytorch trains)"
                 )
@@ -246,22 +247,18 @@ class RetrievalModule(BenchmarkValidation, pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedder(images)
 
-    def embed_batch(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-        """Embeddings of a batch of training images (in the memory format training uses). A list of images of
-        different shapes (``data.train_images=whole``) runs as one forward pass per group of equal shapes; the
-        rows keep the list's order."""
+    def embed_batch(
+        self, images: torch.Tensor | Sequence[torch.Tensor], sizes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Embeddings of a batch of training images (in the memory format training uses); ``sizes``: each image's
+        own height and width in a padded batch. A list of images of different shapes (``data.train_images=whole``)
+        is padded onto one canvas or run once per shape (:mod:`oxford_ir.models.image_lists`); the rows keep the
+        list's order."""
         if not isinstance(images, torch.Tensor):
-            groups: dict[tuple[int, ...], list[int]] = {}
-            for i, image in enumerate(images):
-                groups.setdefault(tuple(image.shape), []).append(i)
-            rows: list[torch.Tensor | None] = [None] * len(images)
-            for members in groups.values():
-                for i, row in zip(members, self.embed_batch(torch.stack([images[i] for i in members])), strict=True):
-                    rows[i] = row
-            return torch.stack(rows)  # type: ignore[arg-type]
+            return embed_image_list(self.embedder, images, self.embed_batch, pad=can_pad(self.embedder))
         if self.hparams.get("channels_last", False):
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.embedder(images)
+        return self.embedder(images) if sizes is None else self.embedder(images, sizes)
 
     def compute_loss(
         self, images: torch.Tensor, labels: torch.Tensor
