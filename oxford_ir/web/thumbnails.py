@@ -65,7 +65,11 @@ def entry_thumbnail(path: Path, file_size: int, mtime_ns: int, size: int) -> byt
                 raise FileChanged(f"image {path} changed on disk since it was indexed", deleted=False)
 
         check()
-        data = make_thumbnail(handle, size, name=path)
+        try:
+            data = make_thumbnail(handle, size, name=path)
+        except DataError:
+            check()  # rewritten in place while it was decoded: say that, not that the half-written file is corrupt
+            raise
         check()
     return data
 

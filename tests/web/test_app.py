@@ -23,7 +23,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from oxford_ir.cli.serve import bind_socket, build_app  # noqa: E402
-from oxford_ir.errors import ConfigError  # noqa: E402
+from oxford_ir.errors import ConfigError, DataError  # noqa: E402
 from oxford_ir.extraction.embedding import extract_embeddings  # noqa: E402
 from oxford_ir.retrieval.index_format import RetrievalIndex  # noqa: E402
 from oxford_ir.retrieval.search import Searcher  # noqa: E402
@@ -613,3 +613,30 @@ def test_cli_refuses_a_corrupt_index(tmp_path: Path, index_dir: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and "oxford-ir-index" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("replaced", [True, False])
+def test_a_file_rewritten_in_place_while_its_thumbnail_is_decoded_is_said_to_have_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, replaced: bool
+) -> None:
+    """The stat checks before and after the decode leave a window: a file truncated and rewritten in place during
+    the decode fails to decode. That is reported as the change it is (FileChanged: 409 for the page), and only a
+    file that is still the indexed one is called unreadable (DataError: 404)."""
+    from oxford_ir.web import thumbnails
+
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(path)
+    stat = path.stat()
+
+    def decode_while_rewritten(handle, size, quality=85, *, name=None):
+        if replaced:  # the writer truncates, then writes a new picture; the reader sees the half-written file
+            path.write_bytes(b"\xff\xd8 half a JPEG")
+        raise DataError(f"cannot decode image {name}: cannot identify image file")
+
+    monkeypatch.setattr(thumbnails, "make_thumbnail", decode_while_rewritten)
+    expected = thumbnails.FileChanged if replaced else DataError
+    with pytest.raises(expected) as raised:
+        thumbnails.entry_thumbnail(path, stat.st_size, stat.st_mtime_ns, 32)
+    assert replaced == isinstance(raised.value, thumbnails.FileChanged)
+    if replaced:
+        assert not raised.value.deleted and "changed on disk since it was indexed" in str(raised.value)
