@@ -129,7 +129,7 @@ def search(cfg: DictConfig) -> tuple[list[dict[str, Any]] | dict[str, float], di
     objects used (``index``, ``searcher``, ``grids`` or ``table``).
     """
     from oxford_ir.retrieval.index_format import RetrievalIndex
-    from oxford_ir.retrieval.onnx_queries import search_onnx, torch_free_search_applies
+    from oxford_ir.retrieval.onnx_queries import RERANKINGS, search_onnx, torch_free_search_applies
     from oxford_ir.retrieval.top_k import check_k
 
     if cfg.get("index") in (None, ""):
@@ -168,7 +168,7 @@ def search(cfg: DictConfig) -> tuple[list[dict[str, Any]] | dict[str, float], di
         "y" if len(queries) == 1 else "ies",
     )
     images, boxes = [q for q, _ in queries], [b for _, b in queries]
-    reranking = [to_plain(cfg.get(key)) or {} for key in ("query_expansion", "database_augmentation")]
+    reranking = [to_plain(cfg.get(key)) for key in RERANKINGS]
     searcher = None
     if torch_free_search_applies(
         index, backend=str(cfg.get("backend", "exact")), reranking=reranking, extraction=to_plain(cfg.extraction)

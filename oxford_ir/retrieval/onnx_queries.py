@@ -31,27 +31,35 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from oxford_ir.data.eval_pixels import eval_image, normalised_pixels
+from oxford_ir.errors import ConfigError
 from oxford_ir.models.onnx_file import INPUT, OUTPUT, open_onnx
 from oxford_ir.retrieval.query_images import QueryImage, checked_queries
+from oxford_ir.retrieval.reranking import ReRanking
 from oxford_ir.retrieval.top_k import SearchResult, check_k, exact_top_k
 
 if TYPE_CHECKING:
     from oxford_ir.retrieval.index_format import RetrievalIndex
+
+#: the re-ranking settings of a search, in the order :func:`torch_free_search_applies` takes them
+RERANKINGS = ("query_expansion", "database_augmentation")
 
 
 def torch_free_search_applies(
     index: RetrievalIndex, *, backend: str, reranking: Sequence[Any], extraction: Mapping[str, Any]
 ) -> bool:
     """Whether a search of ``index`` (its model as searched) with these settings runs without PyTorch: an ONNX
-    model, ``backend`` exact (or auto without a stored search index), every ``reranking`` option off (the
-    ``n`` of query expansion and database-side augmentation), ``extraction.device`` cpu or auto (onnxruntime runs
+    model, ``backend`` exact (or auto without a stored search index), ``reranking`` (the settings of query expansion
+    and database-side augmentation, in that order) off, ``extraction.device`` cpu or auto (onnxruntime runs
     on the CPU; cuda sends exact search to the GPU through the PyTorch path) and a float32 index. A malformed
     setting also goes to :class:`~oxford_ir.retrieval.search.Searcher`, which says what is wrong with it."""
     if index.model.onnx is None or extraction.get("device", "auto") not in ("cpu", "auto"):
         return False
     if backend not in ("exact", "auto") or (backend == "auto" and index.manifest.get("search_index")):
         return False
-    if any(not isinstance(option, dict) or option.get("n", 0) not in (0, None) for option in reranking):
+    try:
+        if any(ReRanking.from_config(option, key).enabled for option, key in zip(reranking, RERANKINGS, strict=True)):
+            return False
+    except ConfigError:
         return False
     batch_size, workers = extraction.get("batch_size", 8), extraction.get("num_workers", 0)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (batch_size, workers)):

@@ -25,7 +25,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from oxford_ir.errors import ConfigError
 
@@ -85,6 +84,8 @@ def augment(vectors: np.ndarray, database: np.ndarray, neighbours: np.ndarray, a
     m, n = neighbours.shape
     if n == 0 or m == 0:
         return vectors.copy()
+    import torch  # here: the settings above are read by the search of an ONNX model, which runs without PyTorch
+
     out = np.empty_like(vectors)
     block = max(1, _BLOCK_ELEMENTS // max(1, n * vectors.shape[1]))
     for start in range(0, m, block):

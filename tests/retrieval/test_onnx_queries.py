@@ -151,6 +151,9 @@ def test_the_path_is_taken_only_where_it_gives_the_same_results(onnx_files: dict
     assert not torch_free_search_applies(by_onnx, backend="exact", reranking=[{"n": 2}, off[1]], extraction=cpu)
     assert not torch_free_search_applies(by_onnx, backend="exact", reranking=[{"n": "x"}, off[1]], extraction=cpu)
     assert not torch_free_search_applies(by_onnx, backend="exact", reranking=[3, off[1]], extraction=cpu)
+    for bad in ({"n": False}, {"n": 0, "alpha": "big"}, {"m": 1}):  # off, but malformed: the Searcher names it
+        assert not torch_free_search_applies(by_onnx, backend="exact", reranking=[bad, off[1]], extraction=cpu)
+    assert torch_free_search_applies(by_onnx, backend="exact", reranking=[None, {"n": 0}], extraction=cpu)
     for bad in ({"batch_size": 0}, {"num_workers": -1}, {"batch_size": "8"}):  # the Searcher says what is wrong
         assert not torch_free_search_applies(by_onnx, backend="exact", reranking=off, extraction={**cpu, **bad})
     build_index(
