@@ -121,7 +121,7 @@ def test_console_scripts_print_one_line_and_exit_1(entry: str, argument: str, li
     assert len(lines) == 1 and lines[0].startswith(line), result.stderr[-2000:]
 
 
-def test_a_valid_command_line_is_composed_once_by_hydra_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_valid_command_line_is_composed_by_hydra_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The typo check costs nothing until Hydra refuses a line: a command that runs composes its config only in
     Hydra's own two passes (its run mode, then the job), never in a check of its own beforehand."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
