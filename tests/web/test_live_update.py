@@ -55,6 +55,13 @@ def replace_picture(path: Path, seed: int) -> None:
     os.utime(path, ns=(old + 5_000_000_000, old + 5_000_000_000))
 
 
+def point_current(index_dir: Path, version: str) -> None:
+    """``CURRENT`` names ``version``, replaced at once as a build replaces it (the server polls the file: written in
+    place, it could be read empty)."""
+    (index_dir / "CURRENT.tmp").write_text(f"{version}\n")
+    os.replace(index_dir / "CURRENT.tmp", index_dir / "CURRENT")
+
+
 def get(connection: http.client.HTTPConnection, url: str) -> tuple[int, bytes]:
     connection.request("GET", url)
     response = connection.getresponse()
@@ -250,7 +257,7 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_served(
     broken = index_dir / "v000002"
     broken.mkdir()
     (broken / "manifest.json").write_text("{not json")
-    (index_dir / "CURRENT").write_text("v000002\n")
+    point_current(index_dir, "v000002")
     with caplog.at_level(logging.WARNING, logger="oxford_ir.web.served_index"):
         for _ in range(5):
             assert client.get("/api/info").json()["version"] == "v000001"
@@ -258,7 +265,7 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_served(
             client.app.state.served.newest()
     lines = [r.getMessage() for r in caplog.records if r.name == "oxford_ir.web.served_index"]
     assert len(lines) == 1 and "version v000002 cannot be served" in lines[0] and "still serving v000001" in lines[0]
-    (index_dir / "CURRENT").write_text("v000001\n")  # the next build reads the folder again
+    point_current(index_dir, "v000001")  # the next build reads the folder again
     draw_picture(root / "images" / "c" / "one_more.jpg", seed=3)
     version = update_tiny_index(root)
     client.app.state.served.newest()
