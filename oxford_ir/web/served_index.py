@@ -224,7 +224,8 @@ class ServedIndex:
     def _load(self, seen: Any) -> None:
         old = self._version
         try:
-            name = (self.path / CURRENT_FILE).read_text().strip()
+            # empty: written in place by another tool at this moment (a build replaces it whole); the next look
+            name = (self.path / CURRENT_FILE).read_text().strip() or None
         except (OSError, UnicodeDecodeError):
             name = None
         if name is None or (name == old.name and _manifest_identity(self.path, name) == old.identity):
